@@ -1,0 +1,1 @@
+//! FEC codecs for the network-sync link. Pure functions, no I/O.

@@ -1,0 +1,1 @@
+//! Recovery planning: quick, replay, incremental and full.

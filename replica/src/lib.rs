@@ -1,0 +1,1 @@
+//! Replica server, store, and wire protocol.
