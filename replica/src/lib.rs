@@ -1,1 +1,12 @@
-//! Replica server, store, and wire protocol.
+//! starblk replica: the replica server (store, replica log, superblock),
+//! the TCP wire protocol, and the client side the host element uses.
+//!
+//! Nothing here knows about ublk; the host engine and the recovery crate
+//! build on these types.
+
+pub mod client;
+pub mod log;
+pub mod proto;
+pub mod server;
+pub mod store;
+pub mod superblock;

@@ -1,0 +1,141 @@
+//! The HE side of the TCP protocol: connect, handshake, and one-shot admin
+//! requests (probe, set epoch, stamp, stats).
+
+use std::io::{self, BufReader};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use crate::proto::{self, ErrorFrame, FrameError, FrameReader, FrameType, Hello, HelloOk, ReadError, Stamp, Uuid};
+
+/// A client-side failure, naming the replica address.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Connecting or talking to the replica failed.
+    #[error("replica {addr}: {source}")]
+    Io { addr: String, source: io::Error },
+    /// The replica refused the request.
+    #[error("replica {addr} refused: {code:?}: {message}", code = .frame.code, message = .frame.message)]
+    Rejected { addr: String, frame: ErrorFrame },
+    /// The replica sent something that is not a valid frame.
+    #[error("replica {addr}: protocol error: {source}")]
+    Protocol { addr: String, source: FrameError },
+    /// The replica answered with an unexpected frame type.
+    #[error("replica {addr}: unexpected {kind:?} frame")]
+    Unexpected { addr: String, kind: FrameType },
+}
+
+/// An open session: the read half (buffered) and the write half.
+pub struct Session {
+    /// Buffered frame reader.
+    pub reader: FrameReader<BufReader<TcpStream>>,
+    /// Write half (Nagle off).
+    pub writer: TcpStream,
+    /// The replica's answer to Hello.
+    pub hello: HelloOk,
+    /// The address dialled.
+    pub addr: String,
+}
+
+/// Opens a TCP connection with Nagle off and a connect timeout.
+pub fn dial(addr: &str, timeout: Duration) -> Result<TcpStream, ClientError> {
+    let err = |source| ClientError::Io { addr: addr.to_string(), source };
+    let sa = addr
+        .to_socket_addrs()
+        .map_err(err)?
+        .next()
+        .ok_or_else(|| err(io::Error::new(io::ErrorKind::NotFound, "address resolves to nothing")))?;
+    let s = TcpStream::connect_timeout(&sa, timeout).map_err(err)?;
+    s.set_nodelay(true).map_err(err)?;
+    Ok(s)
+}
+
+/// Connects and performs the Hello handshake.
+pub fn connect(addr: &str, hello: Hello, timeout: Duration) -> Result<Session, ClientError> {
+    let stream = dial(addr, timeout)?;
+    let err = |source| ClientError::Io { addr: addr.to_string(), source };
+    stream.set_read_timeout(Some(timeout)).map_err(err)?;
+    let mut writer = stream.try_clone().map_err(err)?;
+    let mut reader = FrameReader::new(BufReader::with_capacity(1 << 18, stream));
+    proto::write_frame(&mut writer, FrameType::Hello, 0, &[&hello.encode()]).map_err(err)?;
+    let hello_ok = {
+        let p = expect(&mut reader, addr, FrameType::HelloOk)?;
+        HelloOk::decode(&p).map_err(|source| ClientError::Protocol { addr: addr.to_string(), source })?
+    };
+    reader.get_ref().get_ref().set_read_timeout(None).map_err(err)?;
+    Ok(Session { reader, writer, hello: hello_ok, addr: addr.to_string() })
+}
+
+/// Reads one frame and insists on `kind`; Error frames become `Rejected`.
+pub fn expect(reader: &mut FrameReader<BufReader<TcpStream>>, addr: &str, kind: FrameType) -> Result<Vec<u8>, ClientError> {
+    let (h, p) = reader.next_frame().map_err(|e| read_err(addr, e))?;
+    if h.kind == kind {
+        return Ok(p.to_vec());
+    }
+    if h.kind == FrameType::Error {
+        let frame = ErrorFrame::decode(p).map_err(|source| ClientError::Protocol { addr: addr.to_string(), source })?;
+        return Err(ClientError::Rejected { addr: addr.to_string(), frame });
+    }
+    Err(ClientError::Unexpected { addr: addr.to_string(), kind: h.kind })
+}
+
+/// Maps a frame read failure to a client error.
+pub fn read_err(addr: &str, e: ReadError) -> ClientError {
+    match e {
+        ReadError::Io(source) => ClientError::Io { addr: addr.to_string(), source },
+        ReadError::Frame(source) => ClientError::Protocol { addr: addr.to_string(), source },
+    }
+}
+
+impl Session {
+    /// Sends one frame.
+    pub fn send(&mut self, kind: FrameType, parts: &[&[u8]]) -> Result<(), ClientError> {
+        proto::write_frame(&mut self.writer, kind, 0, parts).map_err(|source| ClientError::Io { addr: self.addr.clone(), source })
+    }
+
+    /// Sends a frame and waits for a reply of type `reply`.
+    pub fn call(&mut self, kind: FrameType, parts: &[&[u8]], reply: FrameType) -> Result<Vec<u8>, ClientError> {
+        self.send(kind, parts)?;
+        expect(&mut self.reader, &self.addr, reply)
+    }
+
+    /// Raises the replica's epoch; returns the epoch it now holds.
+    pub fn set_epoch(&mut self, epoch: u64) -> Result<u64, ClientError> {
+        let p = self.call(FrameType::SetEpoch, &[&proto::encode_u64(epoch)], FrameType::Ack)?;
+        proto::decode_u64(FrameType::Ack, &p).map_err(|source| ClientError::Protocol { addr: self.addr.clone(), source })
+    }
+}
+
+/// Opens a probe session (no volume or epoch checks) to read replica state.
+pub fn probe(addr: &str, timeout: Duration) -> Result<Session, ClientError> {
+    connect(addr, Hello { volume: [0; 16], epoch: 0, flags: proto::HELLO_PROBE }, timeout)
+}
+
+/// Stamps volume identity on a replica (`volume create`).
+pub fn stamp(addr: &str, st: &Stamp, timeout: Duration) -> Result<u64, ClientError> {
+    let mut s = probe(addr, timeout)?;
+    let p = s.call(FrameType::Stamp, &[&st.encode()], FrameType::Ack)?;
+    proto::decode_u64(FrameType::Ack, &p).map_err(|source| ClientError::Protocol { addr: addr.to_string(), source })
+}
+
+/// Fetches a replica's counters as JSON.
+pub fn stats(addr: &str, timeout: Duration) -> Result<serde_json::Value, ClientError> {
+    let mut s = dial_session(addr, timeout)?;
+    let p = s.call(FrameType::Stats, &[], FrameType::StatsReply)?;
+    serde_json::from_slice(&p).map_err(|e| ClientError::Io { addr: addr.to_string(), source: e.into() })
+}
+
+fn dial_session(addr: &str, timeout: Duration) -> Result<Session, ClientError> {
+    let stream = dial(addr, timeout)?;
+    let err = |source| ClientError::Io { addr: addr.to_string(), source };
+    stream.set_read_timeout(Some(timeout)).map_err(err)?;
+    let writer = stream.try_clone().map_err(err)?;
+    let reader = FrameReader::new(BufReader::new(stream));
+    let hello = HelloOk { volume: [0; 16], epoch: 0, size_bytes: 0, block_size: 0, durable_seq: 0 };
+    Ok(Session { reader, writer, hello, addr: addr.to_string() })
+}
+
+/// Formats a UUID in the usual 8-4-4-4-12 form.
+pub fn uuid_string(u: &Uuid) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}

@@ -1,0 +1,724 @@
+//! The TCP wire protocol between the host element (HE) and a replica.
+//!
+//! Every frame is a fixed 32-byte header followed by `length` payload bytes.
+//! All integers are little-endian. See `docs/protocol.md` for the table.
+//!
+//! ```text
+//!  0 magic   u32  "SBLK"
+//!  4 version u8   PROTOCOL_VERSION
+//!  5 type    u8   FrameType
+//!  6 flags   u16  per type (WriteOp for Write frames)
+//!  8 length  u32  payload bytes, <= MAX_PAYLOAD_BYTES
+//! 12 crc32c  u32  over bytes 0..12, 16..32 and the payload
+//! 16 mac     [u8; 16]  zero until authentication lands
+//! ```
+//!
+//! Decoding never trusts a length: the header is validated before any
+//! payload is read, and each payload parser checks its own sizes.
+
+use std::io::{self, IoSlice, Read, Write};
+
+/// "SBLK" read as a little-endian u32.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"SBLK");
+/// The only protocol version this build speaks.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// Size of the fixed frame header.
+pub const HEADER_BYTES: usize = 32;
+/// Largest payload accepted: one max-sized I/O plus its sub-header.
+pub const MAX_IO_BYTES: u32 = 1 << 20;
+/// Largest payload of any frame.
+pub const MAX_PAYLOAD_BYTES: u32 = MAX_IO_BYTES + 64;
+/// Size of the sub-header that precedes data in a Write frame.
+pub const WRITE_SUBHEADER_BYTES: usize = 24;
+
+/// A volume UUID (16 raw bytes). The nil UUID marks an unstamped replica.
+pub type Uuid = [u8; 16];
+
+/// Why a frame could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
+pub enum FrameError {
+    /// The peer closed the connection between frames.
+    #[error("connection closed")]
+    Closed,
+    /// Fewer bytes arrived than the header or payload needs.
+    #[error("truncated frame: needed {needed} bytes, got {got}")]
+    Truncated { needed: usize, got: usize },
+    /// The first four bytes are not "SBLK".
+    #[error("bad magic {0:#010x}")]
+    BadMagic(u32),
+    /// The peer speaks another protocol version.
+    #[error("unsupported protocol version {0} (expected {PROTOCOL_VERSION})")]
+    BadVersion(u8),
+    /// The type byte names no known frame.
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    /// The header's length field exceeds the protocol maximum.
+    #[error("frame length {0} exceeds maximum {MAX_PAYLOAD_BYTES}")]
+    TooLong(u32),
+    /// The checksum does not match the bytes.
+    #[error("crc mismatch: header says {expected:#010x}, computed {actual:#010x}")]
+    BadCrc { expected: u32, actual: u32 },
+    /// The payload is the wrong size or shape for its type.
+    #[error("malformed {kind:?} payload: {reason}")]
+    Malformed { kind: FrameType, reason: &'static str },
+}
+
+impl FrameError {
+    /// Short machine-friendly name, used as a rejection counter key.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            FrameError::Closed => "closed",
+            FrameError::Truncated { .. } => "truncated",
+            FrameError::BadMagic(_) => "bad_magic",
+            FrameError::BadVersion(_) => "bad_version",
+            FrameError::UnknownType(_) => "unknown_type",
+            FrameError::TooLong(_) => "too_long",
+            FrameError::BadCrc { .. } => "bad_crc",
+            FrameError::Malformed { .. } => "malformed",
+        }
+    }
+}
+
+/// Frame types. The numbers are part of the wire format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameType {
+    /// HE → replica: open a session (version, volume, epoch).
+    Hello = 1,
+    /// Replica → HE: session accepted, with the replica's state.
+    HelloOk = 2,
+    /// HE → replica: one sequenced write, discard or write-zeroes.
+    Write = 3,
+    /// Replica → HE: cumulative durable seq.
+    Ack = 4,
+    /// HE → replica: read a range.
+    Read = 5,
+    /// Replica → HE: data for a Read, or its failure status.
+    ReadReply = 6,
+    /// HE → replica: liveness probe carrying a nonce.
+    Heartbeat = 7,
+    /// Replica → HE: echo of a heartbeat plus durable seq.
+    HeartbeatReply = 8,
+    /// Either way: a rejection with a reason code.
+    Error = 9,
+    /// HE → replica: raise the epoch (fencing older HEs).
+    SetEpoch = 10,
+    /// HE → replica: stamp volume identity on an initialised replica.
+    Stamp = 11,
+    /// HE → replica: ask for counters; replica answers with StatsReply.
+    Stats = 12,
+    /// Replica → HE: counters as JSON.
+    StatsReply = 13,
+}
+
+impl FrameType {
+    fn from_u8(v: u8) -> Option<FrameType> {
+        use FrameType::*;
+        Some(match v {
+            1 => Hello,
+            2 => HelloOk,
+            3 => Write,
+            4 => Ack,
+            5 => Read,
+            6 => ReadReply,
+            7 => Heartbeat,
+            8 => HeartbeatReply,
+            9 => Error,
+            10 => SetEpoch,
+            11 => Stamp,
+            12 => Stats,
+            13 => StatsReply,
+            _ => return None,
+        })
+    }
+}
+
+/// What a Write frame asks the replica to do with its range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum WriteOp {
+    /// Store the frame's data.
+    Data = 0,
+    /// Deallocate the range (reads return zeroes afterwards).
+    Discard = 1,
+    /// Make the range read as zeroes.
+    WriteZeroes = 2,
+}
+
+impl WriteOp {
+    /// Decodes the op byte.
+    pub fn from_u8(v: u8) -> Option<WriteOp> {
+        match v {
+            0 => Some(WriteOp::Data),
+            1 => Some(WriteOp::Discard),
+            2 => Some(WriteOp::WriteZeroes),
+            _ => None,
+        }
+    }
+}
+
+/// Reason codes carried in Error frames. Numbers are part of the wire format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The frame could not be decoded.
+    Malformed = 1,
+    /// The session's volume UUID does not match the replica's.
+    WrongVolume = 2,
+    /// The session's epoch is lower than the replica's.
+    StaleEpoch = 3,
+    /// Offset or length outside the volume, or not block aligned.
+    OutOfRange = 4,
+    /// A write's seq does not follow the replica's last seq.
+    SeqGap = 5,
+    /// The replica's disk failed (EIO, ENOSPC, ...).
+    DiskError = 6,
+    /// The frame is not valid in this session state.
+    BadState = 7,
+    /// The peer's protocol version is not supported.
+    BadVersion = 8,
+}
+
+impl ErrorCode {
+    /// Decodes a wire code; unknown codes map to `Malformed`.
+    pub fn from_u16(v: u16) -> ErrorCode {
+        use ErrorCode::*;
+        match v {
+            2 => WrongVolume,
+            3 => StaleEpoch,
+            4 => OutOfRange,
+            5 => SeqGap,
+            6 => DiskError,
+            7 => BadState,
+            8 => BadVersion,
+            _ => Malformed,
+        }
+    }
+}
+
+/// Hello flag: the peer only probes state and will not write.
+pub const HELLO_PROBE: u32 = 1;
+
+/// A decoded frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// Frame type.
+    pub kind: FrameType,
+    /// Type-specific flags.
+    pub flags: u16,
+    /// Payload length in bytes.
+    pub length: u32,
+    /// crc32c from the header.
+    pub crc: u32,
+}
+
+/// Builds header bytes for a frame whose payload has checksum state `payload_crc_input`.
+fn header_bytes(kind: FrameType, flags: u16, length: u32) -> [u8; HEADER_BYTES] {
+    let mut h = [0u8; HEADER_BYTES];
+    h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    h[4] = PROTOCOL_VERSION;
+    h[5] = kind as u8;
+    h[6..8].copy_from_slice(&flags.to_le_bytes());
+    h[8..12].copy_from_slice(&length.to_le_bytes());
+    h
+}
+
+/// crc32c over the header (skipping the crc field) and the payload parts.
+fn frame_crc(h: &[u8; HEADER_BYTES], parts: &[&[u8]]) -> u32 {
+    let mut crc = crc32c::crc32c(&h[0..12]);
+    crc = crc32c::crc32c_append(crc, &h[16..32]);
+    for p in parts {
+        crc = crc32c::crc32c_append(crc, p);
+    }
+    crc
+}
+
+/// Decodes and validates a header. Does not read the payload.
+pub fn decode_header(h: &[u8]) -> Result<Header, FrameError> {
+    if h.len() < HEADER_BYTES {
+        return Err(FrameError::Truncated { needed: HEADER_BYTES, got: h.len() });
+    }
+    let magic = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
+    if magic != MAGIC {
+        return Err(FrameError::BadMagic(magic));
+    }
+    if h[4] != PROTOCOL_VERSION {
+        return Err(FrameError::BadVersion(h[4]));
+    }
+    let kind = FrameType::from_u8(h[5]).ok_or(FrameError::UnknownType(h[5]))?;
+    let flags = u16::from_le_bytes([h[6], h[7]]);
+    let length = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
+    if length > MAX_PAYLOAD_BYTES {
+        return Err(FrameError::TooLong(length));
+    }
+    let crc = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes"));
+    Ok(Header { kind, flags, length, crc })
+}
+
+/// Checks a frame's crc against its header bytes and payload.
+pub fn verify_crc(hbytes: &[u8], header: &Header, payload: &[u8]) -> Result<(), FrameError> {
+    let mut h = [0u8; HEADER_BYTES];
+    h.copy_from_slice(&hbytes[..HEADER_BYTES]);
+    let actual = frame_crc(&h, &[payload]);
+    if actual != header.crc {
+        return Err(FrameError::BadCrc { expected: header.crc, actual });
+    }
+    Ok(())
+}
+
+/// Writes a frame whose payload is the concatenation of `parts`, with one
+/// vectored write where possible (no copy of large data parts).
+pub fn write_frame<W: Write>(w: &mut W, kind: FrameType, flags: u16, parts: &[&[u8]]) -> io::Result<()> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let len32 = u32::try_from(len)
+        .ok()
+        .filter(|l| *l <= MAX_PAYLOAD_BYTES)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "frame payload too large"))?;
+    let mut h = header_bytes(kind, flags, len32);
+    let crc = frame_crc(&h, parts);
+    h[12..16].copy_from_slice(&crc.to_le_bytes());
+    let mut slices: [IoSlice<'_>; 4] = [IoSlice::new(&h), IoSlice::new(&[]), IoSlice::new(&[]), IoSlice::new(&[])];
+    debug_assert!(parts.len() <= 3, "at most three payload parts");
+    for (i, p) in parts.iter().take(3).enumerate() {
+        slices[i + 1] = IoSlice::new(p);
+    }
+    write_all_vectored(w, &mut slices[..1 + parts.len().min(3)])
+}
+
+/// `Write::write_all_vectored` is unstable; this is the same loop.
+fn write_all_vectored<W: Write>(w: &mut W, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "failed to write frame")),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads frames from a byte stream into a reused buffer.
+pub struct FrameReader<R> {
+    inner: R,
+    header: [u8; HEADER_BYTES],
+    payload: Vec<u8>,
+}
+
+impl<R: Read> FrameReader<R> {
+    /// Wraps a reader (use a `BufReader` around sockets).
+    pub fn new(inner: R) -> Self {
+        FrameReader { inner, header: [0; HEADER_BYTES], payload: Vec::new() }
+    }
+
+    /// Access to the wrapped reader.
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
+    /// Reads one whole frame. The payload borrow lasts until the next call.
+    /// I/O errors other than clean EOF come back as `Err(Ok(io))`.
+    pub fn next_frame(&mut self) -> Result<(Header, &[u8]), ReadError> {
+        read_exact_or(&mut self.inner, &mut self.header, true)?;
+        let header = decode_header(&self.header).map_err(ReadError::Frame)?;
+        let len = header.length as usize;
+        self.payload.resize(len, 0);
+        read_exact_or(&mut self.inner, &mut self.payload, false)?;
+        verify_crc(&self.header, &header, &self.payload).map_err(ReadError::Frame)?;
+        Ok((header, &self.payload))
+    }
+}
+
+/// Failure to read a frame: either transport or decoding.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The socket failed.
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    /// The bytes were not a valid frame.
+    #[error("{0}")]
+    Frame(FrameError),
+}
+
+fn read_exact_or<R: Read>(r: &mut R, buf: &mut [u8], at_boundary: bool) -> Result<(), ReadError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) if got == 0 && at_boundary => return Err(ReadError::Frame(FrameError::Closed)),
+            Ok(0) => return Err(ReadError::Frame(FrameError::Truncated { needed: buf.len(), got })),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ReadError::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+// ---- payloads ----------------------------------------------------------
+
+/// A little-endian cursor that fails instead of panicking.
+struct Cur<'a> {
+    b: &'a [u8],
+    kind: FrameType,
+}
+
+impl<'a> Cur<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
+        if self.b.len() < n {
+            return Err(FrameError::Malformed { kind: self.kind, reason: "payload too short" });
+        }
+        let (a, rest) = self.b.split_at(n);
+        self.b = rest;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, FrameError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, FrameError> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2")))
+    }
+    fn u32(&mut self) -> Result<u32, FrameError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+    }
+    fn u64(&mut self) -> Result<u64, FrameError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+    }
+    fn uuid(&mut self) -> Result<Uuid, FrameError> {
+        Ok(self.take(16)?.try_into().expect("16"))
+    }
+    fn end(&self) -> Result<(), FrameError> {
+        if self.b.is_empty() {
+            Ok(())
+        } else {
+            Err(FrameError::Malformed { kind: self.kind, reason: "trailing bytes" })
+        }
+    }
+}
+
+fn cur(kind: FrameType, b: &[u8]) -> Cur<'_> {
+    Cur { b, kind }
+}
+
+/// Hello: open a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello {
+    /// Volume the HE expects; nil for a probe of an unstamped replica.
+    pub volume: Uuid,
+    /// The HE's epoch.
+    pub epoch: u64,
+    /// HELLO_* flags.
+    pub flags: u32,
+}
+
+impl Hello {
+    /// Serialises the payload.
+    pub fn encode(&self) -> [u8; 28] {
+        let mut b = [0u8; 28];
+        b[0..16].copy_from_slice(&self.volume);
+        b[16..24].copy_from_slice(&self.epoch.to_le_bytes());
+        b[24..28].copy_from_slice(&self.flags.to_le_bytes());
+        b
+    }
+    /// Parses the payload.
+    pub fn decode(p: &[u8]) -> Result<Hello, FrameError> {
+        let mut c = cur(FrameType::Hello, p);
+        let h = Hello { volume: c.uuid()?, epoch: c.u64()?, flags: c.u32()? };
+        c.end()?;
+        Ok(h)
+    }
+}
+
+/// HelloOk: the replica's identity and progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HelloOk {
+    /// The replica's volume UUID (nil if unstamped).
+    pub volume: Uuid,
+    /// The replica's current epoch.
+    pub epoch: u64,
+    /// Volume size in bytes.
+    pub size_bytes: u64,
+    /// Logical block size.
+    pub block_size: u32,
+    /// Highest seq with every write <= it on stable storage.
+    pub durable_seq: u64,
+}
+
+impl HelloOk {
+    /// Serialises the payload.
+    pub fn encode(&self) -> [u8; 44] {
+        let mut b = [0u8; 44];
+        b[0..16].copy_from_slice(&self.volume);
+        b[16..24].copy_from_slice(&self.epoch.to_le_bytes());
+        b[24..32].copy_from_slice(&self.size_bytes.to_le_bytes());
+        b[32..36].copy_from_slice(&self.block_size.to_le_bytes());
+        b[36..44].copy_from_slice(&self.durable_seq.to_le_bytes());
+        b
+    }
+    /// Parses the payload.
+    pub fn decode(p: &[u8]) -> Result<HelloOk, FrameError> {
+        let mut c = cur(FrameType::HelloOk, p);
+        let h = HelloOk {
+            volume: c.uuid()?,
+            epoch: c.u64()?,
+            size_bytes: c.u64()?,
+            block_size: c.u32()?,
+            durable_seq: c.u64()?,
+        };
+        c.end()?;
+        Ok(h)
+    }
+}
+
+/// The fixed part of a Write frame; the data follows it for `WriteOp::Data`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteHeader {
+    /// Global sequence number.
+    pub seq: u64,
+    /// Byte offset in the volume.
+    pub offset: u64,
+    /// Length in bytes of the affected range.
+    pub len: u32,
+    /// What to do with the range.
+    pub op: WriteOp,
+}
+
+impl WriteHeader {
+    /// Serialises the sub-header.
+    pub fn encode(&self) -> [u8; WRITE_SUBHEADER_BYTES] {
+        let mut b = [0u8; WRITE_SUBHEADER_BYTES];
+        b[0..8].copy_from_slice(&self.seq.to_le_bytes());
+        b[8..16].copy_from_slice(&self.offset.to_le_bytes());
+        b[16..20].copy_from_slice(&self.len.to_le_bytes());
+        b[20] = self.op as u8;
+        b
+    }
+    /// Parses a Write payload into its header and data, checking that the
+    /// data length agrees with the op and `len`.
+    pub fn decode(p: &[u8]) -> Result<(WriteHeader, &[u8]), FrameError> {
+        let bad = |reason| FrameError::Malformed { kind: FrameType::Write, reason };
+        let mut c = cur(FrameType::Write, p);
+        let seq = c.u64()?;
+        let offset = c.u64()?;
+        let len = c.u32()?;
+        let op = WriteOp::from_u8(c.u8()?).ok_or(bad("unknown write op"))?;
+        c.take(3)?;
+        let data = c.b;
+        let expect_data = if op == WriteOp::Data { len as usize } else { 0 };
+        if data.len() != expect_data {
+            return Err(bad("data length does not match header"));
+        }
+        if len > MAX_IO_BYTES && op == WriteOp::Data {
+            return Err(bad("write larger than MAX_IO_BYTES"));
+        }
+        Ok((WriteHeader { seq, offset, len, op }, data))
+    }
+}
+
+/// Read request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadReq {
+    /// Echoed in the reply.
+    pub req_id: u64,
+    /// Byte offset.
+    pub offset: u64,
+    /// Length in bytes (<= MAX_IO_BYTES).
+    pub len: u32,
+}
+
+impl ReadReq {
+    /// Serialises the payload.
+    pub fn encode(&self) -> [u8; 20] {
+        let mut b = [0u8; 20];
+        b[0..8].copy_from_slice(&self.req_id.to_le_bytes());
+        b[8..16].copy_from_slice(&self.offset.to_le_bytes());
+        b[16..20].copy_from_slice(&self.len.to_le_bytes());
+        b
+    }
+    /// Parses the payload.
+    pub fn decode(p: &[u8]) -> Result<ReadReq, FrameError> {
+        let mut c = cur(FrameType::Read, p);
+        let r = ReadReq { req_id: c.u64()?, offset: c.u64()?, len: c.u32()? };
+        c.end()?;
+        if r.len > MAX_IO_BYTES {
+            return Err(FrameError::Malformed { kind: FrameType::Read, reason: "read larger than MAX_IO_BYTES" });
+        }
+        Ok(r)
+    }
+}
+
+/// Read reply sub-header: request id and status (0 = ok, else ErrorCode).
+pub fn encode_read_reply_header(req_id: u64, status: u16) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[0..8].copy_from_slice(&req_id.to_le_bytes());
+    b[8..10].copy_from_slice(&status.to_le_bytes());
+    b
+}
+
+/// Parses a ReadReply into (req_id, status, data).
+pub fn decode_read_reply(p: &[u8]) -> Result<(u64, u16, &[u8]), FrameError> {
+    let mut c = cur(FrameType::ReadReply, p);
+    let req_id = c.u64()?;
+    let status = c.u16()?;
+    c.take(2)?;
+    Ok((req_id, status, c.b))
+}
+
+/// Encodes a single u64 payload (Ack, Heartbeat, SetEpoch).
+pub fn encode_u64(v: u64) -> [u8; 8] {
+    v.to_le_bytes()
+}
+
+/// Decodes a single u64 payload.
+pub fn decode_u64(kind: FrameType, p: &[u8]) -> Result<u64, FrameError> {
+    let mut c = cur(kind, p);
+    let v = c.u64()?;
+    c.end()?;
+    Ok(v)
+}
+
+/// Encodes two u64s (HeartbeatReply: nonce, durable seq).
+pub fn encode_u64_pair(a: u64, b: u64) -> [u8; 16] {
+    let mut o = [0u8; 16];
+    o[0..8].copy_from_slice(&a.to_le_bytes());
+    o[8..16].copy_from_slice(&b.to_le_bytes());
+    o
+}
+
+/// Decodes two u64s.
+pub fn decode_u64_pair(kind: FrameType, p: &[u8]) -> Result<(u64, u64), FrameError> {
+    let mut c = cur(kind, p);
+    let v = (c.u64()?, c.u64()?);
+    c.end()?;
+    Ok(v)
+}
+
+/// An Error frame: code, the seq and offset it concerns, and a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorFrame {
+    /// Reason code.
+    pub code: ErrorCode,
+    /// Seq the error concerns (0 if none).
+    pub seq: u64,
+    /// Offset the error concerns (0 if none).
+    pub offset: u64,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+impl ErrorFrame {
+    /// Serialises the payload (message truncated to 1 KiB).
+    pub fn encode(&self) -> Vec<u8> {
+        let msg = &self.message.as_bytes()[..self.message.len().min(1024)];
+        let mut b = Vec::with_capacity(18 + msg.len());
+        b.extend_from_slice(&(self.code as u16).to_le_bytes());
+        b.extend_from_slice(&self.seq.to_le_bytes());
+        b.extend_from_slice(&self.offset.to_le_bytes());
+        b.extend_from_slice(msg);
+        b
+    }
+    /// Parses the payload.
+    pub fn decode(p: &[u8]) -> Result<ErrorFrame, FrameError> {
+        let mut c = cur(FrameType::Error, p);
+        let code = ErrorCode::from_u16(c.u16()?);
+        let seq = c.u64()?;
+        let offset = c.u64()?;
+        let message = String::from_utf8_lossy(c.b).into_owned();
+        Ok(ErrorFrame { code, seq, offset, message })
+    }
+}
+
+/// Stamp: the identity `volume create` writes on every replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stamp {
+    /// New volume UUID.
+    pub volume: Uuid,
+    /// Volume size in bytes.
+    pub size_bytes: u64,
+    /// Logical block size.
+    pub block_size: u32,
+    /// Initial epoch (1).
+    pub epoch: u64,
+    /// The replica set, as JSON (see `superblock::Member`).
+    pub members_json: Vec<u8>,
+}
+
+impl Stamp {
+    /// Serialises the payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(36 + self.members_json.len());
+        b.extend_from_slice(&self.volume);
+        b.extend_from_slice(&self.size_bytes.to_le_bytes());
+        b.extend_from_slice(&self.block_size.to_le_bytes());
+        b.extend_from_slice(&self.epoch.to_le_bytes());
+        b.extend_from_slice(&self.members_json);
+        b
+    }
+    /// Parses the payload.
+    pub fn decode(p: &[u8]) -> Result<Stamp, FrameError> {
+        let mut c = cur(FrameType::Stamp, p);
+        Ok(Stamp {
+            volume: c.uuid()?,
+            size_bytes: c.u64()?,
+            block_size: c.u32()?,
+            epoch: c.u64()?,
+            members_json: c.b.to_vec(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: FrameType, parts: &[&[u8]]) -> Vec<u8> {
+        let mut v = Vec::new();
+        write_frame(&mut v, kind, 0, parts).unwrap();
+        v
+    }
+
+    #[test]
+    fn roundtrip_write_frame() {
+        let wh = WriteHeader { seq: 7, offset: 4096, len: 5, op: WriteOp::Data };
+        let bytes = frame(FrameType::Write, &[&wh.encode(), b"hello"]);
+        let mut r = FrameReader::new(&bytes[..]);
+        let (h, p) = r.next_frame().unwrap();
+        assert_eq!(h.kind, FrameType::Write);
+        let (got, data) = WriteHeader::decode(p).unwrap();
+        assert_eq!(got, wh);
+        assert_eq!(data, b"hello");
+        assert!(matches!(r.next_frame(), Err(ReadError::Frame(FrameError::Closed))));
+    }
+
+    #[test]
+    fn every_corruption_is_rejected() {
+        let bytes = frame(FrameType::Heartbeat, &[&encode_u64(9)]);
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x40;
+            let mut r = FrameReader::new(&b[..]);
+            assert!(r.next_frame().is_err(), "flip at byte {i} accepted");
+        }
+        for cut in 1..bytes.len() {
+            let mut r = FrameReader::new(&bytes[..cut]);
+            assert!(matches!(r.next_frame(), Err(ReadError::Frame(FrameError::Truncated { .. }))));
+        }
+    }
+
+    #[test]
+    fn write_length_mismatch_rejected() {
+        let wh = WriteHeader { seq: 1, offset: 0, len: 4096, op: WriteOp::Data };
+        let mut p = wh.encode().to_vec();
+        p.extend_from_slice(&[0u8; 100]);
+        assert!(WriteHeader::decode(&p).is_err());
+        let wh = WriteHeader { seq: 1, offset: 0, len: 4096, op: WriteOp::Discard };
+        assert!(WriteHeader::decode(&wh.encode()).is_ok());
+    }
+
+    #[test]
+    fn oversized_length_rejected_before_reading() {
+        let mut h = header_bytes(FrameType::Write, 0, MAX_PAYLOAD_BYTES + 1).to_vec();
+        h.resize(HEADER_BYTES, 0);
+        assert_eq!(decode_header(&h), Err(FrameError::TooLong(MAX_PAYLOAD_BYTES + 1)));
+    }
+}

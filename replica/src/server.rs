@@ -1,0 +1,359 @@
+//! The replica server: accepts TCP sessions and serves them from one store.
+//!
+//! One thread per session reads frames. Writes are appended to the store's
+//! log batch; the store's committer acks them after the group commit. Every
+//! rejected frame is counted by reason and logged; a framing error closes
+//! only that session, and the server goes on serving others.
+
+use std::collections::BTreeMap;
+use std::io::{self, BufReader};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crate::log::RecordHeader;
+use crate::proto::{self, ErrorCode, ErrorFrame, FrameError, FrameReader, FrameType, Hello, HelloOk, ReadError, ReadReq, WriteHeader};
+use crate::store::{AckSink, Store, StoreError};
+use crate::superblock::Member;
+
+/// Counters of rejected input, by reason.
+#[derive(Default)]
+pub struct Rejections {
+    by_reason: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Rejections {
+    /// Counts one rejection and logs it with its peer.
+    pub fn count(&self, reason: &'static str, peer: SocketAddr, detail: &dyn std::fmt::Display) {
+        *self.by_reason.lock().unwrap_or_else(|e| e.into_inner()).entry(reason).or_insert(0) += 1;
+        tracing::warn!(%peer, reason, "rejected frame: {detail}");
+    }
+
+    /// A snapshot of all counters.
+    pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
+        self.by_reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Shared server state.
+pub struct Server {
+    store: Arc<Store>,
+    /// Rejection counters.
+    pub rejections: Rejections,
+    sessions: Mutex<Vec<TcpStream>>,
+    stopping: AtomicBool,
+    next_session: AtomicU64,
+}
+
+/// A running server (for in-process tests and the CLI).
+pub struct ServerHandle {
+    /// The shared state.
+    pub server: Arc<Server>,
+    /// The bound address (useful with port 0).
+    pub addr: SocketAddr,
+    accept: Option<JoinHandle<()>>,
+    committer: Option<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// Stops accepting, cuts every session and stops the store's committer.
+    /// Pending records are committed first (like a clean shutdown).
+    pub fn stop(mut self) {
+        self.server.stopping.store(true, Ordering::Release);
+        let _ = TcpStream::connect(self.addr);
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+        for s in self.server.sessions.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        self.server.store.shutdown();
+        if let Some(h) = self.committer.take() {
+            let _ = h.join();
+        }
+    }
+
+    /// Blocks until the accept loop ends (never, unless stopped).
+    pub fn wait(mut self) {
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Opens the store in `dir` and serves it on `listen`.
+pub fn spawn(dir: &Path, listen: &str) -> Result<ServerHandle, ServeError> {
+    let (store, committer) = Store::open(dir)?;
+    let listener = TcpListener::bind(listen).map_err(|e| ServeError::Bind(listen.to_string(), e))?;
+    let addr = listener.local_addr().map_err(|e| ServeError::Bind(listen.to_string(), e))?;
+    let server = Arc::new(Server {
+        store,
+        rejections: Rejections::default(),
+        sessions: Mutex::new(Vec::new()),
+        stopping: AtomicBool::new(false),
+        next_session: AtomicU64::new(1),
+    });
+    let s2 = server.clone();
+    let accept = std::thread::Builder::new()
+        .name("accept".into())
+        .spawn(move || s2.accept_loop(listener))
+        .map_err(|e| ServeError::Bind(listen.to_string(), e))?;
+    tracing::info!(%addr, dir = %dir.display(), durable_seq = server.store.durable_seq(), "replica serving");
+    Ok(ServerHandle { server, addr, accept: Some(accept), committer: Some(committer) })
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {0}: {1}")]
+    Bind(String, io::Error),
+}
+
+/// The session's writer half, shared with the store's committer for acks.
+struct SessionWriter {
+    stream: Mutex<TcpStream>,
+}
+
+impl SessionWriter {
+    fn send(&self, kind: FrameType, parts: &[&[u8]]) -> io::Result<()> {
+        let mut s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        proto::write_frame(&mut *s, kind, 0, parts)
+    }
+
+    fn send_error(&self, code: ErrorCode, seq: u64, offset: u64, message: String) {
+        let f = ErrorFrame { code, seq, offset, message };
+        let _ = self.send(FrameType::Error, &[&f.encode()]);
+    }
+}
+
+impl AckSink for SessionWriter {
+    fn durable(&self, seq: u64) {
+        let _ = self.send(FrameType::Ack, &[&proto::encode_u64(seq)]);
+    }
+}
+
+/// What a session has established.
+struct Session {
+    peer: SocketAddr,
+    writer: Arc<SessionWriter>,
+    /// Epoch the session speaks for; None until Hello.
+    epoch: Option<u64>,
+    probe: bool,
+    is_ack_sink: bool,
+    read_buf: Vec<u8>,
+}
+
+/// A rejection: which counter, which error code, and whether to close.
+struct Reject {
+    reason: &'static str,
+    code: ErrorCode,
+    seq: u64,
+    offset: u64,
+    message: String,
+    close: bool,
+}
+
+impl Server {
+    fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        for conn in listener.incoming() {
+            if self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            let Ok(stream) = conn else { continue };
+            let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+            if let Ok(c) = stream.try_clone() {
+                self.sessions.lock().unwrap_or_else(|e| e.into_inner()).push(c);
+            }
+            let s2 = self.clone();
+            let _ = std::thread::Builder::new().name(format!("session-{id}")).spawn(move || s2.session(stream));
+        }
+    }
+
+    fn session(self: Arc<Self>, stream: TcpStream) {
+        let Ok(peer) = stream.peer_addr() else { return };
+        let _ = stream.set_nodelay(true);
+        let Ok(wstream) = stream.try_clone() else { return };
+        let writer = Arc::new(SessionWriter { stream: Mutex::new(wstream) });
+        let mut sess = Session { peer, writer, epoch: None, probe: false, is_ack_sink: false, read_buf: Vec::new() };
+        let mut reader = FrameReader::new(BufReader::with_capacity(1 << 18, stream));
+        loop {
+            let res = match reader.next_frame() {
+                Ok((h, payload)) => self.handle(&mut sess, h.kind, payload),
+                Err(ReadError::Frame(FrameError::Closed)) => break,
+                Err(ReadError::Io(_)) => break,
+                Err(ReadError::Frame(e)) => Err(Reject {
+                    reason: e.reason(),
+                    code: ErrorCode::Malformed,
+                    seq: 0,
+                    offset: 0,
+                    message: e.to_string(),
+                    close: true,
+                }),
+            };
+            if let Err(r) = res {
+                self.rejections.count(r.reason, peer, &r.message);
+                sess.writer.send_error(r.code, r.seq, r.offset, r.message);
+                if r.close {
+                    break;
+                }
+            }
+        }
+        if sess.is_ack_sink {
+            self.store.set_ack_sink(None);
+        }
+        let _ = reader.get_ref().get_ref().shutdown(Shutdown::Both);
+    }
+
+    fn handle(&self, s: &mut Session, kind: FrameType, p: &[u8]) -> Result<(), Reject> {
+        let malformed = |e: FrameError| reject("malformed", ErrorCode::Malformed, e.to_string(), true);
+        if kind == FrameType::Stats {
+            let json = self.stats_json();
+            return s.writer.send(FrameType::StatsReply, &[json.as_bytes()]).map_err(|e| io_reject(e));
+        }
+        if kind == FrameType::Hello {
+            return self.hello(s, Hello::decode(p).map_err(malformed)?);
+        }
+        let Some(epoch) = s.epoch else {
+            return Err(reject("no_hello", ErrorCode::BadState, format!("{kind:?} before Hello"), true));
+        };
+        if epoch < self.store.epoch() {
+            let msg = format!("session epoch {epoch} is older than replica epoch {}", self.store.epoch());
+            return Err(reject("stale_epoch", ErrorCode::StaleEpoch, msg, true));
+        }
+        match kind {
+            FrameType::Write => self.write(s, epoch, p),
+            FrameType::Read => self.read(s, ReadReq::decode(p).map_err(malformed)?),
+            FrameType::Heartbeat => {
+                let nonce = proto::decode_u64(kind, p).map_err(malformed)?;
+                let reply = proto::encode_u64_pair(nonce, self.store.durable_seq());
+                s.writer.send(FrameType::HeartbeatReply, &[&reply]).map_err(io_reject)
+            }
+            FrameType::SetEpoch => self.set_epoch(s, proto::decode_u64(kind, p).map_err(malformed)?),
+            FrameType::Stamp => self.stamp(s, p),
+            other => Err(reject("unexpected_type", ErrorCode::BadState, format!("{other:?} not valid from a client"), true)),
+        }
+    }
+
+    fn hello(&self, s: &mut Session, h: Hello) -> Result<(), Reject> {
+        let sb = self.store.superblock();
+        s.probe = h.flags & proto::HELLO_PROBE != 0;
+        if !s.probe {
+            if h.volume != sb.volume {
+                return Err(reject("wrong_volume", ErrorCode::WrongVolume, "volume UUID does not match this replica".into(), true));
+            }
+            if h.epoch < sb.epoch {
+                let msg = format!("hello epoch {} is older than replica epoch {}", h.epoch, sb.epoch);
+                return Err(reject("stale_epoch", ErrorCode::StaleEpoch, msg, true));
+            }
+        }
+        s.epoch = Some(if s.probe { sb.epoch } else { h.epoch });
+        let ok = HelloOk {
+            volume: sb.volume,
+            epoch: sb.epoch,
+            size_bytes: sb.size_bytes,
+            block_size: sb.block_size,
+            durable_seq: self.store.durable_seq(),
+        };
+        s.writer.send(FrameType::HelloOk, &[&ok.encode()]).map_err(io_reject)
+    }
+
+    fn write(&self, s: &mut Session, epoch: u64, p: &[u8]) -> Result<(), Reject> {
+        let (wh, data) = WriteHeader::decode(p).map_err(|e| reject("malformed", ErrorCode::Malformed, e.to_string(), true))?;
+        if s.probe {
+            return Err(reject("probe_write", ErrorCode::BadState, "write on a probe session".into(), true));
+        }
+        if !s.is_ack_sink {
+            self.store.set_ack_sink(Some(s.writer.clone()));
+            s.is_ack_sink = true;
+        }
+        let rec = RecordHeader { seq: wh.seq, offset: wh.offset, len: wh.len, op: wh.op, epoch };
+        self.store.append(&rec, data).map_err(|e| {
+            let (reason, code) = store_reason(&e);
+            Reject { reason, code, seq: wh.seq, offset: wh.offset, message: e.to_string(), close: true }
+        })
+    }
+
+    fn read(&self, s: &mut Session, r: ReadReq) -> Result<(), Reject> {
+        s.read_buf.resize(r.len as usize, 0);
+        match self.store.read(r.offset, &mut s.read_buf) {
+            Ok(()) => {
+                let h = proto::encode_read_reply_header(r.req_id, 0);
+                s.writer.send(FrameType::ReadReply, &[&h, &s.read_buf]).map_err(io_reject)
+            }
+            Err(e) => {
+                let (reason, code) = store_reason(&e);
+                self.rejections.count(reason, s.peer, &e);
+                let h = proto::encode_read_reply_header(r.req_id, code as u16);
+                s.writer.send(FrameType::ReadReply, &[&h]).map_err(io_reject)
+            }
+        }
+    }
+
+    fn set_epoch(&self, s: &mut Session, epoch: u64) -> Result<(), Reject> {
+        let now = self.store.set_epoch(epoch).map_err(|e| reject("disk_error", ErrorCode::DiskError, e.to_string(), true))?;
+        if now > epoch {
+            let msg = format!("requested epoch {epoch} is below replica epoch {now}");
+            return Err(reject("stale_epoch", ErrorCode::StaleEpoch, msg, true));
+        }
+        s.epoch = Some(now);
+        s.probe = false;
+        let reply = proto::encode_u64_pair(now, self.store.durable_seq());
+        s.writer.send(FrameType::Ack, &[&reply[..8]]).map_err(io_reject)
+    }
+
+    fn stamp(&self, s: &mut Session, p: &[u8]) -> Result<(), Reject> {
+        let st = proto::Stamp::decode(p).map_err(|e| reject("malformed", ErrorCode::Malformed, e.to_string(), true))?;
+        let members: Vec<Member> = serde_json::from_slice(&st.members_json)
+            .map_err(|e| reject("malformed", ErrorCode::Malformed, format!("replica set JSON: {e}"), true))?;
+        self.store.stamp(st.volume, st.size_bytes, st.block_size, st.epoch, members).map_err(|e| {
+            let (reason, code) = store_reason(&e);
+            reject(reason, code, e.to_string(), true)
+        })?;
+        s.epoch = Some(self.store.epoch());
+        s.writer.send(FrameType::Ack, &[&proto::encode_u64(self.store.epoch())]).map_err(io_reject)
+    }
+
+    /// Counters as JSON, for the Stats frame.
+    pub fn stats_json(&self) -> String {
+        let sb = self.store.superblock();
+        serde_json::json!({
+            "durable_seq": self.store.durable_seq(),
+            "epoch": sb.epoch,
+            "checkpoint_seq": sb.checkpoint_seq,
+            "commits": self.store.commits.load(Ordering::Relaxed),
+            "writes": self.store.writes.load(Ordering::Relaxed),
+            "failure": self.store.failure(),
+            "rejected": self.rejections.snapshot(),
+        })
+        .to_string()
+    }
+
+    /// The store behind this server.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+}
+
+fn reject(reason: &'static str, code: ErrorCode, message: String, close: bool) -> Reject {
+    Reject { reason, code, seq: 0, offset: 0, message, close }
+}
+
+fn io_reject(e: io::Error) -> Reject {
+    reject("send_failed", ErrorCode::BadState, e.to_string(), true)
+}
+
+fn store_reason(e: &StoreError) -> (&'static str, ErrorCode) {
+    match e {
+        StoreError::OutOfRange { .. } => ("out_of_range", ErrorCode::OutOfRange),
+        StoreError::SeqGap { .. } => ("seq_gap", ErrorCode::SeqGap),
+        StoreError::WrongVolume => ("wrong_volume", ErrorCode::WrongVolume),
+        StoreError::Geometry(_) => ("bad_geometry", ErrorCode::OutOfRange),
+        _ => ("disk_error", ErrorCode::DiskError),
+    }
+}

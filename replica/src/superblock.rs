@@ -1,0 +1,241 @@
+//! The replica superblock: two checksummed 4 KiB slots in one file.
+//!
+//! An update writes the slot not holding the newest generation and
+//! fdatasyncs it. A torn write damages only that slot; the reader takes the
+//! valid slot with the highest generation, so every update is atomic.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use crate::proto::Uuid;
+
+/// Bytes per slot.
+pub const SLOT_BYTES: usize = 4096;
+const SB_MAGIC: u64 = u64::from_le_bytes(*b"SBLKSUPR");
+const SB_VERSION: u32 = 1;
+/// Fixed fields before the members blob.
+const FIXED_BYTES: usize = 96;
+/// Largest members JSON that fits in a slot (the crc takes the last 4 bytes).
+pub const MEMBERS_MAX_BYTES: usize = SLOT_BYTES - FIXED_BYTES - 4;
+
+/// One member of the replica set, as stored on every replica.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Member {
+    /// Replica name, unique in the volume.
+    pub name: String,
+    /// HOST:PORT.
+    pub addr: String,
+    /// local | near | far.
+    pub role: String,
+    /// Whether the link uses UDP + FEC.
+    #[serde(default)]
+    pub network_sync: bool,
+}
+
+/// The persistent state of a replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superblock {
+    /// Bumped on every update; picks the newer slot.
+    pub generation: u64,
+    /// Volume identity; nil until `volume create` stamps it.
+    pub volume: Uuid,
+    /// Volume size in bytes.
+    pub size_bytes: u64,
+    /// Logical block size.
+    pub block_size: u32,
+    /// Fencing epoch; frames from lower epochs are refused.
+    pub epoch: u64,
+    /// Size of the circular log file.
+    pub log_bytes: u64,
+    /// Every write <= this seq is in the data file and fsynced.
+    pub checkpoint_seq: u64,
+    /// Byte offset in the log where record `checkpoint_seq + 1` starts.
+    pub log_tail_offset: u64,
+    /// Highest durable seq this replica has reported (lower bound after restart).
+    pub durable_seq: u64,
+    /// The replica set (authoritative over the config file).
+    pub members: Vec<Member>,
+}
+
+/// Superblock decode failure.
+#[derive(Debug, thiserror::Error)]
+pub enum SuperblockError {
+    /// Reading or writing the file failed.
+    #[error("superblock i/o: {0}")]
+    Io(#[from] io::Error),
+    /// Neither slot holds a valid superblock.
+    #[error("no valid superblock slot (slot 0: {0}; slot 1: {1})")]
+    NoValidSlot(&'static str, &'static str),
+    /// The member list does not fit in a slot.
+    #[error("replica set too large for the superblock ({0} bytes, max {MEMBERS_MAX_BYTES})")]
+    MembersTooLarge(usize),
+}
+
+impl Superblock {
+    /// Encodes into one slot image.
+    pub fn encode(&self) -> Result<[u8; SLOT_BYTES], SuperblockError> {
+        let members = serde_json::to_vec(&self.members).map_err(|e| SuperblockError::Io(e.into()))?;
+        if members.len() > MEMBERS_MAX_BYTES {
+            return Err(SuperblockError::MembersTooLarge(members.len()));
+        }
+        let mut b = [0u8; SLOT_BYTES];
+        b[0..8].copy_from_slice(&SB_MAGIC.to_le_bytes());
+        b[8..12].copy_from_slice(&SB_VERSION.to_le_bytes());
+        b[12..16].copy_from_slice(&self.block_size.to_le_bytes());
+        b[16..24].copy_from_slice(&self.generation.to_le_bytes());
+        b[24..40].copy_from_slice(&self.volume);
+        b[40..48].copy_from_slice(&self.size_bytes.to_le_bytes());
+        b[48..56].copy_from_slice(&self.epoch.to_le_bytes());
+        b[56..64].copy_from_slice(&self.log_bytes.to_le_bytes());
+        b[64..72].copy_from_slice(&self.checkpoint_seq.to_le_bytes());
+        b[72..80].copy_from_slice(&self.log_tail_offset.to_le_bytes());
+        b[80..88].copy_from_slice(&self.durable_seq.to_le_bytes());
+        b[88..92].copy_from_slice(&(members.len() as u32).to_le_bytes());
+        b[FIXED_BYTES..FIXED_BYTES + members.len()].copy_from_slice(&members);
+        let crc = crc32c::crc32c(&b[..SLOT_BYTES - 4]);
+        b[SLOT_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
+        Ok(b)
+    }
+
+    /// Decodes one slot image, checking magic, version, crc and every length.
+    pub fn decode(b: &[u8]) -> Result<Superblock, &'static str> {
+        if b.len() != SLOT_BYTES {
+            return Err("short slot");
+        }
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8"));
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4"));
+        if u64_at(0) == 0 && u64_at(16) == 0 {
+            return Err("empty");
+        }
+        if u64_at(0) != SB_MAGIC {
+            return Err("bad magic");
+        }
+        if u32_at(SLOT_BYTES - 4) != crc32c::crc32c(&b[..SLOT_BYTES - 4]) {
+            return Err("bad crc");
+        }
+        if u32_at(8) != SB_VERSION {
+            return Err("unsupported version");
+        }
+        let members_len = u32_at(88) as usize;
+        if members_len > MEMBERS_MAX_BYTES {
+            return Err("members length out of range");
+        }
+        let members = serde_json::from_slice(&b[FIXED_BYTES..FIXED_BYTES + members_len])
+            .map_err(|_| "members not valid JSON")?;
+        let sb = Superblock {
+            block_size: u32_at(12),
+            generation: u64_at(16),
+            volume: b[24..40].try_into().expect("16"),
+            size_bytes: u64_at(40),
+            epoch: u64_at(48),
+            log_bytes: u64_at(56),
+            checkpoint_seq: u64_at(64),
+            log_tail_offset: u64_at(72),
+            durable_seq: u64_at(80),
+            members,
+        };
+        sb.check()?;
+        Ok(sb)
+    }
+
+    /// Range checks that must hold for any superblock we act on.
+    fn check(&self) -> Result<(), &'static str> {
+        if !self.block_size.is_power_of_two() || !(512..=65536).contains(&self.block_size) {
+            return Err("block size out of range");
+        }
+        if self.size_bytes == 0 || self.size_bytes % self.block_size as u64 != 0 {
+            return Err("size not a positive multiple of block size");
+        }
+        if self.log_bytes < crate::log::LOG_MIN_BYTES || self.log_tail_offset >= self.log_bytes {
+            return Err("log geometry out of range");
+        }
+        if self.checkpoint_seq > self.durable_seq {
+            return Err("checkpoint beyond durable seq");
+        }
+        Ok(())
+    }
+
+    /// Reads the newest valid slot of `file`.
+    pub fn read(file: &File) -> Result<Superblock, SuperblockError> {
+        let mut slots = [[0u8; SLOT_BYTES]; 2];
+        let mut res: [Result<Superblock, &'static str>; 2] = [Err("unread"), Err("unread")];
+        for i in 0..2 {
+            match file.read_exact_at(&mut slots[i], (i * SLOT_BYTES) as u64) {
+                Ok(()) => res[i] = Superblock::decode(&slots[i]),
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => res[i] = Err("short file"),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        match (&res[0], &res[1]) {
+            (Ok(a), Ok(b)) => Ok(if a.generation >= b.generation { a.clone() } else { b.clone() }),
+            (Ok(a), Err(_)) => Ok(a.clone()),
+            (Err(_), Ok(b)) => Ok(b.clone()),
+            (Err(a), Err(b)) => Err(SuperblockError::NoValidSlot(a, b)),
+        }
+    }
+
+    /// Writes the next generation into the older slot and fdatasyncs it.
+    pub fn write_next(&mut self, file: &File) -> Result<(), SuperblockError> {
+        self.generation += 1;
+        let img = self.encode()?;
+        let slot = (self.generation % 2) as usize;
+        file.write_all_at(&img, (slot * SLOT_BYTES) as u64)?;
+        file.sync_data()?;
+        Ok(())
+    }
+}
+
+/// Creates a fresh superblock file with both slots written.
+pub fn create(path: &Path, sb: &mut Superblock) -> Result<File, SuperblockError> {
+    let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
+    sb.write_next(&file)?;
+    sb.write_next(&file)?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Superblock {
+        Superblock {
+            generation: 0,
+            volume: [7; 16],
+            size_bytes: 1 << 30,
+            block_size: 4096,
+            epoch: 3,
+            log_bytes: 1 << 24,
+            checkpoint_seq: 10,
+            log_tail_offset: 4096,
+            durable_seq: 12,
+            members: vec![Member { name: "a".into(), addr: "127.0.0.1:1".into(), role: "local".into(), network_sync: false }],
+        }
+    }
+
+    #[test]
+    fn torn_newer_slot_falls_back_to_older() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sb = sample();
+        let f = create(&dir.path().join("sb"), &mut sb).unwrap();
+        sb.epoch = 4;
+        sb.write_next(&f).unwrap();
+        assert_eq!(Superblock::read(&f).unwrap().epoch, 4);
+        // Tear the newest slot: the previous generation must be returned.
+        let slot = (sb.generation % 2) as u64;
+        f.write_all_at(&[0xff; 100], slot * SLOT_BYTES as u64 + 30).unwrap();
+        let got = Superblock::read(&f).unwrap();
+        assert_eq!(got.epoch, 3);
+        assert_eq!(got.generation, sb.generation - 1);
+    }
+
+    #[test]
+    fn garbage_is_rejected_not_panicking() {
+        let mut img = sample().encode().unwrap();
+        img[88..92].copy_from_slice(&u32::MAX.to_le_bytes());
+        let crc = crc32c::crc32c(&img[..SLOT_BYTES - 4]);
+        img[SLOT_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(Superblock::decode(&img), Err("members length out of range"));
+    }
+}
