@@ -1,0 +1,145 @@
+//! The FEC scheme chosen for a link, shared by its encoder and decoder.
+
+use crate::{FecError, MAX_GROUP_DATA, MAX_LAYERS, MAX_PARITY, MAX_STRIDE};
+
+/// Which family of code a repair packet belongs to (its wire id in brackets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SchemeKind {
+    /// Maelstrom layered interleaving with XOR (1).
+    LayeredXor,
+    /// Reed-Solomon over GF(2^8) (2).
+    ReedSolomon,
+}
+
+impl SchemeKind {
+    /// The byte that names this scheme on the wire.
+    pub fn wire_id(self) -> u8 {
+        match self {
+            SchemeKind::LayeredXor => 1,
+            SchemeKind::ReedSolomon => 2,
+        }
+    }
+
+    /// The scheme a wire byte names.
+    pub fn from_wire_id(id: u8) -> Result<Self, FecError> {
+        match id {
+            1 => Ok(SchemeKind::LayeredXor),
+            2 => Ok(SchemeKind::ReedSolomon),
+            other => Err(FecError::UnknownScheme(other)),
+        }
+    }
+}
+
+/// A validated FEC configuration. Both ends of a link must use the same one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FecScheme {
+    /// Maelstrom layered interleaving: layer `k` XORs `r` packets whose seqs
+    /// share a residue modulo `strides[k]`, one repair packet per group.
+    LayeredXor {
+        /// Data packets per repair packet in each layer.
+        r: u8,
+        /// Interleave stride of each layer; `strides.len()` is c.
+        strides: Vec<u64>,
+    },
+    /// Reed-Solomon: `c` parity shards for every `r` consecutive data packets.
+    ReedSolomon {
+        /// Data shards per group.
+        r: u8,
+        /// Parity shards per group.
+        c: u8,
+    },
+}
+
+impl FecScheme {
+    /// Layered XOR with Maelstrom's default strides 1, 10, 100, ... (10^k).
+    pub fn layered_xor(r: usize, c: usize) -> Result<Self, FecError> {
+        if c == 0 || c > MAX_LAYERS {
+            return Err(FecError::InvalidParams {
+                reason: "layer count c must be in 1..=MAX_LAYERS",
+            });
+        }
+        let mut strides = Vec::with_capacity(c);
+        let mut stride = 1u64;
+        for _ in 0..c {
+            strides.push(stride);
+            stride = stride.saturating_mul(10);
+        }
+        Self::layered_xor_with_strides(r, &strides)
+    }
+
+    /// Layered XOR with an explicit stride per layer (c = `strides.len()`).
+    pub fn layered_xor_with_strides(r: usize, strides: &[u64]) -> Result<Self, FecError> {
+        let r = check_r(r)?;
+        if strides.is_empty() || strides.len() > MAX_LAYERS {
+            return Err(FecError::InvalidParams {
+                reason: "layer count c must be in 1..=MAX_LAYERS",
+            });
+        }
+        if strides.iter().any(|&s| s == 0 || s > MAX_STRIDE) {
+            return Err(FecError::InvalidParams {
+                reason: "every stride must be in 1..=MAX_STRIDE",
+            });
+        }
+        Ok(FecScheme::LayeredXor {
+            r,
+            strides: strides.to_vec(),
+        })
+    }
+
+    /// Reed-Solomon with `r` data and `c` parity shards per group.
+    pub fn reed_solomon(r: usize, c: usize) -> Result<Self, FecError> {
+        let r = check_r(r)?;
+        if c == 0 || c > MAX_PARITY {
+            return Err(FecError::InvalidParams {
+                reason: "parity count c must be in 1..=MAX_PARITY",
+            });
+        }
+        // Both bounds are far below u8::MAX, so the cast is exact.
+        Ok(FecScheme::ReedSolomon { r, c: c as u8 })
+    }
+
+    /// The code family.
+    pub fn kind(&self) -> SchemeKind {
+        match self {
+            FecScheme::LayeredXor { .. } => SchemeKind::LayeredXor,
+            FecScheme::ReedSolomon { .. } => SchemeKind::ReedSolomon,
+        }
+    }
+
+    /// Data packets per group (r).
+    pub fn r(&self) -> usize {
+        match self {
+            FecScheme::LayeredXor { r, .. } | FecScheme::ReedSolomon { r, .. } => usize::from(*r),
+        }
+    }
+
+    /// Layers (XOR) or parity shards (RS) per group: c.
+    pub fn c(&self) -> usize {
+        match self {
+            FecScheme::LayeredXor { strides, .. } => strides.len(),
+            FecScheme::ReedSolomon { c, .. } => usize::from(*c),
+        }
+    }
+
+    /// How many seqs one group can span, first to last covered seq inclusive,
+    /// when seqs are consecutive. The decoder window must be at least this.
+    pub fn group_span_seqs(&self) -> u64 {
+        match self {
+            FecScheme::LayeredXor { r, strides } => {
+                let top = strides.iter().copied().max().unwrap_or(1);
+                (u64::from(*r) - 1) * top + 1
+            }
+            FecScheme::ReedSolomon { r, .. } => u64::from(*r),
+        }
+    }
+}
+
+fn check_r(r: usize) -> Result<u8, FecError> {
+    if r == 0 || r > MAX_GROUP_DATA {
+        return Err(FecError::InvalidParams {
+            reason: "data packets per group r must be in 1..=MAX_GROUP_DATA",
+        });
+    }
+    // MAX_GROUP_DATA < 256, checked just above.
+    Ok(r as u8)
+}
