@@ -147,14 +147,10 @@ impl Decoder {
     /// A decoder with explicit bounds.
     pub fn with_config(scheme: &FecScheme, config: DecoderConfig) -> Result<Self, FecError> {
         if config.window_seqs == 0 || config.window_seqs > MAX_WINDOW_SEQS {
-            return Err(FecError::InvalidParams {
-                reason: "window_seqs must be in 1..=MAX_WINDOW_SEQS",
-            });
+            return Err(FecError::InvalidParams { reason: "window_seqs must be in 1..=MAX_WINDOW_SEQS" });
         }
         if config.max_pending_groups == 0 {
-            return Err(FecError::InvalidParams {
-                reason: "max_pending_groups must be at least 1",
-            });
+            return Err(FecError::InvalidParams { reason: "max_pending_groups must be at least 1" });
         }
         let codecs = match scheme {
             FecScheme::ReedSolomon { c, .. } => Some(CodecCache::new(usize::from(*c))),
@@ -203,17 +199,9 @@ impl Decoder {
     /// Feeds a received data packet; appends to `out` whatever it lets the
     /// decoder rebuild. Out-of-window and duplicate packets are counted and
     /// ignored; only a payload over [`MAX_PACKET_BYTES`] is an error.
-    pub fn on_data(
-        &mut self,
-        seq: u64,
-        payload: &[u8],
-        out: &mut Vec<Recovered>,
-    ) -> Result<(), FecError> {
+    pub fn on_data(&mut self, seq: u64, payload: &[u8], out: &mut Vec<Recovered>) -> Result<(), FecError> {
         if payload.len() > MAX_PACKET_BYTES {
-            return Err(FecError::PayloadTooLarge {
-                len_bytes: payload.len(),
-                max_bytes: MAX_PACKET_BYTES,
-            });
+            return Err(FecError::PayloadTooLarge { len_bytes: payload.len(), max_bytes: MAX_PACKET_BYTES });
         }
         if !self.admit(seq, seq) {
             return Ok(());
@@ -232,11 +220,7 @@ impl Decoder {
     /// lets the decoder rebuild, directly or by cascade. A packet of another
     /// scheme or c is an error (the two ends are configured differently);
     /// anything else unusable is counted and ignored.
-    pub fn on_repair(
-        &mut self,
-        repair: RepairPacket,
-        out: &mut Vec<Recovered>,
-    ) -> Result<(), FecError> {
+    pub fn on_repair(&mut self, repair: RepairPacket, out: &mut Vec<Recovered>) -> Result<(), FecError> {
         repair.debug_check();
         if repair.kind != self.kind || repair.total != self.total {
             return Err(FecError::SchemeMismatch {
@@ -343,12 +327,7 @@ impl Decoder {
         let mut parities: Vec<Option<Vec<u8>>> = vec![None; slots];
         let index = if slots == 1 { 0 } else { usize::from(repair.index) };
         parities[index] = Some(repair.payload);
-        let group = Pending {
-            seqs: repair.seqs,
-            lens: repair.lens,
-            parities,
-            have: 1,
-        };
+        let group = Pending { seqs: repair.seqs, lens: repair.lens, parities, have: 1 };
         self.groups.insert(key, group);
         self.stats.repairs_accepted += 1;
         let mut work = Vec::new();
@@ -490,11 +469,7 @@ fn solve_xor(window: &Window, group: &Pending) -> Option<Vec<(u64, Vec<u8>)>> {
 }
 
 /// RS group with no more missing packets than parities: rebuild them all.
-fn solve_rs(
-    window: &Window,
-    codecs: &mut CodecCache,
-    group: Pending,
-) -> Option<Vec<(u64, Vec<u8>)>> {
+fn solve_rs(window: &Window, codecs: &mut CodecCache, group: Pending) -> Option<Vec<(u64, Vec<u8>)>> {
     let shard_len = crate::wire::padded_len(&group.lens);
     let mut shards: Vec<Option<Vec<u8>>> = group
         .seqs

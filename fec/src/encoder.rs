@@ -28,17 +28,10 @@ impl Encoder {
     /// An encoder for `scheme`, with no open group.
     pub fn new(scheme: FecScheme) -> Self {
         let inner = match &scheme {
-            FecScheme::LayeredXor { r, strides } => {
-                Inner::Xor(XorEncoder::new(usize::from(*r), strides))
-            }
+            FecScheme::LayeredXor { r, strides } => Inner::Xor(XorEncoder::new(usize::from(*r), strides)),
             FecScheme::ReedSolomon { r, c } => Inner::Rs(RsEncoder::new(usize::from(*r), *c)),
         };
-        Encoder {
-            scheme,
-            inner,
-            last_seq: None,
-            pool: PacketPool::default(),
-        }
+        Encoder { scheme, inner, last_seq: None, pool: PacketPool::default() }
     }
 
     /// The scheme this encoder was built with.
@@ -49,17 +42,9 @@ impl Encoder {
     /// Adds data packet `seq` and appends to `out` the repair packets of
     /// every group it completes. The packet itself is not copied into
     /// `out`: the caller sends it as it is.
-    pub fn push(
-        &mut self,
-        seq: u64,
-        payload: &[u8],
-        out: &mut Vec<RepairPacket>,
-    ) -> Result<(), FecError> {
+    pub fn push(&mut self, seq: u64, payload: &[u8], out: &mut Vec<RepairPacket>) -> Result<(), FecError> {
         if payload.len() > MAX_PACKET_BYTES {
-            return Err(FecError::PayloadTooLarge {
-                len_bytes: payload.len(),
-                max_bytes: MAX_PACKET_BYTES,
-            });
+            return Err(FecError::PayloadTooLarge { len_bytes: payload.len(), max_bytes: MAX_PACKET_BYTES });
         }
         if let Some(previous) = self.last_seq {
             if seq <= previous {

@@ -35,7 +35,9 @@ pub enum FecError {
 
     /// A repair packet of another scheme (or other parameters) reached a
     /// decoder configured differently: the two ends disagree on the config.
-    #[error("repair packet is {got:?} with {got_total} shards/layers, decoder expects {expected:?} with {expected_total}")]
+    #[error(
+        "repair packet is {got:?} with {got_total} shards/layers, decoder expects {expected:?} with {expected_total}"
+    )]
     SchemeMismatch {
         /// The decoder's scheme.
         expected: SchemeKind,

@@ -15,10 +15,7 @@ pub(crate) struct PacketPool {
 impl PacketPool {
     /// A cleared packet (buffers empty, capacity kept) of the given kind.
     pub(crate) fn take(&mut self, kind: SchemeKind, index: u8, total: u8) -> RepairPacket {
-        let mut packet = self
-            .free
-            .pop()
-            .unwrap_or_else(|| RepairPacket::empty(kind));
+        let mut packet = self.free.pop().unwrap_or_else(|| RepairPacket::empty(kind));
         packet.kind = kind;
         packet.index = index;
         packet.total = total;

@@ -17,22 +17,19 @@ pub(crate) struct CodecCache {
 
 impl CodecCache {
     pub(crate) fn new(parity: usize) -> Self {
-        CodecCache {
-            parity,
-            codecs: (0..=MAX_GROUP_DATA).map(|_| None).collect(),
-        }
+        CodecCache { parity, codecs: (0..=MAX_GROUP_DATA).map(|_| None).collect() }
     }
 
     pub(crate) fn get(&mut self, data: usize) -> Result<&ReedSolomon, FecError> {
-        let slot = self.codecs.get_mut(data).ok_or(FecError::InvalidParams {
-            reason: "data packets per group r must be in 1..=MAX_GROUP_DATA",
-        })?;
+        let slot = self
+            .codecs
+            .get_mut(data)
+            .ok_or(FecError::InvalidParams { reason: "data packets per group r must be in 1..=MAX_GROUP_DATA" })?;
         if slot.is_none() {
             let codec = ReedSolomon::new(data, self.parity).map_err(codec_err)?;
             *slot = Some(codec);
         }
-        slot.as_ref()
-            .ok_or_else(|| FecError::Codec("codec cache slot empty".into()))
+        slot.as_ref().ok_or_else(|| FecError::Codec("codec cache slot empty".into()))
     }
 }
 
@@ -91,11 +88,7 @@ impl RsEncoder {
     }
 
     /// Closes the open group (if any) and emits its c parity packets.
-    pub(crate) fn flush(
-        &mut self,
-        pool: &mut PacketPool,
-        out: &mut Vec<RepairPacket>,
-    ) -> Result<(), FecError> {
+    pub(crate) fn flush(&mut self, pool: &mut PacketPool, out: &mut Vec<RepairPacket>) -> Result<(), FecError> {
         let k = self.seqs.len();
         if k == 0 {
             return Ok(());
@@ -108,9 +101,7 @@ impl RsEncoder {
             p.resize(shard_len, 0);
         }
         let codec = self.codecs.get(k)?;
-        codec
-            .encode_sep(&self.data[..k], &mut self.parity)
-            .map_err(codec_err)?;
+        codec.encode_sep(&self.data[..k], &mut self.parity).map_err(codec_err)?;
         for (index, parity) in self.parity.iter_mut().enumerate() {
             let mut packet = pool.take(SchemeKind::ReedSolomon, index as u8, self.c);
             packet.seqs.extend_from_slice(&self.seqs);
@@ -129,16 +120,8 @@ impl RsEncoder {
 
 /// Rebuilds the missing data shards of one group in place. `shards` holds k
 /// data entries then c parity entries, present ones all `shard_len` long.
-pub(crate) fn reconstruct(
-    codecs: &mut CodecCache,
-    shards: &mut [Option<Vec<u8>>],
-) -> Result<(), FecError> {
-    let k = shards
-        .len()
-        .checked_sub(codecs.parity)
-        .ok_or_else(|| FecError::Codec("fewer shards than parity".into()))?;
-    codecs
-        .get(k)?
-        .reconstruct_data(shards)
-        .map_err(codec_err)
+pub(crate) fn reconstruct(codecs: &mut CodecCache, shards: &mut [Option<Vec<u8>>]) -> Result<(), FecError> {
+    let k =
+        shards.len().checked_sub(codecs.parity).ok_or_else(|| FecError::Codec("fewer shards than parity".into()))?;
+    codecs.get(k)?.reconstruct_data(shards).map_err(codec_err)
 }

@@ -54,9 +54,7 @@ impl FecScheme {
     /// Layered XOR with Maelstrom's default strides 1, 10, 100, ... (10^k).
     pub fn layered_xor(r: usize, c: usize) -> Result<Self, FecError> {
         if c == 0 || c > MAX_LAYERS {
-            return Err(FecError::InvalidParams {
-                reason: "layer count c must be in 1..=MAX_LAYERS",
-            });
+            return Err(FecError::InvalidParams { reason: "layer count c must be in 1..=MAX_LAYERS" });
         }
         let mut strides = Vec::with_capacity(c);
         let mut stride = 1u64;
@@ -71,28 +69,19 @@ impl FecScheme {
     pub fn layered_xor_with_strides(r: usize, strides: &[u64]) -> Result<Self, FecError> {
         let r = check_r(r)?;
         if strides.is_empty() || strides.len() > MAX_LAYERS {
-            return Err(FecError::InvalidParams {
-                reason: "layer count c must be in 1..=MAX_LAYERS",
-            });
+            return Err(FecError::InvalidParams { reason: "layer count c must be in 1..=MAX_LAYERS" });
         }
         if strides.iter().any(|&s| s == 0 || s > MAX_STRIDE) {
-            return Err(FecError::InvalidParams {
-                reason: "every stride must be in 1..=MAX_STRIDE",
-            });
+            return Err(FecError::InvalidParams { reason: "every stride must be in 1..=MAX_STRIDE" });
         }
-        Ok(FecScheme::LayeredXor {
-            r,
-            strides: strides.to_vec(),
-        })
+        Ok(FecScheme::LayeredXor { r, strides: strides.to_vec() })
     }
 
     /// Reed-Solomon with `r` data and `c` parity shards per group.
     pub fn reed_solomon(r: usize, c: usize) -> Result<Self, FecError> {
         let r = check_r(r)?;
         if c == 0 || c > MAX_PARITY {
-            return Err(FecError::InvalidParams {
-                reason: "parity count c must be in 1..=MAX_PARITY",
-            });
+            return Err(FecError::InvalidParams { reason: "parity count c must be in 1..=MAX_PARITY" });
         }
         // Both bounds are far below u8::MAX, so the cast is exact.
         Ok(FecScheme::ReedSolomon { r, c: c as u8 })
@@ -136,9 +125,7 @@ impl FecScheme {
 
 fn check_r(r: usize) -> Result<u8, FecError> {
     if r == 0 || r > MAX_GROUP_DATA {
-        return Err(FecError::InvalidParams {
-            reason: "data packets per group r must be in 1..=MAX_GROUP_DATA",
-        });
+        return Err(FecError::InvalidParams { reason: "data packets per group r must be in 1..=MAX_GROUP_DATA" });
     }
     // MAX_GROUP_DATA < 256, checked just above.
     Ok(r as u8)

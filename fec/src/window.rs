@@ -29,11 +29,7 @@ pub(crate) struct Window {
 impl Window {
     pub(crate) fn new(window_seqs: u64, max_advance_seqs: u64) -> Self {
         debug_assert!(window_seqs > 0);
-        Window {
-            slots: (0..window_seqs).map(|_| Slot::default()).collect(),
-            high: None,
-            max_advance_seqs,
-        }
+        Window { slots: (0..window_seqs).map(|_| Slot::default()).collect(), high: None, max_advance_seqs }
     }
 
     fn len_seqs(&self) -> u64 {

@@ -53,14 +53,7 @@ pub struct RepairPacket {
 impl RepairPacket {
     /// An empty packet whose buffers the encoder fills; used for pooling.
     pub(crate) fn empty(kind: SchemeKind) -> Self {
-        RepairPacket {
-            kind,
-            index: 0,
-            total: 1,
-            seqs: Vec::new(),
-            lens: Vec::new(),
-            payload: Vec::new(),
-        }
+        RepairPacket { kind, index: 0, total: 1, seqs: Vec::new(), lens: Vec::new(), payload: Vec::new() }
     }
 
     /// Checks the invariants listed on the type (debug builds only).
@@ -106,11 +99,7 @@ impl RepairPacket {
     /// Size of the wire form in bytes (an upper bound is fine for buffers,
     /// this is exact).
     pub fn encoded_len(&self) -> usize {
-        let deltas: usize = self
-            .seqs
-            .windows(2)
-            .map(|w| varint_len(w[1] - w[0]))
-            .sum();
+        let deltas: usize = self.seqs.windows(2).map(|w| varint_len(w[1] - w[0])).sum();
         FIXED_HEADER_BYTES + deltas + 2 * self.lens.len() + self.payload.len()
     }
 
@@ -120,14 +109,7 @@ impl RepairPacket {
         out.reserve(self.encoded_len());
         // Counts and lengths fit their fields: see the type's invariants,
         // MAX_GROUP_DATA < 256 and MAX_PACKET_BYTES == u16::MAX.
-        out.extend_from_slice(&[
-            MAGIC,
-            VERSION,
-            self.kind.wire_id(),
-            self.index,
-            self.total,
-            self.seqs.len() as u8,
-        ]);
+        out.extend_from_slice(&[MAGIC, VERSION, self.kind.wire_id(), self.index, self.total, self.seqs.len() as u8]);
         out.extend_from_slice(&(self.payload.len() as u16).to_le_bytes());
         out.extend_from_slice(&self.seqs[0].to_le_bytes());
         for w in self.seqs.windows(2) {
@@ -161,25 +143,13 @@ impl RepairPacket {
         }
         let expected = padded_len(&lens);
         if payload_len != expected {
-            return Err(FecError::PayloadLenMismatch {
-                declared_bytes: payload_len,
-                expected_bytes: expected,
-            });
+            return Err(FecError::PayloadLenMismatch { declared_bytes: payload_len, expected_bytes: expected });
         }
         let payload = rd.take(payload_len)?.to_vec();
         if rd.remaining() != 0 {
-            return Err(FecError::TrailingBytes {
-                extra_bytes: rd.remaining(),
-            });
+            return Err(FecError::TrailingBytes { extra_bytes: rd.remaining() });
         }
-        let packet = RepairPacket {
-            kind,
-            index,
-            total,
-            seqs,
-            lens,
-            payload,
-        };
+        let packet = RepairPacket { kind, index, total, seqs, lens, payload };
         packet.debug_check();
         Ok(packet)
     }
@@ -216,10 +186,7 @@ fn decode_fixed(rd: &mut Reader<'_>) -> Result<(SchemeKind, u8, u8, usize), FecE
 }
 
 fn bad(field: &'static str, value: u8) -> FecError {
-    FecError::BadField {
-        field,
-        value: u64::from(value),
-    }
+    FecError::BadField { field, value: u64::from(value) }
 }
 
 fn varint_len(mut v: u64) -> usize {
@@ -252,10 +219,8 @@ impl<'a> Reader<'a> {
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], FecError> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
-        let end = end.ok_or(FecError::Truncated {
-            needed_bytes: self.pos.saturating_add(n),
-            have_bytes: self.buf.len(),
-        })?;
+        let end =
+            end.ok_or(FecError::Truncated { needed_bytes: self.pos.saturating_add(n), have_bytes: self.buf.len() })?;
         let out = &self.buf[self.pos..end];
         self.pos = end;
         Ok(out)

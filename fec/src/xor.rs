@@ -66,13 +66,7 @@ impl XorEncoder {
     }
 
     /// Adds one packet to its group in every layer, emitting full groups.
-    pub(crate) fn push(
-        &mut self,
-        seq: u64,
-        payload: &[u8],
-        pool: &mut PacketPool,
-        out: &mut Vec<RepairPacket>,
-    ) {
+    pub(crate) fn push(&mut self, seq: u64, payload: &[u8], pool: &mut PacketPool, out: &mut Vec<RepairPacket>) {
         let total = self.layers.len() as u8;
         for (index, layer) in self.layers.iter_mut().enumerate() {
             // stride <= MAX_STRIDE, so the residue fits usize.
