@@ -1,1 +1,419 @@
-fn main() {}
+//! The `starblk` command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use starblk::bench::{Bench, BenchCompleter, BenchOptions, Pattern};
+use starblk::config::Config;
+use starblk::control::{self, ControlRequest};
+use starblk::engine::{startup, Completer, IoResult, Volume};
+use starblk::size::parse_size;
+
+#[derive(Parser)]
+#[command(name = "starblk", version, about = "A replicated block device (StarFish + network-sync)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Replica server commands and online membership changes.
+    Replica {
+        #[command(subcommand)]
+        cmd: ReplicaCmd,
+    },
+    /// Volume commands.
+    Volume {
+        #[command(subcommand)]
+        cmd: VolumeCmd,
+    },
+    /// Serve the volume (fences older hosts first).
+    Up(UpArgs),
+    /// A standby HE takes the volume over (fences the old one).
+    Takeover(UpArgs),
+    /// Show volume and replica state.
+    Status {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        volume: Option<String>,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Flush, stop serving, remove the device.
+    Down {
+        #[arg(long)]
+        volume: Option<String>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Benchmark the engine in process.
+    Bench {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, value_enum)]
+        pattern: Pattern,
+        #[arg(long, value_parser = parse_size_arg)]
+        bs: u64,
+        #[arg(long)]
+        qd: usize,
+        #[arg(long)]
+        seconds: f64,
+        #[arg(long)]
+        verify: bool,
+        #[arg(long)]
+        json: bool,
+        /// Bytes of the volume to touch (default: min(size, 1GiB)).
+        #[arg(long, value_parser = parse_size_arg)]
+        span: Option<u64>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Availability of a replica layout (StarFish Eq. 1 / Eq. 2).
+    Plan {
+        #[arg(long)]
+        replicas: usize,
+        #[arg(long)]
+        quorum: usize,
+        #[arg(long)]
+        availability: String,
+        #[arg(long)]
+        he_availability: Option<String>,
+        #[arg(long)]
+        read_only: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReplicaCmd {
+    /// Create an empty replica directory.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, value_parser = parse_size_arg)]
+        size: u64,
+        #[arg(long, value_parser = parse_size_arg)]
+        log_size: Option<u64>,
+    },
+    /// Serve a replica directory on TCP (and UDP for network-sync).
+    Serve {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        listen: String,
+    },
+    /// Add a replica to a running volume.
+    Add {
+        #[arg(long)]
+        volume: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        addr: String,
+        #[arg(long)]
+        role: Option<String>,
+        #[arg(long)]
+        network_sync: bool,
+        #[arg(long)]
+        fec: Option<String>,
+    },
+    /// Remove a replica from a running volume.
+    Remove {
+        #[arg(long)]
+        volume: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Stamp volume UUID, size and epoch 1 on every replica.
+    Create {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Frontend {
+    Ublk,
+    None,
+}
+
+#[derive(clap::Args)]
+struct UpArgs {
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long, value_enum, default_value = "ublk")]
+    frontend: Frontend,
+    #[arg(long)]
+    foreground: bool,
+    /// Control socket path (default /run/starblk/NAME.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+/// A usage or configuration error: exit code 2.
+#[derive(Debug)]
+struct UsageError(String);
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for UsageError {}
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    UsageError(msg.into()).into()
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let verbose = matches!(cli.cmd, Cmd::Up(_) | Cmd::Takeover(_) | Cmd::Replica { cmd: ReplicaCmd::Serve { .. } });
+    init_tracing(if verbose { "info" } else { "warn" });
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("starblk: error: {e:#}");
+            ExitCode::from(if e.downcast_ref::<UsageError>().is_some() { 2 } else { 1 })
+        }
+    }
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STARBLK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn load_config(path: &Path) -> Result<Config> {
+    Config::load(path).map_err(|e| usage(e.to_string()))
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Replica { cmd } => replica_cmd(cmd),
+        Cmd::Volume { cmd: VolumeCmd::Create { config } } => {
+            let cfg = load_config(&config)?;
+            let uuid = startup::create_volume(&cfg)?;
+            println!("created volume {} ({}) on {} replicas", cfg.volume.name, starblk_replica::client::uuid_string(&uuid), cfg.replicas.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Up(args) | Cmd::Takeover(args) => up(args),
+        Cmd::Status { config, volume, socket, json } => status(socket_path(config, volume, socket)?, json),
+        Cmd::Down { volume, config, socket } => {
+            let path = socket_path(config, volume, socket)?;
+            control::call(&path, &ControlRequest::Down, Duration::from_secs(60))?;
+            wait_gone(&path, Duration::from_secs(60))?;
+            println!("volume down");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench { config, pattern, bs, qd, seconds, verify, json, span, seed } => {
+            bench(&config, pattern, bs, qd, seconds, verify, json, span, seed)
+        }
+        Cmd::Plan { replicas, quorum, availability, he_availability, read_only, json } => {
+            let a = starblk::plan::parse_availability("--availability", &availability).map_err(|e| usage(e.to_string()))?;
+            let he = he_availability
+                .map(|s| starblk::plan::parse_availability("--he-availability", &s))
+                .transpose()
+                .map_err(|e| usage(e.to_string()))?;
+            let r = starblk::plan::plan(replicas, quorum, a, he, read_only).map_err(|e| usage(e.to_string()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("{r}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn replica_cmd(cmd: ReplicaCmd) -> Result<ExitCode> {
+    match cmd {
+        ReplicaCmd::Init { dir, size, log_size } => {
+            let log = log_size.unwrap_or(starblk_replica::store::DEFAULT_LOG_BYTES);
+            starblk_replica::store::init(&dir, size, log).map_err(|e| usage(e.to_string()))?;
+            println!("initialised replica in {} ({} bytes, log {} bytes)", dir.display(), size, log);
+            Ok(ExitCode::SUCCESS)
+        }
+        ReplicaCmd::Serve { dir, listen } => {
+            let h = starblk_replica::server::spawn(&dir, &listen)
+                .with_context(|| format!("serving replica {} on {listen}", dir.display()))?;
+            println!("listening on {}", h.addr);
+            h.wait();
+            Ok(ExitCode::SUCCESS)
+        }
+        ReplicaCmd::Add { volume, name, addr, .. } => {
+            let path = default_socket(&volume);
+            control::call(&path, &ControlRequest::ReplicaAdd { name, addr }, Duration::from_secs(30))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        ReplicaCmd::Remove { volume, name, force } => {
+            let path = default_socket(&volume);
+            control::call(&path, &ControlRequest::ReplicaRemove { name, force }, Duration::from_secs(30))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn default_socket(volume: &str) -> PathBuf {
+    Path::new(starblk::config::SOCKET_DIR).join(format!("{volume}.sock"))
+}
+
+fn socket_path(config: Option<PathBuf>, volume: Option<String>, socket: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(s) = socket {
+        return Ok(s);
+    }
+    if let Some(c) = config {
+        return Ok(load_config(&c)?.socket_path());
+    }
+    match volume {
+        Some(v) => Ok(default_socket(&v)),
+        None => Err(usage("name the volume: give --volume NAME, --config FILE or --socket PATH")),
+    }
+}
+
+fn status(path: PathBuf, json: bool) -> Result<ExitCode> {
+    let v = control::call(&path, &ControlRequest::Status, Duration::from_secs(10))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v["status"])?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let st: starblk::engine::status::VolumeStatus = serde_json::from_value(v["status"].clone())?;
+    print!("{st}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn wait_gone(path: &Path, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while path.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if path.exists() {
+        bail!("daemon did not exit within {timeout:?} ({} still exists)", path.display());
+    }
+    Ok(())
+}
+
+/// Completer for a volume with no frontend attached.
+struct NoFrontend;
+impl Completer for NoFrontend {
+    fn complete(&self, _token: u64, _result: IoResult<'_>) {}
+}
+
+fn up(args: UpArgs) -> Result<ExitCode> {
+    let mut cfg = load_config(&args.config)?;
+    if let Some(s) = &args.socket {
+        cfg.volume.control_socket = Some(s.clone());
+    }
+    if args.frontend == Frontend::Ublk {
+        bail!("the ublk frontend is not built into this binary yet; use --frontend none");
+    }
+    if !args.foreground {
+        return daemonize(&cfg, &args);
+    }
+    let fenced = startup::fence(&cfg)?;
+    let vol = Volume::start(fenced.engine, fenced.replicas, Arc::new(NoFrontend));
+    if !vol.wait_quorum(Duration::from_secs(10)) {
+        tracing::warn!("quorum not reached within 10 s; I/O waits until it is");
+    }
+    let (down_tx, down_rx) = mpsc::channel();
+    let sock = cfg.socket_path();
+    control::serve(&sock, vol.clone(), down_tx).with_context(|| format!("control socket {}", sock.display()))?;
+    println!("volume {} up (frontend none), control socket {}", cfg.volume.name, sock.display());
+    let _ = down_rx.recv();
+    let caught_up = vol.shutdown(Duration::from_secs(30));
+    if !caught_up {
+        tracing::warn!("some connected replicas did not reach the last seq before shutdown");
+    }
+    let _ = std::fs::remove_file(&sock);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Re-runs `up` in the foreground as a detached child logging to a file,
+/// and returns once its control socket answers.
+fn daemonize(cfg: &Config, args: &UpArgs) -> Result<ExitCode> {
+    use std::os::unix::process::CommandExt;
+    let sock = cfg.socket_path();
+    let dir = sock.parent().unwrap_or(Path::new("/tmp")).to_path_buf();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let log_path = dir.join(format!("{}.log", cfg.volume.name));
+    let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let exe = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["up", "--foreground", "--frontend", "none", "--socket"]).arg(&sock).arg("--config").arg(&args.config);
+    cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
+    let mut child = cmd.spawn().context("starting the daemon")?;
+    std::fs::write(dir.join(format!("{}.pid", cfg.volume.name)), child.id().to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Some(st) = child.try_wait()? {
+            let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+            bail!("daemon exited ({st}) before it was ready; log {}:\n{tail}", log_path.display());
+        }
+        if control::call(&sock, &ControlRequest::Status, Duration::from_secs(2)).is_ok() {
+            println!("volume {} up (frontend none), pid {}, socket {}, log {}", cfg.volume.name, child.id(), sock.display(), log_path.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("daemon did not become ready within 60 s; see {}", log_path.display())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench(config: &Path, pattern: Pattern, bs: u64, qd: usize, seconds: f64, verify: bool, json: bool, span: Option<u64>, seed: u64) -> Result<ExitCode> {
+    let cfg = load_config(config)?;
+    let block = cfg.volume.block_size as u64;
+    if bs == 0 || bs % block != 0 || bs > starblk_replica::proto::MAX_IO_BYTES as u64 {
+        return Err(usage(format!("--bs {bs}: must be a multiple of the block size ({block}) up to 1MiB")));
+    }
+    if qd == 0 || qd > 4096 {
+        return Err(usage(format!("--qd {qd}: must be between 1 and 4096")));
+    }
+    if !(seconds > 0.0 && seconds <= 86400.0) {
+        return Err(usage(format!("--seconds {seconds}: must be between 0 and 86400")));
+    }
+    let span = span.unwrap_or(cfg.volume.size_bytes.min(1 << 30)).min(cfg.volume.size_bytes) / bs * bs;
+    if span < bs * qd as u64 {
+        return Err(usage(format!("--span {span}: must hold at least qd × bs bytes")));
+    }
+    let fenced = startup::fence(&cfg)?;
+    let (completer, rx) = BenchCompleter::new(qd, bs as u32);
+    let vol = Volume::start(fenced.engine, fenced.replicas, completer.clone());
+    if !vol.wait_quorum(Duration::from_secs(10)) {
+        bail!("quorum of {} up-to-date replicas not reached within 10 s", cfg.volume.quorum);
+    }
+    let opts = BenchOptions { pattern, bs: bs as u32, qd, seconds, verify, span_bytes: span, seed };
+    let report = Bench::new(&vol, completer, rx, opts).run();
+    vol.shutdown(Duration::from_secs(30));
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("{report}");
+    }
+    Ok(if report.verify_errors == 0 && report.io_errors == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

@@ -1,0 +1,99 @@
+//! The control socket of a running HE: one JSON request per line, one JSON
+//! reply per line. `status`, `down`, and (later) membership changes.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::Volume;
+
+/// A request on the control socket.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum ControlRequest {
+    /// Volume and replica status.
+    Status,
+    /// Flush, stop serving, exit.
+    Down,
+    /// Add a replica (not yet supported).
+    ReplicaAdd { name: String, addr: String },
+    /// Remove a replica (not yet supported).
+    ReplicaRemove { name: String, force: bool },
+}
+
+/// Why a control call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Could not reach the daemon.
+    #[error("cannot reach the starblk daemon at {path}: {source} (is `starblk up` running for this volume?)")]
+    Connect { path: PathBuf, source: std::io::Error },
+    /// The conversation failed.
+    #[error("control socket {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    /// The daemon answered with an error.
+    #[error("daemon refused: {0}")]
+    Refused(String),
+}
+
+/// Serves the control socket until a `down` request arrives; sends on
+/// `down_tx` when it does. Replaces a stale socket file.
+pub fn serve(path: &Path, volume: Volume, down_tx: mpsc::Sender<()>) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is in use: another starblk daemon serves this volume", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::thread::Builder::new().name("control".into()).spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let _ = handle(conn, &volume, &down_tx);
+        }
+    })?;
+    Ok(())
+}
+
+fn handle(conn: UnixStream, volume: &Volume, down_tx: &mpsc::Sender<()>) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = String::new();
+    std::io::Read::take(BufReader::new(&conn), 64 * 1024).read_line(&mut line)?;
+    let reply = match serde_json::from_str::<ControlRequest>(&line) {
+        Ok(ControlRequest::Status) => serde_json::json!({"ok": true, "status": volume.status()}),
+        Ok(ControlRequest::Down) => {
+            let _ = down_tx.send(());
+            serde_json::json!({"ok": true})
+        }
+        Ok(ControlRequest::ReplicaAdd { .. } | ControlRequest::ReplicaRemove { .. }) => {
+            serde_json::json!({"ok": false, "error": "online membership changes are not implemented in this build"})
+        }
+        Err(e) => serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
+    };
+    let mut w = &conn;
+    writeln!(w, "{reply}")
+}
+
+/// Sends one request and returns the reply's JSON (with `ok` checked).
+pub fn call(path: &Path, req: &ControlRequest, timeout: Duration) -> Result<serde_json::Value, ControlError> {
+    let io = |source| ControlError::Io { path: path.to_path_buf(), source };
+    let conn = UnixStream::connect(path).map_err(|source| ControlError::Connect { path: path.to_path_buf(), source })?;
+    conn.set_read_timeout(Some(timeout)).map_err(io)?;
+    let mut w = &conn;
+    writeln!(w, "{}", serde_json::to_string(req).expect("request serialises")).map_err(io)?;
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line).map_err(io)?;
+    let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| io(e.into()))?;
+    if v["ok"].as_bool() != Some(true) {
+        return Err(ControlError::Refused(v["error"].as_str().unwrap_or("unknown error").to_string()));
+    }
+    Ok(v)
+}

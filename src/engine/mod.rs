@@ -1,0 +1,501 @@
+//! The host element (HE) engine: sequencer, write queue, quorum tracking,
+//! read routing and replica links.
+//!
+//! Frontends (ublk, `bench`, tests) call [`Volume::submit`] with a token and
+//! are told the outcome through their [`Completer`]. Submission never waits
+//! on the network; it waits only when the write queue is full
+//! (backpressure, DESIGN.md §7).
+//!
+//! Every write gets the next global seq and is appended to the bounded
+//! write queue. One sender thread per replica streams the queue in seq
+//! order; one receiver thread per replica reads cumulative durable acks.
+//! A write completes once Q up-to-date replicas report it durable (§1a).
+
+pub mod blocking;
+mod link;
+pub mod startup;
+pub mod status;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use starblk_replica::proto::{Uuid, WriteOp, MAX_IO_BYTES};
+
+use crate::config::OnQuorumLoss;
+pub use link::{LinkState, ReplicaSpec};
+
+/// Region granularity of the read-freshness table.
+const REGION_SHIFT: u32 = 20;
+/// Spare write buffers kept for reuse.
+const POOL_MAX: usize = 1024;
+
+/// I/O failures reported to the frontend.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IoError {
+    /// Offset or length outside the volume, misaligned, or too large.
+    #[error("range offset {offset} len {len} is outside the volume or not block aligned")]
+    OutOfRange { offset: u64, len: u64 },
+    /// Quorum lost and `on_quorum_loss = "read-only"`: writes are refused.
+    #[error("quorum lost: volume is read-only")]
+    ReadOnly,
+    /// Every eligible replica failed the read.
+    #[error("read at offset {offset} failed on every replica ({tried} tried)")]
+    ReadFailed { offset: u64, tried: u32 },
+    /// The volume is shutting down.
+    #[error("volume is shutting down")]
+    ShuttingDown,
+}
+
+impl IoError {
+    /// The negative errno the kernel should see.
+    pub fn to_errno(&self) -> i32 {
+        match self {
+            IoError::OutOfRange { .. } => -libc::EINVAL,
+            IoError::ReadOnly => -libc::EROFS,
+            IoError::ReadFailed { .. } => -libc::EIO,
+            IoError::ShuttingDown => -libc::ESHUTDOWN,
+        }
+    }
+}
+
+/// Outcome of one request: reads carry their data, borrowed for the call.
+pub type IoResult<'a> = Result<Option<&'a [u8]>, IoError>;
+
+/// Receives completions. Called from engine threads, possibly under the
+/// engine lock: implementations must be quick and must not call back into
+/// the volume.
+pub trait Completer: Send + Sync + 'static {
+    /// Request `token` finished.
+    fn complete(&self, token: u64, result: IoResult<'_>);
+}
+
+/// One block request.
+#[derive(Debug, Clone, Copy)]
+pub enum Request<'a> {
+    /// Read `len` bytes at `offset`.
+    Read { offset: u64, len: u32 },
+    /// Write `data` at `offset`; `fua` asks for durability before completion.
+    Write { offset: u64, data: &'a [u8], fua: bool },
+    /// Complete once every earlier write is durable on Q replicas.
+    Flush,
+    /// Deallocate a range.
+    Discard { offset: u64, len: u32 },
+    /// Zero a range.
+    WriteZeroes { offset: u64, len: u32 },
+}
+
+/// Engine settings derived from the config.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Volume name (for logs).
+    pub name: String,
+    /// Volume UUID learnt from the replicas.
+    pub volume: Uuid,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Logical block size.
+    pub block_size: u32,
+    /// Durable acks required.
+    pub quorum: usize,
+    /// Write-queue capacity.
+    pub write_queue_bytes: u64,
+    /// Behaviour with fewer than Q up-to-date replicas.
+    pub on_quorum_loss: OnQuorumLoss,
+    /// Epoch this HE writes with.
+    pub epoch: u64,
+    /// First seq this HE assigns minus one (the branch point).
+    pub start_seq: u64,
+}
+
+/// A write held in the write queue.
+struct Entry {
+    seq: u64,
+    offset: u64,
+    len: u32,
+    op: WriteOp,
+    data: Arc<Vec<u8>>,
+    /// Frontend token until the write completes.
+    token: Option<u64>,
+}
+
+impl Entry {
+    fn bytes(&self) -> u64 {
+        self.data.len() as u64 + 64
+    }
+}
+
+/// A read waiting for, or sent to, a replica.
+#[derive(Debug, Clone, Copy)]
+struct PendingRead {
+    token: u64,
+    offset: u64,
+    len: u32,
+    /// Bitmask of replicas already tried.
+    tried: u64,
+    /// Seq the serving replica must have durable.
+    need_seq: u64,
+}
+
+/// State behind the engine lock.
+struct Core {
+    next_seq: u64,
+    queue: VecDeque<Entry>,
+    queue_bytes: u64,
+    /// Every write <= this is durable on Q replicas and completed.
+    completed_seq: u64,
+    region_seq: Vec<u64>,
+    flush_waiters: VecDeque<(u64, u64)>,
+    deferred_reads: Vec<PendingRead>,
+    pool: Vec<Arc<Vec<u8>>>,
+    links: Vec<link::LinkCore>,
+    accepting: bool,
+    quorum_lost_since: Option<Instant>,
+}
+
+/// State shared by the frontend, link threads and the control socket.
+pub(crate) struct Shared {
+    cfg: EngineConfig,
+    core: Mutex<Core>,
+    /// Signalled when queue space frees or the quorum changes.
+    space: Condvar,
+    completer: Arc<dyn Completer>,
+    links: Vec<Arc<link::Link>>,
+    started: Instant,
+    stopping: AtomicBool,
+}
+
+/// A running volume.
+#[derive(Clone)]
+pub struct Volume {
+    shared: Arc<Shared>,
+}
+
+impl Volume {
+    /// Starts links to every replica and returns at once; links connect in
+    /// the background. Use [`Volume::wait_connected`] to wait for them.
+    pub fn start(cfg: EngineConfig, replicas: Vec<ReplicaSpec>, completer: Arc<dyn Completer>) -> Volume {
+        debug_assert!(cfg.quorum >= 1 && cfg.quorum <= replicas.len());
+        let regions = (cfg.size_bytes >> REGION_SHIFT) as usize + 1;
+        let core = Core {
+            next_seq: cfg.start_seq + 1,
+            queue: VecDeque::new(),
+            queue_bytes: 0,
+            completed_seq: cfg.start_seq,
+            region_seq: vec![0; regions],
+            flush_waiters: VecDeque::new(),
+            deferred_reads: Vec::new(),
+            pool: Vec::new(),
+            links: replicas.iter().map(|r| link::LinkCore::new(r.initial_durable_seq)).collect(),
+            accepting: true,
+            quorum_lost_since: Some(Instant::now()),
+        };
+        let links = replicas.into_iter().enumerate().map(|(i, spec)| Arc::new(link::Link::new(i, spec))).collect();
+        let shared = Arc::new(Shared {
+            cfg,
+            core: Mutex::new(core),
+            space: Condvar::new(),
+            completer,
+            links,
+            started: Instant::now(),
+            stopping: AtomicBool::new(false),
+        });
+        for l in &shared.links {
+            link::spawn_manager(shared.clone(), l.clone());
+        }
+        Volume { shared }
+    }
+
+    /// Waits until Q replicas are up to date, or `timeout` passes.
+    pub fn wait_quorum(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.shared.lock();
+        loop {
+            if g.up_to_date() >= self.shared.cfg.quorum {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g = self.shared.space.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// Volume settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.shared.cfg
+    }
+
+    /// Starts one request. Completion arrives through the completer, maybe
+    /// before this returns. Blocks only for write-queue backpressure.
+    pub fn submit(&self, token: u64, req: Request<'_>) {
+        let s = &self.shared;
+        if let Err(e) = s.validate(&req) {
+            s.completer.complete(token, Err(e));
+            return;
+        }
+        match req {
+            Request::Read { offset, len } => s.read(token, offset, len),
+            Request::Write { offset, data, .. } => s.write(token, offset, data.len() as u32, WriteOp::Data, data),
+            Request::Discard { offset, len } => s.write(token, offset, len, WriteOp::Discard, &[]),
+            Request::WriteZeroes { offset, len } => s.write(token, offset, len, WriteOp::WriteZeroes, &[]),
+            Request::Flush => s.flush(token),
+        }
+    }
+
+    /// A snapshot for `status`.
+    pub fn status(&self) -> status::VolumeStatus {
+        status::snapshot(&self.shared)
+    }
+
+    /// Stops taking writes, waits (up to `timeout`) until every connected
+    /// replica has every write durable, then closes the links. Returns
+    /// whether every connected replica caught up.
+    pub fn shutdown(&self, timeout: Duration) -> bool {
+        let s = &self.shared;
+        let deadline = Instant::now() + timeout;
+        let mut g = s.lock();
+        g.accepting = false;
+        let last = g.next_seq - 1;
+        let caught_up = loop {
+            let done = g.links.iter().all(|l| !l.state.is_connected() || l.durable_seq >= last);
+            if done && g.completed_seq >= last {
+                break true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break false;
+            }
+            g = s.space.wait_timeout(g, (deadline - now).min(Duration::from_millis(50))).unwrap_or_else(|e| e.into_inner()).0;
+        };
+        drop(g);
+        s.stopping.store(true, Ordering::Release);
+        for l in &s.links {
+            l.cut("volume shutting down");
+        }
+        caught_up
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn validate(&self, req: &Request<'_>) -> Result<(), IoError> {
+        let (offset, len) = match *req {
+            Request::Read { offset, len } => (offset, len as u64),
+            Request::Write { offset, data, .. } => (offset, data.len() as u64),
+            Request::Discard { offset, len } | Request::WriteZeroes { offset, len } => (offset, len as u64),
+            Request::Flush => return Ok(()),
+        };
+        let bs = self.cfg.block_size as u64;
+        let ok = len > 0
+            && len <= MAX_IO_BYTES as u64
+            && offset % bs == 0
+            && len % bs == 0
+            && offset.checked_add(len).is_some_and(|e| e <= self.cfg.size_bytes);
+        if ok {
+            Ok(())
+        } else {
+            Err(IoError::OutOfRange { offset, len })
+        }
+    }
+
+    /// Sequences a write into the queue, waiting for space if it is full.
+    fn write(&self, token: u64, offset: u64, len: u32, op: WriteOp, data: &[u8]) {
+        let need = data.len() as u64 + 64;
+        let mut g = self.lock();
+        loop {
+            if !g.accepting {
+                drop(g);
+                return self.completer.complete(token, Err(IoError::ShuttingDown));
+            }
+            if g.quorum_lost_since.is_some() && self.cfg.on_quorum_loss == OnQuorumLoss::ReadOnly && self.past_grace(&g) {
+                drop(g);
+                return self.completer.complete(token, Err(IoError::ReadOnly));
+            }
+            self.evict(&mut g, need);
+            if g.queue_bytes + need <= self.cfg.write_queue_bytes || g.queue.is_empty() {
+                break;
+            }
+            g = self.space.wait_timeout(g, Duration::from_millis(100)).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        let seq = g.next_seq;
+        g.next_seq += 1;
+        let mut buf = g.pool.pop().unwrap_or_default();
+        let b = Arc::get_mut(&mut buf).expect("pooled buffers are unique");
+        b.clear();
+        b.extend_from_slice(data);
+        g.queue_bytes += need;
+        g.queue.push_back(Entry { seq, offset, len, op, data: buf, token: Some(token) });
+        let (first, last) = ((offset >> REGION_SHIFT) as usize, ((offset + len as u64 - 1) >> REGION_SHIFT) as usize);
+        for r in &mut g.region_seq[first..=last] {
+            *r = seq;
+        }
+        drop(g);
+        for l in &self.links {
+            l.wake();
+        }
+    }
+
+    /// A read-only volume refuses writes only after a short grace period, so
+    /// a replica restart that is quickly repaired does not fail writes.
+    fn past_grace(&self, g: &Core) -> bool {
+        g.quorum_lost_since.is_some_and(|t| t.elapsed() >= Duration::from_millis(500))
+    }
+
+    /// Drops completed entries from the front until `need` more bytes fit.
+    /// A link that still needs an evicted entry falls out of the window.
+    fn evict(&self, g: &mut Core, need: u64) {
+        while g.queue_bytes + need > self.cfg.write_queue_bytes {
+            let Some(front) = g.queue.front() else { break };
+            if front.seq > g.completed_seq {
+                break;
+            }
+            let seq = front.seq;
+            let e = g.queue.pop_front().expect("front exists");
+            g.queue_bytes -= e.bytes();
+            let mut data = e.data;
+            if Arc::get_mut(&mut data).is_some() && g.pool.len() < POOL_MAX {
+                g.pool.push(data);
+            }
+            for (i, l) in g.links.iter_mut().enumerate() {
+                if l.state.is_connected() && l.next_send_seq <= seq {
+                    l.set_state(LinkState::Lagging, format!("fell out of the write queue at seq {seq}"));
+                    self.links[i].cut("fell out of the write-queue window");
+                }
+            }
+        }
+    }
+
+    fn flush(&self, token: u64) {
+        let mut g = self.lock();
+        let target = g.next_seq - 1;
+        if g.completed_seq >= target {
+            drop(g);
+            return self.completer.complete(token, Ok(None));
+        }
+        g.flush_waiters.push_back((target, token));
+    }
+
+    fn read(&self, token: u64, offset: u64, len: u32) {
+        let mut g = self.lock();
+        let (first, last) = ((offset >> REGION_SHIFT) as usize, ((offset + len as u64 - 1) >> REGION_SHIFT) as usize);
+        let need_seq = g.region_seq[first..=last].iter().copied().max().unwrap_or(0);
+        let r = PendingRead { token, offset, len, tried: 0, need_seq };
+        self.route_read(&mut g, r);
+    }
+
+    /// Sends a read to the lowest-RTT up-to-date replica that has every
+    /// write to its range; defers it if none has yet; fails it if every
+    /// eligible replica was tried.
+    fn route_read(&self, g: &mut Core, r: PendingRead) {
+        let mut best: Option<(usize, u64)> = None;
+        let mut any_candidate = false;
+        for (i, l) in g.links.iter().enumerate() {
+            if l.state != LinkState::UpToDate || r.tried & (1 << i) != 0 {
+                continue;
+            }
+            any_candidate = true;
+            if l.durable_seq >= r.need_seq && best.is_none_or(|(_, rtt)| l.srtt_us < rtt) {
+                best = Some((i, l.srtt_us));
+            }
+        }
+        match best {
+            Some((i, _)) => self.links[i].send_read(r),
+            None if any_candidate || (r.tried == 0 && self.cfg.on_quorum_loss == OnQuorumLoss::Suspend) => {
+                g.deferred_reads.push(r)
+            }
+            None => {
+                let tried = r.tried.count_ones();
+                self.completer.complete(r.token, Err(IoError::ReadFailed { offset: r.offset, tried }));
+            }
+        }
+    }
+
+    /// Called by receivers with a replica's cumulative durable seq.
+    fn on_durable(&self, idx: usize, seq: u64) {
+        let mut g = self.lock();
+        let l = &mut g.links[idx];
+        if seq <= l.durable_seq && l.state != LinkState::Recovering {
+            return;
+        }
+        l.durable_seq = l.durable_seq.max(seq);
+        self.advance(&mut g);
+    }
+
+    /// Re-evaluates link states, the quorum seq, completions, flushes and
+    /// deferred reads. Called after any ack or state change.
+    fn advance(&self, g: &mut Core) {
+        let completed = g.completed_seq;
+        for l in g.links.iter_mut() {
+            if l.state == LinkState::Recovering && l.durable_seq >= completed {
+                l.set_state(LinkState::UpToDate, String::new());
+            }
+        }
+        self.update_quorum_flag(g);
+        let mut durable: Vec<u64> =
+            g.links.iter().filter(|l| l.state == LinkState::UpToDate).map(|l| l.durable_seq).collect();
+        let q = self.cfg.quorum;
+        if durable.len() >= q {
+            durable.sort_unstable_by(|a, b| b.cmp(a));
+            let quorum_seq = durable[q - 1].min(g.next_seq - 1);
+            if quorum_seq > g.completed_seq {
+                self.complete_through(g, quorum_seq);
+            }
+        }
+        self.retry_deferred(g);
+        self.space.notify_all();
+    }
+
+    fn update_quorum_flag(&self, g: &mut Core) {
+        let up = g.up_to_date();
+        match (up >= self.cfg.quorum, g.quorum_lost_since) {
+            (true, Some(_)) => {
+                g.quorum_lost_since = None;
+                tracing::info!(volume = %self.cfg.name, up, "quorum available");
+            }
+            (false, None) => {
+                g.quorum_lost_since = Some(Instant::now());
+                tracing::warn!(volume = %self.cfg.name, up, quorum = self.cfg.quorum, mode = %self.cfg.on_quorum_loss, "quorum lost");
+            }
+            _ => {}
+        }
+    }
+
+    fn complete_through(&self, g: &mut Core, seq: u64) {
+        let first = g.queue.front().map(|e| e.seq).unwrap_or(g.next_seq);
+        debug_assert!(g.completed_seq + 1 >= first, "completed entries were evicted early");
+        let start = (g.completed_seq + 1).saturating_sub(first) as usize;
+        let end = (seq + 1 - first) as usize;
+        for e in g.queue.range_mut(start..end.min(g.queue.len())) {
+            if let Some(t) = e.token.take() {
+                self.completer.complete(t, Ok(None));
+            }
+        }
+        g.completed_seq = seq;
+        while g.flush_waiters.front().is_some_and(|(s, _)| *s <= seq) {
+            let (_, t) = g.flush_waiters.pop_front().expect("front exists");
+            self.completer.complete(t, Ok(None));
+        }
+    }
+
+    fn retry_deferred(&self, g: &mut Core) {
+        if g.deferred_reads.is_empty() {
+            return;
+        }
+        let reads = std::mem::take(&mut g.deferred_reads);
+        for r in reads {
+            self.route_read(g, r);
+        }
+    }
+}
+
+impl Core {
+    fn up_to_date(&self) -> usize {
+        self.links.iter().filter(|l| l.state == LinkState::UpToDate).count()
+    }
+}

@@ -1,0 +1,197 @@
+//! Startup: learn the volume from its replicas and fence older HEs.
+//!
+//! `up` and `takeover` raise the epoch on a majority of replicas before
+//! writing (DESIGN.md §8). From then on those replicas refuse frames from
+//! any older epoch. The new history starts at the highest durable seq
+//! among the fenced majority: that is the branch point.
+
+use std::thread;
+use std::time::Duration;
+
+use starblk_replica::client::{self, ClientError};
+use starblk_replica::proto::{self, FrameType, HelloOk, Stamp, Uuid};
+use starblk_replica::superblock::Member;
+
+use super::{EngineConfig, ReplicaSpec};
+use crate::config::Config;
+
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why a volume could not be started or created.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// Too few replicas answered to form a majority.
+    #[error("only {reachable} of {total} replicas are reachable; a majority ({need}) is needed to fence older hosts. Unreachable: {detail}")]
+    NoMajority { reachable: usize, total: usize, need: usize, detail: String },
+    /// A replica has no volume identity yet.
+    #[error("replica {name} ({addr}) is not part of a volume yet; run `starblk volume create --config FILE` first")]
+    Unstamped { name: String, addr: String },
+    /// Replicas disagree on the volume identity.
+    #[error("replica {name} ({addr}) belongs to volume {found}, but the others hold {expected}")]
+    VolumeMismatch { name: String, addr: String, found: String, expected: String },
+    /// The replica's geometry disagrees with the config.
+    #[error("replica {name} ({addr}) holds a {found_size}-byte volume with {found_bs}-byte blocks; the config says {size} bytes with {bs}-byte blocks")]
+    Geometry { name: String, addr: String, found_size: u64, found_bs: u32, size: u64, bs: u32 },
+    /// `volume create` found a replica that already belongs to a volume.
+    #[error("replica {name} ({addr}) already belongs to volume {volume}; refusing to re-create it")]
+    AlreadyStamped { name: String, addr: String, volume: String },
+    /// A replica call failed.
+    #[error("replica {name}: {source}")]
+    Replica { name: String, source: ClientError },
+}
+
+/// The outcome of fencing.
+#[derive(Debug, Clone)]
+pub struct Fenced {
+    /// Engine settings, with epoch and branch point.
+    pub engine: EngineConfig,
+    /// Every configured replica with its durable seq (0 if unreachable).
+    pub replicas: Vec<ReplicaSpec>,
+}
+
+fn probe_all(cfg: &Config) -> Vec<Result<HelloOk, ClientError>> {
+    thread::scope(|s| {
+        let hs: Vec<_> = cfg
+            .replicas
+            .iter()
+            .map(|r| s.spawn(move || client::probe(&r.addr, PROBE_TIMEOUT).map(|sess| sess.hello)))
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("probe thread panicked")).collect()
+    })
+}
+
+/// Probes every replica, raises the epoch on a majority, and returns the
+/// settings the engine starts from.
+pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
+    let n = cfg.replicas.len();
+    let need = n / 2 + 1;
+    let probes = probe_all(cfg);
+    let volume = agree_on_volume(cfg, &probes)?;
+    let reachable = count_majority(cfg, &probes, need)?;
+    let epoch = probes.iter().flatten().map(|h| h.epoch).max().unwrap_or(0) + 1;
+    let durables: Vec<Option<u64>> = thread::scope(|s| {
+        let hs: Vec<_> = cfg
+            .replicas
+            .iter()
+            .zip(&probes)
+            .map(|(r, p)| s.spawn(move || p.as_ref().ok().and_then(|_| raise_epoch(&r.addr, epoch).ok())))
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("fence thread panicked")).collect()
+    });
+    let fenced = durables.iter().flatten().count();
+    if fenced < need {
+        return Err(StartupError::NoMajority { reachable, total: n, need, detail: "epoch could not be raised on a majority".into() });
+    }
+    let start_seq = durables.iter().flatten().copied().max().unwrap_or(0);
+    tracing::info!(volume = %cfg.volume.name, epoch, start_seq, fenced, "fenced older hosts; branch point recorded");
+    let engine = EngineConfig {
+        name: cfg.volume.name.clone(),
+        volume,
+        size_bytes: cfg.volume.size_bytes,
+        block_size: cfg.volume.block_size,
+        quorum: cfg.volume.quorum,
+        write_queue_bytes: cfg.volume.write_queue_bytes,
+        on_quorum_loss: cfg.volume.on_quorum_loss,
+        epoch,
+        start_seq,
+    };
+    let replicas = cfg
+        .replicas
+        .iter()
+        .zip(&durables)
+        .map(|(r, d)| ReplicaSpec { name: r.name.clone(), addr: r.addr.clone(), role: r.role, initial_durable_seq: d.unwrap_or(0) })
+        .collect();
+    Ok(Fenced { engine, replicas })
+}
+
+/// Raises the epoch on one replica and returns its durable seq.
+fn raise_epoch(addr: &str, epoch: u64) -> Result<u64, ClientError> {
+    let mut s = client::probe(addr, PROBE_TIMEOUT)?;
+    s.set_epoch(epoch)?;
+    let p = s.call(FrameType::Heartbeat, &[&proto::encode_u64(0)], FrameType::HeartbeatReply)?;
+    let (_, durable) = proto::decode_u64_pair(FrameType::HeartbeatReply, &p)
+        .map_err(|source| ClientError::Protocol { addr: addr.to_string(), source })?;
+    Ok(durable)
+}
+
+fn count_majority(cfg: &Config, probes: &[Result<HelloOk, ClientError>], need: usize) -> Result<usize, StartupError> {
+    let reachable = probes.iter().filter(|p| p.is_ok()).count();
+    if reachable >= need {
+        return Ok(reachable);
+    }
+    let detail = cfg
+        .replicas
+        .iter()
+        .zip(probes)
+        .filter_map(|(r, p)| p.as_ref().err().map(|e| format!("{}: {e}", r.name)))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Err(StartupError::NoMajority { reachable, total: cfg.replicas.len(), need, detail })
+}
+
+fn agree_on_volume(cfg: &Config, probes: &[Result<HelloOk, ClientError>]) -> Result<Uuid, StartupError> {
+    let mut volume: Option<(Uuid, usize)> = None;
+    for (i, (r, p)) in cfg.replicas.iter().zip(probes).enumerate() {
+        let Ok(h) = p else { continue };
+        if h.volume == [0; 16] {
+            return Err(StartupError::Unstamped { name: r.name.clone(), addr: r.addr.clone() });
+        }
+        if h.size_bytes != cfg.volume.size_bytes || h.block_size != cfg.volume.block_size {
+            return Err(StartupError::Geometry {
+                name: r.name.clone(),
+                addr: r.addr.clone(),
+                found_size: h.size_bytes,
+                found_bs: h.block_size,
+                size: cfg.volume.size_bytes,
+                bs: cfg.volume.block_size,
+            });
+        }
+        match volume {
+            None => volume = Some((h.volume, i)),
+            Some((v, _)) if v != h.volume => {
+                return Err(StartupError::VolumeMismatch {
+                    name: r.name.clone(),
+                    addr: r.addr.clone(),
+                    found: client::uuid_string(&h.volume),
+                    expected: client::uuid_string(&v),
+                })
+            }
+            _ => {}
+        }
+    }
+    Ok(volume.map(|(v, _)| v).unwrap_or([0; 16]))
+}
+
+/// `volume create`: stamps a new UUID, the geometry, epoch 1 and the
+/// replica set on every replica. Every replica must be reachable and empty.
+pub fn create_volume(cfg: &Config) -> Result<Uuid, StartupError> {
+    let probes = probe_all(cfg);
+    for (r, p) in cfg.replicas.iter().zip(&probes) {
+        let h = p.as_ref().map_err(|e| StartupError::Replica { name: r.name.clone(), source: clone_err(e) })?;
+        if h.volume != [0; 16] {
+            let volume = client::uuid_string(&h.volume);
+            return Err(StartupError::AlreadyStamped { name: r.name.clone(), addr: r.addr.clone(), volume });
+        }
+    }
+    let volume: Uuid = rand::random();
+    let members: Vec<Member> = cfg
+        .replicas
+        .iter()
+        .map(|r| Member { name: r.name.clone(), addr: r.addr.clone(), role: r.role.to_string(), network_sync: r.network_sync })
+        .collect();
+    let st = Stamp {
+        volume,
+        size_bytes: cfg.volume.size_bytes,
+        block_size: cfg.volume.block_size,
+        epoch: 1,
+        members_json: serde_json::to_vec(&members).expect("members serialise"),
+    };
+    for r in &cfg.replicas {
+        client::stamp(&r.addr, &st, PROBE_TIMEOUT).map_err(|source| StartupError::Replica { name: r.name.clone(), source })?;
+    }
+    Ok(volume)
+}
+
+fn clone_err(e: &ClientError) -> ClientError {
+    ClientError::Io { addr: String::new(), source: std::io::Error::other(e.to_string()) }
+}

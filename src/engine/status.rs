@@ -1,0 +1,144 @@
+//! `status`: a snapshot of the volume and its replicas, for humans and JSON.
+
+use std::fmt;
+use std::sync::atomic::Ordering;
+
+use serde::Serialize;
+use starblk_replica::client::uuid_string;
+
+use super::{LinkState, Shared};
+
+/// One replica's row.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ReplicaStatus {
+    /// Replica name.
+    pub name: String,
+    /// local | near | far.
+    pub role: String,
+    /// HOST:PORT.
+    pub addr: String,
+    /// Lifecycle state.
+    pub state: LinkState,
+    /// Why it is in that state.
+    pub reason: String,
+    /// Highest durable seq it reported.
+    pub durable_seq: u64,
+    /// Writes it is missing.
+    pub lag_writes: u64,
+    /// Bytes of data it is missing (of those still in the write queue).
+    pub lag_bytes: u64,
+    /// Smoothed heartbeat RTT in µs.
+    pub rtt_us: u64,
+    /// Network-sync mode of the link ("off" for TCP links).
+    pub network_sync: String,
+    /// Recovery progress in [0, 1] while recovering.
+    pub recovery_progress: Option<f64>,
+    /// Writes sent on this link since start.
+    pub writes_sent: u64,
+    /// Sessions opened since start.
+    pub sessions: u64,
+}
+
+/// The whole volume.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct VolumeStatus {
+    /// Volume name.
+    pub name: String,
+    /// Volume UUID.
+    pub uuid: String,
+    /// Epoch of this HE.
+    pub epoch: u64,
+    /// Branch point: the seq this HE's history started from.
+    pub start_seq: u64,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Block size.
+    pub block_size: u32,
+    /// Q.
+    pub quorum: usize,
+    /// Last seq assigned.
+    pub last_seq: u64,
+    /// Every write <= this is durable on Q replicas.
+    pub completed_seq: u64,
+    /// Write-queue bytes in use.
+    pub write_queue_bytes: u64,
+    /// Write-queue capacity.
+    pub write_queue_max_bytes: u64,
+    /// Whether Q up-to-date replicas are available.
+    pub quorum_ok: bool,
+    /// Behaviour on quorum loss.
+    pub on_quorum_loss: String,
+    /// Replicas.
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+pub(crate) fn snapshot(s: &Shared) -> VolumeStatus {
+    let g = s.lock();
+    let last = g.next_seq - 1;
+    let replicas = s
+        .links
+        .iter()
+        .zip(&g.links)
+        .map(|(l, c)| {
+            let lag_bytes: u64 = g.queue.iter().filter(|e| e.seq > c.durable_seq).map(|e| e.data.len() as u64).sum();
+            let progress = (c.state == LinkState::Recovering).then(|| {
+                let span = last.saturating_sub(s.cfg.start_seq).max(1);
+                (c.durable_seq.saturating_sub(s.cfg.start_seq)) as f64 / span as f64
+            });
+            ReplicaStatus {
+                name: l.spec.name.clone(),
+                role: l.spec.role.to_string(),
+                addr: l.spec.addr.clone(),
+                state: c.state,
+                reason: c.reason.clone(),
+                durable_seq: c.durable_seq,
+                lag_writes: last.saturating_sub(c.durable_seq),
+                lag_bytes,
+                rtt_us: c.srtt_us,
+                network_sync: "off".into(),
+                recovery_progress: progress,
+                writes_sent: l.counters.writes_sent.load(Ordering::Relaxed),
+                sessions: l.counters.reconnects.load(Ordering::Relaxed),
+            }
+        })
+        .collect();
+    VolumeStatus {
+        name: s.cfg.name.clone(),
+        uuid: uuid_string(&s.cfg.volume),
+        epoch: s.cfg.epoch,
+        start_seq: s.cfg.start_seq,
+        size_bytes: s.cfg.size_bytes,
+        block_size: s.cfg.block_size,
+        quorum: s.cfg.quorum,
+        last_seq: last,
+        completed_seq: g.completed_seq,
+        write_queue_bytes: g.queue_bytes,
+        write_queue_max_bytes: s.cfg.write_queue_bytes,
+        quorum_ok: g.quorum_lost_since.is_none(),
+        on_quorum_loss: s.cfg.on_quorum_loss.to_string(),
+        replicas,
+    }
+}
+
+impl fmt::Display for VolumeStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "volume {} ({})  epoch {}  size {} B  block {} B  Q={}", self.name, self.uuid, self.epoch, self.size_bytes, self.block_size, self.quorum)?;
+        let q = if self.quorum_ok { "ok".to_string() } else { format!("LOST ({})", self.on_quorum_loss) };
+        writeln!(f, "seq {} (completed {})  write queue {}/{} B  quorum {}", self.last_seq, self.completed_seq, self.write_queue_bytes, self.write_queue_max_bytes, q)?;
+        writeln!(f, "{:<10} {:<5} {:<22} {:<11} {:>10} {:>9} {:>11} {:>9} {:<8} {}", "NAME", "ROLE", "ADDR", "STATE", "DURABLE", "LAG", "LAG_BYTES", "RTT_US", "NETSYNC", "DETAIL")?;
+        for r in &self.replicas {
+            let detail = match r.recovery_progress {
+                Some(p) => format!("{} {}", progress_bar(p), r.reason),
+                None => r.reason.clone(),
+            };
+            writeln!(f, "{:<10} {:<5} {:<22} {:<11} {:>10} {:>9} {:>11} {:>9} {:<8} {}", r.name, r.role, r.addr, r.state.to_string(), r.durable_seq, r.lag_writes, r.lag_bytes, r.rtt_us, r.network_sync, detail)?;
+        }
+        Ok(())
+    }
+}
+
+/// A 20-cell text progress bar.
+pub fn progress_bar(p: f64) -> String {
+    let filled = (p.clamp(0.0, 1.0) * 20.0).round() as usize;
+    format!("[{}{}] {:>3.0}%", "#".repeat(filled), "-".repeat(20 - filled), p * 100.0)
+}
