@@ -463,7 +463,7 @@ fn size_value(src: &Source, value: &Spanned<toml::Value>, key: &str, block_size:
             return Err(src.invalid(value, key, &shown, e));
         }
     };
-    if bytes % u64::from(block_size) != 0 {
+    if !bytes.is_multiple_of(u64::from(block_size)) {
         let e = format!("must be a multiple of block_size ({block_size} bytes)");
         return Err(src.invalid(value, key, &shown, e));
     }

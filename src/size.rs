@@ -185,7 +185,7 @@ fn fraction_bytes(input: &str, fraction: &str, multiplier: u64) -> Result<u64, S
     let numerator = u128::from(parse_digits(fraction).ok_or_else(not_whole)?);
     let denominator = 10u128.pow(fraction.len() as u32);
     let scaled = numerator * u128::from(multiplier);
-    if scaled % denominator != 0 {
+    if !scaled.is_multiple_of(denominator) {
         return Err(not_whole());
     }
     // scaled / denominator < multiplier, so it fits in u64.
