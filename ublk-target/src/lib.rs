@@ -1,1 +1,47 @@
-//! The ublk frontend.
+//! The ublk frontend of starblk: serves a [`BlockBackend`] as `/dev/ublkbN`
+//! through the Linux ublk driver (libublk 0.4, io_uring), with user
+//! recovery so a restarted daemon reattaches to the same device.
+//!
+//! This crate knows nothing about the engine. The engine implements
+//! [`BlockBackend`] and calls [`serve`]:
+//!
+//! ```no_run
+//! use starblk_ublk::{serve, DeviceSpec, MemBackend, StartMode, UblkOptions};
+//! use std::sync::Arc;
+//!
+//! let spec = DeviceSpec {
+//!     volume: "vol0".into(),
+//!     size: 64 << 20,
+//!     options: UblkOptions::default(),
+//! };
+//! let backend = Arc::new(MemBackend::ram(spec.size, 2)?);
+//! let exit = serve(&spec, StartMode::Auto, backend, |live| {
+//!     println!("{}", live.block_device.display()); // /dev/ublkbN
+//!     // keep live.stop to end the device later (what `down` does)
+//! })?;
+//! # Ok::<(), starblk_ublk::Error>(())
+//! ```
+//!
+//! Threads: [`serve`] blocks the calling thread and runs one thread per
+//! queue. Each queue thread waits only in its io_uring; backends complete
+//! from any thread through [`Completion`], which wakes the request's task.
+
+mod backend;
+mod completion;
+mod device;
+mod error;
+mod mem;
+mod queue;
+mod record;
+mod request;
+
+pub use backend::BlockBackend;
+pub use completion::Completion;
+pub use device::{
+    delete_device, device_status, down, driver_features, pid_alive, serve, DeviceSpec, DeviceState, DeviceStatus,
+    LiveDevice, ServeExit, StartMode, StopHandle, UblkOptions,
+};
+pub use error::{Error, Result};
+pub use mem::MemBackend;
+pub use record::{read_record, record_path, remove_record, write_record, DeviceRecord};
+pub use request::BlockRequest;
