@@ -1,0 +1,155 @@
+//! Shared helpers for integration tests: real `starblk replica serve`
+//! processes on loopback ports, config files, and an in-process engine.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use starblk::config::Config;
+use starblk::engine::blocking::{BlockingVolume, Waiters};
+use starblk::engine::{startup, Volume};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_starblk");
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One replica process and its directory.
+pub struct Replica {
+    pub name: String,
+    pub dir: PathBuf,
+    pub addr: String,
+    pub child: Option<Child>,
+}
+
+impl Replica {
+    pub fn init(root: &Path, name: &str, size: &str) -> Replica {
+        let dir = root.join(name);
+        let out = Command::new(BIN)
+            .args(["replica", "init", "--dir"])
+            .arg(&dir)
+            .args(["--size", size, "--log-size", "32M"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "replica init failed: {}", String::from_utf8_lossy(&out.stderr));
+        let addr = format!("127.0.0.1:{}", free_port());
+        Replica { name: name.into(), dir, addr, child: None }
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none());
+        let log = std::fs::File::create(self.dir.with_extension("log")).unwrap();
+        let child = Command::new(BIN)
+            .args(["replica", "serve", "--dir"])
+            .arg(&self.dir)
+            .args(["--listen", &self.addr])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        wait_listening(&self.addr);
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn data(&self) -> Vec<u8> {
+        std::fs::read(self.dir.join("data")).unwrap()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn wait_listening(addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("replica at {addr} never started listening");
+}
+
+/// A cluster of real replica processes with a config file.
+pub struct Cluster {
+    pub root: tempfile::TempDir,
+    pub replicas: Vec<Replica>,
+    pub config: PathBuf,
+}
+
+impl Cluster {
+    pub fn new(n: usize, quorum: usize, size: &str, extra_volume: &str) -> Cluster {
+        let root = tempfile::Builder::new().prefix("starblk-it").tempdir_in(tmp_base()).unwrap();
+        let roles = ["local", "near", "far"];
+        let mut replicas: Vec<Replica> =
+            (0..n).map(|i| Replica::init(root.path(), &format!("r{i}"), size)).collect();
+        let mut toml = format!(
+            "[volume]\nname = \"it\"\nsize = \"{size}\"\nquorum = {quorum}\nwrite_queue = \"16MiB\"\ncontrol_socket = \"{}\"\n{extra_volume}\n",
+            root.path().join("it.sock").display()
+        );
+        for (i, r) in replicas.iter().enumerate() {
+            toml += &format!("\n[[replica]]\nname = \"{}\"\naddr = \"{}\"\nrole = \"{}\"\n", r.name, r.addr, roles[i % 3]);
+        }
+        let config = root.path().join("vol.toml");
+        std::fs::write(&config, toml).unwrap();
+        for r in &mut replicas {
+            r.start();
+        }
+        let out = Command::new(BIN).args(["volume", "create", "--config"]).arg(&config).output().unwrap();
+        assert!(out.status.success(), "volume create failed: {}", String::from_utf8_lossy(&out.stderr));
+        Cluster { root, replicas, config }
+    }
+
+    pub fn load(&self) -> Config {
+        Config::load(&self.config).unwrap()
+    }
+
+    /// Fences and starts an in-process engine; waits for quorum.
+    pub fn engine(&self) -> BlockingVolume {
+        let fenced = startup::fence(&self.load()).expect("fence");
+        let waiters = Arc::new(Waiters::default());
+        let volume = Volume::start(fenced.engine, fenced.replicas, waiters.clone());
+        assert!(volume.wait_quorum(Duration::from_secs(10)), "quorum not reached");
+        BlockingVolume { volume, waiters }
+    }
+}
+
+/// Where test data lives: /var/tmp unless TMPDIR says otherwise.
+pub fn tmp_base() -> PathBuf {
+    std::env::var_os("TMPDIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp"))
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// A block whose contents identify (offset, version).
+pub fn block(offset: u64, version: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    starblk::bench::stamp(&mut v, 4096, offset, version);
+    v
+}
