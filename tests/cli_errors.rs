@@ -1,0 +1,95 @@
+//! Config and usage errors: a message naming the file, line and key, and
+//! exit code 2. `plan` reproduces StarFish's figures through the CLI.
+
+mod common;
+
+use std::process::Command;
+
+use common::BIN;
+
+const REPLICAS: &str = r#"
+[[replica]]
+name = "a"
+addr = "127.0.0.1:7001"
+role = "local"
+
+[[replica]]
+name = "b"
+addr = "127.0.0.1:7002"
+role = "near"
+"#;
+
+fn status_with(volume: &str, replicas: &str) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, format!("[volume]\n{volume}\n{replicas}")).unwrap();
+    let out = Command::new(BIN).args(["up", "--frontend", "none", "--foreground", "--config"]).arg(&path).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn assert_rejected(volume: &str, replicas: &str, line: usize, key: &str) {
+    let (code, err) = status_with(volume, replicas);
+    assert_eq!(code, 2, "expected exit 2, got {code}: {err}");
+    assert!(err.contains(&format!("bad.toml:{line}")), "no file:line {line} in: {err}");
+    assert!(err.contains(key), "key {key} not named in: {err}");
+}
+
+const BASE: &str = "name = \"v\"\nsize = \"64MiB\"";
+
+#[test]
+fn quorum_above_n() {
+    assert_rejected(&format!("{BASE}\nquorum = 3"), REPLICAS, 4, "quorum");
+}
+
+#[test]
+fn quorum_zero() {
+    assert_rejected(&format!("{BASE}\nquorum = 0"), REPLICAS, 4, "quorum");
+}
+
+#[test]
+fn duplicate_names() {
+    let dup = REPLICAS.replace("name = \"b\"", "name = \"a\"");
+    assert_rejected(&format!("{BASE}\nquorum = 1"), &dup, 12, "name");
+}
+
+#[test]
+fn duplicate_addresses() {
+    let dup = REPLICAS.replace("7002", "7001");
+    assert_rejected(&format!("{BASE}\nquorum = 1"), &dup, 13, "addr");
+}
+
+#[test]
+fn size_not_multiple_of_block_size() {
+    assert_rejected("name = \"v\"\nsize = 1000000\nquorum = 1", REPLICAS, 3, "size");
+}
+
+#[test]
+fn unknown_key() {
+    assert_rejected(&format!("{BASE}\nquorum = 1\nquorom = 2"), REPLICAS, 5, "quorom");
+}
+
+#[test]
+fn bad_size_flag_is_usage_error() {
+    let out = Command::new(BIN).args(["replica", "init", "--dir", "/nonexistent/x", "--size", "8X"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("8X"));
+}
+
+fn plan(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(BIN).arg("plan").args(args).arg("--json").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn plan_reproduces_table1_and_eq2_headline() {
+    // Table 1 cells (see shared/notes/starfish-tables.md).
+    for (n, q, a, nines) in [("3", "1", "0.99", 6), ("3", "2", "0.99", 3), ("5", "3", "0.999", 8), ("3", "3", "0.9", 0)] {
+        let v = plan(&["--replicas", n, "--quorum", q, "--availability", a]);
+        assert_eq!(v["nines"], nines, "N={n} Q={q} a={a}");
+    }
+    let v = plan(&["--replicas", "3", "--quorum", "2", "--availability", "99%", "--read-only"]);
+    assert_eq!(v["nines"], 6);
+    let out = Command::new(BIN).args(["plan", "--replicas", "2", "--quorum", "3", "--availability", "0.99"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
