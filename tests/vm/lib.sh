@@ -12,6 +12,16 @@
 
 set -u
 
+# Busybox sh runs its own applets before anything on PATH, so the real
+# tools vm-test copied in (dd, blkdiscard, cmp, ...) would be shadowed by
+# busybox's smaller versions. A function per such tool wins over applets.
+for _t in /usr/local/bin/* /usr/sbin/*; do
+    _n=${_t##*/}
+    case $_n in *[!A-Za-z0-9_]* | [0-9]*) continue ;; esac
+    eval "$_n() { $_t \"\$@\"; }"
+done
+unset _t _n
+
 VM_PIDS=""
 VM_MOUNTS=""
 VM_CLEANUP=""
