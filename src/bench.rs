@@ -87,6 +87,9 @@ pub struct BenchReport {
     pub seed: u64,
 }
 
+/// Completion events: (slot token, outcome).
+pub type Completions = Receiver<(u64, Result<(), IoError>)>;
+
 /// Per-slot buffer the completer copies read data into.
 struct Slot {
     data: Mutex<Vec<u8>>,
@@ -113,7 +116,7 @@ impl Completer for BenchCompleter {
 
 impl BenchCompleter {
     /// A completer for `qd` slots of up to `bs` bytes, and its receiver.
-    pub fn new(qd: usize, bs: u32) -> (Arc<BenchCompleter>, Receiver<(u64, Result<(), IoError>)>) {
+    pub fn new(qd: usize, bs: u32) -> (Arc<BenchCompleter>, Completions) {
         let (tx, rx) = channel::bounded(qd * 2);
         let slots = (0..qd).map(|_| Slot { data: Mutex::new(Vec::with_capacity(bs as usize)) }).collect();
         (Arc::new(BenchCompleter { slots, tx }), rx)
@@ -134,7 +137,7 @@ struct InFlight {
 pub struct Bench<'a> {
     vol: &'a Volume,
     completer: Arc<BenchCompleter>,
-    rx: Receiver<(u64, Result<(), IoError>)>,
+    rx: Completions,
     opts: BenchOptions,
     block_size: u32,
     /// Last completed write id per block (0 = unknown).
@@ -153,7 +156,7 @@ impl<'a> Bench<'a> {
     pub fn new(
         vol: &'a Volume,
         completer: Arc<BenchCompleter>,
-        rx: Receiver<(u64, Result<(), IoError>)>,
+        rx: Completions,
         opts: BenchOptions,
     ) -> Bench<'a> {
         let block_size = vol.config().block_size;
@@ -186,7 +189,9 @@ impl<'a> Bench<'a> {
             self.sweep(true);
         }
         lat.sort_unstable();
-        let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0) as f64;
+        let pct = |p: f64| {
+            lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0) as f64
+        };
         let secs = elapsed.as_secs_f64();
         BenchReport {
             pattern: self.opts.pattern,
@@ -311,7 +316,11 @@ impl<'a> Bench<'a> {
             self.verified += u64::from(want != 0);
             if !ok {
                 self.verify_errors += 1;
-                tracing::error!(offset = block_off, expected_id = want, "verify failed: block does not hold the last write");
+                tracing::error!(
+                    offset = block_off,
+                    expected_id = want,
+                    "verify failed: block does not hold the last write"
+                );
             }
         }
     }
@@ -368,8 +377,16 @@ impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "pattern {:?} bs {} qd {} seed {}", self.pattern, self.bs, self.qd, self.seed)?;
         writeln!(f, "  {:.0} IOPS  {:.1} MB/s  ({} ops in {:.2} s)", self.iops, self.mb_s, self.ops, self.seconds)?;
-        writeln!(f, "  latency us: p50 {:.0}  p99 {:.0}  p99.9 {:.0}", self.latency.p50_us, self.latency.p99_us, self.latency.p999_us)?;
-        write!(f, "  verify: {} blocks checked, {} errors; {} I/O errors", self.verified_blocks, self.verify_errors, self.io_errors)
+        writeln!(
+            f,
+            "  latency us: p50 {:.0}  p99 {:.0}  p99.9 {:.0}",
+            self.latency.p50_us, self.latency.p99_us, self.latency.p999_us
+        )?;
+        write!(
+            f,
+            "  verify: {} blocks checked, {} errors; {} I/O errors",
+            self.verified_blocks, self.verify_errors, self.io_errors
+        )
     }
 }
 

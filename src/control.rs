@@ -85,7 +85,8 @@ fn handle(conn: UnixStream, volume: &Volume, down_tx: &mpsc::Sender<()>) -> std:
 /// Sends one request and returns the reply's JSON (with `ok` checked).
 pub fn call(path: &Path, req: &ControlRequest, timeout: Duration) -> Result<serde_json::Value, ControlError> {
     let io = |source| ControlError::Io { path: path.to_path_buf(), source };
-    let conn = UnixStream::connect(path).map_err(|source| ControlError::Connect { path: path.to_path_buf(), source })?;
+    let conn =
+        UnixStream::connect(path).map_err(|source| ControlError::Connect { path: path.to_path_buf(), source })?;
     conn.set_read_timeout(Some(timeout)).map_err(io)?;
     let mut w = &conn;
     writeln!(w, "{}", serde_json::to_string(req).expect("request serialises")).map_err(io)?;

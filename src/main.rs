@@ -220,7 +220,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Volume { cmd: VolumeCmd::Create { config } } => {
             let cfg = load_config(&config)?;
             let uuid = startup::create_volume(&cfg)?;
-            println!("created volume {} ({}) on {} replicas", cfg.volume.name, starblk_replica::client::uuid_string(&uuid), cfg.replicas.len());
+            println!(
+                "created volume {} ({}) on {} replicas",
+                cfg.volume.name,
+                starblk_replica::client::uuid_string(&uuid),
+                cfg.replicas.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Up(args) | Cmd::Takeover(args) => up(args),
@@ -236,7 +241,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             bench(&config, pattern, bs, qd, seconds, verify, json, span, seed)
         }
         Cmd::Plan { replicas, quorum, availability, he_availability, read_only, json } => {
-            let a = starblk::plan::parse_availability("--availability", &availability).map_err(|e| usage(e.to_string()))?;
+            let a =
+                starblk::plan::parse_availability("--availability", &availability).map_err(|e| usage(e.to_string()))?;
             let he = he_availability
                 .map(|s| starblk::plan::parse_availability("--he-availability", &s))
                 .transpose()
@@ -376,7 +382,13 @@ fn daemonize(cfg: &Config, args: &UpArgs) -> Result<ExitCode> {
             bail!("daemon exited ({st}) before it was ready; log {}:\n{tail}", log_path.display());
         }
         if control::call(&sock, &ControlRequest::Status, Duration::from_secs(2)).is_ok() {
-            println!("volume {} up (frontend none), pid {}, socket {}, log {}", cfg.volume.name, child.id(), sock.display(), log_path.display());
+            println!(
+                "volume {} up (frontend none), pid {}, socket {}, log {}",
+                cfg.volume.name,
+                child.id(),
+                sock.display(),
+                log_path.display()
+            );
             return Ok(ExitCode::SUCCESS);
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -385,10 +397,20 @@ fn daemonize(cfg: &Config, args: &UpArgs) -> Result<ExitCode> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn bench(config: &Path, pattern: Pattern, bs: u64, qd: usize, seconds: f64, verify: bool, json: bool, span: Option<u64>, seed: u64) -> Result<ExitCode> {
+fn bench(
+    config: &Path,
+    pattern: Pattern,
+    bs: u64,
+    qd: usize,
+    seconds: f64,
+    verify: bool,
+    json: bool,
+    span: Option<u64>,
+    seed: u64,
+) -> Result<ExitCode> {
     let cfg = load_config(config)?;
     let block = cfg.volume.block_size as u64;
-    if bs == 0 || bs % block != 0 || bs > starblk_replica::proto::MAX_IO_BYTES as u64 {
+    if bs == 0 || !bs.is_multiple_of(block) || bs > starblk_replica::proto::MAX_IO_BYTES as u64 {
         return Err(usage(format!("--bs {bs}: must be a multiple of the block size ({block}) up to 1MiB")));
     }
     if qd == 0 || qd > 4096 {

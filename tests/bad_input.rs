@@ -96,7 +96,8 @@ fn every_bad_frame_is_rejected_and_counted_and_server_goes_on() {
     // A good client is still served: write, ack, read back.
     let mut s = client::connect(&addr, Hello { volume: uuid, epoch, flags: 0 }, T).unwrap();
     let data = block(8192, 1, 4096);
-    s.send(FrameType::Write, &[&WriteHeader { seq: 1, offset: 8192, len: 4096, op: WriteOp::Data }.encode(), &data]).unwrap();
+    s.send(FrameType::Write, &[&WriteHeader { seq: 1, offset: 8192, len: 4096, op: WriteOp::Data }.encode(), &data])
+        .unwrap();
     let ack = client::expect(&mut s.reader, &addr, FrameType::Ack).unwrap();
     assert_eq!(proto::decode_u64(FrameType::Ack, &ack).unwrap(), 1);
     let rr = ReadReq { req_id: 5, offset: 8192, len: 4096 };

@@ -23,7 +23,8 @@ fn status_with(volume: &str, replicas: &str) -> (i32, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, format!("[volume]\n{volume}\n{replicas}")).unwrap();
-    let out = Command::new(BIN).args(["up", "--frontend", "none", "--foreground", "--config"]).arg(&path).output().unwrap();
+    let out =
+        Command::new(BIN).args(["up", "--frontend", "none", "--foreground", "--config"]).arg(&path).output().unwrap();
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -84,12 +85,16 @@ fn plan(args: &[&str]) -> serde_json::Value {
 #[test]
 fn plan_reproduces_table1_and_eq2_headline() {
     // Table 1 cells (see shared/notes/starfish-tables.md).
-    for (n, q, a, nines) in [("3", "1", "0.99", 6), ("3", "2", "0.99", 3), ("5", "3", "0.999", 8), ("3", "3", "0.9", 0)] {
+    for (n, q, a, nines) in [("3", "1", "0.99", 6), ("3", "2", "0.99", 3), ("5", "3", "0.999", 8), ("3", "3", "0.9", 0)]
+    {
         let v = plan(&["--replicas", n, "--quorum", q, "--availability", a]);
         assert_eq!(v["nines"], nines, "N={n} Q={q} a={a}");
     }
     let v = plan(&["--replicas", "3", "--quorum", "2", "--availability", "99%", "--read-only"]);
     assert_eq!(v["nines"], 6);
-    let out = Command::new(BIN).args(["plan", "--replicas", "2", "--quorum", "3", "--availability", "0.99"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["plan", "--replicas", "2", "--quorum", "3", "--availability", "0.99"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }

@@ -61,7 +61,8 @@ impl Harness {
             addrs.push(h.addr.to_string());
             servers.push(Some(h));
         }
-        let mut toml = format!("[volume]\nname = \"prop\"\nsize = {}\nquorum = {Q}\nwrite_queue = \"8MiB\"\n", BLOCKS * BS);
+        let mut toml =
+            format!("[volume]\nname = \"prop\"\nsize = {}\nquorum = {Q}\nwrite_queue = \"8MiB\"\n", BLOCKS * BS);
         for (i, a) in addrs.iter().enumerate() {
             toml += &format!("[[replica]]\nname = \"r{i}\"\naddr = \"{a}\"\nrole = \"local\"\n");
         }
@@ -99,7 +100,9 @@ impl Harness {
 fn check(v: &BlockingVolume, model: &HashMap<u64, u64>, block: u64) -> Result<(), TestCaseError> {
     let got = v.read(block * BS, BS as u32).map_err(|e| TestCaseError::fail(format!("read {block}: {e}")))?;
     match model.get(&block) {
-        Some(ver) => prop_assert!(starblk::bench::check_stamp(&got, block * BS, *ver), "block {} != version {}", block, ver),
+        Some(ver) => {
+            prop_assert!(starblk::bench::check_stamp(&got, block * BS, *ver), "block {} != version {}", block, ver)
+        }
         None => prop_assert!(got.iter().all(|b| *b == 0), "block {} should be zero", block),
     }
     Ok(())

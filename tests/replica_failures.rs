@@ -42,7 +42,9 @@ fn kill_one_replica_mid_run_then_restart_and_compare() {
             let r = rng.gen_range(0..BLOCKS);
             let got = v.read(r * 4096, 4096).unwrap();
             match model.get(&r) {
-                Some(ver) => assert!(starblk::bench::check_stamp(&got, r * 4096, *ver), "block {r} wrong (seed {seed})"),
+                Some(ver) => {
+                    assert!(starblk::bench::check_stamp(&got, r * 4096, *ver), "block {r} wrong (seed {seed})")
+                }
                 None => assert!(got.iter().all(|x| *x == 0)),
             }
         }

@@ -66,7 +66,11 @@ pub fn connect(addr: &str, hello: Hello, timeout: Duration) -> Result<Session, C
 }
 
 /// Reads one frame and insists on `kind`; Error frames become `Rejected`.
-pub fn expect(reader: &mut FrameReader<BufReader<TcpStream>>, addr: &str, kind: FrameType) -> Result<Vec<u8>, ClientError> {
+pub fn expect(
+    reader: &mut FrameReader<BufReader<TcpStream>>,
+    addr: &str,
+    kind: FrameType,
+) -> Result<Vec<u8>, ClientError> {
     let (h, p) = reader.next_frame().map_err(|e| read_err(addr, e))?;
     if h.kind == kind {
         return Ok(p.to_vec());
@@ -89,7 +93,8 @@ pub fn read_err(addr: &str, e: ReadError) -> ClientError {
 impl Session {
     /// Sends one frame.
     pub fn send(&mut self, kind: FrameType, parts: &[&[u8]]) -> Result<(), ClientError> {
-        proto::write_frame(&mut self.writer, kind, 0, parts).map_err(|source| ClientError::Io { addr: self.addr.clone(), source })
+        proto::write_frame(&mut self.writer, kind, 0, parts)
+            .map_err(|source| ClientError::Io { addr: self.addr.clone(), source })
     }
 
     /// Sends a frame and waits for a reply of type `reply`.
@@ -101,7 +106,8 @@ impl Session {
     /// Raises the replica's epoch; returns the epoch it now holds.
     pub fn set_epoch(&mut self, epoch: u64) -> Result<u64, ClientError> {
         let p = self.call(FrameType::SetEpoch, &[&proto::encode_u64(epoch)], FrameType::Ack)?;
-        proto::decode_u64(FrameType::Ack, &p).map_err(|source| ClientError::Protocol { addr: self.addr.clone(), source })
+        proto::decode_u64(FrameType::Ack, &p)
+            .map_err(|source| ClientError::Protocol { addr: self.addr.clone(), source })
     }
 }
 

@@ -354,7 +354,7 @@ mod tests {
     }
 
     fn log_file(dir: &tempfile::TempDir, size: u64) -> File {
-        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).open(dir.path().join("log")).unwrap();
+        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("log")).unwrap();
         f.set_len(size).unwrap();
         f
     }

@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::log::RecordHeader;
-use crate::proto::{self, ErrorCode, ErrorFrame, FrameError, FrameReader, FrameType, Hello, HelloOk, ReadError, ReadReq, WriteHeader};
+use crate::proto::{
+    self, ErrorCode, ErrorFrame, FrameError, FrameReader, FrameType, Hello, HelloOk, ReadError, ReadReq, WriteHeader,
+};
 use crate::store::{AckSink, Store, StoreError};
 use crate::superblock::Member;
 
@@ -214,7 +216,7 @@ impl Server {
         let malformed = |e: FrameError| reject("malformed", ErrorCode::Malformed, e.to_string(), true);
         if kind == FrameType::Stats {
             let json = self.stats_json();
-            return s.writer.send(FrameType::StatsReply, &[json.as_bytes()]).map_err(|e| io_reject(e));
+            return s.writer.send(FrameType::StatsReply, &[json.as_bytes()]).map_err(io_reject);
         }
         if kind == FrameType::Hello {
             return self.hello(s, Hello::decode(p).map_err(malformed)?);
@@ -236,7 +238,9 @@ impl Server {
             }
             FrameType::SetEpoch => self.set_epoch(s, proto::decode_u64(kind, p).map_err(malformed)?),
             FrameType::Stamp => self.stamp(s, p),
-            other => Err(reject("unexpected_type", ErrorCode::BadState, format!("{other:?} not valid from a client"), true)),
+            other => {
+                Err(reject("unexpected_type", ErrorCode::BadState, format!("{other:?} not valid from a client"), true))
+            }
         }
     }
 
@@ -245,7 +249,12 @@ impl Server {
         s.probe = h.flags & proto::HELLO_PROBE != 0;
         if !s.probe {
             if h.volume != sb.volume {
-                return Err(reject("wrong_volume", ErrorCode::WrongVolume, "volume UUID does not match this replica".into(), true));
+                return Err(reject(
+                    "wrong_volume",
+                    ErrorCode::WrongVolume,
+                    "volume UUID does not match this replica".into(),
+                    true,
+                ));
             }
             if h.epoch < sb.epoch {
                 let msg = format!("hello epoch {} is older than replica epoch {}", h.epoch, sb.epoch);
@@ -264,7 +273,8 @@ impl Server {
     }
 
     fn write(&self, s: &mut Session, epoch: u64, p: &[u8]) -> Result<(), Reject> {
-        let (wh, data) = WriteHeader::decode(p).map_err(|e| reject("malformed", ErrorCode::Malformed, e.to_string(), true))?;
+        let (wh, data) =
+            WriteHeader::decode(p).map_err(|e| reject("malformed", ErrorCode::Malformed, e.to_string(), true))?;
         if s.probe {
             return Err(reject("probe_write", ErrorCode::BadState, "write on a probe session".into(), true));
         }
@@ -296,7 +306,8 @@ impl Server {
     }
 
     fn set_epoch(&self, s: &mut Session, epoch: u64) -> Result<(), Reject> {
-        let now = self.store.set_epoch(epoch).map_err(|e| reject("disk_error", ErrorCode::DiskError, e.to_string(), true))?;
+        let now =
+            self.store.set_epoch(epoch).map_err(|e| reject("disk_error", ErrorCode::DiskError, e.to_string(), true))?;
         if now > epoch {
             let msg = format!("requested epoch {epoch} is below replica epoch {now}");
             return Err(reject("stale_epoch", ErrorCode::StaleEpoch, msg, true));

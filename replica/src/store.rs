@@ -77,7 +77,7 @@ impl Paths {
 
 /// Creates an empty, unstamped replica in `dir`.
 pub fn init(dir: &Path, size_bytes: u64, log_bytes: u64) -> Result<(), StoreError> {
-    if size_bytes == 0 || size_bytes % 4096 != 0 {
+    if size_bytes == 0 || !size_bytes.is_multiple_of(4096) {
         return Err(StoreError::Geometry(format!("size {size_bytes} must be a positive multiple of 4096")));
     }
     if log_bytes < LOG_MIN_BYTES {
@@ -89,7 +89,8 @@ pub fn init(dir: &Path, size_bytes: u64, log_bytes: u64) -> Result<(), StoreErro
         return Err(StoreError::AlreadyInitialised(dir.to_path_buf()));
     }
     for (path, len) in [(&p.data, size_bytes), (&p.log, log_bytes)] {
-        let f = OpenOptions::new().write(true).create(true).truncate(true).open(path).map_err(io_err("create", path))?;
+        let f =
+            OpenOptions::new().write(true).create(true).truncate(true).open(path).map_err(io_err("create", path))?;
         f.set_len(len).map_err(io_err("size", path))?;
         f.sync_all().map_err(io_err("sync", path))?;
     }
@@ -154,11 +155,10 @@ impl Store {
     /// a checkpoint and starts the committer thread.
     pub fn open(dir: &Path) -> Result<(Arc<Store>, JoinHandle<()>), StoreError> {
         let p = Paths::new(dir);
-        let open = |path: &Path| {
-            OpenOptions::new().read(true).write(true).open(path).map_err(io_err("open", path))
-        };
+        let open = |path: &Path| OpenOptions::new().read(true).write(true).open(path).map_err(io_err("open", path));
         let sb_file = open(&p.superblock)?;
-        let sb = Superblock::read(&sb_file).map_err(|source| StoreError::Superblock { dir: dir.to_path_buf(), source })?;
+        let sb =
+            Superblock::read(&sb_file).map_err(|source| StoreError::Superblock { dir: dir.to_path_buf(), source })?;
         let data = open(&p.data)?;
         let log_file = open(&p.log)?;
         let (next, head) = replay(&sb, &data, &log_file, &p)?;
@@ -227,8 +227,8 @@ impl Store {
         let sb = lock(&self.sb);
         let (size, bs) = (sb.1.size_bytes, sb.1.block_size);
         let ok = len > 0
-            && offset % bs as u64 == 0
-            && len % bs as u64 == 0
+            && offset.is_multiple_of(bs as u64)
+            && len.is_multiple_of(bs as u64)
             && offset.checked_add(len).is_some_and(|end| end <= size);
         if ok {
             Ok(())
@@ -285,13 +285,24 @@ impl Store {
 
     /// Stamps volume identity and replica set. Idempotent for the same
     /// volume; refuses a different one.
-    pub fn stamp(&self, volume: Uuid, size_bytes: u64, block_size: u32, epoch: u64, members: Vec<Member>) -> Result<(), StoreError> {
+    pub fn stamp(
+        &self,
+        volume: Uuid,
+        size_bytes: u64,
+        block_size: u32,
+        epoch: u64,
+        members: Vec<Member>,
+    ) -> Result<(), StoreError> {
         let mut g = lock(&self.sb);
         let (f, sb) = &mut *g;
         if sb.volume != [0; 16] && sb.volume != volume {
             return Err(StoreError::WrongVolume);
         }
-        if size_bytes > sb.size_bytes || size_bytes % block_size as u64 != 0 || !block_size.is_power_of_two() || !(512..=65536).contains(&block_size) {
+        if size_bytes > sb.size_bytes
+            || !size_bytes.is_multiple_of(block_size as u64)
+            || !block_size.is_power_of_two()
+            || !(512..=65536).contains(&block_size)
+        {
             return Err(StoreError::Geometry(format!(
                 "volume size {size_bytes} / block size {block_size} does not fit this replica ({} bytes)",
                 sb.size_bytes

@@ -122,8 +122,8 @@ impl Superblock {
         if members_len > MEMBERS_MAX_BYTES {
             return Err("members length out of range");
         }
-        let members = serde_json::from_slice(&b[FIXED_BYTES..FIXED_BYTES + members_len])
-            .map_err(|_| "members not valid JSON")?;
+        let members =
+            serde_json::from_slice(&b[FIXED_BYTES..FIXED_BYTES + members_len]).map_err(|_| "members not valid JSON")?;
         let sb = Superblock {
             block_size: u32_at(12),
             generation: u64_at(16),
@@ -145,7 +145,7 @@ impl Superblock {
         if !self.block_size.is_power_of_two() || !(512..=65536).contains(&self.block_size) {
             return Err("block size out of range");
         }
-        if self.size_bytes == 0 || self.size_bytes % self.block_size as u64 != 0 {
+        if self.size_bytes == 0 || !self.size_bytes.is_multiple_of(self.block_size as u64) {
             return Err("size not a positive multiple of block size");
         }
         if self.log_bytes < crate::log::LOG_MIN_BYTES || self.log_tail_offset >= self.log_bytes {
@@ -210,7 +210,12 @@ mod tests {
             checkpoint_seq: 10,
             log_tail_offset: 4096,
             durable_seq: 12,
-            members: vec![Member { name: "a".into(), addr: "127.0.0.1:1".into(), role: "local".into(), network_sync: false }],
+            members: vec![Member {
+                name: "a".into(),
+                addr: "127.0.0.1:1".into(),
+                role: "local".into(),
+                network_sync: false,
+            }],
         }
     }
 
@@ -223,7 +228,7 @@ mod tests {
         sb.write_next(&f).unwrap();
         assert_eq!(Superblock::read(&f).unwrap().epoch, 4);
         // Tear the newest slot: the previous generation must be returned.
-        let slot = (sb.generation % 2) as u64;
+        let slot = sb.generation % 2;
         f.write_all_at(&[0xff; 100], slot * SLOT_BYTES as u64 + 30).unwrap();
         let got = Superblock::read(&f).unwrap();
         assert_eq!(got.epoch, 3);

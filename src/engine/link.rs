@@ -237,13 +237,19 @@ fn run_session(shared: &Arc<Shared>, link: &Arc<Link>, sess: client::Session) ->
         let l = &mut g.links[link.idx];
         l.durable_seq = d;
         if d + 1 < first {
-            let why = format!("missing writes {}..{} are no longer in the write queue; needs replay or incremental recovery", d + 1, first - 1);
+            let why = format!(
+                "missing writes {}..{} are no longer in the write queue; needs replay or incremental recovery",
+                d + 1,
+                first - 1
+            );
             l.set_state(LinkState::Lagging, why.clone());
             shared.advance(&mut g);
             return why;
         }
         if d > last {
-            let why = format!("replica durable seq {d} is past this HE's history ({last}); needs rollback to the branch point");
+            let why = format!(
+                "replica durable seq {d} is past this HE's history ({last}); needs rollback to the branch point"
+            );
             l.set_state(LinkState::Lagging, why.clone());
             return why;
         }
@@ -380,9 +386,12 @@ fn receiver_loop(
                     let _ = reader.get_ref().get_ref().set_read_timeout(Some(timeout));
                 }
             }),
-            FrameType::ReadReply => proto::decode_read_reply(p).map(|(id, status, data)| on_read_reply(shared, link, id, status, data)),
+            FrameType::ReadReply => {
+                proto::decode_read_reply(p).map(|(id, status, data)| on_read_reply(shared, link, id, status, data))
+            }
             FrameType::Error => {
-                let why = ErrorFrame::decode(p).map(|f| ClientError::Rejected { addr: link.spec.addr.clone(), frame: f });
+                let why =
+                    ErrorFrame::decode(p).map(|f| ClientError::Rejected { addr: link.spec.addr.clone(), frame: f });
                 return match why {
                     Ok(e) => e.to_string(),
                     Err(e) => format!("replica {}: malformed error frame: {e}", link.spec.addr),

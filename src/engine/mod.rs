@@ -268,7 +268,11 @@ impl Volume {
             if now >= deadline {
                 break false;
             }
-            g = s.space.wait_timeout(g, (deadline - now).min(Duration::from_millis(50))).unwrap_or_else(|e| e.into_inner()).0;
+            g = s
+                .space
+                .wait_timeout(g, (deadline - now).min(Duration::from_millis(50)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         };
         drop(g);
         s.stopping.store(true, Ordering::Release);
@@ -313,7 +317,8 @@ impl Shared {
                 drop(g);
                 return self.completer.complete(token, Err(IoError::ShuttingDown));
             }
-            if g.quorum_lost_since.is_some() && self.cfg.on_quorum_loss == OnQuorumLoss::ReadOnly && self.past_grace(&g) {
+            if g.quorum_lost_since.is_some() && self.cfg.on_quorum_loss == OnQuorumLoss::ReadOnly && self.past_grace(&g)
+            {
                 drop(g);
                 return self.completer.complete(token, Err(IoError::ReadOnly));
             }

@@ -80,7 +80,12 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
     });
     let fenced = durables.iter().flatten().count();
     if fenced < need {
-        return Err(StartupError::NoMajority { reachable, total: n, need, detail: "epoch could not be raised on a majority".into() });
+        return Err(StartupError::NoMajority {
+            reachable,
+            total: n,
+            need,
+            detail: "epoch could not be raised on a majority".into(),
+        });
     }
     let start_seq = durables.iter().flatten().copied().max().unwrap_or(0);
     tracing::info!(volume = %cfg.volume.name, epoch, start_seq, fenced, "fenced older hosts; branch point recorded");
@@ -99,7 +104,12 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
         .replicas
         .iter()
         .zip(&durables)
-        .map(|(r, d)| ReplicaSpec { name: r.name.clone(), addr: r.addr.clone(), role: r.role, initial_durable_seq: d.unwrap_or(0) })
+        .map(|(r, d)| ReplicaSpec {
+            name: r.name.clone(),
+            addr: r.addr.clone(),
+            role: r.role,
+            initial_durable_seq: d.unwrap_or(0),
+        })
         .collect();
     Ok(Fenced { engine, replicas })
 }
@@ -177,7 +187,12 @@ pub fn create_volume(cfg: &Config) -> Result<Uuid, StartupError> {
     let members: Vec<Member> = cfg
         .replicas
         .iter()
-        .map(|r| Member { name: r.name.clone(), addr: r.addr.clone(), role: r.role.to_string(), network_sync: r.network_sync })
+        .map(|r| Member {
+            name: r.name.clone(),
+            addr: r.addr.clone(),
+            role: r.role.to_string(),
+            network_sync: r.network_sync,
+        })
         .collect();
     let st = Stamp {
         volume,
@@ -187,7 +202,8 @@ pub fn create_volume(cfg: &Config) -> Result<Uuid, StartupError> {
         members_json: serde_json::to_vec(&members).expect("members serialise"),
     };
     for r in &cfg.replicas {
-        client::stamp(&r.addr, &st, PROBE_TIMEOUT).map_err(|source| StartupError::Replica { name: r.name.clone(), source })?;
+        client::stamp(&r.addr, &st, PROBE_TIMEOUT)
+            .map_err(|source| StartupError::Replica { name: r.name.clone(), source })?;
     }
     Ok(volume)
 }

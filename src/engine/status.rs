@@ -122,16 +122,41 @@ pub(crate) fn snapshot(s: &Shared) -> VolumeStatus {
 
 impl fmt::Display for VolumeStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "volume {} ({})  epoch {}  size {} B  block {} B  Q={}", self.name, self.uuid, self.epoch, self.size_bytes, self.block_size, self.quorum)?;
+        writeln!(
+            f,
+            "volume {} ({})  epoch {}  size {} B  block {} B  Q={}",
+            self.name, self.uuid, self.epoch, self.size_bytes, self.block_size, self.quorum
+        )?;
         let q = if self.quorum_ok { "ok".to_string() } else { format!("LOST ({})", self.on_quorum_loss) };
-        writeln!(f, "seq {} (completed {})  write queue {}/{} B  quorum {}", self.last_seq, self.completed_seq, self.write_queue_bytes, self.write_queue_max_bytes, q)?;
-        writeln!(f, "{:<10} {:<5} {:<22} {:<11} {:>10} {:>9} {:>11} {:>9} {:<8} {}", "NAME", "ROLE", "ADDR", "STATE", "DURABLE", "LAG", "LAG_BYTES", "RTT_US", "NETSYNC", "DETAIL")?;
+        writeln!(
+            f,
+            "seq {} (completed {})  write queue {}/{} B  quorum {}",
+            self.last_seq, self.completed_seq, self.write_queue_bytes, self.write_queue_max_bytes, q
+        )?;
+        writeln!(
+            f,
+            "{:<10} {:<5} {:<22} {:<11} {:>10} {:>9} {:>11} {:>9} {:<8} DETAIL",
+            "NAME", "ROLE", "ADDR", "STATE", "DURABLE", "LAG", "LAG_BYTES", "RTT_US", "NETSYNC"
+        )?;
         for r in &self.replicas {
             let detail = match r.recovery_progress {
                 Some(p) => format!("{} {}", progress_bar(p), r.reason),
                 None => r.reason.clone(),
             };
-            writeln!(f, "{:<10} {:<5} {:<22} {:<11} {:>10} {:>9} {:>11} {:>9} {:<8} {}", r.name, r.role, r.addr, r.state.to_string(), r.durable_seq, r.lag_writes, r.lag_bytes, r.rtt_us, r.network_sync, detail)?;
+            writeln!(
+                f,
+                "{:<10} {:<5} {:<22} {:<11} {:>10} {:>9} {:>11} {:>9} {:<8} {}",
+                r.name,
+                r.role,
+                r.addr,
+                r.state.to_string(),
+                r.durable_seq,
+                r.lag_writes,
+                r.lag_bytes,
+                r.rtt_us,
+                r.network_sync,
+                detail
+            )?;
         }
         Ok(())
     }

@@ -97,14 +97,14 @@ impl Cluster {
     pub fn new(n: usize, quorum: usize, size: &str, extra_volume: &str) -> Cluster {
         let root = tempfile::Builder::new().prefix("starblk-it").tempdir_in(tmp_base()).unwrap();
         let roles = ["local", "near", "far"];
-        let mut replicas: Vec<Replica> =
-            (0..n).map(|i| Replica::init(root.path(), &format!("r{i}"), size)).collect();
+        let mut replicas: Vec<Replica> = (0..n).map(|i| Replica::init(root.path(), &format!("r{i}"), size)).collect();
         let mut toml = format!(
             "[volume]\nname = \"it\"\nsize = \"{size}\"\nquorum = {quorum}\nwrite_queue = \"16MiB\"\ncontrol_socket = \"{}\"\n{extra_volume}\n",
             root.path().join("it.sock").display()
         );
         for (i, r) in replicas.iter().enumerate() {
-            toml += &format!("\n[[replica]]\nname = \"{}\"\naddr = \"{}\"\nrole = \"{}\"\n", r.name, r.addr, roles[i % 3]);
+            toml +=
+                &format!("\n[[replica]]\nname = \"{}\"\naddr = \"{}\"\nrole = \"{}\"\n", r.name, r.addr, roles[i % 3]);
         }
         let config = root.path().join("vol.toml");
         std::fs::write(&config, toml).unwrap();

@@ -15,12 +15,21 @@ set -u
 # Busybox sh runs its own applets before anything on PATH, so the real
 # tools vm-test copied in (dd, blkdiscard, cmp, ...) would be shadowed by
 # busybox's smaller versions. A function per such tool wins over applets.
+_applets=" $(busybox --list | tr '\n' ' ') "
 for _t in /usr/local/bin/* /usr/sbin/*; do
     _n=${_t##*/}
-    case $_n in *[!A-Za-z0-9_]* | [0-9]*) continue ;; esac
-    eval "$_n() { $_t \"\$@\"; }"
+    case $_applets in *" $_n "*) eval "$_n() { $_t \"\$@\"; }" ;; esac
 done
-unset _t _n
+unset _t _n _applets
+
+# Full path of a tool vm-test shipped, so background jobs are the tool
+# itself and not a subshell running a wrapper function.
+tool_path() {
+    for _d in /usr/local/bin /usr/sbin; do
+        [ -x "$_d/$1" ] && { echo "$_d/$1"; return; }
+    done
+    echo "$1"
+}
 
 VM_PIDS=""
 VM_MOUNTS=""
@@ -63,9 +72,9 @@ load_module() {
 # Runs a command in the background with output to FILE; registers its pid.
 # Sets LAST_PID.
 start_bg() {
-    out=$1
-    shift
-    "$@" >"$out" 2>&1 &
+    out=$1 cmd=$(tool_path "$2")
+    shift 2
+    "$cmd" "$@" >"$out" 2>&1 &
     LAST_PID=$!
     VM_PIDS="$VM_PIDS $LAST_PID"
 }
@@ -146,7 +155,7 @@ write_files() {
 # Verifies the sums written by write_files.
 verify_files() {
     dir=$1
-    (cd "$dir" && sha256sum -c -s "/tmp/$(basename "$dir").sha256") || fail "checksums differ in $dir"
+    (cd "$dir" && sha256sum -c "/tmp/$(basename "$dir").sha256" >/dev/null) || fail "checksums differ in $dir"
 }
 
 # Byte-compares two files or devices.
