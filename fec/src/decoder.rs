@@ -39,19 +39,19 @@ pub struct DecoderConfig {
 
 impl DecoderConfig {
     /// Defaults for a scheme: a window of twice the group span (at least
-    /// 1024), room for every group of a full window, and a 2^32 advance
-    /// limit, which only a corrupted or foreign seq exceeds.
+    /// 1024 seqs); room for twice the full groups a window holds (each seq
+    /// is in c XOR groups of r, or in one RS group) plus 64 partial ones;
+    /// and a 2^32 advance limit, which only a corrupted or foreign seq
+    /// exceeds (a real outage that long needs a new decoder anyway).
     pub fn for_scheme(scheme: &FecScheme) -> Self {
         let window_seqs = (2 * scheme.group_span_seqs()).clamp(1024, MAX_WINDOW_SEQS);
         let groups_per_seq = match scheme.kind() {
             SchemeKind::LayeredXor => scheme.c(),
             SchemeKind::ReedSolomon => 1,
         };
-        DecoderConfig {
-            window_seqs,
-            max_pending_groups: (window_seqs as usize) * groups_per_seq,
-            max_advance_seqs: 1 << 32,
-        }
+        // window_seqs <= MAX_WINDOW_SEQS, so this fits usize.
+        let full_groups = window_seqs as usize * groups_per_seq / scheme.r();
+        DecoderConfig { window_seqs, max_pending_groups: 2 * full_groups + 64, max_advance_seqs: 1 << 32 }
     }
 }
 

@@ -13,6 +13,32 @@
 //! ([`Encoder::flush`]); every repair packet names exactly the seqs it
 //! covers and their lengths, so variable-length and partial groups decode
 //! exactly.
+//!
+//! ```
+//! use starblk_fec::{Decoder, Encoder, FecScheme, RepairPacket};
+//!
+//! let scheme = FecScheme::layered_xor(8, 3)?; // strides 1, 10, 100
+//! let mut enc = Encoder::new(scheme.clone());
+//! let mut dec = Decoder::new(&scheme);
+//! let (mut repairs, mut recovered, mut wire) = (Vec::new(), Vec::new(), Vec::new());
+//! for seq in 1..=5u64 {
+//!     let payload = vec![seq as u8; 100 + seq as usize];
+//!     enc.push(seq, &payload, &mut repairs)?;
+//!     if seq != 3 {
+//!         dec.on_data(seq, &payload, &mut recovered)?; // seq 3 is lost
+//!     }
+//! }
+//! enc.flush(&mut repairs)?; // the link went idle
+//! for repair in repairs.drain(..) {
+//!     wire.clear();
+//!     repair.encode_into(&mut wire);
+//!     dec.on_repair(RepairPacket::decode(&wire)?, &mut recovered)?;
+//!     enc.recycle(repair);
+//! }
+//! assert_eq!(recovered[0].seq, 3);
+//! assert_eq!(recovered[0].payload, vec![3u8; 103]);
+//! # Ok::<(), starblk_fec::FecError>(())
+//! ```
 
 mod decoder;
 mod encoder;
