@@ -238,6 +238,11 @@ impl Log {
         seg.bytes.extend_from_slice(data);
         self.batch.records.push(Pending { header: *h, segment, data_pos });
         self.head += need;
+        // A record that ends exactly at the end of the file wraps for free.
+        if self.head == self.size_bytes {
+            self.head = 0;
+        }
+        debug_assert!(self.head < self.size_bytes);
         self.used_bytes += need;
         self.batch.used_bytes += need;
         Ok(())
