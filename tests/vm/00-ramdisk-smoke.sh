@@ -61,7 +61,7 @@ blocks=$((SIZE_MB * 256))
 if dd if=/dev/zero of="$DEV" bs=4096 seek=$blocks count=1 oflag=direct 2>/dev/null; then
     fail "write past the end succeeded"
 fi
-if blkdiscard -o $((SIZE_MB * 1048576)) -l 4096 "$DEV" 2>/dev/null; then
+if blkdiscard -o $((SIZE_MB * 1048576 + 4096)) -l 4096 "$DEV" 2>/dev/null; then
     fail "discard past the end succeeded"
 fi
 running "$DAEMON" || fail "daemon died on bad requests"
