@@ -1,0 +1,1 @@
+//! WAN emulator: UDP and TCP relays with delay, loss and a cut switch.
