@@ -3,9 +3,10 @@
 # (starblk-ublk + MemBackend, completions from worker threads):
 #   A. WRITE_ZEROES/DISCARD, ext4 mkfs/mount/write/fsck/verify, fstrim,
 #      a second daemon for a live device refuses, bad requests fail cleanly,
-#      `ramdisk del` removes the device and ends the daemon;
+#      `ramdisk down` removes the device and ends the daemon;
 #   B. user recovery: kill -9 the daemon twice during fio --verify, restart
-#      it (explicit --recover ID, then automatic); fio ends with err=0.
+#      it (explicit --recover ID, then automatic); fio ends with err=0;
+#      SIGTERM makes the daemon delete its own device.
 . /tests/lib.sh
 
 need_cmd ramdisk mkfs.ext4 e2fsck fio blkdiscard dd cmp
@@ -66,10 +67,12 @@ if blkdiscard -o $((SIZE_MB * 1048576 + 4096)) -l 4096 "$DEV" 2>/dev/null; then
 fi
 running "$DAEMON" || fail "daemon died on bad requests"
 
-log "delete"
-ramdisk del "$ID" || fail "ramdisk del"
-wait_exit "$DAEMON" 30 || fail "daemon exited with status $? after del"
-[ -b "$DEV" ] && fail "$DEV still exists after del"
+log "down from outside the daemon (record + DEL_DEV)"
+[ -f /run/starblk-ramdisk/rd0.ublk.json ] || fail "no run-directory record for rd0"
+ramdisk down --volume rd0 || fail "ramdisk down"
+wait_exit "$DAEMON" 30 || fail "daemon exited with status $? after down"
+[ -b "$DEV" ] && fail "$DEV still exists after down"
+[ -f /run/starblk-ramdisk/rd0.ublk.json ] && fail "record for rd0 left behind"
 
 # ---------------------------------------------------------------- part B
 # File-backed, so the data outlives the daemon like a real backend's would.
@@ -111,6 +114,10 @@ crash_and_recover --workers 1
 wait "$FIO"
 fio_check $? "$FIO_LOG"
 
-ramdisk del "$ID" || fail "ramdisk del"
-wait_exit "$DAEMON" 30 || fail "daemon exited with status $? after del"
+log "SIGTERM: the daemon stops and deletes its own device"
+kill -TERM "$DAEMON"
+wait_exit "$DAEMON" 30 || fail "daemon exited with status $? after SIGTERM"
+grep -q "device stopped" /tmp/rd1-*workers*.log || fail "daemon did not report a clean stop"
+[ -b "$DEV" ] && fail "$DEV still exists after SIGTERM"
+[ -e "/sys/class/ublk-char/ublkc$ID" ] && fail "ublkc$ID still exists after SIGTERM"
 log "ok"
