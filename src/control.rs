@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -25,6 +25,9 @@ pub enum ControlRequest {
     ReplicaRemove { name: String, force: bool },
 }
 
+/// The served block device path, shared with the control socket.
+pub type Device = Arc<Mutex<Option<String>>>;
+
 /// Why a control call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -41,7 +44,8 @@ pub enum ControlError {
 
 /// Serves the control socket until a `down` request arrives; sends on
 /// `down_tx` when it does. Replaces a stale socket file.
-pub fn serve(path: &Path, volume: Volume, down_tx: mpsc::Sender<()>) -> std::io::Result<()> {
+/// `device` holds the block device path once it is live.
+pub fn serve(path: &Path, volume: Volume, device: Device, down_tx: mpsc::Sender<()>) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -57,18 +61,21 @@ pub fn serve(path: &Path, volume: Volume, down_tx: mpsc::Sender<()>) -> std::io:
     let listener = UnixListener::bind(path)?;
     std::thread::Builder::new().name("control".into()).spawn(move || {
         for conn in listener.incoming().flatten() {
-            let _ = handle(conn, &volume, &down_tx);
+            let _ = handle(conn, &volume, &device, &down_tx);
         }
     })?;
     Ok(())
 }
 
-fn handle(conn: UnixStream, volume: &Volume, down_tx: &mpsc::Sender<()>) -> std::io::Result<()> {
+fn handle(conn: UnixStream, volume: &Volume, device: &Device, down_tx: &mpsc::Sender<()>) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut line = String::new();
     std::io::Read::take(BufReader::new(&conn), 64 * 1024).read_line(&mut line)?;
     let reply = match serde_json::from_str::<ControlRequest>(&line) {
-        Ok(ControlRequest::Status) => serde_json::json!({"ok": true, "status": volume.status()}),
+        Ok(ControlRequest::Status) => {
+            let dev = device.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            serde_json::json!({"ok": true, "status": volume.status(), "device": dev})
+        }
         Ok(ControlRequest::Down) => {
             let _ = down_tx.send(());
             serde_json::json!({"ok": true})

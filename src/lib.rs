@@ -4,3 +4,4 @@ pub mod control;
 pub mod engine;
 pub mod plan;
 pub mod size;
+pub mod frontend;

@@ -11,6 +11,7 @@ use starblk::bench::{Bench, BenchCompleter, BenchOptions, Pattern};
 use starblk::config::Config;
 use starblk::control::{self, ControlRequest};
 use starblk::engine::{startup, Completer, IoResult, Volume};
+use starblk::frontend::{EngineBackend, Slots};
 use starblk::size::parse_size;
 
 #[derive(Parser)]
@@ -165,6 +166,18 @@ struct UpArgs {
     /// Control socket path (default /run/starblk/NAME.sock).
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// ublk hardware queues (one thread each).
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
+    /// Requests in flight per ublk queue.
+    #[arg(long, default_value_t = 128)]
+    queue_depth: u16,
+    /// Largest single I/O the kernel sends (at most 1MiB).
+    #[arg(long, value_parser = parse_size_arg, default_value = "512k")]
+    max_io: u64,
+    /// Discard granularity (default: the volume's block size).
+    #[arg(long, value_parser = parse_size_arg)]
+    discard_granularity: Option<u64>,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -310,6 +323,9 @@ fn status(path: PathBuf, json: bool) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let st: starblk::engine::status::VolumeStatus = serde_json::from_value(v["status"].clone())?;
+    if let Some(dev) = v["device"].as_str() {
+        println!("device {dev}");
+    }
     print!("{st}");
     Ok(ExitCode::SUCCESS)
 }
@@ -336,42 +352,160 @@ fn up(args: UpArgs) -> Result<ExitCode> {
     if let Some(s) = &args.socket {
         cfg.volume.control_socket = Some(s.clone());
     }
-    if args.frontend == Frontend::Ublk {
-        bail!("the ublk frontend is not built into this binary yet; use --frontend none");
-    }
+    let spec = ublk_spec(&cfg, &args)?;
     if !args.foreground {
         return daemonize(&cfg, &args);
     }
+    // Before any thread exists, so every thread inherits the mask and only
+    // the signal thread sees SIGTERM/SIGINT (they mean `down`).
+    let signals = block_stop_signals();
     let fenced = startup::fence(&cfg)?;
-    let vol = Volume::start(fenced.engine, fenced.replicas, Arc::new(NoFrontend));
-    if !vol.wait_quorum(Duration::from_secs(10)) {
-        tracing::warn!("quorum not reached within 10 s; I/O waits until it is");
-    }
-    let (down_tx, down_rx) = mpsc::channel();
     let sock = cfg.socket_path();
-    control::serve(&sock, vol.clone(), down_tx).with_context(|| format!("control socket {}", sock.display()))?;
-    println!("volume {} up (frontend none), control socket {}", cfg.volume.name, sock.display());
-    let _ = down_rx.recv();
-    let caught_up = vol.shutdown(Duration::from_secs(30));
-    if !caught_up {
-        tracing::warn!("some connected replicas did not reach the last seq before shutdown");
+    let device: control::Device = Default::default();
+    let (down_tx, down_rx) = mpsc::channel();
+    spawn_signal_waiter(signals, down_tx.clone());
+    match spec {
+        None => {
+            let vol = Volume::start(fenced.engine, fenced.replicas, Arc::new(NoFrontend));
+            wait_quorum(&vol);
+            control::serve(&sock, vol.clone(), device, down_tx).with_context(|| format!("control socket {}", sock.display()))?;
+            println!("volume {} up (frontend none), control socket {}", cfg.volume.name, sock.display());
+            let _ = down_rx.recv();
+            finish(&vol, &sock);
+        }
+        Some(spec) => up_ublk(&cfg, fenced, spec, device, down_tx, down_rx)?,
     }
-    let _ = std::fs::remove_file(&sock);
     Ok(ExitCode::SUCCESS)
 }
 
+fn wait_quorum(vol: &Volume) {
+    if !vol.wait_quorum(Duration::from_secs(10)) {
+        tracing::warn!("quorum not reached within 10 s; I/O waits until it is");
+    }
+}
+
+/// Waits for every connected replica to catch up, then removes the socket.
+fn finish(vol: &Volume, sock: &Path) {
+    if !vol.shutdown(Duration::from_secs(30)) {
+        tracing::warn!("some connected replicas did not reach the last seq before shutdown");
+    }
+    let _ = std::fs::remove_file(sock);
+}
+
+/// The ublk device settings from the flags, or None for `--frontend none`.
+fn ublk_spec(cfg: &Config, args: &UpArgs) -> Result<Option<starblk_ublk::DeviceSpec>> {
+    if args.frontend == Frontend::None {
+        return Ok(None);
+    }
+    let bs = cfg.volume.block_size;
+    let run_dir = cfg.socket_path().parent().unwrap_or(Path::new(starblk::config::SOCKET_DIR)).to_path_buf();
+    let options = starblk_ublk::UblkOptions {
+        nr_queues: args.queues,
+        queue_depth: args.queue_depth,
+        max_io_bytes: args.max_io.min(starblk_replica::proto::MAX_IO_BYTES as u64) as u32,
+        logical_block_size: bs,
+        physical_block_size: bs,
+        discard_granularity: args.discard_granularity.map(|g| g as u32).unwrap_or(bs),
+        dev_id: None,
+        run_dir,
+    };
+    let spec = starblk_ublk::DeviceSpec { volume: cfg.volume.name.clone(), size: cfg.volume.size_bytes, options };
+    spec.validate().map_err(|e| usage(e.to_string()))?;
+    let in_flight = args.queues as u64 * args.queue_depth as u64 * spec.options.max_io_bytes as u64;
+    if in_flight > cfg.volume.write_queue_bytes {
+        tracing::warn!(in_flight, write_queue = cfg.volume.write_queue_bytes, "write_queue is smaller than queues x depth x max I/O: queue threads may wait for space");
+    }
+    Ok(Some(spec))
+}
+
+fn up_ublk(
+    cfg: &Config,
+    fenced: startup::Fenced,
+    spec: starblk_ublk::DeviceSpec,
+    device: control::Device,
+    down_tx: mpsc::Sender<()>,
+    down_rx: mpsc::Receiver<()>,
+) -> Result<()> {
+    let o = &spec.options;
+    let slots = Slots::new(o.nr_queues as usize, o.queue_depth as usize, spec.size);
+    let vol = Volume::start(fenced.engine, fenced.replicas, slots.clone());
+    wait_quorum(&vol);
+    let sock = cfg.socket_path();
+    control::serve(&sock, vol.clone(), device.clone(), down_tx).with_context(|| format!("control socket {}", sock.display()))?;
+    let (stop_tx, stop_rx) = mpsc::channel::<starblk_ublk::StopHandle>();
+    let v2 = vol.clone();
+    std::thread::spawn(move || {
+        let _ = down_rx.recv();
+        if !v2.drain(Duration::from_secs(30)) {
+            tracing::warn!("writes still pending after 30 s; stopping the device anyway");
+        }
+        if let Ok(stop) = stop_rx.recv() {
+            if let Err(e) = stop.stop() {
+                tracing::error!("stopping the device: {e}");
+            }
+        }
+    });
+    let backend = Arc::new(EngineBackend { volume: vol.clone(), slots });
+    let name = cfg.volume.name.clone();
+    let exit = starblk_ublk::serve(&spec, starblk_ublk::StartMode::Auto, backend, move |live| {
+        let path = live.block_device.display().to_string();
+        let how = if live.recovered { "reattached" } else { "created" };
+        println!("{path}");
+        tracing::info!(volume = %name, device = %path, "{how} device; serving");
+        *device.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
+        let _ = stop_tx.send(live.stop);
+    })
+    .map_err(|e| anyhow::anyhow!("ublk device for volume {}: {e}", cfg.volume.name))?;
+    tracing::info!(?exit, "device no longer served");
+    finish(&vol, &sock);
+    Ok(())
+}
+
+/// Blocks SIGTERM and SIGINT in this thread and every thread it spawns.
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data that sigemptyset/sigaddset initialise;
+    // pthread_sigmask only reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// SIGTERM/SIGINT act like `starblk down`; kill -9 leaves the device for
+/// user recovery.
+fn spawn_signal_waiter(set: libc::sigset_t, down_tx: mpsc::Sender<()>) {
+    std::thread::spawn(move || {
+        let mut sig = 0;
+        // SAFETY: `set` is an initialised signal set and `sig` a live int.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            tracing::info!(signal = sig, "signal: shutting down");
+            let _ = down_tx.send(());
+        }
+    });
+}
+
 /// Re-runs `up` in the foreground as a detached child logging to a file,
-/// and returns once its control socket answers.
+/// and returns once its control socket answers (and, for ublk, once the
+/// device is live). Prints the device path.
 fn daemonize(cfg: &Config, args: &UpArgs) -> Result<ExitCode> {
     use std::os::unix::process::CommandExt;
     let sock = cfg.socket_path();
     let dir = sock.parent().unwrap_or(Path::new("/tmp")).to_path_buf();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let log_path = dir.join(format!("{}.log", cfg.volume.name));
-    let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-    let exe = std::env::current_exe()?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.args(["up", "--foreground", "--frontend", "none", "--socket"]).arg(&sock).arg("--config").arg(&args.config);
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["up", "--foreground", "--socket"]).arg(&sock).arg("--config").arg(&args.config);
+    cmd.args(["--frontend", if args.frontend == Frontend::Ublk { "ublk" } else { "none" }]);
+    cmd.args(["--queues", &args.queues.to_string(), "--queue-depth", &args.queue_depth.to_string()]);
+    cmd.args(["--max-io", &args.max_io.to_string()]);
+    if let Some(g) = args.discard_granularity {
+        cmd.args(["--discard-granularity", &g.to_string()]);
+    }
     cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
     let mut child = cmd.spawn().context("starting the daemon")?;
     std::fs::write(dir.join(format!("{}.pid", cfg.volume.name)), child.id().to_string())?;
@@ -381,15 +515,18 @@ fn daemonize(cfg: &Config, args: &UpArgs) -> Result<ExitCode> {
             let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
             bail!("daemon exited ({st}) before it was ready; log {}:\n{tail}", log_path.display());
         }
-        if control::call(&sock, &ControlRequest::Status, Duration::from_secs(2)).is_ok() {
-            println!(
-                "volume {} up (frontend none), pid {}, socket {}, log {}",
-                cfg.volume.name,
-                child.id(),
-                sock.display(),
-                log_path.display()
-            );
-            return Ok(ExitCode::SUCCESS);
+        if let Ok(v) = control::call(&sock, &ControlRequest::Status, Duration::from_secs(2)) {
+            match v["device"].as_str() {
+                Some(dev) => {
+                    println!("{dev}");
+                    return Ok(ExitCode::SUCCESS);
+                }
+                None if args.frontend == Frontend::None => {
+                    println!("volume {} up (frontend none), pid {}, socket {}", cfg.volume.name, child.id(), sock.display());
+                    return Ok(ExitCode::SUCCESS);
+                }
+                None => {}
+            }
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -28,6 +28,8 @@ pub use link::{LinkState, ReplicaSpec};
 
 /// Region granularity of the read-freshness table.
 const REGION_SHIFT: u32 = 20;
+/// Largest discard or write-zeroes range in one request.
+pub const DISCARD_MAX_BYTES: u64 = 1 << 30;
 /// Spare write buffers kept for reuse.
 const POOL_MAX: usize = 1024;
 
@@ -245,6 +247,22 @@ impl Volume {
         }
     }
 
+    /// Waits (up to `timeout`) until every write submitted so far has
+    /// completed; returns whether it did.
+    pub fn drain(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.shared.lock();
+        let last = g.next_seq - 1;
+        while g.completed_seq < last {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g = self.shared.space.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        true
+    }
+
     /// A snapshot for `status`.
     pub fn status(&self) -> status::VolumeStatus {
         status::snapshot(&self.shared)
@@ -289,15 +307,19 @@ impl Shared {
     }
 
     fn validate(&self, req: &Request<'_>) -> Result<(), IoError> {
-        let (offset, len) = match *req {
-            Request::Read { offset, len } => (offset, len as u64),
-            Request::Write { offset, data, .. } => (offset, data.len() as u64),
-            Request::Discard { offset, len } | Request::WriteZeroes { offset, len } => (offset, len as u64),
+        // Data moves in frames of at most MAX_IO_BYTES; discard and
+        // write-zeroes carry no data and may cover up to DISCARD_MAX_BYTES.
+        let (offset, len, max) = match *req {
+            Request::Read { offset, len } => (offset, len as u64, MAX_IO_BYTES as u64),
+            Request::Write { offset, data, .. } => (offset, data.len() as u64, MAX_IO_BYTES as u64),
+            Request::Discard { offset, len } | Request::WriteZeroes { offset, len } => {
+                (offset, len as u64, DISCARD_MAX_BYTES)
+            }
             Request::Flush => return Ok(()),
         };
         let bs = self.cfg.block_size as u64;
         let ok = len > 0
-            && len <= MAX_IO_BYTES as u64
+            && len <= max
             && offset % bs == 0
             && len % bs == 0
             && offset.checked_add(len).is_some_and(|e| e <= self.cfg.size_bytes);
