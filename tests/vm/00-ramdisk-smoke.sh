@@ -19,7 +19,7 @@ start_ramdisk() {
     shift
     start_bg "$file" ramdisk add "$@"
     DAEMON=$LAST_PID
-    DEV=$(wait_for_line "$file" '^/dev/ublkb[0-9]+$' 60 "$DAEMON")
+    DEV=$(wait_for_line "$file" '^/dev/ublkb[0-9]+$' 60 "$DAEMON") || exit 1
     wait_for_dev "$DEV"
 }
 
@@ -77,7 +77,9 @@ wait_exit "$DAEMON" 30 || fail "daemon exited with status $? after down"
 # ---------------------------------------------------------------- part B
 # File-backed, so the data outlives the daemon like a real backend's would.
 IMG=/data/rd1.img
-start_ramdisk /tmp/rd1.log --size 256M --volume rd1 --file $IMG
+# Two queues and depth 64 at creation; the restarts below pass neither, so
+# recovery must take them from the device.
+start_ramdisk /tmp/rd1.log --size 256M --volume rd1 --file $IMG --queues 2 --depth 64
 ID=${DEV#/dev/ublkb}
 on_cleanup "ramdisk del $ID"
 log "rd1 live at $DEV"

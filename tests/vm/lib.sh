@@ -37,11 +37,15 @@ VM_CLEANUP=""
 
 log() { echo "[$(date +%H:%M:%S)] $*"; }
 
-# Fails the scenario with a message and recent kernel messages.
+# Fails the scenario with a message and recent kernel messages. Writes to
+# stderr so it is seen even inside $(...); there, add `|| exit 1`:
+#   DEV=$(wait_for_line log '^/dev/ublkb' 30) || exit 1
 fail() {
-    echo "FAIL: $*"
-    echo "--- dmesg (tail) ---"
-    dmesg | tail -n 25
+    {
+        echo "FAIL: $*"
+        echo "--- dmesg (tail) ---"
+        dmesg | tail -n 25
+    } >&2
     exit 1
 }
 

@@ -30,6 +30,14 @@ const USAGE: &str = "usage:
 
 fn main() -> ExitCode {
     init_logging();
+    // A panic in any thread must end the daemon: a half-dead process would
+    // keep the device LIVE but unserved. Once it is gone the device is
+    // QUIESCED and a new daemon can recover it.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
     let args: Vec<String> = std::env::args().skip(1).collect();
     let res = match args.first().map(String::as_str) {
         Some("add") => cmd_add(&args[1..]),

@@ -432,23 +432,22 @@ where
     run(spec, ctrl, recovered, backend, on_live)
 }
 
-fn builder(spec: &DeviceSpec, id: Option<u32>) -> UblkCtrlBuilder<'static> {
-    let o = &spec.options;
-    UblkCtrlBuilder::default()
-        .name(TARGET_NAME)
-        .id(id.map_or(-1, |i| i as i32))
-        .nr_queues(o.nr_queues)
-        .depth(o.queue_depth)
-        .io_buf_bytes(o.max_io_bytes)
-}
-
 /// Adds a new device with user recovery, and reissue where the kernel has it.
 fn create_ctrl(spec: &DeviceSpec, id: Option<u32>, features: u64) -> Result<UblkCtrl> {
     let mut flags = u64::from(sys::UBLK_F_USER_RECOVERY);
     if features & u64::from(sys::UBLK_F_USER_RECOVERY_REISSUE) != 0 {
         flags |= u64::from(sys::UBLK_F_USER_RECOVERY_REISSUE);
     }
-    let ctrl = builder(spec, id).ctrl_flags(flags).dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV).build()?;
+    let o = &spec.options;
+    let ctrl = UblkCtrlBuilder::default()
+        .name(TARGET_NAME)
+        .id(id.map_or(-1, |i| i as i32))
+        .nr_queues(o.nr_queues)
+        .depth(o.queue_depth)
+        .io_buf_bytes(o.max_io_bytes)
+        .ctrl_flags(flags)
+        .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+        .build()?;
     let dev_id = ctrl.dev_info().dev_id;
     tracing::info!(dev_id, flags = format_args!("{flags:#x}"), "added ublk device");
     save_record(spec, dev_id)?;
@@ -458,12 +457,24 @@ fn create_ctrl(spec: &DeviceSpec, id: Option<u32>, features: u64) -> Result<Ublk
 /// Reattaches to a quiesced device: START_USER_RECOVERY, then a control
 /// handle in recovery mode whose start ends the recovery.
 fn recover_ctrl(spec: &DeviceSpec, dev_id: u32) -> Result<UblkCtrl> {
+    let probe = UblkCtrl::new_simple(dev_id as i32)?;
+    check_geometry(&probe, spec)?;
+    // Queues, depth and buffer size are the device's, not this run's
+    // options: libublk sizes its per-queue tables from the builder.
+    let info = probe.dev_info();
     // Waits (up to 30 s inside libublk) while the old daemon is still exiting.
-    check(UblkCtrl::new_simple(dev_id as i32)?.start_user_recover())?;
-    let ctrl = builder(spec, Some(dev_id)).dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV).build()?;
-    check_geometry(&ctrl, spec)?;
+    check(probe.start_user_recover())?;
+    drop(probe);
+    let ctrl = UblkCtrlBuilder::default()
+        .name(TARGET_NAME)
+        .id(dev_id as i32)
+        .nr_queues(info.nr_hw_queues)
+        .depth(info.queue_depth)
+        .io_buf_bytes(info.max_io_buf_bytes)
+        .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+        .build()?;
     save_record(spec, dev_id)?;
-    tracing::info!(dev_id, "recovering ublk device");
+    tracing::info!(dev_id, queues = info.nr_hw_queues, depth = info.queue_depth, "recovering ublk device");
     Ok(ctrl)
 }
 
