@@ -1,0 +1,90 @@
+# Helpers for starblk guest scenarios (sourced after lib.sh).
+# Three replicas (local, near, far) on loopback with data on /data (tmpfs).
+
+SB_DIR=/data/sb
+SB_CONF=$SB_DIR/vol.toml
+SB_SOCK=$SB_DIR/vol0.sock
+
+# sb_replicas SIZE: init and serve three replicas, write the config,
+# create the volume. Sets R1..R3 (pids).
+sb_replicas() {
+    size=$1
+    mkdir -p $SB_DIR
+    i=1
+    for role in local near far; do
+        starblk replica init --dir $SB_DIR/r$i --size "$size" --log-size 64M >/dev/null || fail "replica init r$i"
+        sb_serve $i
+        i=$((i + 1))
+    done
+    cat >$SB_CONF <<TOML
+[volume]
+name = "vol0"
+size = "$size"
+quorum = 2
+write_queue = "128MiB"
+control_socket = "$SB_SOCK"
+
+[[replica]]
+name = "local"
+addr = "127.0.0.1:7701"
+role = "local"
+
+[[replica]]
+name = "near"
+addr = "127.0.0.1:7702"
+role = "near"
+
+[[replica]]
+name = "far"
+addr = "127.0.0.1:7703"
+role = "far"
+TOML
+    starblk volume create --config $SB_CONF || fail "volume create"
+}
+
+# sb_serve I: (re)starts replica I; sets R<I> to its pid.
+sb_serve() {
+    start_bg "$SB_DIR/r$1.log" starblk replica serve --dir "$SB_DIR/r$1" --listen "127.0.0.1:770$1"
+    eval "R$1=$LAST_PID"
+    wait_for_line "$SB_DIR/r$1.log" '^listening' 20 "$LAST_PID" >/dev/null || exit 1
+}
+
+# sb_up: starts the daemon in the foreground (background job); sets HE
+# and DEV.
+sb_up() {
+    start_bg "$SB_DIR/he-$(date +%s%N).log" starblk up --config $SB_CONF --foreground
+    HE=$LAST_PID
+    HE_LOG=$(ls -t $SB_DIR/he-*.log | head -n1)
+    DEV=$(wait_for_line "$HE_LOG" '^/dev/ublkb[0-9]+$' 60 "$HE") || exit 1
+    wait_for_dev "$DEV"
+}
+
+# sb_down: `starblk down`, waits for the daemon to exit.
+sb_down() {
+    starblk down --config $SB_CONF || fail "starblk down"
+    wait_exit "$HE" 60 || true
+    [ -b "$DEV" ] && fail "$DEV still exists after down"
+    return 0
+}
+
+# sb_state NAME: the replica's state from `status --json`.
+sb_state() {
+    starblk status --config $SB_CONF --json | tr -d ' \n' | sed 's/},{/}\n{/g' | grep "\"name\":\"$1\"" | sed 's/.*"state":"\([a-z-]*\)".*/\1/'
+}
+
+# sb_wait_state NAME STATE [TIMEOUT]
+sb_wait_state() {
+    t=${3:-60}
+    i=0
+    while [ "$(sb_state "$1")" != "$2" ]; do
+        i=$((i + 1))
+        [ "$i" -gt $((t * 10)) ] && { starblk status --config $SB_CONF; fail "$1 not $2 after ${t}s"; }
+        usleep 100000
+    done
+}
+
+# sb_compare: the three replicas' data files are byte-identical.
+sb_compare() {
+    compare_files $SB_DIR/r1/data $SB_DIR/r2/data
+    compare_files $SB_DIR/r1/data $SB_DIR/r3/data
+}
