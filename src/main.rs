@@ -241,7 +241,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Up(args) | Cmd::Takeover(args) => up(args),
+        Cmd::Up(args) => up(args, false),
+        Cmd::Takeover(args) => up(args, true),
         Cmd::Status { config, volume, socket, json } => status(socket_path(config, volume, socket)?, json),
         Cmd::Down { volume, config, socket } => {
             let path = socket_path(config, volume, socket)?;
@@ -347,12 +348,18 @@ impl Completer for NoFrontend {
     fn complete(&self, _token: u64, _result: IoResult<'_>) {}
 }
 
-fn up(args: UpArgs) -> Result<ExitCode> {
+fn up(args: UpArgs, takeover: bool) -> Result<ExitCode> {
     let mut cfg = load_config(&args.config)?;
     if let Some(s) = &args.socket {
         cfg.volume.control_socket = Some(s.clone());
     }
     let spec = ublk_spec(&cfg, &args)?;
+    // Fencing would cut a live local daemon off its replicas: refuse first.
+    // `takeover` is the deliberate way to fence another HE.
+    let sock = cfg.socket_path();
+    if !takeover && control::call(&sock, &ControlRequest::Status, Duration::from_secs(2)).is_ok() {
+        bail!("volume {} is already served by a running daemon (control socket {}); use `starblk down` first, or `starblk takeover` on a standby host", cfg.volume.name, sock.display());
+    }
     if !args.foreground {
         return daemonize(&cfg, &args);
     }
@@ -360,7 +367,6 @@ fn up(args: UpArgs) -> Result<ExitCode> {
     // the signal thread sees SIGTERM/SIGINT (they mean `down`).
     let signals = block_stop_signals();
     let fenced = startup::fence(&cfg)?;
-    let sock = cfg.socket_path();
     let device: control::Device = Default::default();
     let (down_tx, down_rx) = mpsc::channel();
     spawn_signal_waiter(signals, down_tx.clone());
