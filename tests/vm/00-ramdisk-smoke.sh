@@ -77,9 +77,10 @@ wait_exit "$DAEMON" 30 || fail "daemon exited with status $? after down"
 # ---------------------------------------------------------------- part B
 # File-backed, so the data outlives the daemon like a real backend's would.
 IMG=/data/rd1.img
-# Two queues and depth 64 at creation; the restarts below pass neither, so
-# recovery must take them from the device.
-start_ramdisk /tmp/rd1.log --size 256M --volume rd1 --file $IMG --queues 2 --depth 64
+# Two queues, depth 64: a restart must use the same settings.
+RD1="--size 256M --volume rd1 --file $IMG --queues 2 --depth 64"
+# shellcheck disable=SC2086
+start_ramdisk /tmp/rd1.log $RD1
 ID=${DEV#/dev/ublkb}
 on_cleanup "ramdisk del $ID"
 log "rd1 live at $DEV"
@@ -104,7 +105,15 @@ crash_and_recover() {
     log "after kill -9: $state"
     case "$state" in *QUIESCED* | *LIVE*) ;; *) fail "device not held after the crash: $state" ;; esac
     [ -b "$DEV" ] || fail "$DEV vanished after the crash"
-    start_ramdisk "/tmp/rd1-$1.log" --size 256M --volume rd1 --file $IMG "$@"
+    if [ "$1" = --recover ]; then
+        # A restart with other queue settings must be refused, not served.
+        if ramdisk add --size 256M --volume rd1 --file $IMG --recover "$ID" >/tmp/rd1-bad.log 2>&1; then
+            fail "recovery with different queue settings was accepted"
+        fi
+        grep -q "does not match" /tmp/rd1-bad.log || { cat /tmp/rd1-bad.log; fail "no clear mismatch message"; }
+    fi
+    # shellcheck disable=SC2086
+    start_ramdisk "/tmp/rd1-$1.log" $RD1 "$@"
     [ "$DEV" = "/dev/ublkb$ID" ] || fail "recovered as $DEV, expected /dev/ublkb$ID"
     t1=$(uptime_s)
     log "recovered $DEV ($*): I/O paused $(echo "$t0 $t1" | awk '{printf "%.2f", $2 - $1}')s"
@@ -112,7 +121,7 @@ crash_and_recover() {
 }
 
 crash_and_recover --recover "$ID"
-crash_and_recover --workers 1
+crash_and_recover --workers 1 # automatic: the record names the device
 wait "$FIO"
 fio_check $? "$FIO_LOG"
 

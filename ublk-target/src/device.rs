@@ -459,8 +459,8 @@ fn create_ctrl(spec: &DeviceSpec, id: Option<u32>, features: u64) -> Result<Ublk
 fn recover_ctrl(spec: &DeviceSpec, dev_id: u32) -> Result<UblkCtrl> {
     let probe = UblkCtrl::new_simple(dev_id as i32)?;
     check_geometry(&probe, spec)?;
-    // Queues, depth and buffer size are the device's, not this run's
-    // options: libublk sizes its per-queue tables from the builder.
+    // Equal to the options after check_geometry, but take the device's own
+    // values: libublk sizes its per-queue tables from the builder.
     let info = probe.dev_info();
     // Waits (up to 30 s inside libublk) while the old daemon is still exiting.
     check(probe.start_user_recover())?;
@@ -479,22 +479,54 @@ fn recover_ctrl(spec: &DeviceSpec, dev_id: u32) -> Result<UblkCtrl> {
 }
 
 /// The device keeps the geometry it was created with; serving another
-/// volume size under it would corrupt the file system on top.
+/// volume size under it would corrupt the file system on top. Queues,
+/// depth and buffer size must match too: a backend sizes its tables from
+/// the spec and relies on `queue_id() < nr_queues`, `tag() < queue_depth`
+/// and requests of at most `max_io_bytes`.
 fn check_geometry(ctrl: &UblkCtrl, spec: &DeviceSpec) -> Result<()> {
     let mut p = sys::ublk_params::default();
     check(ctrl.get_params(&mut p))?;
-    let size = p.basic.dev_sectors << 9;
-    let lbs = 1u32 << p.basic.logical_bs_shift;
-    if size == spec.size && lbs == spec.options.logical_block_size {
+    let info = ctrl.dev_info();
+    let o = &spec.options;
+    let have = Shape {
+        size: p.basic.dev_sectors << 9,
+        lbs: 1u32 << p.basic.logical_bs_shift,
+        queues: info.nr_hw_queues,
+        depth: info.queue_depth,
+        max_io: info.max_io_buf_bytes,
+    };
+    let want = Shape {
+        size: spec.size,
+        lbs: o.logical_block_size,
+        queues: o.nr_queues,
+        depth: o.queue_depth,
+        max_io: o.max_io_bytes,
+    };
+    if have == want {
         return Ok(());
     }
-    Err(Error::Mismatch {
-        dev_id: ctrl.dev_info().dev_id,
-        reason: format!(
-            "device has {size} bytes in {lbs}-byte blocks, volume wants {} in {}",
-            spec.size, spec.options.logical_block_size
-        ),
-    })
+    let reason = format!("device has {have}, this run asks for {want}; restart with the settings it was created with");
+    Err(Error::Mismatch { dev_id: info.dev_id, reason })
+}
+
+/// What must not change across a recovery.
+#[derive(Debug, PartialEq, Eq)]
+struct Shape {
+    size: u64,
+    lbs: u32,
+    queues: u16,
+    depth: u16,
+    max_io: u32,
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} bytes in {}-byte blocks, {} queue(s) x depth {}, max I/O {} bytes",
+            self.size, self.lbs, self.queues, self.depth, self.max_io
+        )
+    }
 }
 
 fn save_record(spec: &DeviceSpec, dev_id: u32) -> Result<()> {
