@@ -244,13 +244,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Up(args) => up(args, false),
         Cmd::Takeover(args) => up(args, true),
         Cmd::Status { config, volume, socket, json } => status(socket_path(config, volume, socket)?, json),
-        Cmd::Down { volume, config, socket } => {
-            let path = socket_path(config, volume, socket)?;
-            control::call(&path, &ControlRequest::Down, Duration::from_secs(60))?;
-            wait_gone(&path, Duration::from_secs(60))?;
-            println!("volume down");
-            Ok(ExitCode::SUCCESS)
-        }
+        Cmd::Down { volume, config, socket } => down(config, volume, socket),
         Cmd::Bench { config, pattern, bs, qd, seconds, verify, json, span, seed } => {
             bench(&config, pattern, bs, qd, seconds, verify, json, span, seed)
         }
@@ -328,6 +322,35 @@ fn status(path: PathBuf, json: bool) -> Result<ExitCode> {
         println!("device {dev}");
     }
     print!("{st}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `down`: asks the daemon to flush and stop. If no daemon answers (it was
+/// killed), deletes the device it left for user recovery, if any.
+fn down(config: Option<PathBuf>, volume: Option<String>, socket: Option<PathBuf>) -> Result<ExitCode> {
+    let name = match (&volume, &config) {
+        (Some(v), _) => Some(v.clone()),
+        (None, Some(c)) => Some(load_config(c)?.volume.name),
+        _ => None,
+    };
+    let path = socket_path(config, volume, socket)?;
+    match control::call(&path, &ControlRequest::Down, Duration::from_secs(60)) {
+        Ok(_) => {
+            wait_gone(&path, Duration::from_secs(60))?;
+            println!("volume down");
+        }
+        Err(control::ControlError::Connect { .. }) if name.is_some() => {
+            let run_dir = path.parent().unwrap_or(Path::new(starblk::config::SOCKET_DIR));
+            let name = name.expect("checked");
+            match starblk_ublk::down(run_dir, &name) {
+                Ok(Some(id)) => println!("no daemon was running; deleted /dev/ublkb{id} of volume {name}"),
+                Ok(None) => bail!("no daemon serves volume {name} and it has no device (socket {})", path.display()),
+                Err(e) => bail!("no daemon serves volume {name}; deleting its device failed: {e}"),
+            }
+            let _ = std::fs::remove_file(&path);
+        }
+        Err(e) => return Err(e.into()),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

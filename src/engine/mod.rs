@@ -28,6 +28,8 @@ pub use link::{LinkState, ReplicaSpec};
 
 /// Region granularity of the read-freshness table.
 const REGION_SHIFT: u32 = 20;
+/// Most replicas a volume may have (read routing uses a u64 bitmask).
+pub const MAX_REPLICAS: usize = 64;
 /// Largest discard or write-zeroes range in one request.
 pub const DISCARD_MAX_BYTES: u64 = 1 << 30;
 /// Spare write buffers kept for reuse.
@@ -178,6 +180,7 @@ impl Volume {
     /// Starts links to every replica and returns at once; links connect in
     /// the background. Use [`Volume::wait_connected`] to wait for them.
     pub fn start(cfg: EngineConfig, replicas: Vec<ReplicaSpec>, completer: Arc<dyn Completer>) -> Volume {
+        assert!(replicas.len() <= MAX_REPLICAS, "at most {MAX_REPLICAS} replicas");
         debug_assert!(cfg.quorum >= 1 && cfg.quorum <= replicas.len());
         let regions = (cfg.size_bytes >> REGION_SHIFT) as usize + 1;
         let core = Core {
@@ -464,11 +467,16 @@ impl Shared {
             }
         }
         self.update_quorum_flag(g);
-        let mut durable: Vec<u64> =
-            g.links.iter().filter(|l| l.state == LinkState::UpToDate).map(|l| l.durable_seq).collect();
+        // A stack array, not a Vec: this runs on every ack.
+        let mut durable = [0u64; MAX_REPLICAS];
+        let mut n = 0;
+        for l in g.links.iter().filter(|l| l.state == LinkState::UpToDate) {
+            durable[n] = l.durable_seq;
+            n += 1;
+        }
         let q = self.cfg.quorum;
-        if durable.len() >= q {
-            durable.sort_unstable_by(|a, b| b.cmp(a));
+        if n >= q {
+            durable[..n].sort_unstable_by(|a, b| b.cmp(a));
             let quorum_seq = durable[q - 1].min(g.next_seq - 1);
             if quorum_seq > g.completed_seq {
                 self.complete_through(g, quorum_seq);
