@@ -16,11 +16,13 @@
 //! ```
 
 mod clock;
+mod control;
 mod error;
 mod model;
 mod params;
 mod rx;
 mod stats;
+mod tcp;
 mod udp;
 
 pub use error::{Error, Result};
@@ -30,3 +32,5 @@ pub use params::{
 };
 pub use stats::{DirStats, RelayStats};
 pub use udp::{RelayHandle, UdpRelayConfig};
+pub use control::{reply, Command, ControlServer, Controlled, RelayPair, HELP};
+pub use tcp::{TcpDirStats, TcpParams, TcpRelayConfig, TcpRelayHandle, TcpStats, TCP_SETTING_NAMES};
