@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use crate::log::{self, Batch, Log, RecordHeader, LOG_MIN_BYTES};
-use crate::proto::{Uuid, WriteOp};
+use crate::log::{self, Batch, Log, RecordHeader, LOG_MIN_BYTES, REC_HEADER_BYTES};
+use crate::proto::{Uuid, WriteOp, MAX_IO_BYTES};
 use crate::superblock::{self, Member, Superblock};
 
 /// Default replica log size.
@@ -368,7 +368,14 @@ impl Store {
     }
 
     fn needs_checkpoint(&self, g: &Inner) -> bool {
-        g.applied_unsynced_bytes > 0 && g.log.used_bytes() * 4 >= g.log.size_bytes() * CHECKPOINT_QUARTERS
+        // Also when the free space might refuse the largest record plus the
+        // wrap waste it can cause: in a log near LOG_MIN_BYTES that happens
+        // below half full, and an append waiting for space would wait for a
+        // checkpoint that never starts (replica/tests/store_edge_cases.rs).
+        let worst = 2 * (MAX_IO_BYTES as u64 + REC_HEADER_BYTES as u64) + REC_HEADER_BYTES as u64;
+        let free = g.log.size_bytes().saturating_sub(g.log.used_bytes());
+        g.applied_unsynced_bytes > 0
+            && (g.log.used_bytes() * 4 >= g.log.size_bytes() * CHECKPOINT_QUARTERS || free < worst)
     }
 
     fn commit(&self, batch: &Batch) -> Result<(), StoreError> {

@@ -154,6 +154,10 @@ impl Superblock {
         if self.checkpoint_seq > self.durable_seq {
             return Err("checkpoint beyond durable seq");
         }
+        // Recovery scans the log from checkpoint_seq + 1, which must fit.
+        if self.durable_seq == u64::MAX {
+            return Err("durable seq out of range");
+        }
         Ok(())
     }
 
