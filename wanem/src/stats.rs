@@ -1,6 +1,6 @@
 //! Per-direction counters, updated lock-free by the relay threads.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Acquire, Ordering::Relaxed};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -72,10 +72,13 @@ impl DirCounters {
     }
 
     pub(crate) fn snapshot(&self) -> DirStats {
+        // Acquire pairs with the receiver's Release: every fate recorded
+        // before `received` moved is visible below.
+        let received = self.received.load(Acquire);
         let forwarded = self.forwarded.load(Relaxed);
         let late_sum_ns = self.late_sum_ns.load(Relaxed);
         DirStats {
-            received: self.received.load(Relaxed),
+            received,
             forwarded,
             dropped_loss: self.dropped_loss.load(Relaxed),
             dropped_queue: self.dropped_queue.load(Relaxed),

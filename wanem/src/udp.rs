@@ -14,7 +14,7 @@ use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::Release, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -398,8 +398,15 @@ fn on_datagram(shared: &Shared, dir: Direction, meta: &rx::RxMeta, data: &[u8]) 
         Direction::Down => {}
         Direction::Up => *lock(&shared.client) = Some(meta.from),
     }
-    DirCounters::inc(&d.counters.received);
+    admit(shared, d, meta, data);
+    // Counted after the fate is recorded, so that a reader who sees
+    // `received` = N also sees the drops and `in_flight` of all N.
     d.counters.bytes_received.fetch_add(data.len() as u64, Relaxed);
+    d.counters.received.fetch_add(1, Release);
+}
+
+/// Decides one datagram's fate and records it.
+fn admit(shared: &Shared, d: &DirShared, meta: &rx::RxMeta, data: &[u8]) {
     let (now, now_ns) = (Instant::now(), clock::realtime_ns());
     let arrived_ns = meta.stamp_ns.unwrap_or(now_ns);
     if arrived_ns >= d.cut_at_ns.load(SeqCst) {

@@ -13,7 +13,11 @@ use starblk_wanem::{LinkParams, RelayHandle, UdpRelayConfig};
 
 /// A UDP socket on a free loopback port with a short read timeout.
 pub fn udp_socket() -> UdpSocket {
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+    // Big buffers: a test endpoint must not drop what the relay delivers.
+    s.set_recv_buffer_size(4 << 20).unwrap();
+    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    let s: UdpSocket = s.into();
     s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
     s
 }
@@ -103,14 +107,20 @@ impl Drop for Sink {
 pub fn send_paced(sock: &UdpSocket, to: SocketAddr, relay: &RelayHandle, range: std::ops::Range<u64>, size: usize) {
     let window = 256;
     let base = relay.stats().up.received;
+    let read_by_relay = || relay.stats().up.received - base;
+    let wait_until = |cond: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !cond() && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+    };
     for seq in range.clone() {
         sock.send_to(&numbered(seq, size), to).unwrap();
         let sent = seq - range.start + 1;
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while sent > relay.stats().up.received - base + window && Instant::now() < deadline {
-            std::thread::yield_now();
-        }
+        wait_until(&|| sent <= read_by_relay() + window);
     }
+    // Return only once the relay has read everything (and decided its fate).
+    wait_until(&|| read_by_relay() >= range.end - range.start);
 }
 
 /// A UDP echo server; returns its address. Runs until the process exits.
