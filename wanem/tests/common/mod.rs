@@ -137,3 +137,14 @@ pub fn echo_server() -> SocketAddr {
     });
     addr
 }
+
+/// Waits until the relay has read `n` datagrams client → upstream and has
+/// nothing in flight.
+pub fn wait_relayed(relay: &RelayHandle, n: u64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while relay.stats().up.received < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(relay.stats().up.received, n, "relay did not read every datagram in time");
+    assert!(relay.wait_idle(deadline.saturating_duration_since(Instant::now())));
+}
