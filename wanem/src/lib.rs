@@ -25,12 +25,12 @@ mod stats;
 mod tcp;
 mod udp;
 
+pub use control::{reply, Command, ControlServer, Controlled, RelayPair, HELP};
 pub use error::{Error, Result};
 pub use params::{
     mbit_to_bits, Direction, GilbertElliott, JitterDist, LinkParams, DEFAULT_QUEUE_BYTES, DEFAULT_REORDER_DELAY_MS,
     SETTING_NAMES,
 };
 pub use stats::{DirStats, RelayStats};
-pub use udp::{RelayHandle, UdpRelayConfig};
-pub use control::{reply, Command, ControlServer, Controlled, RelayPair, HELP};
 pub use tcp::{TcpDirStats, TcpParams, TcpRelayConfig, TcpRelayHandle, TcpStats, TCP_SETTING_NAMES};
+pub use udp::{RelayHandle, UdpRelayConfig};

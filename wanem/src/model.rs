@@ -81,8 +81,7 @@ impl LinkModel {
 
     /// Exactly three draws per packet, whatever the parameters.
     fn lose(&mut self) -> bool {
-        let (u_indep, u_step, u_ge): (f64, f64, f64) =
-            (self.loss_rng.gen(), self.loss_rng.gen(), self.loss_rng.gen());
+        let (u_indep, u_step, u_ge): (f64, f64, f64) = (self.loss_rng.gen(), self.loss_rng.gen(), self.loss_rng.gen());
         let indep = u_indep < self.params.loss_prob;
         let Some(ge) = self.params.gilbert_elliott else {
             return indep;
@@ -118,7 +117,8 @@ impl LinkModel {
     /// Propagation delay, jitter, FIFO, reordering and duplication.
     fn propagate(&mut self, depart: Instant) -> Fate {
         // Fixed draws per packet, as in `lose`.
-        let (jitter_ms, u_dup, u_reorder) = (self.jitter_sample_ms(), self.effects_rng.gen::<f64>(), self.effects_rng.gen::<f64>());
+        let (jitter_ms, u_dup, u_reorder) =
+            (self.jitter_sample_ms(), self.effects_rng.gen::<f64>(), self.effects_rng.gen::<f64>());
         let p = &self.params;
         let delay_ms = (p.delay_ms + jitter_ms).max(0.0);
         let mut due = depart + Duration::from_secs_f64(delay_ms / 1e3);

@@ -228,9 +228,7 @@ impl LinkParams {
             "rate_mbit" => self.rate_bits_per_s = mbit_to_bits(name, parse_num(name, value)?)?,
             "queue_bytes" => self.queue_bytes = parse_num(name, value)?,
             "loss" | "loss_prob" => self.loss_prob = parse_num(name, value)?,
-            "ge" | "gilbert_elliott" => {
-                self.gilbert_elliott = if value == "off" { None } else { Some(value.parse()?) }
-            }
+            "ge" | "gilbert_elliott" => self.gilbert_elliott = if value == "off" { None } else { Some(value.parse()?) },
             "dup" | "dup_prob" => self.dup_prob = parse_num(name, value)?,
             "reorder" | "reorder_prob" => self.reorder_prob = parse_num(name, value)?,
             "reorder_delay_ms" => self.reorder_delay_ms = parse_num(name, value)?,

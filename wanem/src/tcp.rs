@@ -450,7 +450,8 @@ fn connect_and_relay(shared: &Arc<Shared>, client: TcpStream) -> io::Result<()> 
     start_writer(shared, Direction::Down, client.try_clone()?, down.clone())?;
     let (s, d) = (shared.clone(), down.clone());
     let up_src = client;
-    shared.spawn_tracked("wanem-tcp-rd-down".into(), move || run_reader(&s, Direction::Down, upstream, &d))
+    shared
+        .spawn_tracked("wanem-tcp-rd-down".into(), move || run_reader(&s, Direction::Down, upstream, &d))
         .map_err(io::Error::other)?;
     run_reader(shared, Direction::Up, up_src, &up);
     // Both readers and writers hold clones; the count drops when this
@@ -461,7 +462,9 @@ fn connect_and_relay(shared: &Arc<Shared>, client: TcpStream) -> io::Result<()> 
 
 fn start_writer(shared: &Arc<Shared>, dir: Direction, dst: TcpStream, pipe: Arc<Pipe>) -> io::Result<()> {
     let s = shared.clone();
-    shared.spawn_tracked(format!("wanem-tcp-wr-{dir}"), move || run_writer(&s, dir, dst, &pipe)).map_err(io::Error::other)
+    shared
+        .spawn_tracked(format!("wanem-tcp-wr-{dir}"), move || run_writer(&s, dir, dst, &pipe))
+        .map_err(io::Error::other)
 }
 
 /// One chunk in flight.

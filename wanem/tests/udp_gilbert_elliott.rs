@@ -25,7 +25,10 @@ fn gilbert_elliott_produces_bursts() {
     let bursts = lost.windows(2).filter(|w| w[1] && !w[0]).count() + usize::from(lost[0]);
     let mean_burst = n_lost as f64 / bursts as f64;
     let rate = n_lost as f64 / N as f64;
-    eprintln!("lost {n_lost} in {bursts} bursts: mean burst {mean_burst:.2} (expect 4), rate {rate:.4} (expect {:.4})", ge.mean_loss());
+    eprintln!(
+        "lost {n_lost} in {bursts} bursts: mean burst {mean_burst:.2} (expect 4), rate {rate:.4} (expect {:.4})",
+        ge.mean_loss()
+    );
     assert_eq!(n_lost as u64, s.dropped_loss, "every missing datagram was a counted loss");
     assert!(mean_burst > 1.5, "losses are bursty");
     assert!((2.8..=5.5).contains(&mean_burst), "mean burst {mean_burst} far from 1/p_bg = 4");

@@ -26,11 +26,8 @@ fn delivery_follows_the_delay_closely() {
         std::thread::sleep(Duration::from_micros(700));
     }
     assert_eq!(sink.wait_for(N as usize, Duration::from_secs(2)), N as usize);
-    let mut err_us: Vec<f64> = sink
-        .received()
-        .iter()
-        .map(|&(seq, at)| (at - sent_at[seq as usize]).as_secs_f64() * 1e6 - 20_000.0)
-        .collect();
+    let mut err_us: Vec<f64> =
+        sink.received().iter().map(|&(seq, at)| (at - sent_at[seq as usize]).as_secs_f64() * 1e6 - 20_000.0).collect();
     err_us.sort_by(f64::total_cmp);
     let s = relay.stats().up;
     eprintln!(

@@ -10,12 +10,16 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use starblk_wanem::{
-    mbit_to_bits, ControlServer, Controlled, GilbertElliott, JitterDist, LinkParams, RelayHandle, RelayPair,
-    TcpParams, TcpRelayConfig, TcpRelayHandle, UdpRelayConfig, DEFAULT_QUEUE_BYTES, DEFAULT_REORDER_DELAY_MS,
+    mbit_to_bits, ControlServer, Controlled, GilbertElliott, JitterDist, LinkParams, RelayHandle, RelayPair, TcpParams,
+    TcpRelayConfig, TcpRelayHandle, UdpRelayConfig, DEFAULT_QUEUE_BYTES, DEFAULT_REORDER_DELAY_MS,
 };
 
 #[derive(Parser)]
-#[command(name = "starblk-wanem", version, about = "WAN emulator: UDP and TCP relays with delay, loss and a cut switch")]
+#[command(
+    name = "starblk-wanem",
+    version,
+    about = "WAN emulator: UDP and TCP relays with delay, loss and a cut switch"
+)]
 struct Cli {
     #[command(subcommand)]
     mode: Mode,
@@ -191,9 +195,7 @@ fn run(mode: &Mode) -> starblk_wanem::Result<()> {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .init();
     // clap exits with 2 on usage errors and 0 for --help.
     let cli = Cli::parse();
