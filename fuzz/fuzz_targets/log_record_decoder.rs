@@ -167,13 +167,12 @@ fn built_scan(data: &[u8]) {
         } else {
             input.u32().max(1)
         };
-        let h = RecordHeader {
-            seq: first_seq.wrapping_add(appended.len() as u64),
-            offset: input.u64(),
-            len,
-            op,
-            epoch: input.u64(),
+        // The scan refuses seq u64::MAX (the seq after it would not fit),
+        // so a log never holds it; stop there.
+        let Some(seq) = first_seq.checked_add(appended.len() as u64).filter(|s| *s < u64::MAX) else {
+            break;
         };
+        let h = RecordHeader { seq, offset: input.u64(), len, op, epoch: input.u64() };
         let fill = input.u8();
         let mut body = input.bytes(h.data_bytes().min(16)).to_vec();
         body.resize(h.data_bytes(), fill);
