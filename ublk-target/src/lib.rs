@@ -25,6 +25,17 @@
 //! Threads: [`serve`] blocks the calling thread and runs one thread per
 //! queue. Each queue thread waits only in its io_uring; backends complete
 //! from any thread through [`Completion`], which wakes the request's task.
+//!
+//! Crash and restart: devices are created with user recovery. If the
+//! daemon dies, the kernel holds I/O on /dev/ublkbN; the next [`serve`]
+//! with [`StartMode::Auto`] (or `Recover(id)`) reattaches to it, and refuses
+//! with [`Error::DeviceBusy`] while the old daemon still serves it. The
+//! recovering run must use the same size, block size, queue count, queue
+//! depth and max I/O size ([`Error::Mismatch`] otherwise).
+//!
+//! Do not run the daemon in a private mount namespace that also mounts its
+//! own device: a daemon that exits as the last task of such a namespace
+//! deadlocks on its own /dev/ublkbN (libublk-rs#50).
 
 mod backend;
 mod completion;
