@@ -33,6 +33,8 @@ pub struct DirStats {
     pub send_errors: u64,
     /// Datagrams accepted by the link and not yet delivered.
     pub in_flight: u64,
+    /// Their payload bytes.
+    pub in_flight_bytes: u64,
     /// Mean lateness of departures versus their due time, in µs: the
     /// relay's own timing precision.
     pub late_mean_us: u64,
@@ -55,6 +57,7 @@ pub(crate) struct DirCounters {
     pub bytes_forwarded: AtomicU64,
     pub send_errors: AtomicU64,
     pub in_flight: AtomicU64,
+    pub in_flight_bytes: AtomicU64,
     late_sum_ns: AtomicU64,
     late_max_ns: AtomicU64,
 }
@@ -90,6 +93,7 @@ impl DirCounters {
             bytes_forwarded: self.bytes_forwarded.load(Relaxed),
             send_errors: self.send_errors.load(Relaxed),
             in_flight: self.in_flight.load(Relaxed),
+            in_flight_bytes: self.in_flight_bytes.load(Relaxed),
             late_mean_us: late_sum_ns.checked_div(forwarded).unwrap_or(0) / 1000,
             late_max_us: self.late_max_ns.load(Relaxed) / 1000,
         }

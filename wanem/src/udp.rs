@@ -62,6 +62,9 @@ pub struct UdpRelayConfig {
     /// beyond it datagrams are counted in `dropped_queue`. This caps memory
     /// when the rate is unlimited and the delay long.
     pub max_in_flight_packets: u64,
+    /// Bound on payload bytes accepted and not yet delivered, per
+    /// direction; same purpose and counter as `max_in_flight_packets`.
+    pub max_in_flight_bytes: u64,
     /// SO_RCVBUF and SO_SNDBUF to request (the kernel may cap them at
     /// net.core.rmem_max / wmem_max).
     pub socket_buffer_bytes: usize,
@@ -77,6 +80,7 @@ impl UdpRelayConfig {
             down: LinkParams::default(),
             seed: None,
             max_in_flight_packets: 65_536,
+            max_in_flight_bytes: 256 << 20,
             socket_buffer_bytes: 4 << 20,
         }
     }
@@ -150,6 +154,7 @@ struct Shared {
     upstream: SocketAddr,
     pool: ArrayQueue<Vec<u8>>,
     max_in_flight_packets: u64,
+    max_in_flight_bytes: u64,
 }
 
 /// A running UDP relay. Methods take `&self`, so the handle can be shared
@@ -186,6 +191,7 @@ impl RelayHandle {
             upstream: cfg.upstream,
             pool: ArrayQueue::new(POOL_BUFFERS),
             max_in_flight_packets: cfg.max_in_flight_packets,
+            max_in_flight_bytes: cfg.max_in_flight_bytes,
         });
         let mut handle = RelayHandle { shared, local_addr, seed, threads: Vec::new() };
         handle.spawn_direction(Direction::Up, client_sock.clone(), upstream_sock.clone())?;
@@ -393,8 +399,11 @@ fn on_datagram(shared: &Shared, dir: Direction, meta: &rx::RxMeta, data: &[u8]) 
         d.counters.dropped_rcvbuf.fetch_max(u64::from(drops), Relaxed);
     }
     match dir {
-        // Only the upstream may talk to us on the upstream socket.
-        Direction::Down if meta.from != shared.upstream => return,
+        // Only the upstream may talk to us on the upstream socket. IP and
+        // port only: IPv6 flow labels may differ from the configured address.
+        Direction::Down if (meta.from.ip(), meta.from.port()) != (shared.upstream.ip(), shared.upstream.port()) => {
+            return
+        }
         Direction::Down => {}
         Direction::Up => *lock(&shared.client) = Some(meta.from),
     }
@@ -412,7 +421,9 @@ fn admit(shared: &Shared, d: &DirShared, meta: &rx::RxMeta, data: &[u8]) {
     if arrived_ns >= d.cut_at_ns.load(SeqCst) {
         return DirCounters::inc(&d.counters.dropped_cut);
     }
-    if d.counters.in_flight.load(Relaxed) >= shared.max_in_flight_packets {
+    let c = &d.counters;
+    let bytes_full = c.in_flight_bytes.load(Relaxed) + data.len() as u64 > shared.max_in_flight_bytes;
+    if c.in_flight.load(Relaxed) >= shared.max_in_flight_packets || bytes_full {
         return DirCounters::inc(&d.counters.dropped_queue);
     }
     let entry = clock::instant_of(arrived_ns, now, now_ns);
@@ -438,6 +449,7 @@ fn enqueue(shared: &Shared, d: &DirShared, due: Instant, data: &[u8]) {
     buf.clear();
     buf.extend_from_slice(data);
     d.counters.in_flight.fetch_add(1, Relaxed);
+    d.counters.in_flight_bytes.fetch_add(data.len() as u64, Relaxed);
     let mut q = lock(&d.queue);
     let seq = q.next_seq;
     q.next_seq += 1;
@@ -508,5 +520,6 @@ fn deliver(shared: &Shared, d: &DirShared, sock: &UdpSocket, p: Pending) {
         None => DirCounters::inc(&d.counters.send_errors),
     }
     d.counters.in_flight.fetch_sub(1, Relaxed);
+    d.counters.in_flight_bytes.fetch_sub(p.buf.len() as u64, Relaxed);
     let _ = shared.pool.push(p.buf); // a full pool just frees the buffer
 }
