@@ -45,6 +45,38 @@ pub(crate) fn enable_stamps(sock: &UdpSocket) {
     }
 }
 
+/// Waits until the kernel stamps datagrams when they arrive, not when they
+/// are read; returns false if it does not within `timeout`.
+///
+/// Linux turns arrival stamping on for the whole host through a static key
+/// that it flips from a work queue some time after the first socket asks for
+/// stamps. Until then `recvmsg` stamps with the read time, which would put
+/// datagrams queued at a cut on the wrong side of it. A probe socket sends
+/// itself a datagram, reads it 2 ms later and checks the stamp is older.
+pub(crate) fn wait_for_arrival_stamps(timeout: std::time::Duration) -> bool {
+    use std::time::{Duration, Instant};
+    let Ok(probe) = UdpSocket::bind("127.0.0.1:0") else { return false };
+    enable_stamps(&probe);
+    let (Ok(addr), Ok(())) = (probe.local_addr(), probe.set_read_timeout(Some(Duration::from_millis(50)))) else {
+        return false;
+    };
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 8];
+    while Instant::now() < deadline {
+        if probe.send_to(&[0], addr).is_err() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        let read_ns = crate::clock::realtime_ns();
+        match recv(&probe, &mut buf) {
+            Ok(RxMeta { stamp_ns: Some(stamp), .. }) if read_ns.saturating_sub(stamp) >= 1_000_000 => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
 /// Control buffer, aligned for `cmsghdr`; 128 bytes hold both messages.
 #[repr(C, align(8))]
 struct Cmsg([u8; 128]);

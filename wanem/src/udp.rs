@@ -40,6 +40,8 @@ const BATCH: usize = 64;
 const POOL_BUFFERS: usize = 4096;
 /// Initial capacity of a fresh buffer; grows to the largest datagram seen.
 const BUFFER_CAPACITY: usize = 2048;
+/// How long start-up waits for the kernel to stamp arrivals.
+const ARRIVAL_STAMP_WAIT: Duration = Duration::from_millis(500);
 /// "Not cut" marker for the cut instant.
 const NOT_CUT: u64 = u64::MAX;
 
@@ -164,6 +166,7 @@ pub struct RelayHandle {
     shared: Arc<Shared>,
     local_addr: SocketAddr,
     seed: u64,
+    arrival_stamps: bool,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -175,7 +178,11 @@ impl RelayHandle {
         let client_sock = Arc::new(bind_udp(cfg.listen, cfg.socket_buffer_bytes)?);
         let upstream_sock = Arc::new(bind_udp(unspecified_like(cfg.upstream), cfg.socket_buffer_bytes)?);
         let local_addr = client_sock.local_addr().map_err(Error::io("reading the listen address"))?;
-        tracing::info!(seed, %local_addr, upstream = %cfg.upstream, "wanem: udp relay started");
+        let arrival_stamps = rx::wait_for_arrival_stamps(ARRIVAL_STAMP_WAIT);
+        if !arrival_stamps {
+            tracing::warn!("wanem: no kernel arrival stamps; a cut applies from the time datagrams are read");
+        }
+        tracing::info!(seed, %local_addr, upstream = %cfg.upstream, arrival_stamps, "wanem: udp relay started");
         let dir_shared = |dir: Direction, params| DirShared {
             dir,
             model: Mutex::new(LinkModel::new(params, seed, dir.index() as u64)),
@@ -193,7 +200,7 @@ impl RelayHandle {
             max_in_flight_packets: cfg.max_in_flight_packets,
             max_in_flight_bytes: cfg.max_in_flight_bytes,
         });
-        let mut handle = RelayHandle { shared, local_addr, seed, threads: Vec::new() };
+        let mut handle = RelayHandle { shared, local_addr, seed, arrival_stamps, threads: Vec::new() };
         handle.spawn_direction(Direction::Up, client_sock.clone(), upstream_sock.clone())?;
         handle.spawn_direction(Direction::Down, upstream_sock, client_sock)?;
         Ok(handle)
@@ -225,6 +232,13 @@ impl RelayHandle {
     /// reproduce a run.
     pub fn seed(&self) -> u64 {
         self.seed
+    }
+
+    /// Whether the kernel stamps datagrams on arrival. If not, a cut
+    /// applies from the moment the relay reads a datagram, so datagrams
+    /// still queued in its socket at the cut are dropped too.
+    pub fn arrival_stamps(&self) -> bool {
+        self.arrival_stamps
     }
 
     /// The parameters of one direction.

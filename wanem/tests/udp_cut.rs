@@ -69,6 +69,7 @@ fn datagrams_queued_in_the_relay_socket_at_the_cut_still_arrive() {
     const N: u64 = 2000;
     let sink = common::Sink::start();
     let relay = common::relay(sink.addr, LinkParams { delay_ms: 20.0, ..Default::default() }, 8);
+    assert!(relay.arrival_stamps(), "this kernel gives no SO_TIMESTAMPNS arrival stamps");
     let client = common::udp_socket();
     for seq in 0..N {
         // On loopback, send_to returns after the datagram is queued at the relay.
@@ -78,7 +79,8 @@ fn datagrams_queued_in_the_relay_socket_at_the_cut_still_arrive() {
     let read_at_cut = relay.stats().up.received;
     eprintln!("relay had read {read_at_cut} of {N} datagrams at the cut");
     client.send_to(&common::numbered(N, 64), relay.local_addr()).unwrap();
-    assert_eq!(sink.wait_for(N as usize, Duration::from_secs(2)), N as usize);
+    let arrived = sink.wait_for(N as usize, Duration::from_secs(2));
+    assert_eq!(arrived, N as usize, "stats: {:?}", relay.stats().up);
     std::thread::sleep(Duration::from_millis(50));
     let s = relay.stats().up;
     assert_eq!((s.received, s.dropped_rcvbuf), (N + 1, 0));
