@@ -153,12 +153,7 @@ pub struct Bench<'a> {
 
 impl<'a> Bench<'a> {
     /// Prepares a bench; `completer`/`rx` must be the pair the volume uses.
-    pub fn new(
-        vol: &'a Volume,
-        completer: Arc<BenchCompleter>,
-        rx: Completions,
-        opts: BenchOptions,
-    ) -> Bench<'a> {
+    pub fn new(vol: &'a Volume, completer: Arc<BenchCompleter>, rx: Completions, opts: BenchOptions) -> Bench<'a> {
         let block_size = vol.config().block_size;
         let blocks = (opts.span_bytes / block_size as u64) as usize;
         Bench {

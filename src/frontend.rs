@@ -72,11 +72,15 @@ impl BlockBackend for EngineBackend {
             BlockRequest::Flush => Request::Flush,
             BlockRequest::Discard { offset, len } => match u32::try_from(len) {
                 Ok(len) => Request::Discard { offset, len },
-                Err(_) => return done.complete(Err(UblkError::OutOfRange { offset, len, size: self.slots.size_bytes })),
+                Err(_) => {
+                    return done.complete(Err(UblkError::OutOfRange { offset, len, size: self.slots.size_bytes }))
+                }
             },
             BlockRequest::WriteZeroes { offset, len, .. } => match u32::try_from(len) {
                 Ok(len) => Request::WriteZeroes { offset, len },
-                Err(_) => return done.complete(Err(UblkError::OutOfRange { offset, len, size: self.slots.size_bytes })),
+                Err(_) => {
+                    return done.complete(Err(UblkError::OutOfRange { offset, len, size: self.slots.size_bytes }))
+                }
             },
         };
         // The slot must hold the completion before the engine can finish it.

@@ -2,6 +2,6 @@ pub mod bench;
 pub mod config;
 pub mod control;
 pub mod engine;
+pub mod frontend;
 pub mod plan;
 pub mod size;
-pub mod frontend;

@@ -395,9 +395,10 @@ fn up(args: UpArgs, takeover: bool) -> Result<ExitCode> {
     spawn_signal_waiter(signals, down_tx.clone());
     match spec {
         None => {
-            let vol = Volume::start(fenced.engine, fenced.replicas, Arc::new(NoFrontend));
+            let vol = Volume::start_fenced(fenced, Arc::new(NoFrontend));
             wait_quorum(&vol);
-            control::serve(&sock, vol.clone(), device, down_tx).with_context(|| format!("control socket {}", sock.display()))?;
+            control::serve(&sock, vol.clone(), device, down_tx)
+                .with_context(|| format!("control socket {}", sock.display()))?;
             println!("volume {} up (frontend none), control socket {}", cfg.volume.name, sock.display());
             let _ = down_rx.recv();
             finish(&vol, &sock);
@@ -442,7 +443,11 @@ fn ublk_spec(cfg: &Config, args: &UpArgs) -> Result<Option<starblk_ublk::DeviceS
     spec.validate().map_err(|e| usage(e.to_string()))?;
     let in_flight = args.queues as u64 * args.queue_depth as u64 * spec.options.max_io_bytes as u64;
     if in_flight > cfg.volume.write_queue_bytes {
-        tracing::warn!(in_flight, write_queue = cfg.volume.write_queue_bytes, "write_queue is smaller than queues x depth x max I/O: queue threads may wait for space");
+        tracing::warn!(
+            in_flight,
+            write_queue = cfg.volume.write_queue_bytes,
+            "write_queue is smaller than queues x depth x max I/O: queue threads may wait for space"
+        );
     }
     Ok(Some(spec))
 }
@@ -457,10 +462,11 @@ fn up_ublk(
 ) -> Result<()> {
     let o = &spec.options;
     let slots = Slots::new(o.nr_queues as usize, o.queue_depth as usize, spec.size);
-    let vol = Volume::start(fenced.engine, fenced.replicas, slots.clone());
+    let vol = Volume::start_fenced(fenced, slots.clone());
     wait_quorum(&vol);
     let sock = cfg.socket_path();
-    control::serve(&sock, vol.clone(), device.clone(), down_tx).with_context(|| format!("control socket {}", sock.display()))?;
+    control::serve(&sock, vol.clone(), device.clone(), down_tx)
+        .with_context(|| format!("control socket {}", sock.display()))?;
     let (stop_tx, stop_rx) = mpsc::channel::<starblk_ublk::StopHandle>();
     let v2 = vol.clone();
     std::thread::spawn(move || {
@@ -526,7 +532,11 @@ fn daemonize(cfg: &Config, args: &UpArgs) -> Result<ExitCode> {
     let dir = sock.parent().unwrap_or(Path::new("/tmp")).to_path_buf();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let log_path = dir.join(format!("{}.log", cfg.volume.name));
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.args(["up", "--foreground", "--socket"]).arg(&sock).arg("--config").arg(&args.config);
     cmd.args(["--frontend", if args.frontend == Frontend::Ublk { "ublk" } else { "none" }]);
@@ -551,7 +561,12 @@ fn daemonize(cfg: &Config, args: &UpArgs) -> Result<ExitCode> {
                     return Ok(ExitCode::SUCCESS);
                 }
                 None if args.frontend == Frontend::None => {
-                    println!("volume {} up (frontend none), pid {}, socket {}", cfg.volume.name, child.id(), sock.display());
+                    println!(
+                        "volume {} up (frontend none), pid {}, socket {}",
+                        cfg.volume.name,
+                        child.id(),
+                        sock.display()
+                    );
                     return Ok(ExitCode::SUCCESS);
                 }
                 None => {}
@@ -591,7 +606,7 @@ fn bench(
     }
     let fenced = startup::fence(&cfg)?;
     let (completer, rx) = BenchCompleter::new(qd, bs as u32);
-    let vol = Volume::start(fenced.engine, fenced.replicas, completer.clone());
+    let vol = Volume::start_fenced(fenced, completer.clone());
     if !vol.wait_quorum(Duration::from_secs(10)) {
         bail!("quorum of {} up-to-date replicas not reached within 10 s", cfg.volume.quorum);
     }

@@ -91,7 +91,7 @@ impl Harness {
     fn engine(&self) -> BlockingVolume {
         let fenced = startup::fence(&self.cfg).unwrap();
         let waiters = Arc::new(Waiters::default());
-        let volume = Volume::start(fenced.engine, fenced.replicas, waiters.clone());
+        let volume = Volume::start_fenced(fenced, waiters.clone());
         assert!(volume.wait_quorum(Duration::from_secs(10)));
         BlockingVolume { volume, waiters }
     }

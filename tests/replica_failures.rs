@@ -103,3 +103,37 @@ fn read_only_mode_fails_writes_but_serves_reads() {
     let got = v.read(8192, 4096).unwrap();
     assert!(starblk::bench::check_stamp(&got, 8192, 5));
 }
+
+#[test]
+fn new_he_seeds_replicas_behind_the_branch_point_from_the_leaders_log() {
+    let mut c = Cluster::new(3, 2, SIZE, "");
+    let v = c.engine();
+    for i in 0..50u64 {
+        v.write(i * 4096, &block(i * 4096, i + 1, 4096)).unwrap();
+    }
+    // r2 misses the next writes; then the HE stops (its links close) so
+    // that only the next HE can bring r2 forward.
+    c.replicas[2].kill();
+    for i in 50..120u64 {
+        v.write(i * 4096, &block(i * 4096, i + 1, 4096)).unwrap();
+    }
+    v.volume.shutdown(Duration::from_millis(10));
+    c.replicas[2].start();
+    let v2 = c.engine();
+    let st = v2.volume.status();
+    assert!(st.start_seq >= 120, "branch point {} lost acknowledged writes", st.start_seq);
+    wait_until(Duration::from_secs(20), "r2 caught up from the seeded queue", || {
+        state_of(&v2, "r2") == LinkState::UpToDate
+    });
+    v2.write(200 * 4096, &block(200 * 4096, 999, 4096)).unwrap();
+    for i in 0..120u64 {
+        let got = v2.read(i * 4096, 4096).unwrap();
+        assert!(starblk::bench::check_stamp(&got, i * 4096, i + 1), "block {i}");
+    }
+    assert!(v2.volume.shutdown(Duration::from_secs(20)));
+    for r in &mut c.replicas {
+        r.kill();
+    }
+    let d0 = c.replicas[0].data();
+    assert!(d0 == c.replicas[1].data() && d0 == c.replicas[2].data(), "replicas differ");
+}

@@ -109,6 +109,12 @@ pub enum FrameType {
     Stats = 12,
     /// Replica → HE: counters as JSON.
     StatsReply = 13,
+    /// HE → replica: send log records `from..=to` (u64, u64).
+    LogRead = 14,
+    /// Replica → HE: one log record, in the Write payload format.
+    LogRecord = 15,
+    /// Replica → HE: end of a LogRead; first seq not sent (u64).
+    LogEnd = 16,
 }
 
 impl FrameType {
@@ -128,6 +134,9 @@ impl FrameType {
             11 => Stamp,
             12 => Stats,
             13 => StatsReply,
+            14 => LogRead,
+            15 => LogRecord,
+            16 => LogEnd,
             _ => return None,
         })
     }

@@ -238,6 +238,7 @@ impl Server {
             }
             FrameType::SetEpoch => self.set_epoch(s, proto::decode_u64(kind, p).map_err(malformed)?),
             FrameType::Stamp => self.stamp(s, p),
+            FrameType::LogRead => self.log_read(s, proto::decode_u64_pair(kind, p).map_err(malformed)?),
             other => {
                 Err(reject("unexpected_type", ErrorCode::BadState, format!("{other:?} not valid from a client"), true))
             }
@@ -328,6 +329,35 @@ impl Server {
         })?;
         s.epoch = Some(self.store.epoch());
         s.writer.send(FrameType::Ack, &[&proto::encode_u64(self.store.epoch())]).map_err(io_reject)
+    }
+
+    /// Streams log records `from..=to` as LogRecord frames, then LogEnd.
+    fn log_read(&self, s: &mut Session, (from, to): (u64, u64)) -> Result<(), Reject> {
+        let mut send_err = None;
+        let res = self.store.read_log(from, to, |h, data| {
+            let wh = WriteHeader { seq: h.seq, offset: h.offset, len: h.len, op: h.op };
+            match s.writer.send(FrameType::LogRecord, &[&wh.encode(), data]) {
+                Ok(()) => true,
+                Err(e) => {
+                    send_err = Some(e);
+                    false
+                }
+            }
+        });
+        if let Some(e) = send_err {
+            return Err(io_reject(e));
+        }
+        match res {
+            Ok(next) => s.writer.send(FrameType::LogEnd, &[&proto::encode_u64(next)]).map_err(io_reject),
+            Err(e) => Err(Reject {
+                reason: "not_in_log",
+                code: ErrorCode::OutOfRange,
+                seq: from,
+                offset: 0,
+                message: e.to_string(),
+                close: false,
+            }),
+        }
     }
 
     /// Counters as JSON, for the Stats frame.

@@ -49,6 +49,9 @@ pub enum StoreError {
     /// The disk failed earlier; the store refuses writes until restarted.
     #[error("store failed: {0}")]
     Failed(String),
+    /// Log records requested are older than the checkpoint.
+    #[error("seq {from} is no longer in the replica log (it starts at {first})")]
+    NotInLog { from: u64, first: u64 },
     /// A stamp conflicts with the existing identity.
     #[error("replica already belongs to another volume")]
     WrongVolume,
@@ -161,14 +164,15 @@ impl Store {
             Superblock::read(&sb_file).map_err(|source| StoreError::Superblock { dir: dir.to_path_buf(), source })?;
         let data = open(&p.data)?;
         let log_file = open(&p.log)?;
-        let (next, head) = replay(&sb, &data, &log_file, &p)?;
+        let (next, head, used) = replay(&sb, &data, &log_file, &p)?;
         let store = Arc::new(Store {
             dir: dir.to_path_buf(),
             inner: Mutex::new(Inner {
-                log: Log::new(sb.log_bytes, head, 0),
+                log: Log::new(sb.log_bytes, head, used),
                 last_seq: next - 1,
                 committing: false,
-                applied_unsynced_bytes: 0,
+                // Replayed records are in the (synced) data file already.
+                applied_unsynced_bytes: used,
                 shutdown: false,
             }),
             cond: Condvar::new(),
@@ -183,7 +187,10 @@ impl Store {
             commits: AtomicU64::new(0),
             writes: AtomicU64::new(0),
         });
-        store.checkpoint_meta(next - 1, head)?;
+        // The tail stays where it was: the replayed records remain readable
+        // for peers and a new HE (`read_log`) until a checkpoint needs room.
+        // The durable seq found is recorded (it is a lower bound after this).
+        store.record_durable(next - 1)?;
         let s2 = store.clone();
         let h = std::thread::Builder::new()
             .name("committer".into())
@@ -269,6 +276,43 @@ impl Store {
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         self.check_range(offset, buf.len() as u64)?;
         self.data.read_exact_at(buf, offset).map_err(io_err("read data", &self.dir))
+    }
+
+    /// Calls `f` for every durable log record with seq in `from..=to`, in
+    /// order, stopping early when `f` returns false. Fails if `from` is at
+    /// or below the checkpoint (those records are no longer in the log).
+    /// Returns the first seq not delivered.
+    pub fn read_log<F>(&self, from: u64, to: u64, mut f: F) -> Result<u64, StoreError>
+    where
+        F: FnMut(&RecordHeader, &[u8]) -> bool,
+    {
+        let (tail, first, log_bytes) = {
+            let g = lock(&self.sb);
+            (g.1.log_tail_offset, g.1.checkpoint_seq + 1, g.1.log_bytes)
+        };
+        if from < first {
+            return Err(StoreError::NotInLog { from, first });
+        }
+        let to = to.min(self.durable_seq());
+        let mut next = from;
+        let stop = io::Error::other("stop");
+        let res = log::scan(&self.log_file, log_bytes, tail, first, |h, d| {
+            if h.seq > to {
+                return Err(io::Error::other("stop"));
+            }
+            if h.seq >= from {
+                if !f(h, d) {
+                    return Err(io::Error::other("stop"));
+                }
+                next = h.seq + 1;
+            }
+            Ok(())
+        });
+        match res {
+            Ok(_) => Ok(next),
+            Err(e) if e.kind() == stop.kind() && e.to_string() == "stop" => Ok(next),
+            Err(e) => Err(StoreError::Io { what: "log read", path: self.dir.clone(), source: e }),
+        }
     }
 
     /// Raises the epoch (never lowers it) and persists it before returning.
@@ -409,6 +453,13 @@ impl Store {
         Ok(())
     }
 
+    fn record_durable(&self, seq: u64) -> Result<(), StoreError> {
+        let mut g = lock(&self.sb);
+        let (f, sb) = &mut *g;
+        sb.durable_seq = seq;
+        sb.write_next(f).map_err(|source| StoreError::Superblock { dir: self.dir.clone(), source })
+    }
+
     fn checkpoint_meta(&self, seq: u64, tail: u64) -> Result<(), StoreError> {
         let mut g = lock(&self.sb);
         let (f, sb) = &mut *g;
@@ -427,11 +478,11 @@ impl Store {
 }
 
 /// Replays the log after the checkpoint into the data file and syncs it.
-/// Returns (next seq, log head).
-fn replay(sb: &Superblock, data: &File, log_file: &File, p: &Paths) -> Result<(u64, u64), StoreError> {
+/// Returns (next seq, log head, log bytes in use since the tail).
+fn replay(sb: &Superblock, data: &File, log_file: &File, p: &Paths) -> Result<(u64, u64, u64), StoreError> {
     let size = sb.size_bytes;
     let mut bad = None;
-    let (next, head, _) = log::scan(log_file, sb.log_bytes, sb.log_tail_offset, sb.checkpoint_seq + 1, |h, d| {
+    let (next, head, used) = log::scan(log_file, sb.log_bytes, sb.log_tail_offset, sb.checkpoint_seq + 1, |h, d| {
         if h.offset.checked_add(h.len as u64).is_none_or(|e| e > size) {
             bad = Some(h.seq);
             return Err(io::Error::new(io::ErrorKind::InvalidData, "log record outside volume"));
@@ -446,7 +497,7 @@ fn replay(sb: &Superblock, data: &File, log_file: &File, p: &Paths) -> Result<(u
     if next - 1 > sb.checkpoint_seq {
         tracing::info!(from = sb.checkpoint_seq + 1, to = next - 1, "replayed replica log");
     }
-    Ok((next, head))
+    Ok((next, head, used))
 }
 
 /// Applies one record to the data file.

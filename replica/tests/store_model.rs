@@ -217,7 +217,7 @@ struct Open {
 }
 
 impl Open {
-    fn open(dir: &Path) -> Open {
+    fn start(dir: &Path) -> Open {
         let (store, committer) = Store::open(dir).unwrap_or_else(|e| panic!("open {}: {e}", dir.display()));
         Open { store, committer }
     }
@@ -303,7 +303,7 @@ fn run(steps: &[Step]) -> Stats {
     let mut generation = 0;
     let mut dir = root.path().join("r0");
     store::init(&dir, VOLUME, LOG_MIN_BYTES).expect("init");
-    let mut o = Open::open(&dir);
+    let mut o = Open::start(&dir);
     let mut hist = History::default();
     let mut since_crash = 0;
     let mut last_checkpoint = 0;
@@ -378,7 +378,7 @@ fn run(steps: &[Step]) -> Stats {
                 }
 
                 dir = copy;
-                o = Open::open(&dir);
+                o = Open::start(&dir);
                 let d = o.store.durable_seq();
                 assert!(d >= s, "crash after seq {s} was acknowledged, but the replica reopened at {d}");
                 assert!(d <= last, "replica reopened at {d}, past the last write {last}");
@@ -399,7 +399,7 @@ fn run(steps: &[Step]) -> Stats {
     let last = hist.last_seq();
     o.wait_durable(last);
     o.close();
-    let o = Open::open(&dir);
+    let o = Open::start(&dir);
     assert_eq!(o.store.durable_seq(), last, "clean restart lost writes");
     let got = o.volume();
     let want = hist.model_at(last);

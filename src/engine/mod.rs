@@ -212,6 +212,14 @@ impl Volume {
         Volume { shared }
     }
 
+    /// Starts from the outcome of fencing: the write queue is seeded with
+    /// the writes up to the branch point that some replicas miss.
+    pub fn start_fenced(f: startup::Fenced, completer: Arc<dyn Completer>) -> Volume {
+        let v = Volume::start(f.engine, f.replicas, completer);
+        v.shared.seed(f.seed);
+        v
+    }
+
     /// Waits until Q replicas are up to date, or `timeout` passes.
     pub fn wait_quorum(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
@@ -307,6 +315,23 @@ impl Volume {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Core> {
         self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Puts already-completed history (seqs ending at the branch point) at
+    /// the front of an empty write queue, for quick recovery.
+    fn seed(&self, entries: Vec<starblk_replica::client::LogEntry>) {
+        let mut g = self.lock();
+        debug_assert!(g.queue.is_empty());
+        debug_assert!(entries.last().is_none_or(|e| e.0.seq == g.completed_seq));
+        for (h, data) in entries {
+            let e = Entry { seq: h.seq, offset: h.offset, len: h.len, op: h.op, data: Arc::new(data), token: None };
+            g.queue_bytes += e.bytes();
+            g.queue.push_back(e);
+        }
+        drop(g);
+        for l in &self.links {
+            l.wake();
+        }
     }
 
     fn validate(&self, req: &Request<'_>) -> Result<(), IoError> {

@@ -8,7 +8,7 @@
 use std::thread;
 use std::time::Duration;
 
-use starblk_replica::client::{self, ClientError};
+use starblk_replica::client::{self, ClientError, LogEntry};
 use starblk_replica::proto::{self, FrameType, HelloOk, Stamp, Uuid};
 use starblk_replica::superblock::Member;
 
@@ -47,6 +47,10 @@ pub struct Fenced {
     pub engine: EngineConfig,
     /// Every configured replica with its durable seq (0 if unreachable).
     pub replicas: Vec<ReplicaSpec>,
+    /// Writes up to the branch point that some fenced replicas miss, read
+    /// from the most advanced replica's log: they seed the write queue so
+    /// those replicas catch up by quick recovery.
+    pub seed: Vec<LogEntry>,
 }
 
 fn probe_all(cfg: &Config) -> Vec<Result<HelloOk, ClientError>> {
@@ -100,7 +104,7 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
         epoch,
         start_seq,
     };
-    let replicas = cfg
+    let replicas: Vec<ReplicaSpec> = cfg
         .replicas
         .iter()
         .zip(&durables)
@@ -111,7 +115,44 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
             initial_durable_seq: d.unwrap_or(0),
         })
         .collect();
-    Ok(Fenced { engine, replicas })
+    let seed = seed_from_leader(cfg, &engine, &durables);
+    Ok(Fenced { engine, replicas, seed })
+}
+
+/// Reads the writes (lowest fenced durable seq, branch point] from the
+/// replica that has them all. Returns nothing if every fenced replica is
+/// at the branch point, or if the range no longer fits in its log or in
+/// the write queue (those replicas then stay lagging until full recovery).
+fn seed_from_leader(cfg: &Config, engine: &EngineConfig, durables: &[Option<u64>]) -> Vec<LogEntry> {
+    let start = engine.start_seq;
+    let low = durables.iter().flatten().copied().min().unwrap_or(start);
+    let Some(leader) = durables.iter().position(|d| *d == Some(start)) else { return Vec::new() };
+    if low >= start {
+        return Vec::new();
+    }
+    let addr = &cfg.replicas[leader].addr;
+    let hello = proto::Hello { volume: engine.volume, epoch: engine.epoch, flags: 0 };
+    let res = client::connect(addr, hello, PROBE_TIMEOUT)
+        .and_then(|mut s| s.read_log(low + 1, start, engine.write_queue_bytes / 2));
+    match res {
+        Ok((entries, next)) if next == start + 1 && entries.first().is_some_and(|e| e.0.seq == low + 1) => {
+            tracing::info!(from = low + 1, to = start, leader = %cfg.replicas[leader].name, "seeding the write queue for replicas behind the branch point");
+            entries
+        }
+        Ok((_, next)) => {
+            tracing::warn!(
+                from = low + 1,
+                to = start,
+                got_to = next,
+                "write queue cannot hold the whole range; replicas behind it stay lagging"
+            );
+            Vec::new()
+        }
+        Err(e) => {
+            tracing::warn!("could not read the leader's log to seed the write queue: {e}");
+            Vec::new()
+        }
+    }
 }
 
 /// Raises the epoch on one replica and returns its durable seq.

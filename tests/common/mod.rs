@@ -124,7 +124,7 @@ impl Cluster {
     pub fn engine(&self) -> BlockingVolume {
         let fenced = startup::fence(&self.load()).expect("fence");
         let waiters = Arc::new(Waiters::default());
-        let volume = Volume::start(fenced.engine, fenced.replicas, waiters.clone());
+        let volume = Volume::start_fenced(fenced, waiters.clone());
         assert!(volume.wait_quorum(Duration::from_secs(10)), "quorum not reached");
         BlockingVolume { volume, waiters }
     }

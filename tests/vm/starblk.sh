@@ -51,10 +51,12 @@ sb_serve() {
 
 # sb_up: starts the daemon in the foreground (background job); sets HE
 # and DEV.
+SB_UPS=0
 sb_up() {
-    start_bg "$SB_DIR/he-$(date +%s%N).log" starblk up --config $SB_CONF --foreground
+    SB_UPS=$((SB_UPS + 1))
+    HE_LOG=$SB_DIR/he-$SB_UPS.log
+    start_bg "$HE_LOG" starblk up --config $SB_CONF --foreground
     HE=$LAST_PID
-    HE_LOG=$(ls -t $SB_DIR/he-*.log | head -n1)
     DEV=$(wait_for_line "$HE_LOG" '^/dev/ublkb[0-9]+$' 60 "$HE") || exit 1
     wait_for_dev "$DEV"
 }
