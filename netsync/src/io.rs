@@ -1,0 +1,822 @@
+//! The link's I/O thread: one per link, owning the socket and all protocol
+//! state. It waits in `ppoll` on the socket (data, error queue, and
+//! writability when the send buffer was full) and on an eventfd the
+//! application's calls poke; each turn it runs the timers, transmits what
+//! pacing allows, and publishes progress.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use socket2::Socket;
+
+use crate::config::LinkConfig;
+use crate::pacer::{Pacer, RateLimit};
+use crate::rx::{Rx, RxLimits};
+use crate::shared::{lock, LinkEvent, Shared};
+use crate::stamps::{Covers, WireTracker};
+use crate::stats::{LinkStats, RejectReason, Rejected, TxStats, WireMode};
+use crate::sys::{self, Stamp};
+use crate::tx::{OutMsg, Pending, Tx};
+use crate::wire::{
+    self, AckPayload, DatagramError, Header, HelloPayload, Kind, NackPayload, PeerCounters, FLAG_REPLY,
+};
+
+/// Most datagrams sent per loop turn before looking at the socket again.
+const TX_BATCH: usize = 64;
+/// Most datagrams read per loop turn.
+const RX_BATCH: usize = 256;
+/// Most nack datagrams per nack tick.
+const NACKS_PER_TICK: usize = 4;
+/// Pause after a send error other than "buffer full".
+const SEND_ERROR_BACKOFF: Duration = Duration::from_millis(10);
+/// Longest sleep, so a missed wake costs at most this.
+const MAX_SLEEP: Duration = Duration::from_millis(100);
+/// Stats snapshots at most this often while busy.
+const PUBLISH_EVERY: Duration = Duration::from_millis(2);
+/// Largest datagram read (UDP's maximum, so nothing is ever cut).
+const RX_BUFFER_BYTES: usize = 65_536;
+
+/// Which end of the handshake this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Sends hellos until answered (`Link::connect`).
+    Initiator,
+    /// Answers a hello the listener received (`Listener::accept`).
+    Responder,
+}
+
+/// What became of a send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    Ok,
+    /// Try again later (buffer full or a transient error).
+    Later,
+}
+
+/// The socket plus what every send touches: the stamp tracker and counters.
+#[derive(Debug)]
+struct Net {
+    sock: Socket,
+    tracker: WireTracker,
+    /// The send buffer was full: wait for POLLOUT.
+    blocked: bool,
+    backoff_until: Option<Instant>,
+    last_error_log: Option<Instant>,
+    bytes_sent: u64,
+    send_errors: u64,
+}
+
+impl Net {
+    fn fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    /// Sends one datagram; `covers` asks for a TX timestamp and says what
+    /// it stands for.
+    fn send(&mut self, bytes: &[u8], covers: Option<Covers>, now: Instant) -> Sent {
+        let mut stamp = if covers.is_some() { self.tracker.stamp_request() } else { Stamp::None };
+        let mut refused_retried = false;
+        loop {
+            let realtime_ns = sys::realtime_ns();
+            let err = match sys::send(self.fd(), bytes, stamp) {
+                Ok(_) => {
+                    self.bytes_sent += bytes.len() as u64;
+                    if let Some(c) = covers {
+                        self.tracker.on_sent(c, stamp, now, realtime_ns);
+                    }
+                    return Sent::Ok;
+                }
+                Err(e) => e,
+            };
+            match (err.raw_os_error(), stamp) {
+                (Some(libc::EINVAL), Stamp::Explicit(_)) => {
+                    self.tracker.explicit_refused();
+                    stamp = self.tracker.stamp_request();
+                }
+                (Some(libc::EINVAL), Stamp::Counter) => {
+                    self.tracker.stamps_refused();
+                    stamp = Stamp::None;
+                }
+                // A pending ICMP error from an earlier datagram is reported
+                // once, by this call; the datagram itself was not sent.
+                (Some(libc::ECONNREFUSED), _) if !refused_retried => refused_retried = true,
+                _ => return self.failed(&err, stamp, now),
+            }
+        }
+    }
+
+    fn failed(&mut self, err: &io::Error, stamp: Stamp, now: Instant) -> Sent {
+        self.tracker.on_send_failed(stamp);
+        if sys::is_would_block(err) {
+            self.blocked = true;
+            return Sent::Later;
+        }
+        self.send_errors += 1;
+        self.backoff_until = Some(now + SEND_ERROR_BACKOFF);
+        if self.last_error_log.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
+            tracing::warn!("netsync send failed (retrying): {err}");
+            self.last_error_log = Some(now);
+        }
+        Sent::Later
+    }
+
+    fn can_send(&self, now: Instant) -> bool {
+        !self.blocked && self.backoff_until.is_none_or(|t| now >= t)
+    }
+}
+
+/// Round-trip time from ack timestamp echoes.
+#[derive(Debug, Default)]
+struct Rtt {
+    srtt: Duration,
+    rttvar: Duration,
+    /// The peer's last `ts_us` and when it came.
+    peer_ts: Option<(u64, Instant)>,
+}
+
+impl Rtt {
+    fn sample(&mut self, rtt: Duration) {
+        if self.srtt.is_zero() {
+            self.srtt = rtt;
+            self.rttvar = rtt / 2;
+            return;
+        }
+        let diff = if rtt > self.srtt { rtt - self.srtt } else { self.srtt - rtt };
+        self.rttvar = (self.rttvar * 3 + diff) / 4;
+        self.srtt = (self.srtt * 7 + rtt) / 8;
+    }
+}
+
+/// See the module docs.
+pub(crate) struct Io {
+    shared: Arc<Shared>,
+    cfg: LinkConfig,
+    role: Role,
+    link_id: u32,
+    nonce: u64,
+    peer_nonce: u64,
+    net: Net,
+    tx: Tx,
+    rx: Rx,
+    pacer: Pacer,
+    nack_limit: RateLimit,
+    established: bool,
+    rtt: Rtt,
+    epoch: Instant,
+    last_hello: Option<Instant>,
+    last_ack: Instant,
+    last_nack_tick: Instant,
+    last_rx: Instant,
+    peer_silent: bool,
+    peer_rx: PeerCounters,
+    tx_stats: TxStats,
+    rejected: Rejected,
+    last_publish: Instant,
+    buf: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+/// How a link end starts.
+pub(crate) struct Start {
+    pub role: Role,
+    pub link_id: u32,
+    /// Responder: the hello the listener received.
+    pub peer_hello: Option<HelloPayload>,
+    /// Whether SO_TIMESTAMPING could be enabled on the socket.
+    pub timestamps: bool,
+}
+
+impl Io {
+    pub(crate) fn new(shared: Arc<Shared>, sock: Socket, start: Start) -> Io {
+        let now = Instant::now();
+        let cfg = shared.cfg.clone();
+        let fec_c = cfg.fec.as_ref().map_or(0, |s| s.c());
+        let limits = RxLimits {
+            window_seqs: cfg.recv_window_seqs,
+            buffer_bytes: cfg.recv_buffer_bytes,
+            max_message_bytes: cfg.max_message_bytes,
+            nack_min_delay: Duration::from_micros(cfg.nack_min_delay_us),
+        };
+        Io {
+            net: Net {
+                sock,
+                tracker: WireTracker::new(fec_c, start.timestamps),
+                blocked: false,
+                backoff_until: None,
+                last_error_log: None,
+                bytes_sent: 0,
+                send_errors: 0,
+            },
+            tx: Tx::new(start.link_id, cfg.payload_bytes, cfg.fec.clone(), now),
+            rx: Rx::new(start.link_id, limits, now),
+            pacer: Pacer::new(cfg.rate_bits_per_s, cfg.burst_bytes, now),
+            nack_limit: RateLimit::new(cfg.max_nacks_per_s, now),
+            role: start.role,
+            link_id: start.link_id,
+            nonce: sys::random_u64(),
+            peer_nonce: start.peer_hello.as_ref().map_or(0, |h| h.nonce),
+            established: false,
+            rtt: Rtt::default(),
+            epoch: now,
+            last_hello: None,
+            last_ack: now,
+            last_nack_tick: now,
+            last_rx: now,
+            peer_silent: false,
+            peer_rx: PeerCounters::default(),
+            tx_stats: TxStats::default(),
+            rejected: Rejected::default(),
+            last_publish: now,
+            buf: vec![0; RX_BUFFER_BYTES],
+            scratch: Vec::with_capacity(2048),
+            shared,
+            cfg,
+        }
+        .with_peer(start.peer_hello)
+    }
+
+    fn with_peer(mut self, hello: Option<HelloPayload>) -> Io {
+        if let Some(h) = hello {
+            self.establish(&h);
+        }
+        self.tx_stats.window_max_bytes = self.cfg.window_bytes;
+        self.tx_stats.pacing_rate_bits_per_s = self.cfg.rate_bits_per_s;
+        self
+    }
+
+    /// The thread body: runs until the link is closed.
+    pub(crate) fn run(mut self) {
+        let now = Instant::now();
+        self.send_hello(now);
+        while !self.shared.is_closing() {
+            let now = Instant::now();
+            self.timers(now);
+            let more = self.transmit(now);
+            self.publish(now, false);
+            let timeout = self.next_wakeup(now, more);
+            match sys::poll2(self.net.fd(), self.net.blocked, self.shared.wake.fd(), timeout) {
+                Ok(ready) => self.on_ready(ready),
+                Err(e) => {
+                    tracing::error!("netsync link {:#x}: poll failed: {e}", self.link_id);
+                    self.shared.close(Some(format!("poll: {e}")));
+                }
+            }
+        }
+        self.publish(Instant::now(), true);
+    }
+
+    fn on_ready(&mut self, ready: sys::Ready) {
+        if ready.woken {
+            self.shared.wake.drain();
+        }
+        if ready.writable {
+            self.net.blocked = false;
+        }
+        if ready.error_queue {
+            self.read_stamps();
+        }
+        let now = Instant::now();
+        if ready.readable {
+            self.receive(now);
+        }
+        if ready.woken {
+            // `recv` may have made room in the inbox.
+            self.deliver(now);
+        }
+    }
+
+    fn now_us(&self, now: Instant) -> u64 {
+        // A link would have to run for 584,000 years to overflow.
+        now.saturating_duration_since(self.epoch).as_micros() as u64 + 1
+    }
+}
+
+// Sending.
+impl Io {
+    fn send_hello(&mut self, now: Instant) {
+        let hello = HelloPayload {
+            fec: self.cfg.fec.clone(),
+            payload_bytes: self.cfg.payload_bytes as u32,
+            max_message_bytes: self.cfg.max_message_bytes as u32,
+            recv_window_seqs: self.cfg.recv_window_seqs.min(u64::from(u32::MAX)) as u32,
+            nonce: self.nonce,
+        };
+        let mut header = Header::control(Kind::Hello, self.link_id, 0);
+        if self.role == Role::Responder {
+            header.flags = FLAG_REPLY;
+        }
+        let mut payload = Vec::new();
+        hello.encode_into(&mut payload);
+        self.scratch.clear();
+        wire::encode_into(&header, &payload, &mut self.scratch);
+        // While the wire mode is undecided, each hello is the stamp probe.
+        let covers = (self.net.tracker.mode() == WireMode::Probing).then_some(Covers::Probe);
+        let _ = self.net.send(&self.scratch, covers, now);
+        self.last_hello = Some(now);
+    }
+
+    fn data_may_flow(&self, now: Instant) -> bool {
+        self.established && self.net.tracker.decided() && self.net.can_send(now)
+    }
+
+    /// Sends what pacing allows. Returns true if more is ready right away
+    /// (the batch ended), false if idle, blocked or paced.
+    fn transmit(&mut self, now: Instant) -> bool {
+        if !self.data_may_flow(now) {
+            return false;
+        }
+        for _ in 0..TX_BATCH {
+            if !self.pacer.ready(now) || !self.send_one(now) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Sends or builds one thing, in priority order: a datagram already
+    /// built (data with its repairs, in order), a retransmission, a new
+    /// data datagram; or, with nothing else to do, closes the open FEC
+    /// groups (the idle flush). False when there was nothing to do or the
+    /// socket refused.
+    fn send_one(&mut self, now: Instant) -> bool {
+        let stamped_ok = !self.net.tracker.paused();
+        if stamped_ok && !self.tx.pending.is_empty() {
+            return self.send_pending(now);
+        }
+        if let Some(seq) = self.tx.next_retx() {
+            return self.send_retx(seq, now);
+        }
+        if stamped_ok && self.tx.window_open() && self.build_next() {
+            return true;
+        }
+        stamped_ok && self.tx.flush_fec()
+    }
+
+    fn send_pending(&mut self, now: Instant) -> bool {
+        let (bytes, covers, seq) = match self.tx.pending.front() {
+            Some(Pending::Data(seq)) => match self.tx.datagram(*seq) {
+                Some(b) => (b, Covers::Data(*seq), Some(*seq)),
+                None => {
+                    // Acknowledged before it left (a retransmit got there).
+                    self.tx.pending.pop_front();
+                    return true;
+                }
+            },
+            Some(Pending::Repair(bytes, seqs)) => (bytes.as_slice(), Covers::Repair(seqs.clone()), None),
+            None => return false,
+        };
+        let len = bytes.len();
+        if self.net.send(bytes, Some(covers), now) == Sent::Later {
+            return false;
+        }
+        self.pacer.spend(len);
+        if let Some(seq) = seq {
+            self.tx.mark_sent(seq, now);
+            self.tx_stats.data_packets += 1;
+        } else {
+            self.tx_stats.repair_packets += 1;
+        }
+        if let Some(Pending::Repair(bytes, _)) = self.tx.pending.pop_front() {
+            self.tx.recycle(bytes);
+        }
+        self.wire_progress();
+        true
+    }
+
+    fn send_retx(&mut self, seq: u64, now: Instant) -> bool {
+        let Some(bytes) = self.tx.datagram(seq) else {
+            return true;
+        };
+        let len = bytes.len();
+        if self.net.send(bytes, None, now) == Sent::Later {
+            self.tx.requeue_retx(seq);
+            return false;
+        }
+        self.pacer.spend(len);
+        self.tx.mark_sent(seq, now);
+        self.tx_stats.retransmitted_packets += 1;
+        true
+    }
+
+    fn build_next(&mut self) -> bool {
+        let shared = &self.shared;
+        let Some((seq, msg_id, last)) = self.tx.build_next(|| take_msg(shared)) else {
+            return false;
+        };
+        self.net.tracker.add_seq(seq);
+        if last {
+            self.net.tracker.add_msg(msg_id, seq);
+        }
+        true
+    }
+
+    fn send_control(&mut self, kind: Kind, encode: impl FnOnce(&mut Vec<u8>), now: Instant) {
+        let mut payload = std::mem::take(&mut self.scratch);
+        payload.clear();
+        encode(&mut payload);
+        let mut bytes = Vec::with_capacity(wire::HEADER_BYTES + payload.len());
+        wire::encode_into(&Header::control(kind, self.link_id, 0), &payload, &mut bytes);
+        self.scratch = payload;
+        let _ = self.net.send(&bytes, None, now);
+    }
+
+    fn send_ack(&mut self, now: Instant) {
+        let (echo_ts_us, echo_delay_us) = match self.rtt.peer_ts {
+            Some((ts, at)) => (ts, now.saturating_duration_since(at).as_micros().min(u128::from(u32::MAX)) as u32),
+            None => (0, 0),
+        };
+        let ack = AckPayload {
+            cum_ack: self.rx.cum_ack(),
+            highest_seen: self.rx.highest_seen(),
+            ts_us: self.now_us(now),
+            echo_ts_us,
+            echo_delay_us,
+            counters: self.rx.counters(),
+        };
+        self.send_control(Kind::Ack, |out| ack.encode_into(out), now);
+        self.last_ack = now;
+        self.rx.ack_due = false;
+        self.rx.unacked_consumed = 0;
+        self.rx.stats.acks_sent += 1;
+    }
+
+    fn send_nacks(&mut self, now: Instant) {
+        self.last_nack_tick = now;
+        for _ in 0..NACKS_PER_TICK {
+            let Some(nack) = self.rx.build_nack(now, self.rtt.srtt) else {
+                break;
+            };
+            self.send_control(Kind::Nack, |out| nack.encode_into(out), now);
+            self.rx.stats.nacks_sent += 1;
+        }
+    }
+}
+
+/// Takes the next queued message for the I/O thread.
+fn take_msg(shared: &Shared) -> Option<OutMsg> {
+    lock(&shared.out).msgs.pop_front()
+}
+
+// Timers.
+impl Io {
+    fn rto(&self) -> Duration {
+        let min = Duration::from_millis(self.cfg.rto_min_ms);
+        (self.rtt.srtt * 2 + self.rtt.rttvar * 4 + Duration::from_micros(self.cfg.ack_interval_us)).max(min)
+    }
+
+    fn nack_tick(&self) -> Duration {
+        (Duration::from_micros(self.cfg.nack_min_delay_us) / 2).max(Duration::from_micros(500))
+    }
+
+    fn timers(&mut self, now: Instant) {
+        self.stamp_timers(now);
+        if self.role == Role::Initiator && !self.established {
+            if self.last_hello.is_none_or(|t| now >= t + Duration::from_millis(self.cfg.hello_interval_ms)) {
+                self.send_hello(now);
+            }
+            return;
+        }
+        if !self.established {
+            return;
+        }
+        self.maybe_ack(now);
+        if self.rx.has_missing() && now >= self.last_nack_tick + self.nack_tick() {
+            self.send_nacks(now);
+        }
+        if self.tx.rto_deadline(self.rto()).is_some_and(|t| now >= t) && self.tx.on_rto(now) {
+            self.tx_stats.rto_probes += 1;
+        }
+        self.check_silence(now);
+    }
+
+    fn stamp_timers(&mut self, now: Instant) {
+        let probe = Duration::from_millis(self.cfg.probe_timeout_ms);
+        let stamp = Duration::from_millis(self.cfg.stamp_timeout_ms);
+        self.net.tracker.expire(now, probe, stamp);
+        if self.net.tracker.needs_rearm() {
+            match sys::enable_timestamping(self.net.fd()) {
+                Ok(()) => self.net.tracker.rearmed(),
+                Err(e) => {
+                    tracing::warn!("re-arming SO_TIMESTAMPING failed: {e}");
+                    self.net.tracker.stamps_refused();
+                }
+            }
+        }
+        self.wire_progress();
+    }
+
+    fn maybe_ack(&mut self, now: Instant) {
+        let since = now.saturating_duration_since(self.last_ack);
+        let due = self.rx.ack_due
+            && (self.rx.unacked_consumed >= self.cfg.ack_every_datagrams
+                || since >= Duration::from_micros(self.cfg.ack_interval_us));
+        if due || since >= Duration::from_millis(self.cfg.keepalive_interval_ms) {
+            self.send_ack(now);
+        }
+    }
+
+    fn check_silence(&mut self, now: Instant) {
+        let silent = now.saturating_duration_since(self.last_rx) >= Duration::from_millis(self.cfg.peer_timeout_ms);
+        if silent && !self.peer_silent {
+            tracing::warn!("netsync link {:#x}: peer silent for {} ms", self.link_id, self.cfg.peer_timeout_ms);
+            self.peer_silent = true;
+            self.shared.emit(LinkEvent::PeerSilent);
+        }
+    }
+
+    fn next_wakeup(&self, now: Instant, more: bool) -> Duration {
+        if more {
+            return Duration::ZERO;
+        }
+        let mut next = now + MAX_SLEEP;
+        let mut at = |t: Option<Instant>| {
+            if let Some(t) = t {
+                next = next.min(t);
+            }
+        };
+        let probe = Duration::from_millis(self.cfg.probe_timeout_ms);
+        at(self.net.tracker.deadline(probe, Duration::from_millis(self.cfg.stamp_timeout_ms)));
+        at(self.net.backoff_until);
+        if self.role == Role::Initiator && !self.established {
+            at(self.last_hello.map(|t| t + Duration::from_millis(self.cfg.hello_interval_ms)));
+        }
+        if self.established {
+            at(Some(self.ack_deadline()));
+            at(self.rx.has_missing().then(|| self.last_nack_tick + self.nack_tick()));
+            at(self.tx.rto_deadline(self.rto()));
+            at(Some(self.last_rx + Duration::from_millis(self.cfg.peer_timeout_ms)).filter(|_| !self.peer_silent));
+            if self.has_work() && !self.net.blocked {
+                at(Some(now + self.pacer.wait()));
+            }
+        }
+        next.saturating_duration_since(now)
+    }
+
+    fn ack_deadline(&self) -> Instant {
+        let keepalive = self.last_ack + Duration::from_millis(self.cfg.keepalive_interval_ms);
+        if self.rx.ack_due {
+            keepalive.min(self.last_ack + Duration::from_micros(self.cfg.ack_interval_us))
+        } else {
+            keepalive
+        }
+    }
+
+    /// Whether something waits to be sent (for the pacing wake-up).
+    fn has_work(&self) -> bool {
+        !self.tx.pending.is_empty() || self.tx.has_retx() || (self.tx.window_open() && self.tx.mid_message())
+    }
+}
+
+// Receiving.
+impl Io {
+    fn receive(&mut self, now: Instant) {
+        let mut buf = std::mem::take(&mut self.buf);
+        for _ in 0..RX_BATCH {
+            match sys::recv(self.net.fd(), &mut buf) {
+                Ok(n) if n > buf.len() => self.reject(RejectReason::Truncated),
+                Ok(n) => self.on_datagram(&buf[..n], now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // The peer's port was closed (ICMP); nothing to read.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => continue,
+                Err(e) => {
+                    tracing::warn!("netsync recv failed: {e}");
+                    break;
+                }
+            }
+        }
+        self.buf = buf;
+        self.deliver(now);
+    }
+
+    fn on_datagram(&mut self, bytes: &[u8], now: Instant) {
+        let d = match wire::decode(bytes) {
+            Ok(d) => d,
+            Err(e) => return self.reject(reason_of(&e)),
+        };
+        if d.header.link_id != self.link_id {
+            return self.reject(RejectReason::WrongLinkId);
+        }
+        self.heard_from_peer(now);
+        let result = match d.header.kind {
+            Kind::Hello => self.on_hello(&d.header, d.payload, now),
+            Kind::Data => self.rx.on_data(d.header, bytes, now),
+            Kind::Repair => self.rx.on_repair(d.payload, now),
+            Kind::Ack => self.on_ack(d.payload, now),
+            Kind::Nack => self.on_nack(d.payload, now),
+        };
+        if let Err(reason) = result {
+            self.reject(reason);
+        }
+    }
+
+    fn reject(&mut self, reason: RejectReason) {
+        tracing::debug!("netsync link {:#x}: dropped a datagram: {reason:?}", self.link_id);
+        self.rejected.count(reason);
+    }
+
+    fn heard_from_peer(&mut self, now: Instant) {
+        self.last_rx = now;
+        if self.peer_silent {
+            self.peer_silent = false;
+            tracing::info!("netsync link {:#x}: peer back", self.link_id);
+            self.shared.emit(LinkEvent::PeerBack);
+        }
+    }
+
+    fn on_hello(&mut self, header: &Header, payload: &[u8], now: Instant) -> Result<(), RejectReason> {
+        let hello = HelloPayload::decode(payload).map_err(|_| RejectReason::BadHeader)?;
+        let reply = header.flags & FLAG_REPLY != 0;
+        match self.role {
+            Role::Initiator if !reply => Err(RejectReason::Protocol),
+            Role::Initiator if self.established => Ok(()),
+            Role::Initiator => {
+                self.establish(&hello);
+                Ok(())
+            }
+            Role::Responder if reply || hello.nonce != self.peer_nonce => Err(RejectReason::Protocol),
+            Role::Responder => {
+                // Our reply was lost: answer again.
+                self.send_hello(now);
+                Ok(())
+            }
+        }
+    }
+
+    fn establish(&mut self, hello: &HelloPayload) {
+        if hello.max_message_bytes as usize > self.cfg.max_message_bytes {
+            tracing::warn!(
+                "netsync link {:#x}: peer may send messages of {} bytes, over our max_message_bytes {}; \
+                 those will be refused",
+                self.link_id,
+                hello.max_message_bytes,
+                self.cfg.max_message_bytes
+            );
+        }
+        self.rx.set_peer(hello);
+        self.tx.set_inflight_limit(self.cfg.max_inflight_datagrams.min(u64::from(hello.recv_window_seqs)));
+        self.established = true;
+        lock(&self.shared.progress).established = true;
+        self.shared.progress_cv.notify_all();
+        self.shared.emit(LinkEvent::Established);
+        tracing::info!("netsync link {:#x} established ({:?})", self.link_id, self.role);
+    }
+
+    fn on_ack(&mut self, payload: &[u8], now: Instant) -> Result<(), RejectReason> {
+        let ack = AckPayload::decode(payload).map_err(|_| RejectReason::BadHeader)?;
+        if ack.echo_ts_us != 0 {
+            let sample = self.now_us(now).saturating_sub(ack.echo_ts_us).saturating_sub(ack.echo_delay_us.into());
+            if sample < 60_000_000 {
+                self.rtt.sample(Duration::from_micros(sample));
+            }
+        }
+        self.rtt.peer_ts = Some((ack.ts_us, now));
+        self.peer_rx = ack.counters;
+        self.apply_cum_ack(ack.cum_ack, now)
+    }
+
+    fn on_nack(&mut self, payload: &[u8], now: Instant) -> Result<(), RejectReason> {
+        if !self.nack_limit.allow(now) {
+            return Err(RejectReason::NackFlood);
+        }
+        let nack = NackPayload::decode(payload).map_err(|_| RejectReason::BadHeader)?;
+        self.apply_cum_ack(nack.cum_ack, now)?;
+        let min_gap = (self.rtt.srtt / 2).max(Duration::from_millis(1));
+        let (queued, outside) = self.tx.on_nack(&nack.ranges, now, min_gap);
+        self.tx_stats.nacks_received += 1;
+        self.tx_stats.nacked_seqs_received += queued;
+        if outside > 0 {
+            return Err(RejectReason::SeqOutOfWindow);
+        }
+        Ok(())
+    }
+
+    fn apply_cum_ack(&mut self, cum_ack: u64, now: Instant) -> Result<(), RejectReason> {
+        let released = self.tx.on_ack(cum_ack, now).map_err(|()| RejectReason::SeqOutOfWindow)?;
+        if !released.advanced {
+            return Ok(());
+        }
+        // On-the-wire is reported before acked, always.
+        if let Some(w) = self.net.tracker.on_acked(cum_ack) {
+            self.set_wire(w);
+        }
+        if let Some(id) = released.acked_msg {
+            let mut out = lock(&self.shared.out);
+            out.used_bytes = out.used_bytes.saturating_sub(released.bytes);
+            drop(out);
+            self.shared.out_cv.notify_all();
+            lock(&self.shared.progress).acked_upto = id;
+            self.shared.progress_cv.notify_all();
+            self.shared.emit(LinkEvent::Acked(id));
+        }
+        Ok(())
+    }
+
+    /// Moves in-order data into the inbox, then acks if due.
+    fn deliver(&mut self, now: Instant) {
+        if !self.rx.has_peer() {
+            return;
+        }
+        let mut inbox = lock(&self.shared.inbox);
+        let mut delivered = 0;
+        loop {
+            match self.rx.consume(&mut inbox) {
+                Ok(n) => {
+                    delivered += n;
+                    break;
+                }
+                Err(reason) => self.rejected.count(reason),
+            }
+        }
+        drop(inbox);
+        if delivered > 0 {
+            self.shared.inbox_cv.notify_all();
+        }
+        if self.established {
+            self.maybe_ack(now);
+        }
+    }
+
+    fn read_stamps(&mut self) {
+        loop {
+            match sys::read_errqueue(self.net.fd()) {
+                Ok(Some(Some(stamp))) => self.net.tracker.on_stamp(stamp),
+                Ok(Some(None)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!("netsync error queue read failed: {e}");
+                    break;
+                }
+            }
+        }
+        self.wire_progress();
+    }
+
+    fn wire_progress(&mut self) {
+        if let Some(w) = self.net.tracker.advance() {
+            self.set_wire(w);
+        }
+    }
+
+    fn set_wire(&mut self, upto: u64) {
+        lock(&self.shared.progress).wire_upto = upto;
+        self.shared.progress_cv.notify_all();
+        self.shared.emit(LinkEvent::OnWire(upto));
+    }
+}
+
+fn reason_of(e: &DatagramError) -> RejectReason {
+    if e.is_truncated() {
+        RejectReason::Truncated
+    } else if e.is_bad_crc() {
+        RejectReason::BadCrc
+    } else if *e == DatagramError::BadMac {
+        RejectReason::BadMac
+    } else {
+        RejectReason::BadHeader
+    }
+}
+
+// Stats.
+impl Io {
+    fn publish(&mut self, now: Instant, force: bool) {
+        if !force && now.saturating_duration_since(self.last_publish) < PUBLISH_EVERY {
+            return;
+        }
+        self.last_publish = now;
+        let snapshot = self.snapshot(now);
+        *lock(&self.shared.stats) = snapshot;
+    }
+
+    fn snapshot(&self, now: Instant) -> LinkStats {
+        let mut tx = self.tx_stats;
+        let progress = lock(&self.shared.progress);
+        (tx.msgs_on_wire, tx.msgs_acked) = (progress.wire_upto, progress.acked_upto);
+        drop(progress);
+        let out = lock(&self.shared.out);
+        (tx.msgs_sent, tx.window_used_bytes) = (out.next_id - 1, out.used_bytes);
+        drop(out);
+        tx.bytes_sent = self.net.bytes_sent;
+        tx.send_errors = self.net.send_errors;
+        tx.inflight_datagrams = self.tx.inflight();
+        let tracker = &self.net.tracker;
+        (tx.wire_latency_p50_us, tx.wire_latency_avg_us) = (tracker.latency().p50_us(), tracker.latency().avg_us());
+        (tx.tx_stamps_missing, tx.wire_implied_by_ack) = (tracker.stamps_missing, tracker.implied_by_ack);
+        let mut rx = self.rx.stats;
+        if rx.highest_seq > 0 {
+            rx.loss_rate = 1.0 - (rx.first_arrivals.min(rx.highest_seq) as f64 / rx.highest_seq as f64);
+        }
+        let silent = now.saturating_duration_since(self.last_rx) >= Duration::from_millis(self.cfg.peer_timeout_ms);
+        LinkStats {
+            link_id: self.link_id,
+            connected: self.established && !silent,
+            wire_mode: tracker.mode(),
+            srtt_us: self.rtt.srtt.as_micros() as u64,
+            tx,
+            rx,
+            peer_rx: self.peer_rx,
+            rejected: self.rejected,
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! Counters for `status` and tests.
+
+use crate::wire::PeerCounters;
+
+/// How "on the wire" is established.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WireMode {
+    /// Not decided yet: the timestamp probe is still running.
+    #[default]
+    Probing,
+    /// The kernel reported each datagram transmitted (SO_TIMESTAMPING TX
+    /// software timestamp).
+    TxTimestamp,
+    /// Weaker: `sendmsg` returned. Used when timestamps are off, refused,
+    /// or never arrive.
+    SendReturned,
+}
+
+impl WireMode {
+    /// The name `status` prints.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WireMode::Probing => "probing",
+            WireMode::TxTimestamp => "tx-timestamp",
+            WireMode::SendReturned => "send-returned",
+        }
+    }
+}
+
+/// Why a received datagram was dropped. Each has a counter in
+/// [`Rejected`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// Shorter than its header or its declared payload, or longer.
+    Truncated,
+    /// Bad magic, version, kind, flags, reserved bytes or field ranges.
+    BadHeader,
+    /// crc32c mismatch.
+    BadCrc,
+    /// Non-zero MAC field.
+    BadMac,
+    /// Another link's id.
+    WrongLinkId,
+    /// A seq (or ack) far outside the window.
+    SeqOutOfWindow,
+    /// A repair packet that does not parse, does not match the scheme, or
+    /// rebuilt a datagram that fails its crc.
+    BadRepair,
+    /// A nack over the rate limit.
+    NackFlood,
+    /// Well-formed but wrong here: a fragment that does not continue the
+    /// stream, a payload that does not fit its kind, data before hello.
+    Protocol,
+}
+
+/// Rejected datagrams by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rejected {
+    /// See [`RejectReason::Truncated`].
+    pub truncated: u64,
+    /// See [`RejectReason::BadHeader`].
+    pub bad_header: u64,
+    /// See [`RejectReason::BadCrc`].
+    pub bad_crc: u64,
+    /// See [`RejectReason::BadMac`].
+    pub bad_mac: u64,
+    /// See [`RejectReason::WrongLinkId`].
+    pub wrong_link_id: u64,
+    /// See [`RejectReason::SeqOutOfWindow`].
+    pub seq_out_of_window: u64,
+    /// See [`RejectReason::BadRepair`].
+    pub bad_repair: u64,
+    /// See [`RejectReason::NackFlood`].
+    pub nack_flood: u64,
+    /// See [`RejectReason::Protocol`].
+    pub protocol: u64,
+}
+
+impl Rejected {
+    pub(crate) fn count(&mut self, reason: RejectReason) {
+        let c = match reason {
+            RejectReason::Truncated => &mut self.truncated,
+            RejectReason::BadHeader => &mut self.bad_header,
+            RejectReason::BadCrc => &mut self.bad_crc,
+            RejectReason::BadMac => &mut self.bad_mac,
+            RejectReason::WrongLinkId => &mut self.wrong_link_id,
+            RejectReason::SeqOutOfWindow => &mut self.seq_out_of_window,
+            RejectReason::BadRepair => &mut self.bad_repair,
+            RejectReason::NackFlood => &mut self.nack_flood,
+            RejectReason::Protocol => &mut self.protocol,
+        };
+        *c += 1;
+    }
+
+    /// Sum over all reasons.
+    pub fn total(&self) -> u64 {
+        self.truncated
+            + self.bad_header
+            + self.bad_crc
+            + self.bad_mac
+            + self.wrong_link_id
+            + self.seq_out_of_window
+            + self.bad_repair
+            + self.nack_flood
+            + self.protocol
+    }
+}
+
+/// Sender-side counters: the stream this end sends.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TxStats {
+    /// Messages accepted by `send`.
+    pub msgs_sent: u64,
+    /// Highest message id reported on the wire (cumulative).
+    pub msgs_on_wire: u64,
+    /// Highest message id acknowledged (cumulative).
+    pub msgs_acked: u64,
+    /// Data datagrams sent the first time.
+    pub data_packets: u64,
+    /// Repair datagrams sent.
+    pub repair_packets: u64,
+    /// Data datagrams sent again (nack or tail probe).
+    pub retransmitted_packets: u64,
+    /// Nack datagrams received (accepted).
+    pub nacks_received: u64,
+    /// Seqs those nacks asked for.
+    pub nacked_seqs_received: u64,
+    /// Bytes handed to the kernel, all kinds, without IP/UDP headers.
+    pub bytes_sent: u64,
+    /// Sends that failed and were retried.
+    pub send_errors: u64,
+    /// Window bytes in use (queued plus unacknowledged).
+    pub window_used_bytes: u64,
+    /// The window limit.
+    pub window_max_bytes: u64,
+    /// Data datagrams sent and not yet acknowledged.
+    pub inflight_datagrams: u64,
+    /// Configured pacing rate (0 = unpaced).
+    pub pacing_rate_bits_per_s: u64,
+    /// Median time from handing a datagram to the kernel to its TX
+    /// timestamp, µs (0 in `SendReturned` mode).
+    pub wire_latency_p50_us: u64,
+    /// Mean of the same.
+    pub wire_latency_avg_us: u64,
+    /// Datagrams whose timestamp never came (taken as sent after
+    /// `stamp_timeout_ms`).
+    pub tx_stamps_missing: u64,
+    /// Messages reported on the wire because the ack came before the
+    /// timestamps of every repair covering them.
+    pub wire_implied_by_ack: u64,
+    /// Tail-loss probes sent after a retransmission timeout.
+    pub rto_probes: u64,
+}
+
+/// Receiver-side counters: the stream the peer sends to this end.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RxStats {
+    /// Data datagrams received, duplicates included.
+    pub data_packets: u64,
+    /// Repair datagrams received.
+    pub repair_packets: u64,
+    /// Data datagrams rebuilt by FEC.
+    pub recovered_packets: u64,
+    /// Seqs nacked (each time).
+    pub nacked_seqs: u64,
+    /// Nack datagrams sent.
+    pub nacks_sent: u64,
+    /// Data datagrams already held or delivered.
+    pub duplicate_packets: u64,
+    /// Distinct seqs that arrived before being nacked.
+    pub first_arrivals: u64,
+    /// Highest data seq known to be sent.
+    pub highest_seq: u64,
+    /// 1 − first_arrivals / highest_seq: the loss the link showed, before
+    /// FEC and retransmission.
+    pub loss_rate: f64,
+    /// Messages delivered to the application.
+    pub delivered_msgs: u64,
+    /// Datagrams dropped because the reorder buffer or window was full
+    /// (not bad input; they are nacked later).
+    pub dropped_buffer_full: u64,
+    /// Times the FEC decoder was reset after it rebuilt a bad datagram.
+    pub decoder_resets: u64,
+    /// Ack datagrams sent.
+    pub acks_sent: u64,
+}
+
+/// A snapshot of one link end, for `status`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LinkStats {
+    /// The link id.
+    pub link_id: u32,
+    /// Handshake done and the peer heard from within `peer_timeout_ms`.
+    pub connected: bool,
+    /// How "on the wire" is established.
+    pub wire_mode: WireMode,
+    /// Smoothed RTT, µs (0 before the first sample).
+    pub srtt_us: u64,
+    /// What this end sent.
+    pub tx: TxStats,
+    /// What this end received.
+    pub rx: RxStats,
+    /// What the peer reports about receiving this end's stream (from its
+    /// acks): received, rebuilt by FEC, nacked, delivered.
+    pub peer_rx: PeerCounters,
+    /// Dropped input datagrams by reason.
+    pub rejected: Rejected,
+}
+
+/// Latency samples in log-spaced buckets (4 per octave of µs), for p50
+/// without keeping samples.
+#[derive(Debug, Clone)]
+pub(crate) struct Histogram {
+    buckets: [u64; 128],
+    count: u64,
+    sum_us: u64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram { buckets: [0; 128], count: 0, sum_us: 0 }
+    }
+}
+
+impl Histogram {
+    fn bucket(us: u64) -> usize {
+        if us < 4 {
+            return us as usize;
+        }
+        let octave = 63 - us.leading_zeros() as usize; // >= 2
+        let quarter = ((us >> (octave - 2)) & 3) as usize;
+        (octave * 4 + quarter - 4).min(127)
+    }
+
+    fn bucket_low(b: usize) -> u64 {
+        if b < 4 {
+            return b as u64;
+        }
+        let octave = (b + 4) / 4;
+        let quarter = (b + 4) % 4;
+        (4 + quarter as u64) << (octave - 2)
+    }
+
+    pub(crate) fn record(&mut self, us: u64) {
+        self.buckets[Self::bucket(us)] += 1;
+        self.count += 1;
+        self.sum_us = self.sum_us.saturating_add(us);
+    }
+
+    pub(crate) fn p50_us(&self) -> u64 {
+        let mut seen = 0;
+        for (b, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen * 2 >= self.count && self.count > 0 {
+                return Self::bucket_low(b);
+            }
+        }
+        0
+    }
+
+    pub(crate) fn avg_us(&self) -> u64 {
+        self.sum_us.checked_div(self.count).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Histogram;
+
+    #[test]
+    fn buckets_are_monotone_and_close() {
+        let mut last = 0;
+        for us in 0..100_000u64 {
+            let b = Histogram::bucket(us);
+            assert!(b >= last);
+            last = b;
+            let low = Histogram::bucket_low(b);
+            assert!(low <= us && us < low + low / 4 + 2, "{us} -> {b} -> {low}");
+        }
+    }
+
+    #[test]
+    fn median() {
+        let mut h = Histogram::default();
+        for us in [10, 20, 30, 1000, 2000] {
+            h.record(us);
+        }
+        assert!((28..=30).contains(&h.p50_us()), "{}", h.p50_us());
+        assert_eq!(h.avg_us(), 612);
+    }
+}

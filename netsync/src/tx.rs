@@ -1,0 +1,397 @@
+//! The sending half: fragments messages into data datagrams, codes them
+//! with FEC, keeps them until acknowledged, and retransmits on nack.
+//!
+//! Data seqs start at 1 and have no gaps; they are also the FEC seqs.
+//! Repair datagrams have their own counter in the seq field. Datagram bytes
+//! never change after they are built, so a retransmission is byte-identical
+//! to the original and the receiver's FEC decoder can use either.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use starblk_fec::{Encoder, FecScheme, RepairPacket};
+
+use crate::wire::{self, Header, Kind, NackRange};
+
+/// A message accepted by `send`, waiting for the I/O thread.
+#[derive(Debug)]
+pub(crate) struct OutMsg {
+    pub id: u64,
+    pub data: Vec<u8>,
+    /// What it costs in the send window (released on ack).
+    pub charge_bytes: u64,
+}
+
+/// A datagram built and waiting for its first transmission, in order.
+#[derive(Debug)]
+pub(crate) enum Pending {
+    /// Data seq (its bytes are in the unacked buffer).
+    Data(u64),
+    /// A repair datagram and the data seqs it covers.
+    Repair(Vec<u8>, Vec<u64>),
+}
+
+#[derive(Debug)]
+struct Fragmenting {
+    msg: OutMsg,
+    next_frag: u32,
+    frag_count: u32,
+}
+
+#[derive(Debug)]
+struct Sent {
+    bytes: Vec<u8>,
+    last_tx: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Span {
+    id: u64,
+    last_seq: u64,
+    charge_bytes: u64,
+}
+
+/// What an ack released.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Released {
+    /// Highest message id now fully acknowledged, if it moved.
+    pub acked_msg: Option<u64>,
+    /// Window bytes to give back.
+    pub bytes: u64,
+    /// Whether the cumulative ack moved at all.
+    pub advanced: bool,
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub(crate) struct Tx {
+    link_id: u32,
+    payload_bytes: usize,
+    next_seq: u64,
+    acked_seq: u64,
+    unacked: VecDeque<Sent>,
+    spans: VecDeque<Span>,
+    current: Option<Fragmenting>,
+    /// Built, not yet sent once (data then its repairs, in order).
+    pub(crate) pending: VecDeque<Pending>,
+    retx: BTreeSet<u64>,
+    encoder: Option<Encoder>,
+    repair_out: Vec<RepairPacket>,
+    repair_counter: u64,
+    inflight_limit: u64,
+    spare: Vec<Vec<u8>>,
+    last_progress: Instant,
+    rto_backoff: u32,
+}
+
+/// Spare datagram buffers kept for reuse.
+const MAX_SPARE: usize = 1024;
+/// Most seqs one nack may queue for retransmission.
+const MAX_RETX_PER_NACK: u64 = 4096;
+
+impl Tx {
+    pub(crate) fn new(link_id: u32, payload_bytes: usize, fec: Option<FecScheme>, now: Instant) -> Tx {
+        Tx {
+            link_id,
+            payload_bytes,
+            next_seq: 1,
+            acked_seq: 1,
+            unacked: VecDeque::new(),
+            spans: VecDeque::new(),
+            current: None,
+            pending: VecDeque::new(),
+            retx: BTreeSet::new(),
+            encoder: fec.map(Encoder::new),
+            repair_out: Vec::new(),
+            repair_counter: 0,
+            inflight_limit: 1,
+            spare: Vec::new(),
+            last_progress: now,
+            rto_backoff: 0,
+        }
+    }
+
+    /// Sets the most data datagrams in flight (ours and the peer's limit).
+    pub(crate) fn set_inflight_limit(&mut self, datagrams: u64) {
+        self.inflight_limit = datagrams.max(1);
+    }
+
+    pub(crate) fn inflight(&self) -> u64 {
+        self.next_seq - self.acked_seq
+    }
+
+    pub(crate) fn window_open(&self) -> bool {
+        self.inflight() < self.inflight_limit
+    }
+
+    /// Whether a message is half fragmented (more data is ready to go).
+    pub(crate) fn mid_message(&self) -> bool {
+        self.current.is_some()
+    }
+
+    /// Builds the next data datagram from the current message, or from
+    /// `take()` when there is none; queues it (and any repairs its FEC group
+    /// completes) on `pending`. Returns (seq, message id, last fragment?).
+    pub(crate) fn build_next(&mut self, take: impl FnOnce() -> Option<OutMsg>) -> Option<(u64, u64, bool)> {
+        if self.current.is_none() {
+            let msg = take()?;
+            let frag_count = self.frag_count(msg.data.len());
+            self.current = Some(Fragmenting { msg, next_frag: 0, frag_count });
+        }
+        let seq = self.next_seq;
+        let (bytes, msg_id, last) = self.build_fragment(seq)?;
+        self.next_seq += 1;
+        if let Some(enc) = &mut self.encoder {
+            // Seqs strictly increase and a datagram is far below 64 KiB,
+            // so push cannot fail.
+            if let Err(e) = enc.push(seq, &bytes, &mut self.repair_out) {
+                tracing::error!("FEC encoder refused seq {seq}: {e}");
+            }
+        }
+        self.unacked.push_back(Sent { bytes, last_tx: None });
+        self.pending.push_back(Pending::Data(seq));
+        self.queue_repairs();
+        if last {
+            self.finish_message(seq);
+        }
+        Some((seq, msg_id, last))
+    }
+
+    fn frag_count(&self, len: usize) -> u32 {
+        // len <= max_message_bytes (64 MiB max) and payload_bytes >= 64.
+        len.div_ceil(self.payload_bytes).max(1) as u32
+    }
+
+    fn build_fragment(&mut self, seq: u64) -> Option<(Vec<u8>, u64, bool)> {
+        let mut out = self.spare.pop().unwrap_or_default();
+        out.clear();
+        let f = self.current.as_mut()?;
+        let start = f.next_frag as usize * self.payload_bytes;
+        let end = (start + self.payload_bytes).min(f.msg.data.len());
+        let header = Header {
+            kind: Kind::Data,
+            flags: 0,
+            link_id: self.link_id,
+            seq,
+            msg_id: f.msg.id,
+            frag_index: f.next_frag,
+            frag_count: f.frag_count,
+            // max_message_bytes <= 64 MiB fits u32.
+            msg_len_bytes: f.msg.data.len() as u32,
+        };
+        wire::encode_into(&header, &f.msg.data[start..end], &mut out);
+        f.next_frag += 1;
+        Some((out, f.msg.id, f.next_frag == f.frag_count))
+    }
+
+    fn finish_message(&mut self, last_seq: u64) {
+        if let Some(f) = self.current.take() {
+            self.spans.push_back(Span { id: f.msg.id, last_seq, charge_bytes: f.msg.charge_bytes });
+        }
+    }
+
+    /// Closes every open FEC group (the link is idle); returns whether
+    /// repairs were queued.
+    pub(crate) fn flush_fec(&mut self) -> bool {
+        let Some(enc) = &mut self.encoder else {
+            return false;
+        };
+        if !enc.has_open_groups() {
+            return false;
+        }
+        if let Err(e) = enc.flush(&mut self.repair_out) {
+            tracing::error!("FEC flush failed: {e}");
+        }
+        self.queue_repairs();
+        true
+    }
+
+    fn queue_repairs(&mut self) {
+        for repair in std::mem::take(&mut self.repair_out) {
+            self.repair_counter += 1;
+            let mut payload = self.spare.pop().unwrap_or_default();
+            payload.clear();
+            repair.encode_into(&mut payload);
+            let mut bytes = Vec::with_capacity(wire::HEADER_BYTES + payload.len());
+            let header = Header::control(Kind::Repair, self.link_id, self.repair_counter);
+            wire::encode_into(&header, &payload, &mut bytes);
+            self.recycle(payload);
+            let seqs = repair.seqs().to_vec();
+            if let Some(enc) = &mut self.encoder {
+                enc.recycle(repair);
+            }
+            self.pending.push_back(Pending::Repair(bytes, seqs));
+        }
+    }
+
+    /// Returns a buffer for reuse.
+    pub(crate) fn recycle(&mut self, buf: Vec<u8>) {
+        if self.spare.len() < MAX_SPARE {
+            self.spare.push(buf);
+        }
+    }
+
+    /// The bytes of unacknowledged data seq `seq`.
+    pub(crate) fn datagram(&self, seq: u64) -> Option<&[u8]> {
+        let i = seq.checked_sub(self.acked_seq)?;
+        self.unacked.get(i as usize).map(|s| s.bytes.as_slice())
+    }
+
+    /// Notes that `seq` went out (first time or again).
+    pub(crate) fn mark_sent(&mut self, seq: u64, now: Instant) {
+        if let Some(i) = seq.checked_sub(self.acked_seq) {
+            if let Some(s) = self.unacked.get_mut(i as usize) {
+                s.last_tx = Some(now);
+            }
+        }
+    }
+
+    /// The next seq to retransmit, if any.
+    pub(crate) fn next_retx(&mut self) -> Option<u64> {
+        while let Some(seq) = self.retx.pop_first() {
+            if seq >= self.acked_seq && seq < self.next_seq {
+                return Some(seq);
+            }
+        }
+        None
+    }
+
+    /// Puts back a retransmission the socket refused.
+    pub(crate) fn requeue_retx(&mut self, seq: u64) {
+        self.retx.insert(seq);
+    }
+
+    /// Whether retransmissions are queued.
+    pub(crate) fn has_retx(&self) -> bool {
+        !self.retx.is_empty()
+    }
+
+    /// A cumulative ack: every seq below `cum_ack` was delivered. `Err` if
+    /// it acknowledges seqs never sent.
+    pub(crate) fn on_ack(&mut self, cum_ack: u64, now: Instant) -> Result<Released, ()> {
+        if cum_ack > self.next_seq {
+            return Err(());
+        }
+        let mut released = Released::default();
+        if cum_ack <= self.acked_seq {
+            return Ok(released);
+        }
+        for _ in self.acked_seq..cum_ack {
+            if let Some(s) = self.unacked.pop_front() {
+                self.recycle(s.bytes);
+            }
+        }
+        self.acked_seq = cum_ack;
+        released.advanced = true;
+        self.retx = self.retx.split_off(&cum_ack);
+        while self.spans.front().is_some_and(|s| s.last_seq < cum_ack) {
+            if let Some(s) = self.spans.pop_front() {
+                released.bytes += s.charge_bytes;
+                released.acked_msg = Some(s.id);
+            }
+        }
+        self.last_progress = now;
+        self.rto_backoff = 0;
+        Ok(released)
+    }
+
+    /// A nack's ranges: queues what is unacknowledged and was not sent in
+    /// the last `min_gap`. Returns (seqs queued, seqs outside the window).
+    pub(crate) fn on_nack(&mut self, ranges: &[NackRange], now: Instant, min_gap: Duration) -> (u64, u64) {
+        let (mut queued, mut outside) = (0u64, 0u64);
+        for r in ranges {
+            let end = r.first.saturating_add(u64::from(r.count));
+            let lo = r.first.max(self.acked_seq);
+            let hi = end.min(self.next_seq);
+            outside += u64::from(r.count).saturating_sub(hi.saturating_sub(lo));
+            for seq in lo..hi {
+                if queued >= MAX_RETX_PER_NACK {
+                    return (queued, outside);
+                }
+                if self.due_for_retx(seq, now, min_gap) && self.retx.insert(seq) {
+                    queued += 1;
+                }
+            }
+        }
+        (queued, outside)
+    }
+
+    fn due_for_retx(&self, seq: u64, now: Instant, min_gap: Duration) -> bool {
+        let i = (seq - self.acked_seq) as usize;
+        match self.unacked.get(i).and_then(|s| s.last_tx) {
+            Some(t) => now.saturating_duration_since(t) >= min_gap,
+            // Not sent yet: it is on its way anyway.
+            None => false,
+        }
+    }
+
+    /// When the tail probe fires, given the current RTO.
+    pub(crate) fn rto_deadline(&self, rto: Duration) -> Option<Instant> {
+        if self.unacked.is_empty() {
+            return None;
+        }
+        Some(self.last_progress + rto * (1 << self.rto_backoff.min(6)))
+    }
+
+    /// Retransmission timeout: no ack progress for an RTO. Queues the
+    /// oldest and newest unacknowledged datagrams so the receiver sees the
+    /// gap and nacks the rest; backs off exponentially.
+    pub(crate) fn on_rto(&mut self, now: Instant) -> bool {
+        if self.unacked.is_empty() || self.pending.iter().any(|p| matches!(p, Pending::Data(_))) {
+            // Not everything left once yet: not a tail loss.
+            self.last_progress = now;
+            return false;
+        }
+        self.retx.insert(self.acked_seq);
+        self.retx.insert(self.next_seq - 1);
+        self.rto_backoff += 1;
+        self.last_progress = now;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(id: u64, len: usize) -> OutMsg {
+        OutMsg { id, data: vec![id as u8; len], charge_bytes: len as u64 + 128 }
+    }
+
+    #[test]
+    fn fragments_and_acks() {
+        let now = Instant::now();
+        let mut tx = Tx::new(9, 100, Some(FecScheme::reed_solomon(2, 1).unwrap()), now);
+        tx.set_inflight_limit(100);
+        let mut q = VecDeque::from([msg(1, 250), msg(2, 0)]);
+        let mut built = Vec::new();
+        while let Some(b) = tx.build_next(|| q.pop_front()) {
+            built.push(b);
+        }
+        assert_eq!(built, vec![(1, 1, false), (2, 1, false), (3, 1, true), (4, 2, true)]);
+        // Data 1, 2, repair(1,2), data 3, data 4, repair(3,4).
+        let kinds: Vec<bool> = tx.pending.iter().map(|p| matches!(p, Pending::Data(_))).collect();
+        assert_eq!(kinds, vec![true, true, false, true, true, false]);
+        let d = wire::decode(tx.datagram(3).unwrap()).unwrap();
+        assert_eq!((d.header.frag_index, d.header.frag_count, d.payload.len()), (2, 3, 50));
+        assert_eq!(tx.on_ack(4, now), Ok(Released { acked_msg: Some(1), bytes: 378, advanced: true }));
+        assert_eq!(tx.on_ack(6, now), Err(()));
+        assert_eq!(tx.on_ack(5, now), Ok(Released { acked_msg: Some(2), bytes: 128, advanced: true }));
+    }
+
+    #[test]
+    fn nack_queues_only_sent_unacked_seqs() {
+        let now = Instant::now();
+        let mut tx = Tx::new(9, 100, None, now);
+        tx.set_inflight_limit(100);
+        let mut q = VecDeque::from([msg(1, 1000)]);
+        while tx.build_next(|| q.pop_front()).is_some() {}
+        for seq in 1..=5 {
+            tx.mark_sent(seq, now);
+        }
+        let later = now + Duration::from_millis(10);
+        let ranges = [NackRange { first: 3, count: 5 }, NackRange { first: 100, count: 1 }];
+        assert_eq!(tx.on_nack(&ranges, later, Duration::from_millis(1)), (3, 1));
+        assert_eq!((tx.next_retx(), tx.next_retx(), tx.next_retx(), tx.next_retx()), (Some(3), Some(4), Some(5), None));
+    }
+}
