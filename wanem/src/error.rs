@@ -1,7 +1,6 @@
 //! The one error type of this crate.
 
 use std::io;
-use std::net::SocketAddr;
 
 /// Everything that can go wrong when configuring or starting a relay.
 ///
@@ -35,14 +34,6 @@ pub enum Error {
     Bind {
         /// The address we tried to bind.
         addr: String,
-        /// The operating system's reason.
-        source: io::Error,
-    },
-    /// Connecting to the upstream address failed (TCP relay only).
-    #[error("cannot connect to upstream {addr}: {source}")]
-    Connect {
-        /// The upstream address.
-        addr: SocketAddr,
         /// The operating system's reason.
         source: io::Error,
     },

@@ -427,19 +427,16 @@ fn run_connection(shared: &Arc<Shared>, client: TcpStream) {
 }
 
 fn connect_and_relay(shared: &Arc<Shared>, client: TcpStream) -> io::Result<()> {
+    // Counted active (by the acceptor) until both readers are done, or
+    // until setup fails and the guard drops on return.
+    let guard = Arc::new(ActiveGuard(shared.clone()));
     // A connection opened during a cut stays silent until the link is back.
     if !shared.wait_uncut(None) {
-        shared.active.fetch_sub(1, Relaxed);
         return Ok(());
     }
-    let upstream = match TcpStream::connect_timeout(&shared.upstream, shared.connect_timeout) {
-        Ok(u) => u,
-        Err(e) => {
-            shared.connect_failures.fetch_add(1, Relaxed);
-            shared.active.fetch_sub(1, Relaxed);
-            return Err(e);
-        }
-    };
+    let upstream = TcpStream::connect_timeout(&shared.upstream, shared.connect_timeout).inspect_err(|_| {
+        shared.connect_failures.fetch_add(1, Relaxed);
+    })?;
     for s in [&client, &upstream] {
         s.set_nodelay(true)?; // the delay we add must be the only one
         s.set_read_timeout(Some(STOP_POLL))?;
@@ -448,16 +445,25 @@ fn connect_and_relay(shared: &Arc<Shared>, client: TcpStream) -> io::Result<()> 
     let down = Arc::new(Pipe::default());
     start_writer(shared, Direction::Up, upstream.try_clone()?, up.clone())?;
     start_writer(shared, Direction::Down, client.try_clone()?, down.clone())?;
-    let (s, d) = (shared.clone(), down.clone());
-    let up_src = client;
+    let (s, d, g) = (shared.clone(), down.clone(), guard.clone());
     shared
-        .spawn_tracked("wanem-tcp-rd-down".into(), move || run_reader(&s, Direction::Down, upstream, &d))
+        .spawn_tracked("wanem-tcp-rd-down".into(), move || {
+            run_reader(&s, Direction::Down, upstream, &d);
+            drop(g);
+        })
         .map_err(io::Error::other)?;
-    run_reader(shared, Direction::Up, up_src, &up);
-    // Both readers and writers hold clones; the count drops when this
-    // direction's reader is done, which is when the client went away.
-    shared.active.fetch_sub(1, Relaxed);
+    run_reader(shared, Direction::Up, client, &up);
+    drop(guard);
     Ok(())
+}
+
+/// Decrements the active-connection count when the last holder drops it.
+struct ActiveGuard(Arc<Shared>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Relaxed);
+    }
 }
 
 fn start_writer(shared: &Arc<Shared>, dir: Direction, dst: TcpStream, pipe: Arc<Pipe>) -> io::Result<()> {

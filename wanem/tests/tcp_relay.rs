@@ -84,7 +84,15 @@ fn round_trip_shows_twice_the_one_way_delay() {
     rtts.sort();
     assert!(rtts[rtts.len() / 2] < Duration::from_millis(60), "{rtts:?}");
     let s = r.stats();
-    assert_eq!((s.connections_accepted, s.up.bytes_forwarded), (1, 8 * 16));
+    assert_eq!((s.connections_accepted, s.connections_active, s.up.bytes_forwarded), (1, 1, 8 * 16));
+    // Closing passes through (after the delay) and the echo server closes
+    // back; then the connection is no longer active.
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while r.stats().connections_active > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(r.stats().connections_active, 0);
 }
 
 #[test]
