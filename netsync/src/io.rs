@@ -162,7 +162,10 @@ pub(crate) struct Io {
     rx: Rx,
     pacer: Pacer,
     nack_limit: RateLimit,
+    /// Handshake done (the peer's hello is known).
     established: bool,
+    /// `Established` reported (handshake done and wire mode decided).
+    announced: bool,
     rtt: Rtt,
     epoch: Instant,
     last_hello: Option<Instant>,
@@ -218,6 +221,7 @@ impl Io {
             nonce: sys::random_u64(),
             peer_nonce: start.peer_hello.as_ref().map_or(0, |h| h.nonce),
             established: false,
+            announced: false,
             rtt: Rtt::default(),
             epoch: now,
             last_hello: None,
@@ -254,8 +258,10 @@ impl Io {
             let now = Instant::now();
             self.timers(now);
             let more = self.transmit(now);
-            self.publish(now, false);
+            self.announce();
             let timeout = self.next_wakeup(now, more);
+            // Fresh stats whenever the thread is about to sleep a while.
+            self.publish(now, timeout >= Duration::from_millis(1));
             match sys::poll2(self.net.fd(), self.net.blocked, self.shared.wake.fd(), timeout) {
                 Ok(ready) => self.on_ready(ready),
                 Err(e) => {
@@ -263,6 +269,11 @@ impl Io {
                     self.shared.close(Some(format!("poll: {e}")));
                 }
             }
+        }
+        // A last ack, so a peer does not wait on messages this end took
+        // just before closing.
+        if self.established && self.rx.ack_due {
+            self.send_ack(Instant::now());
         }
         self.publish(Instant::now(), true);
     }
@@ -285,6 +296,24 @@ impl Io {
             // `recv` may have made room in the inbox.
             self.deliver(now);
         }
+    }
+
+    /// Reports the link established once the handshake is done and the
+    /// wire mode decided (data flows from then on).
+    fn announce(&mut self) {
+        if self.announced || !self.established || !self.net.tracker.decided() {
+            return;
+        }
+        self.announced = true;
+        lock(&self.shared.progress).established = true;
+        self.shared.progress_cv.notify_all();
+        self.shared.emit(LinkEvent::Established);
+        tracing::info!(
+            "netsync link {:#x} established ({:?}, wire mode {})",
+            self.link_id,
+            self.role,
+            self.net.tracker.mode().as_str()
+        );
     }
 
     fn now_us(&self, now: Instant) -> u64 {
@@ -657,10 +686,6 @@ impl Io {
         self.rx.set_peer(hello);
         self.tx.set_inflight_limit(self.cfg.max_inflight_datagrams.min(u64::from(hello.recv_window_seqs)));
         self.established = true;
-        lock(&self.shared.progress).established = true;
-        self.shared.progress_cv.notify_all();
-        self.shared.emit(LinkEvent::Established);
-        tracing::info!("netsync link {:#x} established ({:?})", self.link_id, self.role);
     }
 
     fn on_ack(&mut self, payload: &[u8], now: Instant) -> Result<(), RejectReason> {

@@ -240,7 +240,8 @@ impl Link {
         self.wait_progress(timeout, |p| p.acked_upto >= id)
     }
 
-    /// Blocks until the handshake is done.
+    /// Blocks until the link is established: handshake done and wire mode
+    /// decided (see [`LinkEvent::Established`]).
     pub fn wait_established(&self, timeout: Duration) -> Result<(), LinkError> {
         self.wait_progress(timeout, |p| p.established)
     }

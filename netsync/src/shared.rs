@@ -25,7 +25,8 @@ pub type MsgId = u64;
 /// the current state).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkEvent {
-    /// The handshake completed; data can flow.
+    /// The handshake completed and the wire mode is decided (the TX
+    /// timestamp probe answered or timed out); data flows from now on.
     Established,
     /// Every message up to this id, and every repair datagram covering it,
     /// is on the wire (see [`crate::WireMode`] for what that means).
