@@ -283,7 +283,9 @@ fn run_session(shared: &Arc<Shared>, link: &Arc<Link>, sess: client::Session) ->
 }
 
 fn sender_loop(shared: &Shared, link: &Link, gen: u64, stream: TcpStream) -> String {
-    let mut w = BufWriter::with_capacity(256 * 1024, stream);
+    // Small frames coalesce into one send; a frame larger than the buffer
+    // goes straight to the socket as one vectored write (no copy).
+    let mut w = BufWriter::with_capacity(64 * 1024, stream);
     let mut batch: Vec<(WriteHeader, Arc<Vec<u8>>)> = Vec::with_capacity(SEND_BATCH_MAX);
     let mut last_hb = Instant::now() - HEARTBEAT_INTERVAL;
     loop {
