@@ -166,6 +166,11 @@ pub(crate) struct Io {
     established: bool,
     /// `Established` reported (handshake done and wire mode decided).
     announced: bool,
+    /// The receive window last advertised.
+    last_window_end: u64,
+    /// `ts_us` of the newest ack taken (older, reordered acks carry stale
+    /// flow-control state).
+    peer_ack_ts_us: u64,
     rtt: Rtt,
     epoch: Instant,
     last_hello: Option<Instant>,
@@ -222,6 +227,8 @@ impl Io {
             peer_nonce: start.peer_hello.as_ref().map_or(0, |h| h.nonce),
             established: false,
             announced: false,
+            last_window_end: 0,
+            peer_ack_ts_us: 0,
             rtt: Rtt::default(),
             epoch: now,
             last_hello: None,
@@ -456,8 +463,12 @@ impl Io {
             Some((ts, at)) => (ts, now.saturating_duration_since(at).as_micros().min(u128::from(u32::MAX)) as u32),
             None => (0, 0),
         };
+        self.rx.set_inbox_bytes(lock(&self.shared.inbox).bytes);
+        let window_end = self.rx.window_end();
         let ack = AckPayload {
             cum_ack: self.rx.cum_ack(),
+            held_upto: self.rx.held_upto(),
+            window_end,
             highest_seen: self.rx.highest_seen(),
             ts_us: self.now_us(now),
             echo_ts_us,
@@ -465,6 +476,11 @@ impl Io {
             counters: self.rx.counters(),
         };
         self.send_control(Kind::Ack, |out| ack.encode_into(out), now);
+        self.last_window_end = window_end;
+        if window_end - ack.cum_ack < self.rx.max_window_seqs() / 4 + 1 {
+            // A small window: hear about reads so it can be reopened.
+            lock(&self.shared.inbox).wake_on_read = true;
+        }
         self.last_ack = now;
         self.rx.ack_due = false;
         self.rx.unacked_consumed = 0;
@@ -697,8 +713,13 @@ impl Io {
             }
         }
         self.rtt.peer_ts = Some((ack.ts_us, now));
-        self.peer_rx = ack.counters;
-        self.apply_cum_ack(ack.cum_ack, now)
+        self.apply_cum_ack(ack.cum_ack, now)?;
+        if ack.ts_us >= self.peer_ack_ts_us {
+            self.peer_ack_ts_us = ack.ts_us;
+            self.peer_rx = ack.counters;
+            self.tx.set_peer_window(ack.held_upto, ack.window_end);
+        }
+        Ok(())
     }
 
     fn on_nack(&mut self, payload: &[u8], now: Instant) -> Result<(), RejectReason> {
@@ -759,8 +780,21 @@ impl Io {
             self.shared.inbox_cv.notify_all();
         }
         if self.established {
+            if self.window_reopened() {
+                self.rx.ack_due = true;
+                self.rx.unacked_consumed = u32::MAX;
+            }
             self.maybe_ack(now);
         }
+    }
+
+    /// Whether the receive window grew by a quarter of its size since it
+    /// was last advertised: tell the peer now rather than at the next
+    /// keepalive.
+    fn window_reopened(&mut self) -> bool {
+        self.rx.set_inbox_bytes(lock(&self.shared.inbox).bytes);
+        let grown = self.rx.window_end().saturating_sub(self.last_window_end);
+        grown > 0 && grown >= self.rx.max_window_seqs() / 4
     }
 
     fn read_stamps(&mut self) {
@@ -829,6 +863,8 @@ impl Io {
         (tx.wire_latency_p50_us, tx.wire_latency_avg_us) = (tracker.latency().p50_us(), tracker.latency().avg_us());
         (tx.tx_stamps_missing, tx.wire_implied_by_ack) = (tracker.stamps_missing, tracker.implied_by_ack);
         let mut rx = self.rx.stats;
+        rx.inbox_bytes = lock(&self.shared.inbox).bytes as u64;
+        rx.reorder_bytes = self.rx.store_bytes() as u64;
         if rx.highest_seq > 0 {
             rx.loss_rate = 1.0 - (rx.first_arrivals.min(rx.highest_seq) as f64 / rx.highest_seq as f64);
         }

@@ -175,7 +175,7 @@ impl Link {
         match inbox.msgs.pop_front() {
             Some(m) => {
                 inbox.bytes -= m.len();
-                self.after_take(inbox.stalled);
+                self.after_take(&mut inbox.wake_on_read);
                 Ok(Some(m))
             }
             None if inbox.closed => Err(LinkError::Closed),
@@ -188,7 +188,7 @@ impl Link {
         loop {
             if let Some(m) = inbox.msgs.pop_front() {
                 inbox.bytes -= m.len();
-                self.after_take(inbox.stalled);
+                self.after_take(&mut inbox.wake_on_read);
                 return Ok(Some(m));
             }
             if inbox.closed {
@@ -207,9 +207,9 @@ impl Link {
         }
     }
 
-    /// The I/O thread stopped for lack of inbox room: wake it.
-    fn after_take(&self, stalled: bool) {
-        if stalled {
+    /// The I/O thread asked to hear about reads (room for flow control).
+    fn after_take(&self, wake_on_read: &mut bool) {
+        if std::mem::take(wake_on_read) {
             self.shared.wake.wake();
         }
     }

@@ -21,8 +21,9 @@ use crate::wire::{self, Header, HelloPayload, Kind, NackPayload, NackRange, Peer
 pub(crate) struct Inbox {
     pub msgs: VecDeque<Vec<u8>>,
     pub bytes: usize,
-    /// The I/O thread stopped consuming for lack of room; `recv` wakes it.
-    pub stalled: bool,
+    /// The I/O thread wants to hear when the application reads (it stopped
+    /// for lack of room, or advertised a small window); `recv` wakes it.
+    pub wake_on_read: bool,
     pub closed: bool,
 }
 
@@ -44,6 +45,9 @@ struct Missing {
 /// What the peer told us in its hello.
 #[derive(Debug, Clone)]
 struct Peer {
+    /// Largest data datagram the peer sends (its payload size + header),
+    /// to turn free bytes into an advertised window.
+    datagram_bytes: usize,
     /// Seqs one FEC group can span: a loss is only nacked once the
     /// receiver has seen this far past it (or the link went quiet).
     span: u64,
@@ -79,6 +83,8 @@ pub(crate) struct Rx {
     /// Something the peer should hear about (progress, duplicates).
     pub(crate) ack_due: bool,
     recovered: Vec<Recovered>,
+    /// Inbox bytes as of the last look (under the inbox lock).
+    inbox_bytes: usize,
     pub(crate) stats: RxStats,
 }
 
@@ -100,6 +106,7 @@ impl Rx {
             unacked_consumed: 0,
             ack_due: false,
             recovered: Vec::new(),
+            inbox_bytes: 0,
             stats: RxStats::default(),
         }
     }
@@ -108,7 +115,8 @@ impl Rx {
     pub(crate) fn set_peer(&mut self, hello: &HelloPayload) {
         let span = hello.fec.as_ref().map_or(1, |s| s.group_span_seqs());
         self.decoder = hello.fec.as_ref().map(Decoder::new);
-        self.peer = Some(Peer { span, scheme: hello.fec.clone() });
+        let datagram_bytes = hello.payload_bytes as usize + wire::HEADER_BYTES;
+        self.peer = Some(Peer { datagram_bytes, span, scheme: hello.fec.clone() });
     }
 
     pub(crate) fn has_peer(&self) -> bool {
@@ -131,6 +139,47 @@ impl Rx {
             nacked_packets: self.stats.nacked_seqs,
             delivered_msgs: self.stats.delivered_msgs,
         }
+    }
+
+    pub(crate) fn store_bytes(&self) -> usize {
+        self.store_bytes
+    }
+
+    /// Bytes held for the application: out-of-order datagrams, the message
+    /// being reassembled, and the inbox.
+    fn held_bytes(&self) -> usize {
+        self.store_bytes + self.assembly.as_ref().map_or(0, |a| a.buf.len()) + self.inbox_bytes
+    }
+
+    /// Records the inbox size (the application may have read since).
+    pub(crate) fn set_inbox_bytes(&mut self, bytes: usize) {
+        self.inbox_bytes = bytes;
+    }
+
+    /// The most data datagrams the receive buffer holds.
+    pub(crate) fn max_window_seqs(&self) -> u64 {
+        let dg = self.peer.as_ref().map_or(wire::HEADER_BYTES + 1, |p| p.datagram_bytes);
+        (self.limits.buffer_bytes / dg).max(1) as u64
+    }
+
+    /// Flow control: the peer may send data seqs below this. Free buffer
+    /// bytes, in the peer's largest datagrams, past the cumulative ack.
+    pub(crate) fn window_end(&self) -> u64 {
+        let dg = self.peer.as_ref().map_or(wire::HEADER_BYTES + 1, |p| p.datagram_bytes);
+        let free = self.limits.buffer_bytes.saturating_sub(self.held_bytes()) / dg;
+        self.next_seq + (free as u64).min(self.limits.window_seqs)
+    }
+
+    /// Every seq below this is held (consumed or buffered).
+    pub(crate) fn held_upto(&self) -> u64 {
+        let mut upto = self.next_seq;
+        for &seq in self.store.range(self.next_seq..).map(|(s, _)| s) {
+            if seq != upto {
+                break;
+            }
+            upto += 1;
+        }
+        upto
     }
 
     pub(crate) fn has_missing(&self) -> bool {
@@ -239,8 +288,10 @@ impl Rx {
         if !recovered && !was_nacked {
             self.stats.first_arrivals += 1;
         }
-        if self.store_bytes + bytes.len() > self.limits.buffer_bytes {
-            // No room: it will be nacked again once there is.
+        if self.held_bytes() + bytes.len() > self.limits.buffer_bytes && seq != self.next_seq {
+            // No room (the peer overran the advertised window): it will be
+            // nacked once there is. The next seq in order is always taken,
+            // so the stream can move.
             self.stats.dropped_buffer_full += 1;
             self.missing.insert(seq, Missing { since: now, nacked_at: None });
             return;
@@ -276,7 +327,7 @@ impl Rx {
             let payload_len = bytes.len() - wire::HEADER_BYTES;
             let assembled = self.assembly.as_ref().map_or(0, |a| a.buf.len());
             if inbox.bytes > 0 && inbox.bytes + assembled + payload_len > self.limits.buffer_bytes {
-                inbox.stalled = true;
+                inbox.wake_on_read = true;
                 break;
             }
             let header = *header;
@@ -292,7 +343,7 @@ impl Rx {
             self.unacked_consumed += 1;
             self.ack_due = true;
         }
-        inbox.stalled &= !self.store.contains_key(&self.next_seq);
+        self.inbox_bytes = inbox.bytes;
         Ok(delivered)
     }
 
@@ -352,15 +403,17 @@ impl Rx {
     /// closed (the receiver saw a seq a group span later, or the decoder
     /// window moved past), the link has been quiet for the delay, or 8
     /// delays have passed. A seq is nacked again after `srtt * 3/2 +
-    /// delay`.
+    /// delay`. Seqs at or past the advertised window are not nacked: the
+    /// peer must not send them yet.
     pub(crate) fn build_nack(&mut self, now: Instant, srtt: Duration) -> Option<NackPayload> {
+        let window_end = self.window_end();
         let delay = self.nack_delay(srtt);
         let retry = srtt * 3 / 2 + delay;
         let span = self.peer.as_ref().map_or(1, |p| p.span);
         let low = self.decoder.as_ref().map_or(u64::MAX, |d| d.low_seq());
         let quiet = now.saturating_duration_since(self.last_data_at) >= delay;
         let mut ranges: Vec<NackRange> = Vec::new();
-        for (&seq, m) in self.missing.iter_mut() {
+        for (&seq, m) in self.missing.range_mut(..window_end) {
             let age = now.saturating_duration_since(m.since);
             let fec_done = quiet || seq < low || self.highest_seen >= seq.saturating_add(span) || age >= delay * 8;
             let resend_ok = m.nacked_at.is_none_or(|t| now.saturating_duration_since(t) >= retry);

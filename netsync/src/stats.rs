@@ -183,6 +183,10 @@ pub struct RxStats {
     pub decoder_resets: u64,
     /// Ack datagrams sent.
     pub acks_sent: u64,
+    /// Bytes delivered and not yet read by the application.
+    pub inbox_bytes: u64,
+    /// Bytes of datagrams held out of order, waiting for a gap to fill.
+    pub reorder_bytes: u64,
 }
 
 /// A snapshot of one link end, for `status`.

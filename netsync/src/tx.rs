@@ -79,6 +79,10 @@ pub(crate) struct Tx {
     repair_out: Vec<RepairPacket>,
     repair_counter: u64,
     inflight_limit: u64,
+    /// Flow control: the peer takes data seqs below this.
+    peer_window_end: u64,
+    /// The peer holds every seq below this (no retransmission needed).
+    peer_held_upto: u64,
     spare: Vec<Vec<u8>>,
     last_progress: Instant,
     rto_backoff: u32,
@@ -105,23 +109,35 @@ impl Tx {
             repair_out: Vec::new(),
             repair_counter: 0,
             inflight_limit: 1,
+            peer_window_end: 1,
+            peer_held_upto: 1,
             spare: Vec::new(),
             last_progress: now,
             rto_backoff: 0,
         }
     }
 
-    /// Sets the most data datagrams in flight (ours and the peer's limit).
+    /// Sets the most data datagrams in flight (ours and the peer's limit);
+    /// until the first ack the peer's window is that much.
     pub(crate) fn set_inflight_limit(&mut self, datagrams: u64) {
         self.inflight_limit = datagrams.max(1);
+        self.peer_window_end = self.peer_window_end.max(self.acked_seq + self.inflight_limit);
+    }
+
+    /// The receiver's latest flow-control state (from an ack).
+    pub(crate) fn set_peer_window(&mut self, held_upto: u64, window_end: u64) {
+        self.peer_held_upto = self.peer_held_upto.max(held_upto.min(self.next_seq));
+        self.peer_window_end = window_end;
     }
 
     pub(crate) fn inflight(&self) -> u64 {
         self.next_seq - self.acked_seq
     }
 
+    /// Whether a new data datagram may go: within our in-flight limit and
+    /// the receiver's advertised window.
     pub(crate) fn window_open(&self) -> bool {
-        self.inflight() < self.inflight_limit
+        self.inflight() < self.inflight_limit && self.next_seq < self.peer_window_end
     }
 
     /// Whether a message is half fragmented (more data is ready to go).
@@ -282,6 +298,7 @@ impl Tx {
             }
         }
         self.acked_seq = cum_ack;
+        self.peer_held_upto = self.peer_held_upto.max(cum_ack);
         released.advanced = true;
         self.retx = self.retx.split_off(&cum_ack);
         while self.spans.front().is_some_and(|s| s.last_seq < cum_ack) {
@@ -334,18 +351,19 @@ impl Tx {
     }
 
     /// Retransmission timeout: no ack progress for an RTO. Queues the
-    /// oldest and newest unacknowledged datagrams so the receiver sees the
-    /// gap and nacks the rest; backs off exponentially.
+    /// first datagram the receiver does not hold and the newest one, so it
+    /// sees the gap and nacks the rest; backs off exponentially. Nothing is
+    /// sent when the receiver holds everything (it is only slow to read).
     pub(crate) fn on_rto(&mut self, now: Instant) -> bool {
-        if self.unacked.is_empty() || self.pending.iter().any(|p| matches!(p, Pending::Data(_))) {
-            // Not everything left once yet: not a tail loss.
-            self.last_progress = now;
+        self.last_progress = now;
+        let first_missing = self.acked_seq.max(self.peer_held_upto);
+        if first_missing >= self.next_seq || self.pending.iter().any(|p| matches!(p, Pending::Data(_))) {
+            // Not a tail loss: all held, or not everything left once yet.
             return false;
         }
-        self.retx.insert(self.acked_seq);
+        self.retx.insert(first_missing);
         self.retx.insert(self.next_seq - 1);
         self.rto_backoff += 1;
-        self.last_progress = now;
         true
     }
 }

@@ -51,7 +51,7 @@ pub const MAX_PAYLOAD_BYTES: usize = MAX_DATAGRAM_BYTES - HEADER_BYTES;
 /// Hello flag: this hello answers the peer's.
 pub const FLAG_REPLY: u8 = 1;
 /// Size of an ack payload.
-pub const ACK_PAYLOAD_BYTES: usize = 72;
+pub const ACK_PAYLOAD_BYTES: usize = 88;
 /// Most ranges one nack carries (keeps a nack under 1300 bytes).
 pub const MAX_NACK_RANGES: usize = 100;
 /// Bytes before the ranges in a nack payload.
@@ -357,16 +357,21 @@ pub struct PeerCounters {
     pub delivered_msgs: u64,
 }
 
-/// Ack payload layout ([`ACK_PAYLOAD_BYTES`] bytes): cum_ack, highest_seen,
-/// ts_us, echo_ts_us (8 each), echo_delay_us (4), reserved (4, zero), then
-/// the four [`PeerCounters`] (8 each).
+/// Ack payload layout ([`ACK_PAYLOAD_BYTES`] bytes): cum_ack, held_upto,
+/// window_end, highest_seen, ts_us, echo_ts_us (8 each), echo_delay_us (4),
+/// reserved (4, zero), then the four [`PeerCounters`] (8 each).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AckPayload {
-    /// Every data seq below this was delivered (cumulative ack).
+    /// Every data seq below this was delivered (cumulative ack); `>= 1`.
     pub cum_ack: u64,
+    /// Every data seq below this is held by the receiver (delivered or
+    /// buffered): nothing below needs retransmitting. `>= cum_ack`.
+    pub held_upto: u64,
+    /// Flow control: the sender may send data seqs below this. `>= cum_ack`.
+    pub window_end: u64,
     /// Highest data seq the receiver knows was sent.
     pub highest_seen: u64,
-    /// The sender of this ack's clock, µs (for RTT echo).
+    /// The sender of this ack's clock, µs (for RTT echo), `>= 1`.
     pub ts_us: u64,
     /// The last `ts_us` received from the peer, 0 if none.
     pub echo_ts_us: u64,
@@ -379,7 +384,7 @@ pub struct AckPayload {
 impl AckPayload {
     /// Appends the payload bytes.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        for v in [self.cum_ack, self.highest_seen, self.ts_us, self.echo_ts_us] {
+        for v in [self.cum_ack, self.held_upto, self.window_end, self.highest_seen, self.ts_us, self.echo_ts_us] {
             out.extend_from_slice(&v.to_le_bytes());
         }
         out.extend_from_slice(&self.echo_delay_us.to_le_bytes());
@@ -395,24 +400,36 @@ impl AckPayload {
         if p.len() != ACK_PAYLOAD_BYTES {
             return Err(DatagramError::BadPayloadLen { kind: Kind::Ack, len_bytes: p.len() });
         }
-        if u32_at(p, 36) != 0 {
-            return Err(DatagramError::BadField { field: "ack.reserved", value: u32_at(p, 36).into() });
+        if u32_at(p, 52) != 0 {
+            return Err(DatagramError::BadField { field: "ack.reserved", value: u32_at(p, 52).into() });
         }
         let ack = AckPayload {
             cum_ack: u64_at(p, 0),
-            highest_seen: u64_at(p, 8),
-            ts_us: u64_at(p, 16),
-            echo_ts_us: u64_at(p, 24),
-            echo_delay_us: u32_at(p, 32),
+            held_upto: u64_at(p, 8),
+            window_end: u64_at(p, 16),
+            highest_seen: u64_at(p, 24),
+            ts_us: u64_at(p, 32),
+            echo_ts_us: u64_at(p, 40),
+            echo_delay_us: u32_at(p, 48),
             counters: PeerCounters {
-                received_packets: u64_at(p, 40),
-                recovered_packets: u64_at(p, 48),
-                nacked_packets: u64_at(p, 56),
-                delivered_msgs: u64_at(p, 64),
+                received_packets: u64_at(p, 56),
+                recovered_packets: u64_at(p, 64),
+                nacked_packets: u64_at(p, 72),
+                delivered_msgs: u64_at(p, 80),
             },
         };
+        let bad = |field, value| Err(DatagramError::BadField { field, value });
         if ack.cum_ack == 0 {
-            return Err(DatagramError::BadField { field: "ack.cum_ack", value: 0 });
+            return bad("ack.cum_ack", 0);
+        }
+        if ack.held_upto < ack.cum_ack {
+            return bad("ack.held_upto", ack.held_upto);
+        }
+        if ack.window_end < ack.cum_ack {
+            return bad("ack.window_end", ack.window_end);
+        }
+        if ack.ts_us == 0 {
+            return bad("ack.ts_us", 0);
         }
         Ok(ack)
     }
@@ -638,6 +655,8 @@ mod tests {
     fn payloads_round_trip() {
         let ack = AckPayload {
             cum_ack: 9,
+            held_upto: 10,
+            window_end: 100,
             highest_seen: 12,
             ts_us: 1,
             echo_ts_us: 2,
