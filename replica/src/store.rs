@@ -122,8 +122,12 @@ struct Inner {
     last_seq: u64,
     /// A batch is being committed.
     committing: bool,
-    /// Bytes applied to the data file since the last checkpoint.
+    /// Log bytes applied to the data file since the last checkpoint.
     applied_unsynced_bytes: u64,
+    /// Log offset just past the last applied batch (the next tail).
+    applied_end: u64,
+    /// Seq of the last applied record.
+    applied_seq: u64,
     shutdown: bool,
 }
 
@@ -173,6 +177,8 @@ impl Store {
                 committing: false,
                 // Replayed records are in the (synced) data file already.
                 applied_unsynced_bytes: used,
+                applied_end: head,
+                applied_seq: next - 1,
                 shutdown: false,
             }),
             cond: Condvar::new(),
@@ -248,6 +254,16 @@ impl Store {
     /// appended seq are duplicates and are ignored (retransmissions).
     /// Blocks only while the log is full and a checkpoint frees space.
     pub fn append(&self, h: &RecordHeader, data: &[u8]) -> Result<(), StoreError> {
+        self.append_inner(h, data, true)
+    }
+
+    /// Like [`Store::append`], but leaves the commit to the caller, who
+    /// promises to call [`Store::commit_pending`] when its burst ends.
+    pub fn append_deferred(&self, h: &RecordHeader, data: &[u8]) -> Result<(), StoreError> {
+        self.append_inner(h, data, false)
+    }
+
+    fn append_inner(&self, h: &RecordHeader, data: &[u8], wake: bool) -> Result<(), StoreError> {
         self.check_range(h.offset, h.len as u64)?;
         let mut g = lock(&self.inner);
         loop {
@@ -263,11 +279,16 @@ impl Store {
             match g.log.append(h, data) {
                 Ok(()) => {
                     g.last_seq = h.seq;
-                    self.cond.notify_all();
+                    if wake || g.committing {
+                        self.cond.notify_all();
+                    }
                     return Ok(());
                 }
-                // The committer checkpoints when it sees the log this full.
-                Err(log::LogFull) => g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner()),
+                // The committer commits what is pending and checkpoints.
+                Err(log::LogFull) => {
+                    self.cond.notify_all();
+                    g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner());
+                }
             }
         }
     }
@@ -376,37 +397,64 @@ impl Store {
         self.cond.notify_all();
     }
 
-    /// The committer loop: take batch, write + fdatasync, apply, publish.
+    /// Commits the pending batch on the calling thread, unless a commit is
+    /// already running (then the committer thread takes it next). Session
+    /// threads call this when their input runs dry: at queue depth 1 it
+    /// saves the hand-off to the committer thread.
+    pub fn commit_pending(&self) {
+        let g = lock(&self.inner);
+        if g.log.is_idle() {
+            return;
+        }
+        if g.committing {
+            self.cond.notify_all();
+            return;
+        }
+        self.commit_locked(g);
+    }
+
+    /// Takes the batch, commits it without the lock, then books it.
+    fn commit_locked(&self, mut g: MutexGuard<'_, Inner>) {
+        debug_assert!(!g.committing);
+        g.committing = true;
+        let batch = g.log.take();
+        drop(g);
+        if let Err(e) = self.commit(&batch) {
+            self.fail(format!("group commit: {e}"));
+        }
+        let mut g = lock(&self.inner);
+        g.committing = false;
+        if let Some(last) = batch.records.last() {
+            g.applied_seq = last.header.seq;
+            g.applied_end = batch.end_offset;
+            g.applied_unsynced_bytes += batch.used_bytes;
+        }
+        g.log.recycle(batch);
+        self.cond.notify_all();
+    }
+
+    /// The committer thread: commits batches nobody committed inline, and
+    /// takes checkpoints.
     fn committer(self: Arc<Self>) {
         loop {
-            let batch = {
-                let mut g = lock(&self.inner);
-                while g.log.is_idle() && !g.shutdown && !self.needs_checkpoint(&g) {
-                    g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner());
-                }
-                if g.log.is_idle() && g.shutdown {
+            let mut g = lock(&self.inner);
+            loop {
+                if self.failed.load(Ordering::Acquire) {
                     return;
                 }
-                g.committing = true;
-                g.log.take()
-            };
-            if let Err(e) = self.commit(&batch) {
-                self.fail(format!("group commit: {e}"));
-            }
-            let mut g = lock(&self.inner);
-            g.committing = false;
-            g.applied_unsynced_bytes += batch.used_bytes;
-            let end = batch.end_offset;
-            g.log.recycle(batch);
-            if self.needs_checkpoint(&g) {
-                drop(g);
-                if let Err(e) = self.checkpoint(end) {
-                    self.fail(format!("checkpoint: {e}"));
+                let can_commit = !g.committing && !g.log.is_idle();
+                if can_commit || self.needs_checkpoint(&g) {
+                    break;
                 }
+                if g.shutdown && g.log.is_idle() && !g.committing {
+                    return;
+                }
+                g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner());
             }
-            self.cond.notify_all();
-            if self.failed.load(Ordering::Acquire) {
-                return;
+            if !g.committing && !g.log.is_idle() {
+                self.commit_locked(g);
+            } else if let Err(e) = self.checkpoint(g) {
+                self.fail(format!("checkpoint: {e}"));
             }
         }
     }
@@ -440,16 +488,18 @@ impl Store {
         Ok(())
     }
 
-    /// fsyncs the data file and moves the log tail to `tail`: every record
-    /// before it is now in the data file.
-    fn checkpoint(&self, tail: u64) -> Result<(), StoreError> {
+    /// fsyncs the data file and moves the log tail past every batch applied
+    /// so far. What it releases is fixed before the sync, so a commit that
+    /// applies meanwhile keeps its records.
+    fn checkpoint(&self, mut g: MutexGuard<'_, Inner>) -> Result<(), StoreError> {
+        let (tail, seq, bytes) = (g.applied_end, g.applied_seq, g.applied_unsynced_bytes);
+        g.applied_unsynced_bytes = 0;
+        drop(g);
         self.data.sync_data().map_err(io_err("data sync", &self.dir))?;
-        let seq = self.durable_seq();
         self.checkpoint_meta(seq, tail)?;
         let mut g = lock(&self.inner);
-        let freed = g.applied_unsynced_bytes;
-        g.log.release(freed);
-        g.applied_unsynced_bytes = 0;
+        g.log.release(bytes);
+        self.cond.notify_all();
         Ok(())
     }
 
