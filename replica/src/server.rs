@@ -6,7 +6,7 @@
 //! only that session, and the server goes on serving others.
 
 use std::collections::BTreeMap;
-use std::io::{self, BufReader};
+use std::io::{self, BufReader, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -117,15 +117,35 @@ pub enum ServeError {
     Bind(String, io::Error),
 }
 
+/// Where a session's replies go: a TCP stream, or a network-sync link.
+pub trait FrameOut: Send + Sync {
+    /// Sends one whole frame.
+    fn send_frame(&self, kind: FrameType, parts: &[&[u8]]) -> io::Result<()>;
+    /// Ends the session's transport (unblocks its reader).
+    fn close(&self);
+}
+
+/// Replies over TCP; the mutex keeps frames from interleaving.
+struct TcpOut(Mutex<TcpStream>);
+
+impl FrameOut for TcpOut {
+    fn send_frame(&self, kind: FrameType, parts: &[&[u8]]) -> io::Result<()> {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        proto::write_frame(&mut *s, kind, 0, parts)
+    }
+    fn close(&self) {
+        let _ = self.0.lock().unwrap_or_else(|e| e.into_inner()).shutdown(Shutdown::Both);
+    }
+}
+
 /// The session's writer half, shared with the store's committer for acks.
 struct SessionWriter {
-    stream: Mutex<TcpStream>,
+    out: Box<dyn FrameOut>,
 }
 
 impl SessionWriter {
     fn send(&self, kind: FrameType, parts: &[&[u8]]) -> io::Result<()> {
-        let mut s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
-        proto::write_frame(&mut *s, kind, 0, parts)
+        self.out.send_frame(kind, parts)
     }
 
     fn send_error(&self, code: ErrorCode, seq: u64, offset: u64, message: String) {
@@ -181,9 +201,16 @@ impl Server {
         let Ok(peer) = stream.peer_addr() else { return };
         let _ = stream.set_nodelay(true);
         let Ok(wstream) = stream.try_clone() else { return };
-        let writer = Arc::new(SessionWriter { stream: Mutex::new(wstream) });
+        let out = Box::new(TcpOut(Mutex::new(wstream)));
+        self.run_session(stream, out, peer);
+    }
+
+    /// Serves one session until its transport ends or a frame is refused.
+    /// `input` yields the peer's frames as a byte stream.
+    pub fn run_session<R: Read>(&self, input: R, out: Box<dyn FrameOut>, peer: SocketAddr) {
+        let writer = Arc::new(SessionWriter { out });
         let mut sess = Session { peer, writer, epoch: None, probe: false, is_ack_sink: false, read_buf: Vec::new() };
-        let mut reader = FrameReader::new(BufReader::with_capacity(1 << 18, stream));
+        let mut reader = FrameReader::new(BufReader::with_capacity(1 << 18, input));
         loop {
             let res = match reader.next_frame() {
                 Ok((h, payload)) => {
@@ -219,7 +246,7 @@ impl Server {
         if sess.is_ack_sink {
             self.store.set_ack_sink(None);
         }
-        let _ = reader.get_ref().get_ref().shutdown(Shutdown::Both);
+        sess.writer.out.close();
     }
 
     fn handle(&self, s: &mut Session, kind: FrameType, p: &[u8]) -> Result<(), Reject> {
