@@ -3,7 +3,7 @@
 use starblk_fec::FecScheme;
 
 use crate::error::LinkError;
-use crate::wire::{HEADER_BYTES, MAX_NACK_RANGES};
+use crate::wire::HEADER_BYTES;
 
 /// Smallest data payload per datagram.
 pub const MIN_PAYLOAD_BYTES: usize = 64;
@@ -75,6 +75,10 @@ pub struct LinkConfig {
     /// false, or when the probe gets none, "on the wire" means "sendmsg
     /// returned" ([`crate::WireMode::SendReturned`]).
     pub timestamping: bool,
+    /// Name each stamped send's timestamp id (SCM_TS_OPT_ID, Linux 6.13+)
+    /// when the kernel allows. When false, or on older kernels, ids come
+    /// from the socket's counter (see README, "On the wire").
+    pub explicit_stamp_ids: bool,
     /// How long the first stamped send waits for its timestamp before the
     /// link falls back to `SendReturned`.
     pub probe_timeout_ms: u64,
@@ -109,6 +113,7 @@ impl Default for LinkConfig {
             rto_min_ms: 20,
             hello_interval_ms: 100,
             timestamping: true,
+            explicit_stamp_ids: true,
             probe_timeout_ms: 200,
             stamp_timeout_ms: 100,
             socket_buffer_bytes: 4 << 20,
@@ -151,7 +156,6 @@ impl LinkConfig {
         if self.probe_timeout_ms == 0 || self.stamp_timeout_ms == 0 || self.peer_timeout_ms == 0 {
             return bad("probe_timeout_ms, stamp_timeout_ms and peer_timeout_ms must be at least 1");
         }
-        debug_assert!(MAX_NACK_RANGES > 0);
         Ok(())
     }
 }

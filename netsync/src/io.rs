@@ -19,12 +19,13 @@ use crate::stamps::{Covers, WireTracker};
 use crate::stats::{LinkStats, RejectReason, Rejected, TxStats, WireMode};
 use crate::sys::{self, Stamp};
 use crate::tx::{OutMsg, Pending, Tx};
-use crate::wire::{
-    self, AckPayload, DatagramError, Header, HelloPayload, Kind, NackPayload, PeerCounters, FLAG_REPLY,
-};
+use crate::wire::{self, AckPayload, DatagramError, Header, HelloPayload, Kind, NackPayload, PeerCounters, FLAG_REPLY};
 
-/// Most datagrams sent per loop turn before looking at the socket again.
+/// Datagrams sent per loop turn before looking at the socket again...
 const TX_BATCH: usize = 64;
+/// ...unless repairs are still queued behind data (an idle flush of layered
+/// XOR with strides up to 16384 can queue that many).
+const TX_BATCH_MAX: usize = 32_768;
 /// Most datagrams read per loop turn.
 const RX_BATCH: usize = 256;
 /// Most nack datagrams per nack tick.
@@ -143,7 +144,7 @@ impl Rtt {
             self.rttvar = rtt / 2;
             return;
         }
-        let diff = if rtt > self.srtt { rtt - self.srtt } else { self.srtt - rtt };
+        let diff = rtt.abs_diff(self.srtt);
         self.rttvar = (self.rttvar * 3 + diff) / 4;
         self.srtt = (self.srtt * 7 + rtt) / 8;
     }
@@ -210,7 +211,7 @@ impl Io {
         Io {
             net: Net {
                 sock,
-                tracker: WireTracker::new(fec_c, start.timestamps),
+                tracker: WireTracker::new(fec_c, start.timestamps, cfg.explicit_stamp_ids),
                 blocked: false,
                 backoff_until: None,
                 last_error_log: None,
@@ -363,7 +364,15 @@ impl Io {
         if !self.data_may_flow(now) {
             return false;
         }
-        for _ in 0..TX_BATCH {
+        // A batch does not end between a data datagram and the repairs
+        // queued behind it, nor between a message's last datagram and the
+        // idle flush that may follow, so those leave back to back (within
+        // limits).
+        for i in 0..TX_BATCH_MAX {
+            let settled = self.tx.mid_message() || !self.tx.has_open_groups() || i >= 4 * TX_BATCH;
+            if i >= TX_BATCH && self.tx.pending.is_empty() && settled {
+                return true;
+            }
             if !self.pacer.ready(now) || !self.send_one(now) {
                 return false;
             }
@@ -592,7 +601,11 @@ impl Io {
             at(self.rx.has_missing().then(|| self.last_nack_tick + self.nack_tick()));
             at(self.tx.rto_deadline(self.rto()));
             at(Some(self.last_rx + Duration::from_millis(self.cfg.peer_timeout_ms)).filter(|_| !self.peer_silent));
-            if self.has_work() && !self.net.blocked {
+            // Only pacing can hold back work that is ready: wake when it
+            // allows (a full socket buffer wakes us through POLLOUT, a
+            // send error through its backoff, a stamp re-arm through the
+            // error queue).
+            if self.has_work() && self.net.can_send(now) && !self.net.tracker.paused() {
                 at(Some(now + self.pacer.wait()));
             }
         }
@@ -873,6 +886,7 @@ impl Io {
             link_id: self.link_id,
             connected: self.established && !silent,
             wire_mode: tracker.mode(),
+            explicit_stamp_ids: tracker.explicit_ids() && tracker.mode() == WireMode::TxTimestamp,
             srtt_us: self.rtt.srtt.as_micros() as u64,
             tx,
             rx,

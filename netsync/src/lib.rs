@@ -25,6 +25,8 @@
 
 mod config;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod io;
 mod link;
 mod pacer;

@@ -262,8 +262,10 @@ impl Rx {
                     continue;
                 }
             };
-            self.stats.recovered_packets += 1;
+            // Only a rebuild of something not already held counts (after a
+            // decoder reset, repairs can "rebuild" data that did arrive).
             if rec.seq >= self.next_seq && !self.store.contains_key(&rec.seq) && self.check_window(rec.seq).is_ok() {
+                self.stats.recovered_packets += 1;
                 self.store_datagram(header, &rec.payload, now, true);
             }
         }
@@ -347,7 +349,13 @@ impl Rx {
         Ok(delivered)
     }
 
-    fn append(&mut self, h: &Header, payload: &[u8], inbox: &mut Inbox, delivered: &mut u64) -> Result<(), RejectReason> {
+    fn append(
+        &mut self,
+        h: &Header,
+        payload: &[u8],
+        inbox: &mut Inbox,
+        delivered: &mut u64,
+    ) -> Result<(), RejectReason> {
         let asm = match &mut self.assembly {
             Some(a) => a,
             None => self.assembly.insert(self.start_message(h)?),
@@ -379,7 +387,9 @@ impl Rx {
     }
 
     fn start_message(&self, h: &Header) -> Result<Assembly, RejectReason> {
-        if h.msg_id != self.expect_msg_id || h.frag_index != 0 || h.msg_len_bytes as usize > self.limits.max_message_bytes
+        if h.msg_id != self.expect_msg_id
+            || h.frag_index != 0
+            || h.msg_len_bytes as usize > self.limits.max_message_bytes
         {
             return Err(RejectReason::Protocol);
         }
@@ -429,7 +439,7 @@ impl Rx {
             m.nacked_at = Some(now);
             self.stats.nacked_seqs += 1;
         }
-        (!ranges.is_empty()).then(|| NackPayload { cum_ack: self.next_seq, ranges })
+        (!ranges.is_empty()).then_some(NackPayload { cum_ack: self.next_seq, ranges })
     }
 }
 

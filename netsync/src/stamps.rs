@@ -83,10 +83,10 @@ impl WireTracker {
     /// `fec_c` is the number of repair datagrams covering each data
     /// datagram (0 without FEC). `timestamps` is false when SO_TIMESTAMPING
     /// is off or could not be enabled.
-    pub(crate) fn new(fec_c: usize, timestamps: bool) -> WireTracker {
+    pub(crate) fn new(fec_c: usize, timestamps: bool, explicit_ids: bool) -> WireTracker {
         WireTracker {
             mode: if timestamps { WireMode::Probing } else { WireMode::SendReturned },
-            id_mode: IdMode::Explicit,
+            id_mode: if explicit_ids { IdMode::Explicit } else { IdMode::Counter },
             base_id: 0,
             records: VecDeque::new(),
             rearm: false,
@@ -136,6 +136,11 @@ impl WireTracker {
     /// Whether data may flow: the probe has decided the mode.
     pub(crate) fn decided(&self) -> bool {
         self.mode != WireMode::Probing
+    }
+
+    /// Whether timestamp ids are named per send (false: socket counter).
+    pub(crate) fn explicit_ids(&self) -> bool {
+        self.id_mode == IdMode::Explicit
     }
 
     /// The kernel refused SCM_TS_OPT_ID (EINVAL): number by counter.
@@ -352,7 +357,7 @@ mod tests {
     #[test]
     fn message_waits_for_data_and_every_repair() {
         let now = Instant::now();
-        let mut t = WireTracker::new(2, true);
+        let mut t = WireTracker::new(2, true, true);
         t.on_sent(Covers::Probe, Stamp::Explicit(0), now, 0);
         t.on_stamp(stamp(0));
         assert_eq!(t.mode(), WireMode::TxTimestamp);
@@ -374,7 +379,7 @@ mod tests {
     #[test]
     fn ack_implies_wire_and_missing_stamps_expire() {
         let now = Instant::now();
-        let mut t = WireTracker::new(1, true);
+        let mut t = WireTracker::new(1, true, true);
         t.on_sent(Covers::Probe, Stamp::Explicit(0), now, 0);
         t.on_stamp(stamp(0));
         t.add_seq(1);
@@ -394,7 +399,7 @@ mod tests {
     #[test]
     fn probe_timeout_falls_back() {
         let now = Instant::now();
-        let mut t = WireTracker::new(0, true);
+        let mut t = WireTracker::new(0, true, false);
         t.on_sent(Covers::Probe, Stamp::Counter, now, 0);
         t.expire(now + Duration::from_millis(300), Duration::from_millis(200), Duration::from_millis(10));
         assert_eq!(t.mode(), WireMode::SendReturned);

@@ -198,6 +198,9 @@ pub struct LinkStats {
     pub connected: bool,
     /// How "on the wire" is established.
     pub wire_mode: WireMode,
+    /// TX timestamp ids named per send (SCM_TS_OPT_ID) rather than taken
+    /// from the socket counter.
+    pub explicit_stamp_ids: bool,
     /// Smoothed RTT, µs (0 before the first sample).
     pub srtt_us: u64,
     /// What this end sent.

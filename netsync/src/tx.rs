@@ -130,6 +130,11 @@ impl Tx {
         self.peer_window_end = window_end;
     }
 
+    /// Every data seq below this is acknowledged.
+    pub(crate) fn acked_seq(&self) -> u64 {
+        self.acked_seq
+    }
+
     pub(crate) fn inflight(&self) -> u64 {
         self.next_seq - self.acked_seq
     }
@@ -204,6 +209,11 @@ impl Tx {
         if let Some(f) = self.current.take() {
             self.spans.push_back(Span { id: f.msg.id, last_seq, charge_bytes: f.msg.charge_bytes });
         }
+    }
+
+    /// Whether some sent data waits for its FEC group to close.
+    pub(crate) fn has_open_groups(&self) -> bool {
+        self.encoder.as_ref().is_some_and(Encoder::has_open_groups)
     }
 
     /// Closes every open FEC group (the link is idle); returns whether

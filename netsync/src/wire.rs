@@ -498,10 +498,10 @@ impl NackPayload {
             if r.first < floor || (i > 0 && r.first == floor) {
                 return Err(DatagramError::BadField { field: "nack.range.first", value: r.first });
             }
-            floor = r.first.checked_add(u64::from(r.count)).ok_or(DatagramError::BadField {
-                field: "nack.range.count",
-                value: r.count.into(),
-            })?;
+            floor = r
+                .first
+                .checked_add(u64::from(r.count))
+                .ok_or(DatagramError::BadField { field: "nack.range.count", value: r.count.into() })?;
             ranges.push(r);
         }
         Ok(NackPayload { cum_ack: u64_at(p, 0), ranges })
@@ -676,8 +676,13 @@ mod tests {
         assert_eq!(NackPayload::decode(&b), Ok(nack));
 
         for fec in [None, Some(FecScheme::layered_xor(8, 3).unwrap()), Some(FecScheme::reed_solomon(8, 3).unwrap())] {
-            let hello =
-                HelloPayload { fec, payload_bytes: 1200, max_message_bytes: 1 << 21, recv_window_seqs: 4096, nonce: 77 };
+            let hello = HelloPayload {
+                fec,
+                payload_bytes: 1200,
+                max_message_bytes: 1 << 21,
+                recv_window_seqs: 4096,
+                nonce: 77,
+            };
             b.clear();
             hello.encode_into(&mut b);
             assert_eq!(HelloPayload::decode(&b), Ok(hello));
