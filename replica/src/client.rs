@@ -71,8 +71,8 @@ pub fn connect(addr: &str, hello: Hello, timeout: Duration) -> Result<Session, C
 }
 
 /// Reads one frame and insists on `kind`; Error frames become `Rejected`.
-pub fn expect(
-    reader: &mut FrameReader<BufReader<TcpStream>>,
+pub fn expect<R: std::io::Read>(
+    reader: &mut FrameReader<R>,
     addr: &str,
     kind: FrameType,
 ) -> Result<Vec<u8>, ClientError> {

@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod log;
+pub mod netlink;
 pub mod proto;
 pub mod server;
 pub mod store;

@@ -326,6 +326,11 @@ impl<R: Read> FrameReader<R> {
         &self.inner
     }
 
+    /// Mutable access to the wrapped reader.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
     /// Reads one whole frame. The payload borrow lasts until the next call.
     /// I/O errors other than clean EOF come back as `Err(Ok(io))`.
     pub fn next_frame(&mut self) -> Result<(Header, &[u8]), ReadError> {

@@ -102,6 +102,14 @@ pub fn spawn(dir: &Path, listen: &str) -> Result<ServerHandle, ServeError> {
         .name("accept".into())
         .spawn(move || s2.accept_loop(listener))
         .map_err(|e| ServeError::Bind(listen.to_string(), e))?;
+    // Network-sync replicas are reached at the UDP port of the same address.
+    let udp = starblk_netsync::Listener::bind(addr, starblk_netsync::LinkConfig::default())
+        .map_err(|e| ServeError::Bind(format!("{addr} (udp)"), io::Error::other(e.to_string())))?;
+    let s3 = server.clone();
+    std::thread::Builder::new()
+        .name("accept-udp".into())
+        .spawn(move || s3.accept_netsync(udp))
+        .map_err(|e| ServeError::Bind(listen.to_string(), e))?;
     tracing::info!(%addr, dir = %dir.display(), durable_seq = server.store.durable_seq(), "replica serving");
     Ok(ServerHandle { server, addr, accept: Some(accept), committer: Some(committer) })
 }
@@ -194,6 +202,27 @@ impl Server {
             }
             let s2 = self.clone();
             let _ = std::thread::Builder::new().name(format!("session-{id}")).spawn(move || s2.session(stream));
+        }
+    }
+
+    fn accept_netsync(self: Arc<Self>, mut listener: starblk_netsync::Listener) {
+        while !self.stopping.load(Ordering::Acquire) {
+            let link = match listener.accept_timeout(std::time::Duration::from_millis(200)) {
+                Ok(Some(l)) => Arc::new(l),
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!("network-sync accept: {e}");
+                    continue;
+                }
+            };
+            let peer = link.peer_addr();
+            let closed = Arc::new(AtomicBool::new(false));
+            let input = crate::netlink::MsgReader::new(link.clone(), closed.clone());
+            let out = Box::new(crate::netlink::NetOut::new(link, closed));
+            let s2 = self.clone();
+            let _ = std::thread::Builder::new()
+                .name(format!("netsync-{peer}"))
+                .spawn(move || s2.run_session(input, out, peer));
         }
     }
 

@@ -2,7 +2,8 @@
 //!
 //! A case is a random sequence of steps: batches of block-aligned writes
 //! (4 KiB..256 KiB, data, discard or write-zeroes, heavily overlapping on a
-//! 2 MiB volume) and crashes. The log is `LOG_MIN_BYTES` (4 MiB), so a case
+//! 2 MiB volume), committed by the committer thread or inline by the
+//! appending thread, and crashes. The log is `LOG_MIN_BYTES` (4 MiB), so a case
 //! wraps it and takes checkpoints several times.
 //!
 //! # What a crash is
@@ -67,8 +68,11 @@ struct WriteSpec {
 
 #[derive(Debug, Clone)]
 enum Step {
-    /// Append these writes in seq order.
-    Writes(Vec<WriteSpec>),
+    /// Append these writes in seq order. With `inline`, the test thread
+    /// commits after each append (`Store::commit_pending`, as a session does
+    /// when its input runs dry), racing the committer thread's checkpoints;
+    /// otherwise the committer thread groups them.
+    Writes { writes: Vec<WriteSpec>, inline: bool },
     /// Wait until `ack_permille` of the writes since the last crash are
     /// durable, then take a crash image and continue from it.
     Crash {
@@ -108,7 +112,9 @@ fn step() -> impl Strategy<Value = Step> {
             lost_blocks,
             torn: torn.unwrap_or_default(),
         });
-    prop_oneof![3 => prop::collection::vec(write_spec(), 1..16).prop_map(Step::Writes), 1 => crash]
+    let writes = (prop::collection::vec(write_spec(), 1..16), any::<bool>())
+        .prop_map(|(writes, inline)| Step::Writes { writes, inline });
+    prop_oneof![3 => writes, 1 => crash]
 }
 
 // ---- the model -----------------------------------------------------------
@@ -290,6 +296,7 @@ struct Stats {
     racing_copies: usize,
     torn_tails: usize,
     lost_pages: usize,
+    inline_commits: usize,
     /// Log bytes appended; divided by the log size, the number of laps.
     log_bytes: u64,
     checkpoints_seen: usize,
@@ -310,11 +317,15 @@ fn run(steps: &[Step]) -> Stats {
 
     for step in steps {
         match step {
-            Step::Writes(ws) => {
-                for w in ws {
+            Step::Writes { writes, inline } => {
+                for w in writes {
                     let a = hist.push(w);
                     stats.log_bytes += (REC_HEADER_BYTES + a.data.len()) as u64;
                     append(&o, a);
+                    if *inline {
+                        o.store.commit_pending();
+                        stats.inline_commits += 1;
+                    }
                 }
                 let cp = o.store.superblock().checkpoint_seq;
                 if cp != last_checkpoint {
@@ -410,8 +421,13 @@ fn run(steps: &[Step]) -> Stats {
     stats
 }
 
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(48)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    // 48 cases keep the run near 20 s; PROPTEST_CASES=500 for a longer hunt.
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     /// Random writes with crash images, torn log tails and lost pages.
     #[test]
@@ -438,7 +454,7 @@ fn long_run_wraps_the_log_and_survives_every_crash_kind() {
                 },
             })
             .collect();
-        steps.push(Step::Writes(ws));
+        steps.push(Step::Writes { writes: ws, inline: round % 3 == 2 });
         steps.push(Step::Crash {
             ack_permille: [0, 300, 700, 1000][round as usize % 4],
             lost_blocks: if round % 3 == 1 { (0..VOLUME_BLOCKS).step_by(5).collect() } else { Vec::new() },
@@ -450,5 +466,5 @@ fn long_run_wraps_the_log_and_survives_every_crash_kind() {
     assert_eq!(stats.crashes, 12);
     assert!(stats.log_bytes > 2 * LOG_MIN_BYTES, "the log never wrapped twice: {stats:?}");
     assert!(stats.checkpoints_seen > 0, "no checkpoint seen: {stats:?}");
-    assert!(stats.torn_tails > 0 && stats.lost_pages > 0);
+    assert!(stats.torn_tails > 0 && stats.lost_pages > 0 && stats.inline_commits > 0);
 }

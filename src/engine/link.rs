@@ -8,18 +8,22 @@
 //! reconnects.
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::fmt;
-use std::io::{BufWriter, Write};
+use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
 use crossbeam::queue::SegQueue;
 use serde::Serialize;
+use starblk_netsync::{Link as NetLink, LinkConfig, LinkEvent};
 use starblk_replica::client::{self, ClientError};
-use starblk_replica::proto::{self, ErrorFrame, FrameType, Hello, ReadReq, WriteHeader};
+use starblk_replica::netlink::{self, MsgReader, NetOut};
+use starblk_replica::proto::{self, ErrorFrame, FrameReader, FrameType, Hello, HelloOk, ReadReq, WriteHeader};
+use starblk_replica::server::FrameOut;
 
 use super::{PendingRead, Shared};
 use crate::config::Role;
@@ -84,6 +88,8 @@ pub struct ReplicaSpec {
     pub role: Role,
     /// Durable seq reported at startup (fencing probe).
     pub initial_durable_seq: u64,
+    /// Network-sync link settings; `None` for a TCP replica.
+    pub netsync: Option<LinkConfig>,
 }
 
 /// Link state kept under the engine lock.
@@ -96,6 +102,10 @@ pub(crate) struct LinkCore {
     /// Bumped per session so stale threads notice they are stale.
     pub conn_gen: u64,
     pub since: Instant,
+    /// A network-sync link: completions wait for its wire seq (§1b).
+    pub netsync: bool,
+    /// Highest seq whose data and repair packets are on the wire.
+    pub wire_seq: u64,
 }
 
 impl LinkCore {
@@ -108,6 +118,8 @@ impl LinkCore {
             srtt_us: 0,
             conn_gen: 0,
             since: Instant::now(),
+            netsync: false,
+            wire_seq: 0,
         }
     }
 
@@ -136,6 +148,8 @@ pub(crate) struct Link {
     pub spec: ReplicaSpec,
     sender: Mutex<Option<Thread>>,
     socket: Mutex<Option<TcpStream>>,
+    /// The open network-sync session: its link and its close flag.
+    net: Mutex<Option<(Arc<NetLink>, Arc<AtomicBool>)>>,
     read_q: SegQueue<PendingRead>,
     pending_reads: Mutex<HashMap<u64, PendingRead>>,
     next_req_id: AtomicU64,
@@ -150,6 +164,7 @@ impl Link {
             spec,
             sender: Mutex::new(None),
             socket: Mutex::new(None),
+            net: Mutex::new(None),
             read_q: SegQueue::new(),
             pending_reads: Mutex::new(HashMap::new()),
             next_req_id: AtomicU64::new(1),
@@ -176,7 +191,15 @@ impl Link {
             tracing::debug!(replica = %self.spec.name, why, "cutting session");
             let _ = s.shutdown(Shutdown::Both);
         }
+        if let Some((_, closed)) = lock(&self.net).as_ref() {
+            closed.store(true, Ordering::Release);
+        }
         self.wake();
+    }
+
+    /// The current network-sync link, if any (for status).
+    pub fn net_link(&self) -> Option<Arc<NetLink>> {
+        lock(&self.net).as_ref().map(|(l, _)| l.clone())
     }
 }
 
@@ -190,12 +213,18 @@ fn manager(shared: Arc<Shared>, link: Arc<Link>) {
     let mut backoff = BACKOFF_MIN;
     while !shared.stopping.load(Ordering::Acquire) {
         let hello = Hello { volume: shared.cfg.volume, epoch: shared.cfg.epoch, flags: 0 };
-        let reason = match client::connect(&link.spec.addr, hello, CONNECT_TIMEOUT) {
-            Ok(sess) => {
+        let opened = match &link.spec.netsync {
+            None => client::connect(&link.spec.addr, hello, CONNECT_TIMEOUT)
+                .map(|s| (s.hello, Conn::Tcp { reader: s.reader, writer: s.writer }))
+                .map_err(|e| e.to_string()),
+            Some(cfg) => connect_net(&link.spec.addr, cfg, hello),
+        };
+        let reason = match opened {
+            Ok((hello_ok, conn)) => {
                 backoff = BACKOFF_MIN;
-                run_session(&shared, &link, sess)
+                run_session(&shared, &link, hello_ok.durable_seq, conn)
             }
-            Err(e) => e.to_string(),
+            Err(e) => e,
         };
         if shared.stopping.load(Ordering::Acquire) {
             break;
@@ -204,6 +233,30 @@ fn manager(shared: Arc<Shared>, link: Arc<Link>) {
         thread::sleep(backoff);
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
+}
+
+/// An open session's two halves.
+enum Conn {
+    Tcp { reader: FrameReader<BufReader<TcpStream>>, writer: TcpStream },
+    Net { link: Arc<NetLink>, closed: Arc<AtomicBool>, reader: FrameReader<BufReader<MsgReader>> },
+}
+
+/// Opens a network-sync link to the UDP port of `addr` and says Hello.
+fn connect_net(addr: &str, cfg: &LinkConfig, hello: Hello) -> Result<(HelloOk, Conn), String> {
+    let err = |e: &dyn std::fmt::Display| format!("replica {addr} (network-sync): {e}");
+    let remote = netlink::resolve(addr).map_err(|e| err(&e))?;
+    let local = if remote.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let nl = NetLink::connect(local.parse().expect("literal address"), remote, cfg.clone()).map_err(|e| err(&e))?;
+    nl.wait_established(CONNECT_TIMEOUT).map_err(|e| err(&e))?;
+    let nl = Arc::new(nl);
+    let closed = Arc::new(AtomicBool::new(false));
+    NetOut::new(nl.clone(), closed.clone()).send_frame(FrameType::Hello, &[&hello.encode()]).map_err(|e| err(&e))?;
+    let mut input = MsgReader::new(nl.clone(), closed.clone());
+    input.set_timeout(Some(CONNECT_TIMEOUT));
+    let mut reader = FrameReader::new(BufReader::new(input));
+    let p = client::expect(&mut reader, addr, FrameType::HelloOk).map_err(|e| e.to_string())?;
+    let hello_ok = HelloOk::decode(&p).map_err(|e| err(&e))?;
+    Ok((hello_ok, Conn::Net { link: nl, closed, reader }))
 }
 
 /// Marks the link failed unless it is lagging (which says more), and
@@ -226,48 +279,84 @@ fn mark_failed(shared: &Shared, link: &Link, reason: String) {
     }
 }
 
-/// Admits a fresh session (quick recovery from the write queue if it can),
-/// then runs it until it breaks. Returns why it ended.
-fn run_session(shared: &Arc<Shared>, link: &Arc<Link>, sess: client::Session) -> String {
-    let d = sess.hello.durable_seq;
-    let gen = {
-        let mut g = shared.lock();
-        let first = g.queue.front().map(|e| e.seq).unwrap_or(g.next_seq);
-        let last = g.next_seq - 1;
-        let l = &mut g.links[link.idx];
-        l.durable_seq = d;
-        if d + 1 < first {
-            let why = format!(
-                "missing writes {}..{} are no longer in the write queue; needs replay or incremental recovery",
-                d + 1,
-                first - 1
-            );
-            l.set_state(LinkState::Lagging, why.clone());
-            shared.advance(&mut g);
-            return why;
-        }
-        if d > last {
-            let why = format!(
-                "replica durable seq {d} is past this HE's history ({last}); needs rollback to the branch point"
-            );
-            l.set_state(LinkState::Lagging, why.clone());
-            return why;
-        }
-        l.conn_gen += 1;
-        l.next_send_seq = d + 1;
-        l.set_state(LinkState::Recovering, format!("quick recovery from seq {}", d + 1));
-        let gen = l.conn_gen;
+/// Decides how a fresh session starts: quick recovery from the write queue
+/// if every write after the replica's durable seq is still there.
+fn admit(shared: &Shared, link: &Link, d: u64) -> Result<u64, String> {
+    let mut g = shared.lock();
+    let first = g.queue.front().map(|e| e.seq).unwrap_or(g.next_seq);
+    let last = g.next_seq - 1;
+    let l = &mut g.links[link.idx];
+    l.durable_seq = d;
+    if d + 1 < first {
+        let why = format!(
+            "missing writes {}..{} are no longer in the write queue; needs replay or incremental recovery",
+            d + 1,
+            first - 1
+        );
+        l.set_state(LinkState::Lagging, why.clone());
         shared.advance(&mut g);
-        gen
+        return Err(why);
+    }
+    if d > last {
+        let why =
+            format!("replica durable seq {d} is past this HE's history ({last}); needs rollback to the branch point");
+        l.set_state(LinkState::Lagging, why.clone());
+        return Err(why);
+    }
+    l.conn_gen += 1;
+    l.next_send_seq = d + 1;
+    l.wire_seq = l.wire_seq.max(d);
+    l.set_state(LinkState::Recovering, format!("quick recovery from seq {}", d + 1));
+    let gen = l.conn_gen;
+    shared.advance(&mut g);
+    Ok(gen)
+}
+
+/// Admits a fresh session, then runs it until it breaks. Returns why it ended.
+fn run_session(shared: &Arc<Shared>, link: &Arc<Link>, durable: u64, conn: Conn) -> String {
+    let gen = match admit(shared, link, durable) {
+        Ok(g) => g,
+        Err(why) => return why,
     };
     link.counters.reconnects.fetch_add(1, Ordering::Relaxed);
-    if let Ok(s) = sess.writer.try_clone() {
-        *lock(&link.socket) = Some(s);
-    }
-    let (reader, writer) = (sess.reader, sess.writer);
+    let why = match conn {
+        Conn::Tcp { reader, writer } => {
+            if let Ok(s) = writer.try_clone() {
+                *lock(&link.socket) = Some(s);
+            }
+            let sink = BufWriter::with_capacity(64 * 1024, writer);
+            drive(shared, link, gen, sink, reader)
+        }
+        Conn::Net { link: nl, closed, reader } => {
+            *lock(&link.net) = Some((nl.clone(), closed.clone()));
+            let ids = Arc::new(Mutex::new(VecDeque::new()));
+            let sink = NetSink {
+                out: NetOut::new(nl.clone(), closed.clone()),
+                link: nl.clone(),
+                ids: ids.clone(),
+                idx: link.idx,
+                shared: Some(shared.clone()),
+            };
+            let watcher = spawn_wire_watcher(shared.clone(), link.idx, nl, ids, closed);
+            let why = drive(shared, link, gen, sink, reader);
+            let _ = watcher.join();
+            why
+        }
+    };
+    *lock(&link.socket) = None;
+    *lock(&link.net) = None;
+    why
+}
+
+/// Runs the sender thread and the receiver loop of one session.
+fn drive<S, R>(shared: &Arc<Shared>, link: &Arc<Link>, gen: u64, sink: S, reader: FrameReader<BufReader<R>>) -> String
+where
+    S: Sink + 'static,
+    R: TimeoutRead,
+{
     let (s2, l2) = (shared.clone(), link.clone());
     let sender = thread::Builder::new().name(format!("send-{}", link.spec.name)).spawn(move || {
-        let why = sender_loop(&s2, &l2, gen, writer);
+        let why = sender_loop(&s2, &l2, gen, sink);
         l2.cut(&why);
     });
     if let Ok(h) = &sender {
@@ -278,14 +367,109 @@ fn run_session(shared: &Arc<Shared>, link: &Arc<Link>, sess: client::Session) ->
     if let Ok(h) = sender {
         let _ = h.join();
     }
-    *lock(&link.socket) = None;
     why
 }
 
-fn sender_loop(shared: &Shared, link: &Link, gen: u64, stream: TcpStream) -> String {
-    // Small frames coalesce into one send; a frame larger than the buffer
-    // goes straight to the socket as one vectored write (no copy).
-    let mut w = BufWriter::with_capacity(64 * 1024, stream);
+/// Where the sender writes frames.
+trait Sink: Send {
+    /// Sends one frame; `seq` is set for Write frames.
+    fn frame(&mut self, kind: FrameType, parts: &[&[u8]], seq: Option<u64>) -> io::Result<()>;
+    /// Pushes out anything buffered.
+    fn flush(&mut self) -> io::Result<()>;
+}
+
+impl Sink for BufWriter<TcpStream> {
+    fn frame(&mut self, kind: FrameType, parts: &[&[u8]], _seq: Option<u64>) -> io::Result<()> {
+        proto::write_frame(self, kind, 0, parts)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Write::flush(self)
+    }
+}
+
+/// Frames as network-sync messages; remembers which message carries which
+/// write so on-the-wire reports map back to seqs.
+struct NetSink {
+    out: NetOut,
+    link: Arc<NetLink>,
+    ids: Arc<Mutex<VecDeque<(u64, u64)>>>,
+    idx: usize,
+    shared: Option<Arc<Shared>>,
+}
+
+impl Sink for NetSink {
+    fn frame(&mut self, kind: FrameType, parts: &[&[u8]], seq: Option<u64>) -> io::Result<()> {
+        let id = self.out.send_msg(kind, parts)?;
+        if let Some(seq) = seq {
+            lock(&self.ids).push_back((id, seq));
+            // The report may have come before the id was recorded.
+            if self.link.wire_upto() >= id {
+                if let Some(sh) = &self.shared {
+                    wire_advance(sh, self.idx, &self.link, &self.ids);
+                }
+            }
+        }
+        Ok(())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Maps the link's cumulative on-the-wire id to a seq and reports it.
+fn wire_advance(shared: &Shared, idx: usize, nl: &NetLink, ids: &Mutex<VecDeque<(u64, u64)>>) {
+    let upto = nl.wire_upto();
+    let mut last = None;
+    {
+        let mut q = lock(ids);
+        while q.front().is_some_and(|(id, _)| *id <= upto) {
+            last = q.pop_front().map(|(_, seq)| seq);
+        }
+    }
+    if let Some(seq) = last {
+        shared.on_wire(idx, seq);
+    }
+}
+
+fn spawn_wire_watcher(
+    shared: Arc<Shared>,
+    idx: usize,
+    nl: Arc<NetLink>,
+    ids: Arc<Mutex<VecDeque<(u64, u64)>>>,
+    closed: Arc<AtomicBool>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        while !closed.load(Ordering::Acquire) && !shared.stopping.load(Ordering::Acquire) {
+            match nl.events().recv_timeout(Duration::from_millis(100)) {
+                Ok(LinkEvent::OnWire(_)) => wire_advance(&shared, idx, &nl, &ids),
+                Ok(_) | Err(crossbeam::channel::RecvTimeoutError::Timeout) => {}
+                Err(_) => return,
+            }
+        }
+    })
+}
+
+/// A byte stream whose silence timeout can be set.
+trait TimeoutRead: Read {
+    fn set_silence_timeout(&mut self, t: Duration);
+}
+
+impl TimeoutRead for TcpStream {
+    fn set_silence_timeout(&mut self, t: Duration) {
+        let _ = self.set_read_timeout(Some(t));
+    }
+}
+
+impl TimeoutRead for MsgReader {
+    fn set_silence_timeout(&mut self, t: Duration) {
+        self.set_timeout(Some(t));
+    }
+}
+
+/// Streams the write queue (and queued reads, and heartbeats) into `w`.
+/// For TCP, small frames coalesce in a 64 KiB buffer and larger frames go
+/// straight to the socket as one vectored write (no copy).
+fn sender_loop<S: Sink>(shared: &Shared, link: &Link, gen: u64, mut w: S) -> String {
     let mut batch: Vec<(WriteHeader, Arc<Vec<u8>>)> = Vec::with_capacity(SEND_BATCH_MAX);
     let mut last_hb = Instant::now() - HEARTBEAT_INTERVAL;
     loop {
@@ -302,7 +486,7 @@ fn sender_loop(shared: &Shared, link: &Link, gen: u64, stream: TcpStream) -> Str
         }
         for (h, data) in batch.drain(..) {
             let sub = h.encode();
-            if let Err(e) = proto::write_frame(&mut w, FrameType::Write, 0, &[&sub, &data]) {
+            if let Err(e) = w.frame(FrameType::Write, &[&sub, &data], Some(h.seq)) {
                 return format!("send failed at seq {}: {e}", h.seq);
             }
             link.counters.writes_sent.fetch_add(1, Ordering::Relaxed);
@@ -312,7 +496,7 @@ fn sender_loop(shared: &Shared, link: &Link, gen: u64, stream: TcpStream) -> Str
         if last_hb.elapsed() >= HEARTBEAT_INTERVAL {
             last_hb = Instant::now();
             let nonce = shared.started.elapsed().as_micros() as u64;
-            if let Err(e) = proto::write_frame(&mut w, FrameType::Heartbeat, 0, &[&proto::encode_u64(nonce)]) {
+            if let Err(e) = w.frame(FrameType::Heartbeat, &[&proto::encode_u64(nonce)], None) {
                 return format!("heartbeat send failed: {e}");
             }
         }
@@ -326,13 +510,13 @@ fn sender_loop(shared: &Shared, link: &Link, gen: u64, stream: TcpStream) -> Str
 }
 
 /// Sends queued reads; returns whether any were written.
-fn send_reads(link: &Link, w: &mut BufWriter<TcpStream>) -> Result<bool, String> {
+fn send_reads<S: Sink>(link: &Link, w: &mut S) -> Result<bool, String> {
     let mut wrote = false;
     while let Some(r) = link.read_q.pop() {
         let req_id = link.next_req_id.fetch_add(1, Ordering::Relaxed);
         lock(&link.pending_reads).insert(req_id, r);
         let req = ReadReq { req_id, offset: r.offset, len: r.len };
-        proto::write_frame(w, FrameType::Read, 0, &[&req.encode()]).map_err(|e| format!("read send failed: {e}"))?;
+        w.frame(FrameType::Read, &[&req.encode()], None).map_err(|e| format!("read send failed: {e}"))?;
         link.counters.reads_sent.fetch_add(1, Ordering::Relaxed);
         wrote = true;
     }
@@ -365,13 +549,9 @@ fn take_batch(
     Ok(())
 }
 
-fn receiver_loop(
-    shared: &Shared,
-    link: &Link,
-    mut reader: proto::FrameReader<std::io::BufReader<TcpStream>>,
-) -> String {
+fn receiver_loop<R: TimeoutRead>(shared: &Shared, link: &Link, mut reader: FrameReader<BufReader<R>>) -> String {
     let mut timeout = TIMEOUT_MIN;
-    let _ = reader.get_ref().get_ref().set_read_timeout(Some(timeout));
+    reader.get_mut().get_mut().set_silence_timeout(timeout);
     loop {
         let (h, p) = match reader.next_frame() {
             Ok(f) => f,
@@ -385,7 +565,7 @@ fn receiver_loop(
                 let want = (Duration::from_micros(srtt) * 16).clamp(TIMEOUT_MIN, TIMEOUT_MAX);
                 if want.abs_diff(timeout) > timeout / 4 {
                     timeout = want;
-                    let _ = reader.get_ref().get_ref().set_read_timeout(Some(timeout));
+                    reader.get_mut().get_mut().set_silence_timeout(timeout);
                 }
             }),
             FrameType::ReadReply => {

@@ -192,7 +192,14 @@ impl Volume {
             flush_waiters: VecDeque::new(),
             deferred_reads: Vec::new(),
             pool: Vec::new(),
-            links: replicas.iter().map(|r| link::LinkCore::new(r.initial_durable_seq)).collect(),
+            links: replicas
+                .iter()
+                .map(|r| {
+                    let mut l = link::LinkCore::new(r.initial_durable_seq);
+                    l.netsync = r.netsync.is_some();
+                    l
+                })
+                .collect(),
             accepting: true,
             quorum_lost_since: Some(Instant::now()),
         };
@@ -471,6 +478,18 @@ impl Shared {
         }
     }
 
+    /// Called when a network-sync link has every write <= `seq`, with its
+    /// repair packets, on the wire.
+    fn on_wire(&self, idx: usize, seq: u64) {
+        let mut g = self.lock();
+        let l = &mut g.links[idx];
+        if seq <= l.wire_seq {
+            return;
+        }
+        l.wire_seq = seq;
+        self.advance(&mut g);
+    }
+
     /// Called by receivers with a replica's cumulative durable seq.
     fn on_durable(&self, idx: usize, seq: u64) {
         let mut g = self.lock();
@@ -502,7 +521,12 @@ impl Shared {
         let q = self.cfg.quorum;
         if n >= q {
             durable[..n].sort_unstable_by(|a, b| b.cmp(a));
-            let quorum_seq = durable[q - 1].min(g.next_seq - 1);
+            let mut quorum_seq = durable[q - 1].min(g.next_seq - 1);
+            // §1(b): every up-to-date network-sync link must also have the
+            // write and its repair packets on the wire.
+            for l in g.links.iter().filter(|l| l.netsync && l.state == LinkState::UpToDate) {
+                quorum_seq = quorum_seq.min(l.wire_seq.max(l.durable_seq));
+            }
             if quorum_seq > g.completed_seq {
                 self.complete_through(g, quorum_seq);
             }

@@ -113,10 +113,26 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
             addr: r.addr.clone(),
             role: r.role,
             initial_durable_seq: d.unwrap_or(0),
+            netsync: r.network_sync.then(|| netsync_config(r)),
         })
         .collect();
     let seed = seed_from_leader(cfg, &engine, &durables);
     Ok(Fenced { engine, replicas, seed })
+}
+
+/// The network-sync link settings of a replica: its FEC scheme (default
+/// layered XOR 8,3) over the link's defaults.
+pub fn netsync_config(r: &crate::config::ReplicaConfig) -> starblk_netsync::LinkConfig {
+    use crate::config::FecScheme as S;
+    let fec = match &r.fec {
+        Some(f) => match f.scheme {
+            S::LayeredXor => starblk_netsync::FecScheme::layered_xor(f.r as usize, f.c as usize),
+            S::ReedSolomon => starblk_netsync::FecScheme::reed_solomon(f.r as usize, f.c as usize),
+        }
+        .ok(),
+        None => starblk_netsync::FecScheme::layered_xor(8, 3).ok(),
+    };
+    starblk_netsync::LinkConfig { fec, ..Default::default() }
 }
 
 /// Reads the writes (lowest fenced durable seq, branch point] from the

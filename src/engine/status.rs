@@ -29,14 +29,45 @@ pub struct ReplicaStatus {
     pub lag_bytes: u64,
     /// Smoothed heartbeat RTT in µs.
     pub rtt_us: u64,
-    /// Network-sync mode of the link ("off" for TCP links).
+    /// Network-sync mode of the link ("off" for TCP links, else how "on
+    /// the wire" is established: "tx-timestamp" or "sendmsg-returned").
     pub network_sync: String,
+    /// Network-sync link counters (None for TCP links).
+    #[serde(default)]
+    pub link: Option<NetsyncStatus>,
     /// Recovery progress in [0, 1] while recovering.
     pub recovery_progress: Option<f64>,
     /// Writes sent on this link since start.
     pub writes_sent: u64,
     /// Sessions opened since start.
     pub sessions: u64,
+}
+
+/// Counters of a network-sync link.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct NetsyncStatus {
+    /// Data datagrams sent (first transmissions).
+    pub data_packets: u64,
+    /// FEC repair datagrams sent.
+    pub repair_packets: u64,
+    /// Datagrams the replica rebuilt from repair packets.
+    pub repaired: u64,
+    /// Datagrams the replica asked for again.
+    pub nacked: u64,
+    /// Datagrams sent again.
+    pub retransmitted: u64,
+    /// Loss rate the replica sees, in [0, 1].
+    pub loss_rate: f64,
+    /// Median send-to-TX-timestamp latency, µs.
+    pub wire_latency_p50_us: u64,
+    /// Window in use and its limit, bytes.
+    pub window_used_bytes: u64,
+    /// The window limit (backpressure beyond it).
+    pub window_max_bytes: u64,
+    /// Pacing rate (0 = unpaced).
+    pub pacing_rate_bits_per_s: u64,
+    /// Highest seq on the wire.
+    pub wire_seq: u64,
 }
 
 /// The whole volume.
@@ -95,7 +126,12 @@ pub(crate) fn snapshot(s: &Shared) -> VolumeStatus {
                 lag_writes: last.saturating_sub(c.durable_seq),
                 lag_bytes,
                 rtt_us: c.srtt_us,
-                network_sync: "off".into(),
+                network_sync: match (&l.spec.netsync, l.net_link()) {
+                    (None, _) => "off".into(),
+                    (Some(_), None) => "down".into(),
+                    (Some(_), Some(nl)) => wire_mode(&nl.stats().wire_mode),
+                },
+                link: l.net_link().map(|nl| netsync_status(&nl.stats(), c.wire_seq)),
                 recovery_progress: progress,
                 writes_sent: l.counters.writes_sent.load(Ordering::Relaxed),
                 sessions: l.counters.reconnects.load(Ordering::Relaxed),
@@ -159,6 +195,31 @@ impl fmt::Display for VolumeStatus {
             )?;
         }
         Ok(())
+    }
+}
+
+fn wire_mode(m: &starblk_netsync::WireMode) -> String {
+    match m {
+        starblk_netsync::WireMode::TxTimestamp => "tx-timestamp".into(),
+        starblk_netsync::WireMode::Probing => "probing".into(),
+        _ => "sendmsg-returned".into(),
+    }
+}
+
+fn netsync_status(st: &starblk_netsync::LinkStats, wire_seq: u64) -> NetsyncStatus {
+    NetsyncStatus {
+        data_packets: st.tx.data_packets,
+        repair_packets: st.tx.repair_packets,
+        repaired: st.peer_rx.recovered_packets,
+        nacked: st.peer_rx.nacked_packets,
+        retransmitted: st.tx.retransmitted_packets,
+        // Datagrams the replica missed on first arrival (rebuilt or nacked).
+        loss_rate: (st.peer_rx.recovered_packets + st.peer_rx.nacked_packets) as f64 / st.tx.data_packets.max(1) as f64,
+        wire_latency_p50_us: st.tx.wire_latency_p50_us,
+        window_used_bytes: st.tx.window_used_bytes,
+        window_max_bytes: st.tx.window_max_bytes,
+        pacing_rate_bits_per_s: st.tx.pacing_rate_bits_per_s,
+        wire_seq,
     }
 }
 

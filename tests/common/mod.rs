@@ -95,6 +95,12 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(n: usize, quorum: usize, size: &str, extra_volume: &str) -> Cluster {
+        Cluster::with_last(n, quorum, size, extra_volume, "")
+    }
+
+    /// As `new`, with `last_extra` appended to the last replica's table
+    /// (e.g. `network_sync = true`).
+    pub fn with_last(n: usize, quorum: usize, size: &str, extra_volume: &str, last_extra: &str) -> Cluster {
         let root = tempfile::Builder::new().prefix("starblk-it").tempdir_in(tmp_base()).unwrap();
         let roles = ["local", "near", "far"];
         let mut replicas: Vec<Replica> = (0..n).map(|i| Replica::init(root.path(), &format!("r{i}"), size)).collect();
@@ -105,6 +111,10 @@ impl Cluster {
         for (i, r) in replicas.iter().enumerate() {
             toml +=
                 &format!("\n[[replica]]\nname = \"{}\"\naddr = \"{}\"\nrole = \"{}\"\n", r.name, r.addr, roles[i % 3]);
+            if i + 1 == n {
+                toml += last_extra;
+                toml += "\n";
+            }
         }
         let config = root.path().join("vol.toml");
         std::fs::write(&config, toml).unwrap();

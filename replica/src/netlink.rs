@@ -1,0 +1,107 @@
+//! Carrying the replica protocol over a network-sync link (UDP + FEC).
+//!
+//! Each protocol frame travels as one link message. [`MsgReader`] turns the
+//! received messages back into a byte stream for `FrameReader`, and
+//! [`NetOut`] sends frames as messages, so sessions and the HE's link loops
+//! run unchanged over either transport.
+
+use std::io::{self, Read};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use starblk_netsync::{Link, LinkError};
+
+use crate::proto::{self, FrameType};
+use crate::server::FrameOut;
+
+/// How often a blocked reader checks whether its session was closed.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Reads a link's messages as one byte stream.
+pub struct MsgReader {
+    link: Arc<Link>,
+    closed: Arc<AtomicBool>,
+    msg: Vec<u8>,
+    pos: usize,
+    /// Gives up with `TimedOut` after this long without a message.
+    timeout: Option<Duration>,
+}
+
+impl MsgReader {
+    /// A reader over `link` that ends when `closed` is set.
+    pub fn new(link: Arc<Link>, closed: Arc<AtomicBool>) -> MsgReader {
+        MsgReader { link, closed, msg: Vec::new(), pos: 0, timeout: None }
+    }
+
+    /// Sets the silence timeout (like a socket read timeout).
+    pub fn set_timeout(&mut self, t: Option<Duration>) {
+        self.timeout = t;
+    }
+}
+
+impl Read for MsgReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut waited = Duration::ZERO;
+        while self.pos == self.msg.len() {
+            if self.closed.load(Ordering::Acquire) {
+                return Ok(0);
+            }
+            match self.link.recv_timeout(POLL) {
+                Ok(m) => {
+                    self.msg = m;
+                    self.pos = 0;
+                }
+                Err(LinkError::Timeout) => {
+                    waited += POLL;
+                    if self.timeout.is_some_and(|t| waited >= t) {
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, "network-sync link silent"));
+                    }
+                }
+                Err(LinkError::Closed) => return Ok(0),
+                Err(e) => return Err(io::Error::other(e.to_string())),
+            }
+        }
+        let n = buf.len().min(self.msg.len() - self.pos);
+        buf[..n].copy_from_slice(&self.msg[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Sends frames as link messages.
+pub struct NetOut {
+    link: Arc<Link>,
+    closed: Arc<AtomicBool>,
+    buf: Mutex<Vec<u8>>,
+}
+
+impl NetOut {
+    /// A frame sender over `link`; `close` sets `closed`.
+    pub fn new(link: Arc<Link>, closed: Arc<AtomicBool>) -> NetOut {
+        NetOut { link, closed, buf: Mutex::new(Vec::new()) }
+    }
+
+    /// Sends one frame and returns its message id (for on-the-wire tracking).
+    pub fn send_msg(&self, kind: FrameType, parts: &[&[u8]]) -> io::Result<u64> {
+        let mut b = self.buf.lock().unwrap_or_else(|e| e.into_inner());
+        b.clear();
+        proto::write_frame(&mut *b, kind, 0, parts)?;
+        self.link.send(&b).map_err(|e| io::Error::other(e.to_string()))
+    }
+}
+
+impl FrameOut for NetOut {
+    fn send_frame(&self, kind: FrameType, parts: &[&[u8]]) -> io::Result<()> {
+        self.send_msg(kind, parts).map(drop)
+    }
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+}
+
+/// Resolves HOST:PORT to the UDP address of a network-sync replica.
+pub fn resolve(addr: &str) -> io::Result<SocketAddr> {
+    addr.to_socket_addrs()?.next().ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "address resolves to nothing"))
+}
