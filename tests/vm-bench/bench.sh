@@ -28,6 +28,7 @@ info mem_kb "$(awk '/MemTotal/ {print $2}' /proc/meminfo)"
 info rublk "$(rublk --version 2>&1 | head -n1)"
 info starblk "$(starblk --version 2>&1 | head -n1)"
 info fio "$(fio --version 2>&1 | head -n1)"
+info source "${SOURCE:-unknown}"
 info params "runtime=${RUNTIME}s rounds=$ROUNDS size=${SIZE_MB}MiB queues=$QUEUES depth=$DEPTH iodepth=$IODEPTH"
 info clk_tck "$(getconf CLK_TCK 2>/dev/null || echo 100)"
 
