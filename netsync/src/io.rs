@@ -693,7 +693,15 @@ impl Io {
                 self.establish(&hello);
                 Ok(())
             }
-            Role::Responder if reply || hello.nonce != self.peer_nonce => Err(RejectReason::Protocol),
+            Role::Responder if reply => Err(RejectReason::Protocol),
+            Role::Responder if hello.nonce != self.peer_nonce => {
+                // Another instance of the initiator on the same address
+                // and link id: this link is over. Closing frees the
+                // address, so its next hello reaches the listener.
+                tracing::warn!("netsync link {:#x}: the peer restarted; closing this link", self.link_id);
+                self.shared.close(Some("peer restarted (new hello nonce)".into()));
+                Err(RejectReason::Protocol)
+            }
             Role::Responder => {
                 // Our reply was lost: answer again.
                 self.send_hello(now);
@@ -793,7 +801,13 @@ impl Io {
             self.shared.inbox_cv.notify_all();
         }
         if self.established {
-            if self.window_reopened() {
+            // A delivered message is acked soon (not only after the ack
+            // interval), so `Acked` is not held back on an idle link; at
+            // most every eighth of the interval. A reopened window is
+            // advertised at once.
+            let soon =
+                now.saturating_duration_since(self.last_ack) >= Duration::from_micros(self.cfg.ack_interval_us) / 8;
+            if (delivered > 0 && soon) || self.window_reopened() {
                 self.rx.ack_due = true;
                 self.rx.unacked_consumed = u32::MAX;
             }
