@@ -41,7 +41,8 @@ pub struct LinkConfig {
     /// Data datagrams sent and not yet acknowledged, at most; also capped
     /// by the peer's advertised reorder window.
     pub max_inflight_datagrams: u64,
-    /// Largest message `send` accepts and the receiver reassembles.
+    /// Largest message this end reassembles, and `send` accepts (no more
+    /// than the peer's, learnt from its hello).
     pub max_message_bytes: usize,
     /// Pacing rate for data, repair and retransmitted datagrams (counted
     /// with IP/UDP headers); 0 means unpaced.

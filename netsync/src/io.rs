@@ -39,6 +39,18 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(2);
 /// Largest datagram read (UDP's maximum, so nothing is ever cut).
 const RX_BUFFER_BYTES: usize = 65_536;
 
+/// Why `transmit` stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Nothing to send, or sending cannot go on now (not established,
+    /// socket full, send error backoff, stamp re-arm).
+    Idle,
+    /// The pacer holds the next datagram.
+    Paced,
+    /// The batch ended with more ready: look at the socket, then go on.
+    Batch,
+}
+
 /// Which end of the handshake this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Role {
@@ -265,9 +277,9 @@ impl Io {
         while !self.shared.is_closing() {
             let now = Instant::now();
             self.timers(now);
-            let more = self.transmit(now);
+            let stop = self.transmit(now);
             self.announce();
-            let timeout = self.next_wakeup(now, more);
+            let timeout = self.next_wakeup(now, stop);
             // Fresh stats whenever the thread is about to sleep a while.
             self.publish(now, timeout >= Duration::from_millis(1));
             match sys::poll2(self.net.fd(), self.net.blocked, self.shared.wake.fd(), timeout) {
@@ -358,11 +370,10 @@ impl Io {
         self.established && self.net.tracker.decided() && self.net.can_send(now)
     }
 
-    /// Sends what pacing allows. Returns true if more is ready right away
-    /// (the batch ended), false if idle, blocked or paced.
-    fn transmit(&mut self, now: Instant) -> bool {
+    /// Sends what pacing allows; says why it stopped.
+    fn transmit(&mut self, now: Instant) -> Stop {
         if !self.data_may_flow(now) {
-            return false;
+            return Stop::Idle;
         }
         // A batch does not end between a data datagram and the repairs
         // queued behind it, nor between a message's last datagram and the
@@ -371,13 +382,16 @@ impl Io {
         for i in 0..TX_BATCH_MAX {
             let settled = self.tx.mid_message() || !self.tx.has_open_groups() || i >= 4 * TX_BATCH;
             if i >= TX_BATCH && self.tx.pending.is_empty() && settled {
-                return true;
+                return Stop::Batch;
             }
-            if !self.pacer.ready(now) || !self.send_one(now) {
-                return false;
+            if !self.pacer.ready(now) {
+                return Stop::Paced;
+            }
+            if !self.send_one(now) {
+                return Stop::Idle;
             }
         }
-        true
+        Stop::Batch
     }
 
     /// Sends or builds one thing, in priority order: a datagram already
@@ -580,11 +594,16 @@ impl Io {
         }
     }
 
-    fn next_wakeup(&self, now: Instant, more: bool) -> Duration {
-        if more {
+    fn next_wakeup(&self, now: Instant, stop: Stop) -> Duration {
+        if stop == Stop::Batch {
             return Duration::ZERO;
         }
-        let mut next = now + MAX_SLEEP;
+        // When only pacing held back work that is ready, wake when it
+        // allows. (A full socket buffer wakes us through POLLOUT, a send
+        // error through its backoff, a stamp re-arm through the error
+        // queue, new messages and acks through their events.)
+        let paced = (stop == Stop::Paced).then(|| self.pacer.wait());
+        let mut next = now + paced.unwrap_or(MAX_SLEEP).min(MAX_SLEEP);
         let mut at = |t: Option<Instant>| {
             if let Some(t) = t {
                 next = next.min(t);
@@ -601,13 +620,6 @@ impl Io {
             at(self.rx.has_missing().then(|| self.last_nack_tick + self.nack_tick()));
             at(self.tx.rto_deadline(self.rto()));
             at(Some(self.last_rx + Duration::from_millis(self.cfg.peer_timeout_ms)).filter(|_| !self.peer_silent));
-            // Only pacing can hold back work that is ready: wake when it
-            // allows (a full socket buffer wakes us through POLLOUT, a
-            // send error through its backoff, a stamp re-arm through the
-            // error queue).
-            if self.has_work() && self.net.can_send(now) && !self.net.tracker.paused() {
-                at(Some(now + self.pacer.wait()));
-            }
         }
         next.saturating_duration_since(now)
     }
@@ -619,11 +631,6 @@ impl Io {
         } else {
             keepalive
         }
-    }
-
-    /// Whether something waits to be sent (for the pacing wake-up).
-    fn has_work(&self) -> bool {
-        !self.tx.pending.is_empty() || self.tx.has_retx() || (self.tx.window_open() && self.tx.mid_message())
     }
 }
 
@@ -711,14 +718,17 @@ impl Io {
     }
 
     fn establish(&mut self, hello: &HelloPayload) {
-        if hello.max_message_bytes as usize > self.cfg.max_message_bytes {
+        // Both ends take their own max_message_bytes as the limit of what
+        // they accept: send no more than the peer does.
+        let peer_max = hello.max_message_bytes as usize;
+        if peer_max < self.cfg.max_message_bytes {
             tracing::warn!(
-                "netsync link {:#x}: peer may send messages of {} bytes, over our max_message_bytes {}; \
-                 those will be refused",
+                "netsync link {:#x}: the peer accepts messages up to {peer_max} bytes, below our \
+                 max_message_bytes {}; send() refuses larger ones",
                 self.link_id,
-                hello.max_message_bytes,
                 self.cfg.max_message_bytes
             );
+            self.shared.max_send_bytes.fetch_min(peer_max, std::sync::atomic::Ordering::AcqRel);
         }
         self.rx.set_peer(hello);
         self.tx.set_inflight_limit(self.cfg.max_inflight_datagrams.min(u64::from(hello.recv_window_seqs)));

@@ -99,9 +99,13 @@ impl Link {
         let link_id = cfg.link_id;
         let shared = Arc::new(Shared::new(cfg, wake, events_tx));
         let io = Io::new(shared.clone(), sock, Start { role, link_id, peer_hello, timestamps });
+        let guard = CloseOnExit(shared.clone());
         let thread = std::thread::Builder::new()
             .name(format!("netsync-{link_id:08x}"))
-            .spawn(move || io.run())
+            .spawn(move || {
+                io.run();
+                drop(guard);
+            })
             .map_err(LinkError::io("spawn"))?;
         Ok(Link { shared, events, thread: Some(thread), link_id, local_addr, peer_addr })
     }
@@ -124,7 +128,7 @@ impl Link {
     }
 
     fn send_inner(&self, msg: &[u8], wait: Wait) -> Result<MsgId, LinkError> {
-        let max = self.shared.cfg.max_message_bytes;
+        let max = self.shared.max_send_bytes.load(std::sync::atomic::Ordering::Acquire);
         if msg.len() > max {
             return Err(LinkError::MessageTooLarge { len_bytes: msg.len(), max_bytes: max });
         }
@@ -307,6 +311,17 @@ impl Link {
 impl Drop for Link {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Closes the link for every waiter when the I/O thread ends, even by a
+/// panic, so no `send`/`recv`/`wait_*` blocks forever.
+struct CloseOnExit(Arc<Shared>);
+
+impl Drop for CloseOnExit {
+    fn drop(&mut self) {
+        let error = std::thread::panicking().then(|| "the link's I/O thread panicked".to_string());
+        self.0.close(error);
     }
 }
 

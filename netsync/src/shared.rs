@@ -2,7 +2,7 @@
 //! link's I/O thread.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use crossbeam::channel::Sender;
@@ -73,6 +73,9 @@ pub(crate) struct Shared {
     pub events: Sender<LinkEvent>,
     /// Set by `close`/drop: the I/O thread exits at its next wake.
     pub closing: AtomicBool,
+    /// Largest message `send` takes: ours, and once the peer's hello is
+    /// in, no more than the peer accepts.
+    pub max_send_bytes: AtomicUsize,
 }
 
 /// Locks a mutex, recovering the data if a thread panicked holding it: the
@@ -84,7 +87,6 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Shared {
     pub(crate) fn new(cfg: LinkConfig, wake: EventFd, events: Sender<LinkEvent>) -> Shared {
         Shared {
-            cfg,
             out: Mutex::new(OutQueue { next_id: 1, ..OutQueue::default() }),
             out_cv: Condvar::new(),
             inbox: Mutex::new(Inbox::default()),
@@ -94,7 +96,9 @@ impl Shared {
             stats: Mutex::new(LinkStats::default()),
             wake,
             events,
+            max_send_bytes: AtomicUsize::new(cfg.max_message_bytes),
             closing: AtomicBool::new(false),
+            cfg,
         }
     }
 

@@ -287,11 +287,6 @@ impl Tx {
         self.retx.insert(seq);
     }
 
-    /// Whether retransmissions are queued.
-    pub(crate) fn has_retx(&self) -> bool {
-        !self.retx.is_empty()
-    }
-
     /// A cumulative ack: every seq below `cum_ack` was delivered. `Err` if
     /// it acknowledges seqs never sent.
     pub(crate) fn on_ack(&mut self, cum_ack: u64, now: Instant) -> Result<Released, ()> {

@@ -15,12 +15,12 @@ fn run(name: &str, fec: FecScheme, seed: u64) {
     init_tracing();
     // Paced, so the relay's and receiver's socket buffers (not the loss
     // model) do not drop bursts on a busy machine.
-    let he_cfg = LinkConfig { fec: Some(fec), rate_bits_per_s: 200_000_000, ..LinkConfig::default() };
+    let he_cfg = LinkConfig { fec: Some(fec), rate_bits_per_s: 100_000_000, ..LinkConfig::default() };
     let loss = LossModel { loss_prob: 0.01, burst_prob: 0.001, burst_len: 8, seed };
     let (he, replica, relay) = relayed_pair(he_cfg, LinkConfig::default(), loss);
     let replica = Arc::new(replica);
     let mut rng = Rng::new(seed);
-    let msgs: Vec<Vec<u8>> = (0..150)
+    let msgs: Vec<Vec<u8>> = (0..120)
         .map(|_| {
             let n = rng.size(1 << 20);
             rng.bytes(n)
