@@ -45,6 +45,11 @@ pub struct BenchOptions {
     pub span_bytes: u64,
     /// RNG seed (printed so failures reproduce).
     pub seed: u64,
+    /// Issue at most this many requests per second (steady load).
+    pub rate_iops: Option<f64>,
+    /// Print `ack OFFSET ID` on stdout as each write completes, so a
+    /// process outside this one keeps a record that survives a kill -9.
+    pub ack_log: bool,
 }
 
 /// Latency percentiles in µs.
@@ -212,8 +217,11 @@ impl<'a> Bench<'a> {
         let mut seq_cursor = 0u64;
         let start = Instant::now();
         let deadline = start + Duration::from_secs_f64(self.opts.seconds);
+        let mut issued = 0u64;
         for slot in 0..self.opts.qd {
+            self.pace(start, issued);
             self.issue(slot, &mut slots, &mut rng, &mut seq_cursor);
+            issued += 1;
         }
         let mut ops = 0u64;
         while slots.iter().any(|s| s.is_some()) {
@@ -222,10 +230,23 @@ impl<'a> Bench<'a> {
             lat.push(f.started.elapsed().as_micros().min(u32::MAX as u128) as u32);
             ops += 1;
             if Instant::now() < deadline {
+                self.pace(start, issued);
                 self.issue(slot as usize, &mut slots, &mut rng, &mut seq_cursor);
+                issued += 1;
             }
         }
         (ops, start.elapsed(), lat)
+    }
+
+    /// With `--rate`, waits until request number `issued` is due.
+    fn pace(&self, start: Instant, issued: u64) {
+        if let Some(rate) = self.opts.rate_iops {
+            let due = start + Duration::from_secs_f64(issued as f64 / rate);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        }
     }
 
     /// Picks the next op and offset for `slot` and submits it.
@@ -293,6 +314,10 @@ impl<'a> Bench<'a> {
         if !f.read {
             for b in self.blocks(f.offset) {
                 self.expected[b] = f.id;
+            }
+            if self.opts.ack_log {
+                // stdout is line-buffered: each ack leaves the process now.
+                println!("ack {} {}", f.offset, f.id);
             }
         } else if self.opts.verify {
             self.check(slot, f.offset);

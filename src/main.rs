@@ -78,6 +78,12 @@ enum Cmd {
         span: Option<u64>,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Issue at most this many requests per second.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Print `ack OFFSET ID` on stdout for every completed write.
+        #[arg(long)]
+        ack_log: bool,
     },
     /// Availability of a replica layout (StarFish Eq. 1 / Eq. 2).
     Plan {
@@ -245,8 +251,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Takeover(args) => up(args, true),
         Cmd::Status { config, volume, socket, json } => status(socket_path(config, volume, socket)?, json),
         Cmd::Down { volume, config, socket } => down(config, volume, socket),
-        Cmd::Bench { config, pattern, bs, qd, seconds, verify, json, span, seed } => {
-            bench(&config, pattern, bs, qd, seconds, verify, json, span, seed)
+        Cmd::Bench { config, pattern, bs, qd, seconds, verify, json, span, seed, rate, ack_log } => {
+            let extra = BenchExtra { json, span, seed, rate, ack_log };
+            bench(&config, pattern, bs, qd, seconds, verify, extra)
         }
         Cmd::Plan { replicas, quorum, availability, he_availability, read_only, json } => {
             let a =
@@ -577,7 +584,15 @@ fn daemonize(cfg: &Config, args: &UpArgs) -> Result<ExitCode> {
     bail!("daemon did not become ready within 60 s; see {}", log_path.display())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Less common bench flags.
+struct BenchExtra {
+    json: bool,
+    span: Option<u64>,
+    seed: u64,
+    rate: Option<f64>,
+    ack_log: bool,
+}
+
 fn bench(
     config: &Path,
     pattern: Pattern,
@@ -585,10 +600,12 @@ fn bench(
     qd: usize,
     seconds: f64,
     verify: bool,
-    json: bool,
-    span: Option<u64>,
-    seed: u64,
+    x: BenchExtra,
 ) -> Result<ExitCode> {
+    let BenchExtra { json, span, seed, rate, ack_log } = x;
+    if rate.is_some_and(|r| !(r > 0.0 && r <= 1e7)) {
+        return Err(usage("--rate: must be between 0 and 10000000 requests per second"));
+    }
     let cfg = load_config(config)?;
     let block = cfg.volume.block_size as u64;
     if bs == 0 || !bs.is_multiple_of(block) || bs > starblk_replica::proto::MAX_IO_BYTES as u64 {
@@ -610,7 +627,8 @@ fn bench(
     if !vol.wait_quorum(Duration::from_secs(10)) {
         bail!("quorum of {} up-to-date replicas not reached within 10 s", cfg.volume.quorum);
     }
-    let opts = BenchOptions { pattern, bs: bs as u32, qd, seconds, verify, span_bytes: span, seed };
+    let opts =
+        BenchOptions { pattern, bs: bs as u32, qd, seconds, verify, span_bytes: span, seed, rate_iops: rate, ack_log };
     let report = Bench::new(&vol, completer, rx, opts).run();
     vol.shutdown(Duration::from_secs(30));
     if json {

@@ -90,6 +90,9 @@ pub struct ReplicaSpec {
     pub initial_durable_seq: u64,
     /// Network-sync link settings; `None` for a TCP replica.
     pub netsync: Option<LinkConfig>,
+    /// Whether completions wait for this link's on-the-wire reports
+    /// (DESIGN §1b). Only the rolling-disaster contrast turns it off.
+    pub wire_gate: bool,
 }
 
 /// Link state kept under the engine lock.

@@ -196,7 +196,7 @@ impl Volume {
                 .iter()
                 .map(|r| {
                     let mut l = link::LinkCore::new(r.initial_durable_seq);
-                    l.netsync = r.netsync.is_some();
+                    l.netsync = r.netsync.is_some() && r.wire_gate;
                     l
                 })
                 .collect(),
@@ -522,9 +522,9 @@ impl Shared {
         if n >= q {
             durable[..n].sort_unstable_by(|a, b| b.cmp(a));
             let mut quorum_seq = durable[q - 1].min(g.next_seq - 1);
-            // §1(b): every up-to-date network-sync link must also have the
-            // write and its repair packets on the wire.
-            for l in g.links.iter().filter(|l| l.netsync && l.state == LinkState::UpToDate) {
+            // §1(b): every connected network-sync link (catching up or not)
+            // must also have the write and its repair packets on the wire.
+            for l in g.links.iter().filter(|l| l.netsync && l.state.is_connected()) {
                 quorum_seq = quorum_seq.min(l.wire_seq.max(l.durable_seq));
             }
             if quorum_seq > g.completed_seq {

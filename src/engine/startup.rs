@@ -114,6 +114,9 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
             role: r.role,
             initial_durable_seq: d.unwrap_or(0),
             netsync: r.network_sync.then(|| netsync_config(r)),
+            // STARBLK_NETSYNC_ACK=local acks without waiting for the wire:
+            // "local-sync + FEC", only for the rolling-disaster contrast.
+            wire_gate: std::env::var("STARBLK_NETSYNC_ACK").map(|v| v != "local").unwrap_or(true),
         })
         .collect();
     let seed = seed_from_leader(cfg, &engine, &durables);
@@ -132,7 +135,13 @@ pub fn netsync_config(r: &crate::config::ReplicaConfig) -> starblk_netsync::Link
         .ok(),
         None => starblk_netsync::FecScheme::layered_xor(8, 3).ok(),
     };
-    starblk_netsync::LinkConfig { fec, ..Default::default() }
+    // STARBLK_NETSYNC_RATE_MBIT paces the link (default: unpaced).
+    let rate_bits_per_s = std::env::var("STARBLK_NETSYNC_RATE_MBIT")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|m| (m * 1e6) as u64)
+        .unwrap_or(0);
+    starblk_netsync::LinkConfig { fec, rate_bits_per_s, ..Default::default() }
 }
 
 /// Reads the writes (lowest fenced durable seq, branch point] from the
