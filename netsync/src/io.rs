@@ -710,8 +710,12 @@ impl Io {
                 Err(RejectReason::Protocol)
             }
             Role::Responder => {
-                // Our reply was lost: answer again.
-                self.send_hello(now);
+                // Our reply was lost: answer again, at most every half
+                // hello interval (a hello flood gets no echo flood).
+                let gap = Duration::from_millis(self.cfg.hello_interval_ms) / 2;
+                if self.last_hello.is_none_or(|t| now.saturating_duration_since(t) >= gap) {
+                    self.send_hello(now);
+                }
                 Ok(())
             }
         }

@@ -71,6 +71,8 @@ pub(crate) struct Rx {
     peer: Option<Peer>,
     decoder: Option<Decoder>,
     next_seq: u64,
+    /// Every seq below this is held (consumed or in `store`).
+    held_upto: u64,
     highest_seen: u64,
     store: BTreeMap<u64, (Header, Vec<u8>)>,
     store_bytes: usize,
@@ -96,6 +98,7 @@ impl Rx {
             peer: None,
             decoder: None,
             next_seq: 1,
+            held_upto: 1,
             highest_seen: 0,
             store: BTreeMap::new(),
             store_bytes: 0,
@@ -172,14 +175,15 @@ impl Rx {
 
     /// Every seq below this is held (consumed or buffered).
     pub(crate) fn held_upto(&self) -> u64 {
-        let mut upto = self.next_seq;
-        for &seq in self.store.range(self.next_seq..).map(|(s, _)| s) {
-            if seq != upto {
-                break;
-            }
-            upto += 1;
+        self.held_upto
+    }
+
+    /// Moves `held_upto` over what the store now holds contiguously.
+    fn advance_held(&mut self) {
+        self.held_upto = self.held_upto.max(self.next_seq);
+        while self.store.contains_key(&self.held_upto) {
+            self.held_upto += 1;
         }
-        upto
     }
 
     pub(crate) fn has_missing(&self) -> bool {
@@ -300,6 +304,7 @@ impl Rx {
         }
         self.store_bytes += bytes.len();
         self.store.insert(seq, (header, bytes.to_vec()));
+        self.advance_held();
     }
 
     /// Every seq up to `seq` was sent: gaps below it are losses.
@@ -339,6 +344,7 @@ impl Rx {
                 // Not the fragment the stream needs: drop it and nack the
                 // seq (a forged datagram with a valid crc looks like this).
                 self.missing.insert(header.seq, Missing { since: Instant::now(), nacked_at: None });
+                self.held_upto = self.next_seq;
                 return Err(reason);
             }
             self.next_seq += 1;
@@ -346,6 +352,7 @@ impl Rx {
             self.ack_due = true;
         }
         self.inbox_bytes = inbox.bytes;
+        self.advance_held();
         Ok(delivered)
     }
 

@@ -397,6 +397,33 @@ mod tests {
     }
 
     #[test]
+    fn counter_mode_rearms_after_a_failed_send() {
+        let now = Instant::now();
+        let mut t = WireTracker::new(0, true, false);
+        t.on_sent(Covers::Probe, Stamp::Counter, now, 0);
+        t.on_stamp(stamp(0));
+        t.add_seq(1);
+        t.on_sent(Covers::Data(1), t.stamp_request(), now, 0); // id 1
+        t.add_msg(1, 1);
+        // A stamped send fails: the kernel may or may not have counted it.
+        t.on_send_failed(Stamp::Counter);
+        assert!(t.paused());
+        assert_eq!(t.stamp_request(), Stamp::None);
+        assert!(!t.needs_rearm(), "id 1 is still owed");
+        t.on_stamp(stamp(1));
+        assert_eq!(t.advance(), Some(1));
+        assert!(t.needs_rearm());
+        t.rearmed();
+        assert!(!t.paused());
+        // Numbering restarts at 0 after the re-arm.
+        t.add_seq(2);
+        t.on_sent(Covers::Data(2), t.stamp_request(), now, 0);
+        t.add_msg(2, 2);
+        t.on_stamp(stamp(0));
+        assert_eq!(t.advance(), Some(2));
+    }
+
+    #[test]
     fn probe_timeout_falls_back() {
         let now = Instant::now();
         let mut t = WireTracker::new(0, true, false);
