@@ -8,23 +8,13 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::SocketAddr;
 use std::process::Command;
 
 use common::*;
 use starblk_wanem::{LinkParams, TcpRelayConfig, UdpRelayConfig};
 
 const SECONDS: &str = "4";
-
-fn dual_port() -> u16 {
-    loop {
-        let t = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = t.local_addr().unwrap().port();
-        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
 
 struct Setup {
     delay_ms: f64,

@@ -13,7 +13,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -51,17 +51,6 @@ impl Mode {
             Mode::NetSync(s) => s,
             Mode::LocalTcp => "none",
             Mode::LocalFec => "layered-xor",
-        }
-    }
-}
-
-/// A port free for both TCP and UDP on loopback.
-fn dual_port() -> u16 {
-    loop {
-        let t = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = t.local_addr().unwrap().port();
-        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
         }
     }
 }
