@@ -181,6 +181,8 @@ pub(crate) struct Io {
     announced: bool,
     /// The receive window last advertised.
     last_window_end: u64,
+    /// A message was delivered since the last ack (acked sooner).
+    delivered_since_ack: bool,
     /// `ts_us` of the newest ack taken (older, reordered acks carry stale
     /// flow-control state).
     peer_ack_ts_us: u64,
@@ -241,6 +243,7 @@ impl Io {
             established: false,
             announced: false,
             last_window_end: 0,
+            delivered_since_ack: false,
             peer_ack_ts_us: 0,
             rtt: Rtt::default(),
             epoch: now,
@@ -505,6 +508,7 @@ impl Io {
             lock(&self.shared.inbox).wake_on_read = true;
         }
         self.last_ack = now;
+        self.delivered_since_ack = false;
         self.rx.ack_due = false;
         self.rx.unacked_consumed = 0;
         self.rx.stats.acks_sent += 1;
@@ -575,11 +579,15 @@ impl Io {
         self.wire_progress();
     }
 
+    /// Acks when due: after `ack_every_datagrams` consumed, an eighth of
+    /// the ack interval after a delivered message (so `Acked` is not held
+    /// back on an idle link, yet a stream of small messages does not get an
+    /// ack each), the ack interval after any other news, and at the
+    /// keepalive interval regardless.
     fn maybe_ack(&mut self, now: Instant) {
         let since = now.saturating_duration_since(self.last_ack);
-        let due = self.rx.ack_due
-            && (self.rx.unacked_consumed >= self.cfg.ack_every_datagrams
-                || since >= Duration::from_micros(self.cfg.ack_interval_us));
+        let due =
+            self.rx.ack_due && (self.rx.unacked_consumed >= self.cfg.ack_every_datagrams || since >= self.ack_delay());
         if due || since >= Duration::from_millis(self.cfg.keepalive_interval_ms) {
             self.send_ack(now);
         }
@@ -624,10 +632,20 @@ impl Io {
         next.saturating_duration_since(now)
     }
 
+    /// How long after the last ack pending news is acked.
+    fn ack_delay(&self) -> Duration {
+        let interval = Duration::from_micros(self.cfg.ack_interval_us);
+        if self.delivered_since_ack {
+            interval / 8
+        } else {
+            interval
+        }
+    }
+
     fn ack_deadline(&self) -> Instant {
         let keepalive = self.last_ack + Duration::from_millis(self.cfg.keepalive_interval_ms);
         if self.rx.ack_due {
-            keepalive.min(self.last_ack + Duration::from_micros(self.cfg.ack_interval_us))
+            keepalive.min(self.last_ack + self.ack_delay())
         } else {
             keepalive
         }
@@ -815,13 +833,9 @@ impl Io {
             self.shared.inbox_cv.notify_all();
         }
         if self.established {
-            // A delivered message is acked soon (not only after the ack
-            // interval), so `Acked` is not held back on an idle link; at
-            // most every eighth of the interval. A reopened window is
-            // advertised at once.
-            let soon =
-                now.saturating_duration_since(self.last_ack) >= Duration::from_micros(self.cfg.ack_interval_us) / 8;
-            if (delivered > 0 && soon) || self.window_reopened() {
+            self.delivered_since_ack |= delivered > 0;
+            // A reopened window is advertised at once.
+            if self.window_reopened() {
                 self.rx.ack_due = true;
                 self.rx.unacked_consumed = u32::MAX;
             }
