@@ -516,7 +516,10 @@ impl WriteHeader {
         let offset = c.u64()?;
         let len = c.u32()?;
         let op = WriteOp::from_u8(c.u8()?).ok_or(bad("unknown write op"))?;
-        c.take(3)?;
+        // Padding must be zero: one frame, one encoding.
+        if c.take(3)? != [0, 0, 0] {
+            return Err(bad("non-zero padding"));
+        }
         let data = c.b;
         let expect_data = if op == WriteOp::Data { len as usize } else { 0 };
         if data.len() != expect_data {
@@ -574,7 +577,9 @@ pub fn decode_read_reply(p: &[u8]) -> Result<(u64, u16, &[u8]), FrameError> {
     let mut c = cur(FrameType::ReadReply, p);
     let req_id = c.u64()?;
     let status = c.u16()?;
-    c.take(2)?;
+    if c.take(2)? != [0, 0] {
+        return Err(FrameError::Malformed { kind: FrameType::ReadReply, reason: "non-zero padding" });
+    }
     Ok((req_id, status, c.b))
 }
 
