@@ -172,7 +172,10 @@ fn built_scan(data: &[u8]) {
         let Some(seq) = first_seq.checked_add(appended.len() as u64).filter(|s| *s < u64::MAX) else {
             break;
         };
-        let h = RecordHeader { seq, offset: input.u64(), len, op, epoch: input.u64() };
+        // Epochs never decrease along a real log (the scan stops at a
+        // decrease, which ends a ghost record after a takeover).
+        let epoch = input.u64().max(appended.last().map_or(0, |(p, _)| p.epoch));
+        let h = RecordHeader { seq, offset: input.u64(), len, op, epoch };
         let fill = input.u8();
         let mut body = input.bytes(h.data_bytes().min(16)).to_vec();
         body.resize(h.data_bytes(), fill);
