@@ -395,11 +395,16 @@ fn up(args: UpArgs, takeover: bool) -> Result<ExitCode> {
     }
     // Before any thread exists, so every thread inherits the mask and only
     // the signal thread sees SIGTERM/SIGINT (they mean `down`).
-    let signals = block_stop_signals();
+    let signals = starblk_ublk::StopSignals::block();
     let fenced = startup::fence(&cfg)?;
     let device: control::Device = Default::default();
     let (down_tx, down_rx) = mpsc::channel();
-    spawn_signal_waiter(signals, down_tx.clone());
+    // SIGTERM/SIGINT act like `starblk down`.
+    let sig_tx = down_tx.clone();
+    signals.on_signal(move |sig| {
+        tracing::info!(signal = sig, "signal: shutting down");
+        let _ = sig_tx.send(());
+    });
     match spec {
         None => {
             let vol = Volume::start_fenced(fenced, Arc::new(NoFrontend));
@@ -501,33 +506,6 @@ fn up_ublk(
     tracing::info!(?exit, "device no longer served");
     finish(&vol, &sock);
     Ok(())
-}
-
-/// Blocks SIGTERM and SIGINT in this thread and every thread it spawns.
-fn block_stop_signals() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data that sigemptyset/sigaddset initialise;
-    // pthread_sigmask only reads it.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-/// SIGTERM/SIGINT act like `starblk down`; kill -9 leaves the device for
-/// user recovery.
-fn spawn_signal_waiter(set: libc::sigset_t, down_tx: mpsc::Sender<()>) {
-    std::thread::spawn(move || {
-        let mut sig = 0;
-        // SAFETY: `set` is an initialised signal set and `sig` a live int.
-        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-            tracing::info!(signal = sig, "signal: shutting down");
-            let _ = down_tx.send(());
-        }
-    });
 }
 
 /// Re-runs `up` in the foreground as a detached child logging to a file,

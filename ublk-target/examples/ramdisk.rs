@@ -14,7 +14,7 @@
 //! file so it survives a daemon crash (needed to test user recovery).
 
 use starblk_ublk::{
-    delete_device, device_status, down, serve, DeviceSpec, MemBackend, ServeExit, StartMode, StopHandle, UblkOptions,
+    delete_device, device_status, down, serve, DeviceSpec, MemBackend, ServeExit, StartMode, UblkOptions,
 };
 use std::io::Write;
 use std::path::PathBuf;
@@ -98,7 +98,7 @@ fn cmd_add(args: &[String]) -> Result<(), Failure> {
     let a = parse_add(args)?;
     // Before any thread exists (backend workers, queues), so all inherit the
     // mask and SIGTERM/SIGINT reach only the waiter thread started in on_live.
-    let signals = block_stop_signals();
+    let signals = starblk_ublk::StopSignals::block();
     let backend = match &a.file {
         Some(path) => MemBackend::file(path, a.spec.size, a.workers)?,
         None => MemBackend::ram(a.spec.size, a.workers)?,
@@ -107,44 +107,21 @@ fn cmd_add(args: &[String]) -> Result<(), Failure> {
         // The one line scripts wait for.
         println!("{}", live.block_device.display());
         let _ = std::io::stdout().flush();
-        stop_on_signal(signals, live.stop);
+        // SIGTERM/SIGINT stop the device cleanly through the StopHandle
+        // (the in-process path `starblk down` takes).
+        let stop = live.stop;
+        signals.on_signal(move |sig| {
+            tracing::info!(signal = sig, "stopping the device");
+            if let Err(e) = stop.stop() {
+                tracing::error!(error = %e, "stop failed");
+            }
+        });
     })?;
     match exit {
         ServeExit::Stopped => tracing::info!("device stopped"),
         ServeExit::Vanished => tracing::info!("device removed from outside; exiting"),
     }
     Ok(())
-}
-
-/// Blocks SIGTERM and SIGINT in this thread (and the threads it spawns).
-fn block_stop_signals() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it and
-    // pthread_sigmask only reads it.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-/// SIGTERM/SIGINT stop the device cleanly through the StopHandle (the
-/// in-process path `starblk down` takes), unlike `kill -9`, which leaves it
-/// quiesced for recovery.
-fn stop_on_signal(set: libc::sigset_t, stop: StopHandle) {
-    std::thread::spawn(move || {
-        let mut sig = 0;
-        // SAFETY: `set` is an initialised signal set and `sig` a live int.
-        let r = unsafe { libc::sigwait(&set, &mut sig) };
-        if r == 0 {
-            tracing::info!(signal = sig, "stopping the device");
-            if let Err(e) = stop.stop() {
-                tracing::error!(error = %e, "stop failed");
-            }
-        }
-    });
 }
 
 fn parse_add(args: &[String]) -> Result<AddArgs, Failure> {

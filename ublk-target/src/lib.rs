@@ -45,6 +45,7 @@ mod mem;
 mod queue;
 mod record;
 mod request;
+mod signals;
 
 pub use backend::BlockBackend;
 pub use completion::Completion;
@@ -56,3 +57,4 @@ pub use error::{Error, Result};
 pub use mem::MemBackend;
 pub use record::{read_record, record_path, remove_record, write_record, DeviceRecord};
 pub use request::BlockRequest;
+pub use signals::StopSignals;
