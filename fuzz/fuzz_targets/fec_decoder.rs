@@ -19,27 +19,9 @@ use std::collections::{HashMap, VecDeque};
 use libfuzzer_sys::fuzz_target;
 use starblk_fec::{Decoder, DecoderConfig, Encoder, FecScheme, RepairPacket};
 
-/// Reads the fuzz input front to back; runs out as zeros.
-struct Input<'a>(&'a [u8]);
-
-impl<'a> Input<'a> {
-    fn u8(&mut self) -> u8 {
-        let (first, rest) = self.0.split_first().map_or((0, &[][..]), |(f, r)| (*f, r));
-        self.0 = rest;
-        first
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from(self.u8()) | u16::from(self.u8()) << 8
-    }
-    fn bytes(&mut self, n: usize) -> &'a [u8] {
-        let (head, rest) = self.0.split_at(n.min(self.0.len()));
-        self.0 = rest;
-        head
-    }
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
+#[path = "input.rs"]
+mod input;
+use input::Input;
 
 fn scheme(input: &mut Input<'_>) -> FecScheme {
     let pick = input.u8();

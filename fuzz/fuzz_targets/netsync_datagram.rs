@@ -28,27 +28,9 @@ use starblk_netsync::wire::{self, AckPayload, HelloPayload, Kind, NackPayload};
 
 const LINK_ID: u32 = 0x5eed;
 
-/// Reads the program front to back; runs out as zeros.
-struct Input<'a>(&'a [u8]);
-
-impl<'a> Input<'a> {
-    fn u8(&mut self) -> u8 {
-        let (first, rest) = self.0.split_first().map_or((0, &[][..]), |(f, r)| (*f, r));
-        self.0 = rest;
-        first
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes([self.u8(), self.u8()])
-    }
-    fn bytes(&mut self, n: usize) -> &'a [u8] {
-        let (head, rest) = self.0.split_at(n.min(self.0.len()));
-        self.0 = rest;
-        head
-    }
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
+#[path = "input.rs"]
+mod input;
+use input::Input;
 
 /// (1) One datagram and its payload.
 fn raw(data: &[u8]) {
