@@ -111,7 +111,39 @@ pub struct ReplicaConfig {
     pub network_sync: bool,
     /// `fec`: the link's FEC code; only allowed with `network_sync = true`.
     pub fec: Option<FecConfig>,
+    /// `rate`, `window`, `mtu`: network-sync link settings; only allowed
+    /// with `network_sync = true`.
+    pub link: LinkTuning,
 }
+
+/// A network-sync link's pacing, window and MTU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct LinkTuning {
+    /// `rate` (e.g. `"40Mbit"`): the pace of data, repair and retransmitted
+    /// datagrams, IP and UDP headers included; 0 (the default) is unpaced.
+    pub rate_bits_per_s: u64,
+    /// `window` (a size, 4 MiB to 1 GiB; default 16 MiB): bytes sent and
+    /// not yet acknowledged by the far end. A full window is backpressure.
+    pub window_bytes: u64,
+    /// `mtu` (576 to 65535; default 1500): the path MTU. Datagrams, repair
+    /// included, are sized to fit it.
+    pub mtu_bytes: u32,
+}
+
+impl Default for LinkTuning {
+    fn default() -> Self {
+        LinkTuning {
+            rate_bits_per_s: 0,
+            window_bytes: starblk_netsync::LinkConfig::default().window_bytes,
+            mtu_bytes: starblk_netsync::DEFAULT_MTU_BYTES as u32,
+        }
+    }
+}
+
+/// `window` bounds: at least two largest messages, at most 1 GiB.
+pub const LINK_WINDOW_RANGE: std::ops::RangeInclusive<u64> = (4 << 20)..=(1 << 30);
+/// `mtu` bounds: IPv4's minimum to the largest IP packet.
+pub const LINK_MTU_RANGE: std::ops::RangeInclusive<u32> = 576..=65_535;
 
 /// A replica's role: read preference and failure-domain label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -248,6 +280,9 @@ struct RawReplica {
     role: Spanned<String>,
     network_sync: Option<Spanned<bool>>,
     fec: Option<Spanned<RawFec>>,
+    rate: Option<Spanned<String>>,
+    window: Option<Spanned<toml::Value>>,
+    mtu: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -514,7 +549,8 @@ fn build_replicas(src: &Source, raw: &[Spanned<RawReplica>]) -> Result<Vec<Repli
             None => None,
             Some(f) => Some(build_fec(src, f, network_sync, &key)?),
         };
-        out.push(ReplicaConfig { name: name.clone(), addr: addr.clone(), role, network_sync, fec });
+        let link = build_link(src, r, network_sync, &key)?;
+        out.push(ReplicaConfig { name: name.clone(), addr: addr.clone(), role, network_sync, fec, link });
     }
     Ok(out)
 }
@@ -541,6 +577,54 @@ fn build_fec(
         return Err(src.invalid(fec, key("fec"), shown, e));
     }
     Ok(FecConfig { scheme, r, c })
+}
+
+/// Validates one replica's `rate`, `window` and `mtu`.
+fn build_link(
+    src: &Source,
+    r: &RawReplica,
+    network_sync: bool,
+    key: &dyn Fn(&str) -> String,
+) -> Result<LinkTuning, ConfigError> {
+    let mut link = LinkTuning::default();
+    let only_netsync = |name: &str, span: Range<usize>, shown: String| {
+        let e = format!(
+            "{name} only applies to network-sync links; set network_sync = true on this replica or remove {name}"
+        );
+        src.invalid(&Spanned::new(span, ()), key(name), shown, e)
+    };
+    if let Some(v) = &r.rate {
+        if !network_sync {
+            return Err(only_netsync("rate", v.span(), quoted(v.get_ref())));
+        }
+        link.rate_bits_per_s =
+            crate::size::parse_rate(v.get_ref()).map_err(|e| src.invalid(v, key("rate"), quoted(v.get_ref()), e))?;
+    }
+    if let Some(v) = &r.window {
+        let shown = v.get_ref().to_string();
+        if !network_sync {
+            return Err(only_netsync("window", v.span(), shown));
+        }
+        let bytes = match v.get_ref() {
+            toml::Value::String(s) => parse_size(s).map_err(|e| src.invalid(v, key("window"), &shown, e.reason()))?,
+            toml::Value::Integer(i) => u64::try_from(*i).unwrap_or(0),
+            _ => 0,
+        };
+        if !LINK_WINDOW_RANGE.contains(&bytes) {
+            let e = "expected a size from 4MiB to 1GiB, e.g. \"16MiB\"";
+            return Err(src.invalid(v, key("window"), shown, e));
+        }
+        link.window_bytes = bytes;
+    }
+    if let Some(v) = &r.mtu {
+        if !network_sync {
+            return Err(only_netsync("mtu", v.span(), v.get_ref().to_string()));
+        }
+        link.mtu_bytes = u32::try_from(*v.get_ref()).ok().filter(|m| LINK_MTU_RANGE.contains(m)).ok_or_else(|| {
+            src.invalid(v, key("mtu"), v.get_ref().to_string(), "expected a path MTU from 576 to 65535, e.g. 1500")
+        })?;
+    }
+    Ok(link)
 }
 
 /// Checks `N ≥ 1` and `1 ≤ quorum ≤ N`, and returns the quorum.
@@ -946,6 +1030,33 @@ fec = { scheme = "layered-xor", r = 8, c = 3 }   # or { scheme = "reed-solomon",
         assert!(msg.contains("layered-xor, reed-solomon"), "{msg}");
         // The limits themselves are accepted.
         assert!(parse(&edit("r = 8, c = 3 }", "r = 64, c = 16 }")).is_ok());
+    }
+
+    #[test]
+    fn link_settings() {
+        let fec = "fec = { scheme = \"layered-xor\", r = 8, c = 3 }";
+        let with = |extra: &str| edit(fec, &format!("{fec}\n{extra}"));
+        let cfg = parse(&with("rate = \"40Mbit\"\nwindow = \"8MiB\"\nmtu = 9000")).unwrap();
+        let link = cfg.replicas[2].link;
+        assert_eq!((link.rate_bits_per_s, link.window_bytes, link.mtu_bytes), (40_000_000, 8 << 20, 9000));
+        assert_eq!(parse(EXAMPLE).unwrap().replicas[2].link, LinkTuning::default());
+        for (extra, key, expected) in [
+            ("rate = \"40MB\"", "rate", "e.g. \"40Mbit\""),
+            ("rate = \"0Mbit\"", "rate", "out of range"),
+            ("window = \"1MiB\"", "window", "from 4MiB to 1GiB"),
+            ("window = \"2GiB\"", "window", "from 4MiB to 1GiB"),
+            ("mtu = 500", "mtu", "from 576 to 65535"),
+            ("mtu = 70000", "mtu", "from 576 to 65535"),
+        ] {
+            let msg = rejects(&with(extra), 26, &format!("[[replica]] #3 {key}"));
+            assert!(msg.contains(expected), "{msg}");
+        }
+        // Only network-sync links take them.
+        let near = "role = \"near\"";
+        for extra in ["rate = \"1Gbit\"", "window = \"16MiB\"", "mtu = 1500"] {
+            let msg = rejects(&edit(near, &format!("{near}\n{extra}")), 19, "[[replica]] #2");
+            assert!(msg.contains("network_sync = true"), "{msg}");
+        }
     }
 
     #[test]

@@ -192,6 +192,34 @@ fn fraction_bytes(input: &str, fraction: &str, multiplier: u64) -> Result<u64, S
     u64::try_from(scaled / denominator).map_err(|_| not_whole())
 }
 
+/// Parses a link rate: a decimal number and a unit `bit`, `kbit`, `Mbit`
+/// or `Gbit` (case-insensitive, an optional `/s`), e.g. `"40Mbit"` or
+/// `"2.5 Gbit/s"`. Network rates are powers of 1000, unlike sizes. Returns
+/// bits per second; the error says what a rate looks like.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    const EXPECTED_RATE: &str =
+        "expected a number and a unit bit, kbit, Mbit or Gbit (powers of 1000), e.g. \"40Mbit\"";
+    let trimmed = s.trim();
+    let number_end = trimmed.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(number_end);
+    let unit = unit.trim().to_ascii_lowercase();
+    let unit = unit.strip_suffix("/s").unwrap_or(&unit);
+    let multiplier = match unit {
+        "bit" => 1.0,
+        "kbit" => 1e3,
+        "mbit" => 1e6,
+        "gbit" => 1e9,
+        _ => return Err(format!("unknown or missing unit; {EXPECTED_RATE}")),
+    };
+    let value: f64 = number.parse().map_err(|_| format!("does not start with a number; {EXPECTED_RATE}"))?;
+    let bits = (value * multiplier).round();
+    if !bits.is_finite() || bits < 1.0 || bits > 1e12 {
+        return Err(format!("out of range; expected 1 bit/s to 1000 Gbit/s, {EXPECTED_RATE}"));
+    }
+    // Checked just above: a whole number in 1..=1e12.
+    Ok(bits as u64)
+}
+
 /// Formats a byte count for people: `512 B`, `1.5 KiB`, `8.0 GiB`.
 ///
 /// One decimal place, 1024-based units, matching what [`parse_size`]
@@ -221,6 +249,18 @@ impl fmt::Display for ByteSize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_parse_in_powers_of_1000() {
+        assert_eq!(parse_rate("40Mbit"), Ok(40_000_000));
+        assert_eq!(parse_rate(" 2.5 Gbit/s "), Ok(2_500_000_000));
+        assert_eq!(parse_rate("64kbit"), Ok(64_000));
+        assert_eq!(parse_rate("800 bit"), Ok(800));
+        for bad in ["", "40", "40MB", "Mbit", "-1Mbit", "0Mbit", "1.2.3Mbit", "2000Gbit"] {
+            let e = parse_rate(bad).expect_err(bad);
+            assert!(e.contains("e.g. \"40Mbit\""), "{bad}: {e}");
+        }
+    }
 
     const KI: u64 = 1024;
 

@@ -27,6 +27,7 @@ struct Setup {
 /// Runs one `starblk bench` through a far replica behind the emulator;
 /// returns its JSON report.
 fn run(s: &Setup, bench_args: &[&str], pace_mbit: Option<f64>) -> serde_json::Value {
+    let pace = pace_mbit.map(|m| format!("rate = \"{m}Mbit\"\n")).unwrap_or_default();
     let root = tempfile::Builder::new().prefix("starblk-nsbench").tempdir_in(tmp_base()).unwrap();
     let mut local = Replica::init(root.path(), "local", "512MiB");
     let mut far = Replica::init(root.path(), "far", "512MiB");
@@ -44,8 +45,11 @@ fn run(s: &Setup, bench_args: &[&str], pace_mbit: Option<f64>) -> serde_json::Va
     let mut tcp = TcpRelayConfig::new(listen, upstream).delay_ms(s.delay_ms);
     tcp.params.rate_bits_per_s = s.rate_bits_per_s;
     let _tcp = tcp.start().unwrap();
-    let far_cfg =
-        if s.netsync { "network_sync = true\nfec = { scheme = \"layered-xor\", r = 8, c = 3 }\n" } else { "" };
+    let far_cfg = if s.netsync {
+        format!("network_sync = true\nfec = {{ scheme = \"layered-xor\", r = 8, c = 3 }}\n{pace}")
+    } else {
+        String::new()
+    };
     let config = root.path().join("vol.toml");
     let toml = format!(
         "[volume]\nname = \"nsb\"\nsize = \"512MiB\"\nquorum = {}\nwrite_queue = \"128MiB\"\n\n\
@@ -58,9 +62,6 @@ fn run(s: &Setup, bench_args: &[&str], pace_mbit: Option<f64>) -> serde_json::Va
     assert!(out.status.success(), "volume create: {}", String::from_utf8_lossy(&out.stderr));
     let mut cmd = Command::new(BIN);
     cmd.args(["bench", "--config"]).arg(&config).args(bench_args).args(["--seconds", SECONDS, "--json"]);
-    if let Some(m) = pace_mbit {
-        cmd.env("STARBLK_NETSYNC_RATE_MBIT", m.to_string());
-    }
     let out = cmd.output().unwrap();
     assert!(out.status.success(), "bench: {}", String::from_utf8_lossy(&out.stderr));
     local.kill();

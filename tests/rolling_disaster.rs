@@ -77,9 +77,16 @@ fn run(mode: Mode, loss: f64) -> Outcome {
     tcp.params.rate_bits_per_s = rate;
     tcp.queue_bytes = 64 << 10;
     let tcp = tcp.start().unwrap();
+    // The HE paces its network-sync link a little under the link's
+    // capacity (the relay also counts UDP/IP headers), so the emulated link
+    // never overflows its queue: loss is the injected loss only.
+    let pace_mbit = RATE_MBIT as f64 * 0.85;
     let far_cfg = match mode {
         Mode::LocalTcp => String::new(),
-        m => format!("network_sync = true\nfec = {{ scheme = \"{}\", r = 8, c = 3 }}\n", m.fec()),
+        m => format!(
+            "network_sync = true\nfec = {{ scheme = \"{}\", r = 8, c = 3 }}\nrate = \"{pace_mbit}Mbit\"\n",
+            m.fec()
+        ),
     };
     let config = root.path().join("vol.toml");
     let toml = format!(
@@ -98,10 +105,6 @@ fn run(mode: Mode, loss: f64) -> Outcome {
     if matches!(mode, Mode::LocalFec) {
         he.env("STARBLK_NETSYNC_ACK", "local");
     }
-    // The HE paces its network-sync link a little under the link's
-    // capacity (the relay also counts UDP/IP headers), so the emulated link
-    // never overflows its queue: loss is the injected loss only.
-    he.env("STARBLK_NETSYNC_RATE_MBIT", (RATE_MBIT as f64 * 0.85).to_string());
     let mut he = he.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     let acks = Arc::new(Mutex::new(Vec::<(u64, u64)>::new()));
     let stdout = he.stdout.take().unwrap();

@@ -110,6 +110,14 @@ impl FecScheme {
         }
     }
 
+    /// The most bytes a repair packet's wire form adds to its coded payload
+    /// (fixed header, seq deltas, lengths), for sizing datagrams to an MTU.
+    pub fn repair_header_bytes_max(&self) -> usize {
+        let r = self.r();
+        let delta_bytes = crate::wire::varint_len(self.group_span_seqs());
+        crate::wire::FIXED_HEADER_BYTES + (r - 1) * delta_bytes + 2 * r
+    }
+
     /// How many seqs one group can span, first to last covered seq inclusive,
     /// when seqs are consecutive. The decoder window must be at least this.
     pub fn group_span_seqs(&self) -> u64 {

@@ -23,7 +23,7 @@ use crate::{FecError, SchemeKind, MAX_GROUP_DATA, MAX_LAYERS, MAX_PACKET_BYTES, 
 
 const MAGIC: u8 = 0xF3;
 const VERSION: u8 = 1;
-const FIXED_HEADER_BYTES: usize = 16;
+pub(crate) const FIXED_HEADER_BYTES: usize = 16;
 /// A u64 needs at most 10 LEB128 bytes.
 const MAX_VARINT_BYTES: usize = 10;
 
@@ -189,7 +189,7 @@ fn bad(field: &'static str, value: u8) -> FecError {
     FecError::BadField { field, value: u64::from(value) }
 }
 
-fn varint_len(mut v: u64) -> usize {
+pub(crate) fn varint_len(mut v: u64) -> usize {
     let mut n = 1;
     while v >= 0x80 {
         v >>= 7;

@@ -151,3 +151,31 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn repair_header_bound_holds_for_consecutive_seqs() {
+    let schemes = [
+        FecScheme::layered_xor(8, 3).expect("scheme"),
+        FecScheme::layered_xor(64, 4).expect("scheme"),
+        FecScheme::layered_xor_with_strides(16, &[1, 1000, 16_384]).expect("scheme"),
+        FecScheme::reed_solomon(8, 3).expect("scheme"),
+        FecScheme::reed_solomon(32, 4).expect("scheme"),
+    ];
+    for scheme in schemes {
+        let bound = scheme.repair_header_bytes_max();
+        let mut enc = Encoder::new(scheme.clone());
+        let mut out = Vec::new();
+        for seq in 1..=100_000u64 {
+            enc.push(seq, &[seq as u8; 40], &mut out).expect("push");
+            if seq % 7919 == 0 {
+                enc.flush(&mut out).expect("flush");
+            }
+        }
+        enc.flush(&mut out).expect("flush");
+        assert!(!out.is_empty());
+        for p in &out {
+            let overhead = p.encoded_len() - p.payload().len();
+            assert!(overhead <= bound, "{scheme:?}: {overhead} > {bound}");
+        }
+    }
+}

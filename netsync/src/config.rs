@@ -7,15 +7,31 @@ use crate::wire::HEADER_BYTES;
 
 /// Smallest data payload per datagram.
 pub const MIN_PAYLOAD_BYTES: usize = 64;
-/// Largest data payload per datagram. Repair datagrams are about
-/// `payload_bytes + 64 + 16 + 3r` bytes, so this keeps them within the FEC
-/// crate's 64 KiB packet limit and UDP's.
+/// Largest data payload per datagram. Repair datagrams are
+/// `payload_bytes` plus two datagram headers plus the repair header (see
+/// [`payload_bytes_for_mtu`]), so this keeps them within the FEC crate's
+/// 64 KiB packet limit and UDP's.
 pub const MAX_PAYLOAD_BYTES: usize = 16_384;
 /// Largest message.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// Largest reorder window in seqs (memory: up to one datagram each, and the
 /// receiver's byte cap applies as well).
 pub const MAX_RECV_WINDOW_SEQS: u64 = 1 << 20;
+/// The path MTU assumed when nothing else is known: Ethernet's.
+pub const DEFAULT_MTU_BYTES: usize = 1500;
+/// IPv4 (20) and UDP (8) header bytes in every datagram.
+pub const IP_UDP_HEADER_BYTES: usize = 28;
+
+/// The largest data payload whose data *and* repair datagrams fit in one
+/// IP packet of `mtu_bytes`. A repair datagram codes a whole data datagram
+/// (its header included) and adds its own repair header and datagram
+/// header, so it is the larger one. Clamped to the allowed payload range.
+pub fn payload_bytes_for_mtu(mtu_bytes: usize, fec: Option<&FecScheme>) -> usize {
+    let repair_extra = fec.map_or(0, |f| HEADER_BYTES + f.repair_header_bytes_max());
+    let budget = mtu_bytes.saturating_sub(IP_UDP_HEADER_BYTES + HEADER_BYTES + repair_extra);
+    budget.clamp(MIN_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES)
+}
+
 /// What one message costs in the send window beyond its bytes: the
 /// bookkeeping of a queued message, so a flood of tiny messages is bounded
 /// too.
@@ -28,8 +44,8 @@ pub struct LinkConfig {
     /// Link id carried in every datagram; 0 picks a random one at connect.
     /// A listener takes the id from the peer's hello.
     pub link_id: u32,
-    /// Message bytes per data datagram. Keep `payload_bytes + 200` under
-    /// the path MTU minus 28 so repair datagrams are not fragmented.
+    /// Message bytes per data datagram. [`payload_bytes_for_mtu`] gives the
+    /// largest value whose repair datagrams are not fragmented.
     pub payload_bytes: usize,
     /// FEC for the messages this end sends; `None` sends data only (losses
     /// are then always retransmitted).
@@ -95,10 +111,11 @@ pub struct LinkConfig {
 
 impl Default for LinkConfig {
     fn default() -> Self {
+        let fec = FecScheme::layered_xor(8, 3).ok();
         LinkConfig {
             link_id: 0,
-            payload_bytes: 1200,
-            fec: FecScheme::layered_xor(8, 3).ok(),
+            payload_bytes: payload_bytes_for_mtu(DEFAULT_MTU_BYTES, fec.as_ref()),
+            fec,
             window_bytes: 16 << 20,
             max_inflight_datagrams: 32_768,
             max_message_bytes: 2 << 20,
@@ -158,5 +175,23 @@ impl LinkConfig {
             return bad("probe_timeout_ms, stamp_timeout_ms and peer_timeout_ms must be at least 1");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_payload_fills_an_ethernet_mtu_with_repair() {
+        let fec = FecScheme::layered_xor(8, 3).unwrap();
+        let payload = payload_bytes_for_mtu(DEFAULT_MTU_BYTES, Some(&fec));
+        let repair_ip_bytes =
+            IP_UDP_HEADER_BYTES + HEADER_BYTES + fec.repair_header_bytes_max() + HEADER_BYTES + payload;
+        assert_eq!(repair_ip_bytes, DEFAULT_MTU_BYTES);
+        assert_eq!(LinkConfig::default().payload_bytes, payload);
+        assert_eq!(payload_bytes_for_mtu(DEFAULT_MTU_BYTES, None), DEFAULT_MTU_BYTES - 28 - HEADER_BYTES);
+        assert_eq!(payload_bytes_for_mtu(10, Some(&fec)), MIN_PAYLOAD_BYTES);
+        assert_eq!(payload_bytes_for_mtu(1 << 20, None), MAX_PAYLOAD_BYTES);
     }
 }

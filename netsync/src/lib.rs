@@ -38,7 +38,10 @@ mod sys;
 mod tx;
 pub mod wire;
 
-pub use config::{LinkConfig, MAX_MESSAGE_BYTES, MAX_PAYLOAD_BYTES, MESSAGE_OVERHEAD_BYTES, MIN_PAYLOAD_BYTES};
+pub use config::{
+    payload_bytes_for_mtu, LinkConfig, DEFAULT_MTU_BYTES, IP_UDP_HEADER_BYTES, MAX_MESSAGE_BYTES, MAX_PAYLOAD_BYTES,
+    MESSAGE_OVERHEAD_BYTES, MIN_PAYLOAD_BYTES,
+};
 pub use error::LinkError;
 pub use link::{Link, Listener};
 pub use shared::{LinkEvent, MsgId};

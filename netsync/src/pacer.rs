@@ -2,9 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-/// Per-datagram IP (20) and UDP (8) header bytes, counted against the rate
-/// so the configured rate is what the wire carries.
-pub(crate) const IP_UDP_OVERHEAD_BYTES: u64 = 28;
+/// Per-datagram IP and UDP header bytes are counted against the rate so
+/// the configured rate is what the wire carries.
+const IP_UDP_OVERHEAD_BYTES: u64 = crate::config::IP_UDP_HEADER_BYTES as u64;
 
 /// A token bucket in bytes. A datagram may leave while the bucket is not
 /// empty; it then goes negative by at most one datagram, which the refill

@@ -1,18 +1,21 @@
 //! The datagram format. Pure code: no I/O, every length and offset checked
 //! before use, fuzzed by `fuzz/fuzz_targets/netsync_datagram.rs`.
 //!
-//! Every datagram is a 64-byte header followed by `payload_len` bytes. All
-//! integers are little-endian.
+//! Every datagram is a 48-byte header followed by `payload_len` bytes. All
+//! integers are little-endian. (Version 1 had a 64-byte header with a
+//! 16-byte MAC field that was always zero; version 2 drops it, because
+//! header bytes cost goodput on every data and repair datagram. A MAC, when
+//! authentication comes, is a 16-byte trailer announced by flag bit 1.)
 //!
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 4 | magic `"SBns"` |
-//! | 4 | 1 | version `1` |
+//! | 4 | 1 | version `2` |
 //! | 5 | 1 | kind: 1 data, 2 repair, 3 ack, 4 nack, 5 hello |
-//! | 6 | 1 | flags: bit 0 = reply (hello only); others zero |
+//! | 6 | 1 | flags: bit 0 = reply (hello only); bit 1 = MAC trailer (refused while no key exists); others zero |
 //! | 7 | 1 | reserved, zero |
 //! | 8 | 4 | link id |
-//! | 12 | 2 | payload length in bytes; must equal datagram length − 64 |
+//! | 12 | 2 | payload length in bytes; must equal datagram length − 48 |
 //! | 14 | 2 | reserved, zero |
 //! | 16 | 8 | seq: data seq (data), repair counter (repair), 0 otherwise |
 //! | 24 | 8 | message id (data; 0 otherwise) |
@@ -20,8 +23,7 @@
 //! | 36 | 4 | fragment count (data, `>= 1`; 0 otherwise) |
 //! | 40 | 4 | message length in bytes (data; 0 otherwise) |
 //! | 44 | 4 | crc32c of the whole datagram with this field zeroed |
-//! | 48 | 16 | MAC, zero until authentication exists |
-//! | 64 | var | payload |
+//! | 48 | var | payload |
 //!
 //! Payloads by kind:
 //!
@@ -39,17 +41,18 @@ use starblk_fec::{FecScheme, SchemeKind, MAX_LAYERS};
 /// First four bytes of every datagram.
 pub const MAGIC: [u8; 4] = *b"SBns";
 /// The format version this build speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Header size; the payload starts here.
-pub const HEADER_BYTES: usize = 64;
-/// Size of the (future) MAC field.
-pub const MAC_BYTES: usize = 16;
+pub const HEADER_BYTES: usize = 48;
 /// Largest UDP payload over IPv4.
 pub const MAX_DATAGRAM_BYTES: usize = 65_507;
 /// Largest payload a datagram can carry.
 pub const MAX_PAYLOAD_BYTES: usize = MAX_DATAGRAM_BYTES - HEADER_BYTES;
 /// Hello flag: this hello answers the peer's.
 pub const FLAG_REPLY: u8 = 1;
+/// Flag: a MAC trailer follows the payload. Reserved for authentication;
+/// refused as [`DatagramError::BadMac`] until a key can be configured.
+pub const FLAG_MAC: u8 = 2;
 /// Size of an ack payload.
 pub const ACK_PAYLOAD_BYTES: usize = 88;
 /// Most ranges one nack carries (keeps a nack under 1300 bytes).
@@ -62,7 +65,6 @@ const NACK_RANGE_BYTES: usize = 12;
 const HELLO_FIXED_BYTES: usize = 24;
 
 const CRC_AT: usize = 44;
-const MAC_AT: usize = 48;
 
 /// What a datagram carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -174,8 +176,8 @@ pub enum DatagramError {
         /// The crc computed over the datagram.
         computed: u32,
     },
-    /// The MAC field is not zero (no key is configured yet).
-    #[error("non-zero MAC field but no key is configured")]
+    /// The datagram says it carries a MAC, but no key is configured.
+    #[error("datagram carries a MAC but no key is configured")]
     BadMac,
     /// A header or payload field is out of range or inconsistent.
     #[error("field `{field}` has invalid value {value}")]
@@ -246,7 +248,7 @@ pub fn encode_into(header: &Header, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&header.frag_index.to_le_bytes());
     out.extend_from_slice(&header.frag_count.to_le_bytes());
     out.extend_from_slice(&header.msg_len_bytes.to_le_bytes());
-    out.extend_from_slice(&[0u8; 4 + MAC_BYTES]);
+    out.extend_from_slice(&[0u8; 4]);
     out.extend_from_slice(payload);
     let crc = datagram_crc(&out[start..]);
     out[start + CRC_AT..start + CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
@@ -278,7 +280,7 @@ pub fn decode(buf: &[u8]) -> Result<Datagram<'_>, DatagramError> {
     if stored != computed {
         return Err(DatagramError::BadCrc { stored, computed });
     }
-    if buf[MAC_AT..MAC_AT + MAC_BYTES].iter().any(|&b| b != 0) {
+    if buf[6] & FLAG_MAC != 0 {
         return Err(DatagramError::BadMac);
     }
     let kind = Kind::from_wire_id(buf[5]).ok_or(DatagramError::BadKind(buf[5]))?;
@@ -640,6 +642,16 @@ mod tests {
         let mut longer = buf.clone();
         longer.push(0);
         assert!(decode(&longer).unwrap_err().is_truncated());
+    }
+
+    #[test]
+    fn mac_flag_is_refused_without_a_key() {
+        let mut h = data_header();
+        h.flags = FLAG_MAC;
+        let mut buf = Vec::new();
+        encode_into(&h, b"hello", &mut buf);
+        assert_eq!(decode(&buf), Err(DatagramError::BadMac));
+        assert_eq!(HEADER_BYTES + 5, buf.len(), "no trailer is written while no key exists");
     }
 
     #[test]

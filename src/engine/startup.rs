@@ -124,7 +124,7 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
 }
 
 /// The network-sync link settings of a replica: its FEC scheme (default
-/// layered XOR 8,3) over the link's defaults.
+/// layered XOR 8,3), pacing rate, window and MTU over the link's defaults.
 pub fn netsync_config(r: &crate::config::ReplicaConfig) -> starblk_netsync::LinkConfig {
     use crate::config::FecScheme as S;
     let fec = match &r.fec {
@@ -135,13 +135,14 @@ pub fn netsync_config(r: &crate::config::ReplicaConfig) -> starblk_netsync::Link
         .ok(),
         None => starblk_netsync::FecScheme::layered_xor(8, 3).ok(),
     };
-    // STARBLK_NETSYNC_RATE_MBIT paces the link (default: unpaced).
-    let rate_bits_per_s = std::env::var("STARBLK_NETSYNC_RATE_MBIT")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|m| (m * 1e6) as u64)
-        .unwrap_or(0);
-    starblk_netsync::LinkConfig { fec, rate_bits_per_s, ..Default::default() }
+    let payload_bytes = starblk_netsync::payload_bytes_for_mtu(r.link.mtu_bytes as usize, fec.as_ref());
+    starblk_netsync::LinkConfig {
+        fec,
+        payload_bytes,
+        rate_bits_per_s: r.link.rate_bits_per_s,
+        window_bytes: r.link.window_bytes,
+        ..Default::default()
+    }
 }
 
 /// Reads the writes (lowest fenced durable seq, branch point] from the

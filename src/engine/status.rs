@@ -156,6 +156,29 @@ pub(crate) fn snapshot(s: &Shared) -> VolumeStatus {
     }
 }
 
+impl fmt::Display for NetsyncStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pace = match self.pacing_rate_bits_per_s {
+            0 => "unpaced".to_string(),
+            r => format!("paced {:.1} Mbit/s", r as f64 / 1e6),
+        };
+        write!(
+            f,
+            "link: sent {} data + {} repair, repaired {}, nacked {}, retransmitted {}, loss {:.2}%, \
+             wire p50 {} us, window {}/{} B, {pace}",
+            self.data_packets,
+            self.repair_packets,
+            self.repaired,
+            self.nacked,
+            self.retransmitted,
+            self.loss_rate * 100.0,
+            self.wire_latency_p50_us,
+            self.window_used_bytes,
+            self.window_max_bytes
+        )
+    }
+}
+
 impl fmt::Display for VolumeStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
@@ -193,6 +216,9 @@ impl fmt::Display for VolumeStatus {
                 r.network_sync,
                 detail
             )?;
+            if let Some(l) = &r.link {
+                writeln!(f, "  {l}")?;
+            }
         }
         Ok(())
     }
