@@ -420,9 +420,17 @@ fn up(args: UpArgs, takeover: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Waits for Q up-to-date replicas (10 s), then briefly (3 s) for every
+/// other replica to connect, so a network-sync link still saying hello
+/// gates the first writes too. Neither wait is fatal.
 fn wait_quorum(vol: &Volume) {
     if !vol.wait_quorum(Duration::from_secs(10)) {
         tracing::warn!("quorum not reached within 10 s; I/O waits until it is");
+        return;
+    }
+    let missing = vol.wait_connected(Duration::from_secs(3));
+    if !missing.is_empty() {
+        tracing::warn!(replicas = ?missing, "not connected after 3 s; serving without them, they catch up when they connect");
     }
 }
 
@@ -604,6 +612,10 @@ fn bench(
     let vol = Volume::start_fenced(fenced, completer.clone());
     if !vol.wait_quorum(Duration::from_secs(10)) {
         bail!("quorum of {} up-to-date replicas not reached within 10 s", cfg.volume.quorum);
+    }
+    let missing = vol.wait_connected(Duration::from_secs(10));
+    if !missing.is_empty() {
+        eprintln!("warning: replicas {missing:?} not connected after 10 s; the bench runs without them");
     }
     let opts =
         BenchOptions { pattern, bs: bs as u32, qd, seconds, verify, span_bytes: span, seed, rate_iops: rate, ack_log };

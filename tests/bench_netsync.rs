@@ -15,6 +15,8 @@ use common::*;
 use starblk_wanem::{LinkParams, TcpRelayConfig, UdpRelayConfig};
 
 const SECONDS: &str = "4";
+const XOR: &str = "layered-xor";
+const RS: &str = "reed-solomon";
 
 struct Setup {
     delay_ms: f64,
@@ -22,6 +24,8 @@ struct Setup {
     loss: f64,
     netsync: bool,
     quorum: usize,
+    /// FEC scheme of the network-sync link.
+    fec: &'static str,
 }
 
 /// Runs one `starblk bench` through a far replica behind the emulator;
@@ -46,7 +50,7 @@ fn run(s: &Setup, bench_args: &[&str], pace_mbit: Option<f64>) -> serde_json::Va
     tcp.params.rate_bits_per_s = s.rate_bits_per_s;
     let _tcp = tcp.start().unwrap();
     let far_cfg = if s.netsync {
-        format!("network_sync = true\nfec = {{ scheme = \"layered-xor\", r = 8, c = 3 }}\n{pace}")
+        format!("network_sync = true\nfec = {{ scheme = \"{}\", r = 8, c = 3 }}\n{pace}", s.fec)
     } else {
         String::new()
     };
@@ -77,8 +81,13 @@ fn latency_independence() {
     let mut base = 0.0;
     for d in [0.0, 25.0, 50.0, 100.0] {
         let args = ["--pattern", "randwrite", "--bs", "4k", "--qd", "1"];
-        let ns = run(&Setup { delay_ms: d, rate_bits_per_s: 0, loss: 0.0, netsync: true, quorum: 1 }, &args, None);
-        let rs = run(&Setup { delay_ms: d, rate_bits_per_s: 0, loss: 0.0, netsync: false, quorum: 2 }, &args, None);
+        let ns =
+            run(&Setup { delay_ms: d, rate_bits_per_s: 0, loss: 0.0, netsync: true, quorum: 1, fec: XOR }, &args, None);
+        let rs = run(
+            &Setup { delay_ms: d, rate_bits_per_s: 0, loss: 0.0, netsync: false, quorum: 2, fec: XOR },
+            &args,
+            None,
+        );
         let (n, r) = (ns["latency"]["p50_us"].as_f64().unwrap(), rs["latency"]["p50_us"].as_f64().unwrap());
         if d == 0.0 {
             base = n;
@@ -99,7 +108,14 @@ fn goodput_under_loss() {
     println!("target: >= 0.9 x r/(r+c) x rate = {bound:.2} MB/s");
     println!("{:>6} {:>18} {:>6}", "loss", "network-sync MB/s", "met");
     for loss in [0.0, 0.001, 0.005, 0.01] {
-        let s = Setup { delay_ms: 50.0, rate_bits_per_s: (rate_mbit * 1e6) as u64, loss, netsync: true, quorum: 1 };
+        let s = Setup {
+            delay_ms: 50.0,
+            rate_bits_per_s: (rate_mbit * 1e6) as u64,
+            loss,
+            netsync: true,
+            quorum: 1,
+            fec: XOR,
+        };
         let v = run(&s, &["--pattern", "write", "--bs", "64k", "--qd", "16"], Some(rate_mbit));
         let mbs = v["mb_s"].as_f64().unwrap();
         println!("{:>5.1}% {:>18.2} {:>6}", loss * 100.0, mbs, if mbs >= bound { "yes" } else { "NO" });
@@ -107,7 +123,42 @@ fn goodput_under_loss() {
             "NETSYNC_JSON {{\"table\":\"goodput\",\"loss\":{loss},\"netsync_mb_s\":{mbs},\"target_mb_s\":{bound}}}"
         );
     }
-    let s = Setup { delay_ms: 50.0, rate_bits_per_s: (rate_mbit * 1e6) as u64, loss: 0.0, netsync: false, quorum: 2 };
+    let s = Setup {
+        delay_ms: 50.0,
+        rate_bits_per_s: (rate_mbit * 1e6) as u64,
+        loss: 0.0,
+        netsync: false,
+        quorum: 2,
+        fec: XOR,
+    };
     let v = run(&s, &["--pattern", "write", "--bs", "64k", "--qd", "16"], None);
     println!("TCP remote-sync through the same emulator at 0% loss: {:.2} MB/s (the TCP relay cannot drop packets, so no loss figures for TCP)", v["mb_s"].as_f64().unwrap());
+}
+
+#[test]
+#[ignore = "benchmark: run by scripts/bench-netsync"]
+fn latency_under_load() {
+    let rate_mbit = 40.0;
+    println!("latency under load: 4 KiB random writes, QD16, {rate_mbit} Mbit/s link, 50 ms one way, (8,3)");
+    println!("{:>14} {:>10} {:>10} {:>10}", "fec", "IOPS", "p50 us", "p99 us");
+    for fec in [XOR, RS] {
+        let s = Setup {
+            delay_ms: 50.0,
+            rate_bits_per_s: (rate_mbit * 1e6) as u64,
+            loss: 0.0,
+            netsync: true,
+            quorum: 1,
+            fec,
+        };
+        let v = run(&s, &["--pattern", "randwrite", "--bs", "4k", "--qd", "16"], Some(rate_mbit));
+        let (iops, p50, p99) = (
+            v["iops"].as_f64().unwrap(),
+            v["latency"]["p50_us"].as_f64().unwrap(),
+            v["latency"]["p99_us"].as_f64().unwrap(),
+        );
+        println!("{fec:>14} {iops:>10.0} {p50:>10.0} {p99:>10.0}");
+        println!(
+            "NETSYNC_JSON {{\"table\":\"load\",\"fec\":\"{fec}\",\"iops\":{iops},\"p50_us\":{p50},\"p99_us\":{p99}}}"
+        );
+    }
 }

@@ -75,6 +75,27 @@ impl Encoder {
         }
     }
 
+    /// Like [`Encoder::flush`], but `packet(seq)` may hand back the bytes
+    /// of a packet still in an open group (as pushed). Layered XOR then
+    /// re-cuts a sparsely filled layer into fewer, fuller groups, so an
+    /// idle flush costs about c/r repair packets per data packet rather
+    /// than up to one per open group (a stride-100 layer has 100). Each
+    /// data packet is still covered once per layer. A layer whose packets
+    /// are not all available is closed as [`Encoder::flush`] does.
+    pub fn flush_with<'p>(
+        &mut self,
+        out: &mut Vec<RepairPacket>,
+        packet: impl Fn(u64) -> Option<&'p [u8]>,
+    ) -> Result<(), FecError> {
+        match &mut self.inner {
+            Inner::Xor(x) => {
+                x.flush_with(&mut self.pool, out, packet);
+                Ok(())
+            }
+            Inner::Rs(rs) => rs.flush(&mut self.pool, out),
+        }
+    }
+
     /// Whether some data packet is still waiting for its group to close
     /// (so a [`Encoder::flush`] would emit something).
     pub fn has_open_groups(&self) -> bool {

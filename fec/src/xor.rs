@@ -95,8 +95,24 @@ impl XorEncoder {
 
     /// Closes every open group in every layer now.
     pub(crate) fn flush(&mut self, pool: &mut PacketPool, out: &mut Vec<RepairPacket>) {
+        self.flush_with(pool, out, |_| None);
+    }
+
+    /// Closes every open group; where the caller can still supply the
+    /// packets, regroups a sparse layer first (see [`crate::Encoder::flush_with`]).
+    pub(crate) fn flush_with<'p>(
+        &mut self,
+        pool: &mut PacketPool,
+        out: &mut Vec<RepairPacket>,
+        packet: impl Fn(u64) -> Option<&'p [u8]>,
+    ) {
         let total = self.layers.len() as u8;
+        let mut regrouped = 0;
         for (index, layer) in self.layers.iter_mut().enumerate() {
+            if regroup(layer, self.r, regrouped, &packet, pool, (index as u8, total), out) {
+                regrouped += 1;
+                continue;
+            }
             for class in layer.listed.drain(..) {
                 let group = &mut layer.groups[class];
                 group.listed = false;
@@ -107,6 +123,67 @@ impl XorEncoder {
             layer.open_count = 0;
         }
     }
+}
+
+/// Closing a layer's open groups as they stand costs one repair packet per
+/// group: on a link that goes idle every few dozen packets, a stride-100
+/// layer would send nearly one repair per data packet. Instead, the `n`
+/// open members are re-cut into `g = ceil(n / r)` groups of at most r,
+/// interleaved by g, so the layer still costs 1/r and still survives a
+/// burst of g. The `shift`-th regrouped layer of a flush takes diagonals
+/// rather than columns of the same grid, so two sparse layers never send
+/// the same groups. Every member still gets exactly one repair in the
+/// layer. Returns false (nothing done) when regrouping would not save
+/// packets or a member's bytes are not available.
+fn regroup<'p>(
+    layer: &mut Layer,
+    r: usize,
+    shift: usize,
+    packet: &impl Fn(u64) -> Option<&'p [u8]>,
+    pool: &mut PacketPool,
+    (index, total): (u8, u8),
+    out: &mut Vec<RepairPacket>,
+) -> bool {
+    let n: usize = layer.listed.iter().map(|&c| layer.groups[c].seqs.len()).sum();
+    let g = n.div_ceil(r);
+    if n == 0 || g as u64 >= layer.stride.min(layer.open_count as u64) {
+        return false;
+    }
+    let mut members: Vec<u64> = layer.listed.iter().flat_map(|&c| layer.groups[c].seqs.iter().copied()).collect();
+    members.sort_unstable();
+    if members.iter().any(|&seq| packet(seq).is_none()) {
+        return false;
+    }
+    let first = out.len();
+    out.extend((0..g).map(|_| pool.take(SchemeKind::LayeredXor, index, total)));
+    for (e, &seq) in members.iter().enumerate() {
+        let (row, col) = (e / g, e % g);
+        let j = (col + g - (shift % g) * (row % g) % g) % g;
+        let p = &mut out[first + j];
+        let bytes = packet(seq).expect("checked above");
+        p.seqs.push(seq);
+        // Pushed packets were checked against MAX_PACKET_BYTES.
+        p.lens.push(bytes.len() as u16);
+        if bytes.len() > p.payload.len() {
+            p.payload.resize(bytes.len(), 0);
+        }
+        xor_into(&mut p.payload, bytes);
+    }
+    for p in &mut out[first..] {
+        debug_assert!(!p.seqs.is_empty() && p.seqs.len() <= r);
+        let len = padded_len(&p.lens);
+        p.payload.resize(len, 0);
+        p.debug_check();
+    }
+    for class in layer.listed.drain(..) {
+        let group = &mut layer.groups[class];
+        group.listed = false;
+        group.seqs.clear();
+        group.lens.clear();
+        group.acc.clear();
+    }
+    layer.open_count = 0;
+    true
 }
 
 /// Moves a group's contents into a pooled packet, leaving the group empty

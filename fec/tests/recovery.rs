@@ -45,10 +45,24 @@ struct Stream {
     events: Vec<Event>,
 }
 
+/// How the stream's idle flushes close open groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flush {
+    /// `Encoder::flush`: each open group as it stands.
+    AsIs,
+    /// `Encoder::flush_with` with every packet available: sparse layered
+    /// XOR layers are regrouped.
+    Regroup,
+}
+
 /// Packets of 1..=9000 bytes (a third of them small), seqs from a random
 /// base with occasional gaps when `gaps`, idle flushes now and then, and a
 /// final flush that closes the last partial groups.
 fn make_stream(scheme: &FecScheme, n: usize, gaps: bool, rng: &mut Rng) -> Stream {
+    make_stream_flushing(scheme, n, gaps, Flush::AsIs, rng)
+}
+
+fn make_stream_flushing(scheme: &FecScheme, n: usize, gaps: bool, how: Flush, rng: &mut Rng) -> Stream {
     let mut enc = Encoder::new(scheme.clone());
     let mut data = BTreeMap::new();
     let mut events = Vec::new();
@@ -59,10 +73,13 @@ fn make_stream(scheme: &FecScheme, n: usize, gaps: bool, rng: &mut Rng) -> Strea
         let len = if rng.chance(333) { 1 + rng.below(100) } else { 1 + rng.below(9000) };
         let payload: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
         enc.push(seq, &payload, &mut repairs).expect("push");
-        if rng.chance(30) {
-            enc.flush(&mut repairs).expect("flush");
-        }
         data.insert(seq, payload);
+        if rng.chance(30) {
+            match how {
+                Flush::AsIs => enc.flush(&mut repairs).expect("flush"),
+                Flush::Regroup => enc.flush_with(&mut repairs, |s| data.get(&s).map(Vec::as_slice)).expect("flush"),
+            }
+        }
         events.push(Event::Data(seq));
         events.extend(repairs.drain(..).map(Event::Repair));
     }
@@ -220,9 +237,49 @@ proptest! {
     ) {
         let mut rng = Rng::new(seed);
         let scheme = xor_scheme(r, c, default_strides, &mut rng);
-        let stream = make_stream(&scheme, n, true, &mut rng);
-        let lost = losses(stream.events.len(), rate, burst, &mut rng);
-        check_against_oracle(&scheme, &stream, &lost);
+        for how in [Flush::AsIs, Flush::Regroup] {
+            let stream = make_stream_flushing(&scheme, n, true, how, &mut rng);
+            let lost = losses(stream.events.len(), rate, burst, &mut rng);
+            check_against_oracle(&scheme, &stream, &lost);
+        }
+    }
+
+    /// Regrouped idle flushes keep the layered XOR contract: every data
+    /// packet is covered exactly once per layer, a layer never costs more
+    /// than one repair per r packets plus one per flush, and with every
+    /// repair received, any single data loss comes back.
+    #[test]
+    fn xor_regrouped_flush_covers_each_packet_once_per_layer(
+        r in 2usize..=16, c in 2usize..=4, n in 1usize..=400, seed in any::<u64>(),
+    ) {
+        let mut rng = Rng::new(seed);
+        let scheme = FecScheme::layered_xor(r, c).expect("scheme");
+        let stream = make_stream_flushing(&scheme, n, false, Flush::Regroup, &mut rng);
+        let mut per_layer: BTreeMap<(u64, u8), usize> = BTreeMap::new();
+        let mut repairs_per_layer = vec![0usize; c];
+        for e in &stream.events {
+            if let Event::Repair(rep) = e {
+                repairs_per_layer[usize::from(rep.index())] += 1;
+                for s in rep.seqs() {
+                    *per_layer.entry((*s, rep.index())).or_default() += 1;
+                }
+            }
+        }
+        for seq in stream.data.keys() {
+            for layer in 0..c as u8 {
+                prop_assert_eq!(per_layer.get(&(*seq, layer)).copied(), Some(1), "seq {} layer {}", seq, layer);
+            }
+        }
+        // Flushes happen with 3% chance per packet, plus the final one.
+        let flushes = 1 + stream.events.len();
+        for (layer, count) in repairs_per_layer.iter().enumerate() {
+            let bound = n.div_ceil(r) + flushes.min(n);
+            prop_assert!(*count <= bound, "layer {} sent {} repairs for {} packets", layer, count, n);
+        }
+        let victim = *stream.data.keys().nth(rng.below(n as u64) as usize).expect("n >= 1");
+        let lost: Vec<bool> = stream.events.iter().map(|e| matches!(e, Event::Data(s) if *s == victim)).collect();
+        let held = check_against_oracle(&scheme, &stream, &lost);
+        prop_assert!(held.contains(&victim));
     }
 
     /// Layered XOR guarantee: a burst of data losses no longer than the top
@@ -376,4 +433,32 @@ fn recycled_packets_are_reused() {
             assert_eq!(out.pop().map(|r| (r.seq, r.payload)), Some((2 * round + 1, a)));
         }
     }
+}
+
+/// The case regrouping exists for: a link that goes idle every 64 packets.
+/// Closing the open groups as they stand sends 8 + 10 + 64 repairs for
+/// (8,3) with strides 1, 10, 100; regrouped, each layer sends 64 / 8.
+#[test]
+fn idle_flush_of_64_packets_costs_c_over_r() {
+    let scheme = FecScheme::layered_xor(8, 3).expect("scheme");
+    let packets: Vec<Vec<u8>> = (0..64u8).map(|i| vec![i; 100 + usize::from(i)]).collect();
+    let count = |regroup: bool| {
+        let mut enc = Encoder::new(scheme.clone());
+        let mut out = Vec::new();
+        for (i, p) in packets.iter().enumerate() {
+            enc.push(i as u64 + 1, p, &mut out).expect("push");
+        }
+        if regroup {
+            enc.flush_with(&mut out, |s| packets.get(s as usize - 1).map(Vec::as_slice)).expect("flush");
+        } else {
+            enc.flush(&mut out).expect("flush");
+        }
+        assert!(!enc.has_open_groups());
+        // Two sparse layers regrouped over the same packets still differ.
+        let distinct: BTreeSet<&[u64]> = out.iter().map(RepairPacket::seqs).collect();
+        assert_eq!(distinct.len(), out.len(), "two repairs cover the same packets");
+        (0..3u8).map(|layer| out.iter().filter(|r| r.index() == layer).count()).collect::<Vec<_>>()
+    };
+    assert_eq!(count(false), vec![8, 10, 64]);
+    assert_eq!(count(true), vec![8, 8, 8]);
 }

@@ -225,7 +225,11 @@ impl Tx {
         if !enc.has_open_groups() {
             return false;
         }
-        if let Err(e) = enc.flush(&mut self.repair_out) {
+        // Packets still unacked can be regrouped (see Encoder::flush_with);
+        // the window holds exactly the bytes the encoder was given.
+        let (unacked, acked_seq) = (&self.unacked, self.acked_seq);
+        let packet = |seq: u64| unacked.get(seq.checked_sub(acked_seq)? as usize).map(|s| s.bytes.as_slice());
+        if let Err(e) = enc.flush_with(&mut self.repair_out, packet) {
             tracing::error!("FEC flush failed: {e}");
         }
         self.queue_repairs();

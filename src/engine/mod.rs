@@ -178,7 +178,8 @@ pub struct Volume {
 
 impl Volume {
     /// Starts links to every replica and returns at once; links connect in
-    /// the background. Use [`Volume::wait_connected`] to wait for them.
+    /// the background. Use [`Volume::wait_quorum`] and
+    /// [`Volume::wait_connected`] to wait for them.
     pub fn start(cfg: EngineConfig, replicas: Vec<ReplicaSpec>, completer: Arc<dyn Completer>) -> Volume {
         assert!(replicas.len() <= MAX_REPLICAS, "at most {MAX_REPLICAS} replicas");
         debug_assert!(cfg.quorum >= 1 && cfg.quorum <= replicas.len());
@@ -229,10 +230,28 @@ impl Volume {
 
     /// Waits until Q replicas are up to date, or `timeout` passes.
     pub fn wait_quorum(&self, timeout: Duration) -> bool {
+        let q = self.shared.cfg.quorum;
+        self.wait_for(timeout, |g| g.up_to_date() >= q)
+    }
+
+    /// Waits until every replica's link is connected, or `timeout` passes;
+    /// returns the names of those still not connected. `up` and `bench`
+    /// call this after the quorum so that a network-sync link still
+    /// saying hello does not let the first writes complete without it
+    /// (§1(b) gates only connected links).
+    pub fn wait_connected(&self, timeout: Duration) -> Vec<String> {
+        self.wait_for(timeout, |g| g.links.iter().all(|l| l.state.is_connected()));
+        let g = self.shared.lock();
+        let names = self.shared.links.iter().map(|l| &l.spec.name);
+        g.links.iter().zip(names).filter(|(l, _)| !l.state.is_connected()).map(|(_, n)| n.clone()).collect()
+    }
+
+    /// Waits on the state condition variable until `done` or `timeout`.
+    fn wait_for(&self, timeout: Duration, done: impl Fn(&Core) -> bool) -> bool {
         let deadline = Instant::now() + timeout;
         let mut g = self.shared.lock();
         loop {
-            if g.up_to_date() >= self.shared.cfg.quorum {
+            if done(&g) {
                 return true;
             }
             let now = Instant::now();
