@@ -213,7 +213,7 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
     };
     let value: f64 = number.parse().map_err(|_| format!("does not start with a number; {EXPECTED_RATE}"))?;
     let bits = (value * multiplier).round();
-    if !bits.is_finite() || bits < 1.0 || bits > 1e12 {
+    if !bits.is_finite() || !(1.0..=1e12).contains(&bits) {
         return Err(format!("out of range; expected 1 bit/s to 1000 Gbit/s, {EXPECTED_RATE}"));
     }
     // Checked just above: a whole number in 1..=1e12.
