@@ -79,6 +79,10 @@ pub struct VolumeConfig {
     pub write_queue_bytes: u64,
     /// `on_quorum_loss`: what to do with fewer than `quorum` replicas; default suspend.
     pub on_quorum_loss: OnQuorumLoss,
+    /// `recovery_rate` (e.g. `"200Mbit"`): cap on replay recovery traffic
+    /// per recovering replica, in bytes of data per second; 0 (the
+    /// default) is unlimited.
+    pub recovery_rate_bytes_per_s: u64,
     /// `key_file`: shared secret authenticating replica traffic (resolved path).
     pub key_file: Option<PathBuf>,
     /// `control_socket`: overrides the default `/run/starblk/NAME.sock`
@@ -268,6 +272,7 @@ struct RawVolume {
     quorum: Spanned<i64>,
     write_queue: Option<Spanned<toml::Value>>,
     on_quorum_loss: Option<Spanned<String>>,
+    recovery_rate: Option<Spanned<String>>,
     key_file: Option<Spanned<String>>,
     control_socket: Option<Spanned<String>>,
 }
@@ -472,6 +477,12 @@ fn build_volume(src: &Source, v: &RawVolume, base: &Path) -> Result<VolumeConfig
             src.invalid(s, "[volume] on_quorum_loss", quoted(s.get_ref()), format!("expected {}", e.expected))
         })?,
     };
+    let recovery_rate_bytes_per_s = match &v.recovery_rate {
+        None => 0,
+        Some(r) => crate::size::parse_rate(r.get_ref())
+            .map_err(|e| src.invalid(r, "[volume] recovery_rate", quoted(r.get_ref()), e))?
+            .div_ceil(8),
+    };
     Ok(VolumeConfig {
         name: name.clone(),
         size_bytes,
@@ -479,6 +490,7 @@ fn build_volume(src: &Source, v: &RawVolume, base: &Path) -> Result<VolumeConfig
         quorum: 0, // set by Config::parse once the replica count is known
         write_queue_bytes,
         on_quorum_loss,
+        recovery_rate_bytes_per_s,
         key_file: path_value(src, v.key_file.as_ref(), "[volume] key_file", base)?,
         control_socket: path_value(src, v.control_socket.as_ref(), "[volume] control_socket", base)?,
     })

@@ -27,7 +27,7 @@ use libfuzzer_sys::fuzz_target;
 use starblk_replica::proto::{
     self, decode_header, decode_read_reply, decode_u64, decode_u64_pair, encode_read_reply_header, encode_u64,
     encode_u64_pair, write_frame, ErrorFrame, FrameError, FrameReader, FrameType, Hello, HelloOk, ReadError, ReadReq,
-    Stamp, WriteHeader, WriteOp, HEADER_BYTES, MAGIC, MAX_IO_BYTES, MAX_PAYLOAD_BYTES, PROTOCOL_VERSION,
+    Replay, Stamp, WriteHeader, REPLAY_ADDR_MAX_BYTES, WriteOp, HEADER_BYTES, MAGIC, MAX_IO_BYTES, MAX_PAYLOAD_BYTES, PROTOCOL_VERSION,
     WRITE_SUBHEADER_BYTES,
 };
 
@@ -168,7 +168,11 @@ fn check_payload(p: &[u8]) {
     if let Ok(s) = Stamp::decode(p) {
         assert_eq!(s.encode(), p);
     }
-    for kind in [FrameType::Ack, FrameType::Heartbeat, FrameType::SetEpoch] {
+    if let Ok(r) = Replay::decode(p) {
+        assert_eq!(r.encode(), p);
+        assert!(r.from >= 1 && r.from <= r.to && !r.addr.is_empty() && r.addr.len() <= REPLAY_ADDR_MAX_BYTES);
+    }
+    for kind in [FrameType::Ack, FrameType::Heartbeat, FrameType::SetEpoch, FrameType::ReplayDone] {
         if let Ok(v) = decode_u64(kind, p) {
             assert_eq!(&encode_u64(v)[..], p);
         }

@@ -139,6 +139,48 @@ impl Session {
         }
     }
 
+    /// Streams log records `from..=to` into `each` as they arrive, without
+    /// holding them; returns the first seq not delivered (the peer's log
+    /// end, or where `each` said stop by returning false).
+    pub fn stream_log(
+        &mut self,
+        from: u64,
+        to: u64,
+        mut each: impl FnMut(&WriteHeader, &[u8]) -> bool,
+    ) -> Result<u64, ClientError> {
+        self.send(FrameType::LogRead, &[&proto::encode_u64_pair(from, to)])?;
+        let mut next = from;
+        let mut stopped = false;
+        loop {
+            let (h, p) = self.reader.next_frame().map_err(|e| read_err(&self.addr, e))?;
+            let perr = |source| ClientError::Protocol { addr: self.addr.clone(), source };
+            match h.kind {
+                FrameType::LogRecord if stopped => {}
+                FrameType::LogRecord => {
+                    let (wh, data) = WriteHeader::decode(p).map_err(perr)?;
+                    if wh.seq != next {
+                        let source = proto::FrameError::Malformed { kind: h.kind, reason: "log record out of order" };
+                        return Err(ClientError::Protocol { addr: self.addr.clone(), source });
+                    }
+                    if each(&wh, data) {
+                        next += 1;
+                    } else {
+                        stopped = true;
+                    }
+                }
+                FrameType::LogEnd => {
+                    let _ = proto::decode_u64(h.kind, p).map_err(perr)?;
+                    return Ok(next);
+                }
+                FrameType::Error => {
+                    let frame = ErrorFrame::decode(p).map_err(perr)?;
+                    return Err(ClientError::Rejected { addr: self.addr.clone(), frame });
+                }
+                kind => return Err(ClientError::Unexpected { addr: self.addr.clone(), kind }),
+            }
+        }
+    }
+
     /// Raises the replica's epoch; returns the epoch it now holds.
     pub fn set_epoch(&mut self, epoch: u64) -> Result<u64, ClientError> {
         let p = self.call(FrameType::SetEpoch, &[&proto::encode_u64(epoch)], FrameType::Ack)?;

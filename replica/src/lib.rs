@@ -8,6 +8,7 @@ pub mod client;
 pub mod log;
 pub mod netlink;
 pub mod proto;
+pub mod replay;
 pub mod server;
 pub mod store;
 pub mod superblock;

@@ -115,6 +115,11 @@ pub enum FrameType {
     LogRecord = 15,
     /// Replica → HE: end of a LogRead; first seq not sent (u64).
     LogEnd = 16,
+    /// HE → replica: replay recovery. Fetch log records `from..=to` from
+    /// the peer replica at `addr` and apply them ([`Replay`]).
+    Replay = 17,
+    /// Replica → HE: a Replay finished; first seq not applied (u64).
+    ReplayDone = 18,
 }
 
 impl FrameType {
@@ -137,6 +142,8 @@ impl FrameType {
             14 => LogRead,
             15 => LogRecord,
             16 => LogEnd,
+            17 => Replay,
+            18 => ReplayDone,
             _ => return None,
         })
     }
@@ -644,6 +651,49 @@ impl ErrorFrame {
         let offset = c.u64()?;
         let message = String::from_utf8_lossy(c.b).into_owned();
         Ok(ErrorFrame { code, seq, offset, message })
+    }
+}
+
+/// Replay: the seq range a lagging replica should copy from a peer's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replay {
+    /// First seq to fetch (the replica's durable seq + 1).
+    pub from: u64,
+    /// Last seq wanted; the peer sends what its log holds up to here.
+    pub to: u64,
+    /// Recovery rate limit in bytes of data per second; 0 = unlimited.
+    pub rate_bytes_per_s: u64,
+    /// The peer's `HOST:PORT` (TCP), 1..=255 bytes of UTF-8.
+    pub addr: String,
+}
+
+/// Longest peer address a Replay frame carries.
+pub const REPLAY_ADDR_MAX_BYTES: usize = 255;
+
+impl Replay {
+    /// Serialises the payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(24 + self.addr.len());
+        b.extend_from_slice(&self.from.to_le_bytes());
+        b.extend_from_slice(&self.to.to_le_bytes());
+        b.extend_from_slice(&self.rate_bytes_per_s.to_le_bytes());
+        b.extend_from_slice(self.addr.as_bytes());
+        b
+    }
+    /// Parses the payload: `from <= to`, `from >= 1`, an address of
+    /// 1..=255 UTF-8 bytes.
+    pub fn decode(p: &[u8]) -> Result<Replay, FrameError> {
+        let mut c = cur(FrameType::Replay, p);
+        let (from, to, rate_bytes_per_s) = (c.u64()?, c.u64()?, c.u64()?);
+        let bad = |reason: &'static str| FrameError::Malformed { kind: FrameType::Replay, reason };
+        if from == 0 || from > to {
+            return Err(bad("seq range"));
+        }
+        if c.b.is_empty() || c.b.len() > REPLAY_ADDR_MAX_BYTES {
+            return Err(bad("peer address length"));
+        }
+        let addr = std::str::from_utf8(c.b).map_err(|_| bad("peer address"))?.to_string();
+        Ok(Replay { from, to, rate_bytes_per_s, addr })
     }
 }
 

@@ -47,6 +47,8 @@ pub struct Server {
     sessions: Mutex<Vec<TcpStream>>,
     stopping: AtomicBool,
     next_session: AtomicU64,
+    /// A replay recovery is running (at most one at a time).
+    replaying: Arc<AtomicBool>,
 }
 
 /// A running server (for in-process tests and the CLI).
@@ -96,6 +98,7 @@ pub fn spawn(dir: &Path, listen: &str) -> Result<ServerHandle, ServeError> {
         sessions: Mutex::new(Vec::new()),
         stopping: AtomicBool::new(false),
         next_session: AtomicU64::new(1),
+        replaying: Arc::new(AtomicBool::new(false)),
     });
     let s2 = server.clone();
     let accept = std::thread::Builder::new()
@@ -305,6 +308,7 @@ impl Server {
             FrameType::SetEpoch => self.set_epoch(s, proto::decode_u64(kind, p).map_err(malformed)?),
             FrameType::Stamp => self.stamp(s, p),
             FrameType::LogRead => self.log_read(s, proto::decode_u64_pair(kind, p).map_err(malformed)?),
+            FrameType::Replay => self.replay(s, epoch, proto::Replay::decode(p).map_err(malformed)?),
             other => {
                 Err(reject("unexpected_type", ErrorCode::BadState, format!("{other:?} not valid from a client"), true))
             }
@@ -395,6 +399,35 @@ impl Server {
         })?;
         s.epoch = Some(self.store.epoch());
         s.writer.send(FrameType::Ack, &[&proto::encode_u64(self.store.epoch())]).map_err(io_reject)
+    }
+
+    /// Starts a replay recovery on its own thread, so this session keeps
+    /// answering heartbeats; its acks and its ReplayDone (or Error) go to
+    /// this session. See [`crate::replay`].
+    fn replay(&self, s: &mut Session, epoch: u64, req: proto::Replay) -> Result<(), Reject> {
+        if s.probe {
+            return Err(reject("probe_write", ErrorCode::BadState, "replay on a probe session".into(), true));
+        }
+        if !s.is_ack_sink {
+            self.store.set_ack_sink(Some(s.writer.clone()));
+            s.is_ack_sink = true;
+        }
+        let (store, writer, busy) = (self.store.clone(), s.writer.clone(), self.replaying.clone());
+        let volume = self.store.superblock().volume;
+        tracing::info!(peer = %req.addr, from = req.from, to = req.to, "replay recovery starting");
+        let spawned = std::thread::Builder::new().name("replay".into()).spawn(move || {
+            match crate::replay::run(&store, volume, epoch, &req, &busy) {
+                Ok(next) => {
+                    tracing::info!(peer = %req.addr, next, "replay recovery done");
+                    let _ = writer.send(FrameType::ReplayDone, &[&proto::encode_u64(next)]);
+                }
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    writer.send_error(e.code(), req.from, 0, e.to_string());
+                }
+            }
+        });
+        spawned.map(drop).map_err(io_reject)
     }
 
     /// Streams log records `from..=to` as LogRecord frames, then LogEnd.

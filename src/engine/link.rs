@@ -113,6 +113,25 @@ pub(crate) struct LinkCore {
     pub netsync: bool,
     /// Highest seq whose data and repair packets are on the wire.
     pub wire_seq: u64,
+    /// A replay recovery this session runs: writes wait until it is done.
+    pub replay: Option<ReplayPlan>,
+    /// The first seq of a replay that failed, and why; not retried from
+    /// there (the peers' logs will not hold it again).
+    pub replay_failed: Option<(u64, String)>,
+    /// Durable seq when the current recovery started (for progress).
+    pub recovery_from_seq: u64,
+}
+
+/// A replay recovery (DESIGN §9): the replica copies `from..=to` from the
+/// peer's log, replica to replica.
+#[derive(Debug, Clone)]
+pub(crate) struct ReplayPlan {
+    /// Peer name, for status.
+    pub peer: String,
+    /// The Replay frame to send.
+    pub req: proto::Replay,
+    /// Whether the sender has sent it.
+    pub sent: bool,
 }
 
 impl LinkCore {
@@ -127,6 +146,9 @@ impl LinkCore {
             since: Instant::now(),
             netsync: false,
             wire_seq: 0,
+            replay: None,
+            replay_failed: None,
+            recovery_from_seq: durable_seq,
         }
     }
 
@@ -287,36 +309,110 @@ fn mark_failed(shared: &Shared, link: &Link, reason: String) {
 }
 
 /// Decides how a fresh session starts: quick recovery from the write queue
-/// if every write after the replica's durable seq is still there.
+/// if every write after the replica's durable seq is still there, else
+/// replay recovery from an up-to-date peer's log, else lagging.
 fn admit(shared: &Shared, link: &Link, d: u64) -> Result<u64, String> {
     let mut g = shared.lock();
     let first = g.queue.front().map(|e| e.seq).unwrap_or(g.next_seq);
     let last = g.next_seq - 1;
+    let peer = replay_peer(shared, &g, link.idx);
     let l = &mut g.links[link.idx];
     l.durable_seq = d;
-    if d + 1 < first {
-        let why = format!(
-            "missing writes {}..{} are no longer in the write queue; needs replay or incremental recovery",
-            d + 1,
-            first - 1
-        );
-        l.set_state(LinkState::Lagging, why.clone());
-        shared.advance(&mut g);
-        return Err(why);
-    }
     if d > last {
         let why =
             format!("replica durable seq {d} is past this HE's history ({last}); needs rollback to the branch point");
         l.set_state(LinkState::Lagging, why.clone());
         return Err(why);
     }
+    let replay = d + 1 < first;
+    let failed_here = l.replay_failed.as_ref().filter(|(f, _)| *f == d + 1);
+    if replay && (peer.is_none() || failed_here.is_some()) {
+        let why = match failed_here {
+            Some((f, e)) => format!("replay of seqs {f}.. failed: {e}; needs incremental recovery"),
+            _ => format!(
+                "missing writes {}..{} are no longer in the write queue and no up-to-date peer can replay them; \
+                 needs incremental recovery",
+                d + 1,
+                first - 1
+            ),
+        };
+        l.set_state(LinkState::Lagging, why.clone());
+        shared.advance(&mut g);
+        return Err(why);
+    }
     l.conn_gen += 1;
     l.next_send_seq = d + 1;
     l.wire_seq = l.wire_seq.max(d);
-    l.set_state(LinkState::Recovering, format!("quick recovery from seq {}", d + 1));
+    l.recovery_from_seq = d;
+    match peer.filter(|_| replay) {
+        Some((name, addr)) => {
+            let req =
+                proto::Replay { from: d + 1, to: last, rate_bytes_per_s: shared.cfg.recovery_rate_bytes_per_s, addr };
+            let why = format!("replay recovery of seqs {}..{last} from {name}", d + 1);
+            l.replay = Some(ReplayPlan { peer: name, req, sent: false });
+            l.set_state(LinkState::Recovering, why);
+        }
+        None => {
+            l.replay = None;
+            l.set_state(LinkState::Recovering, format!("quick recovery from seq {}", d + 1));
+        }
+    }
     let gen = l.conn_gen;
     shared.advance(&mut g);
     Ok(gen)
+}
+
+/// The up-to-date replica (other than `idx`) with the lowest RTT: the
+/// source of a replay. Returns its name and address.
+fn replay_peer(shared: &Shared, g: &super::Core, idx: usize) -> Option<(String, String)> {
+    let best = g
+        .links
+        .iter()
+        .enumerate()
+        .filter(|(i, l)| *i != idx && l.state == LinkState::UpToDate)
+        .min_by_key(|(_, l)| l.srtt_us)?;
+    let spec = &shared.links[best.0].spec;
+    Some((spec.name.clone(), spec.addr.clone()))
+}
+
+/// The Replay frame this session still has to send, if any.
+fn take_replay_request(shared: &Shared, link: &Link, gen: u64) -> Option<proto::Replay> {
+    let mut g = shared.lock();
+    let l = &mut g.links[link.idx];
+    match &mut l.replay {
+        Some(plan) if l.conn_gen == gen && !plan.sent => {
+            plan.sent = true;
+            Some(plan.req.clone())
+        }
+        _ => None,
+    }
+}
+
+/// The replica finished its replay: the write stream continues at `next`
+/// from the write queue (quick recovery), or, if the queue has moved past
+/// `next`, the session ends and the next one replays again from further on.
+fn on_replay_done(shared: &Shared, link: &Link, next: u64) {
+    let mut g = shared.lock();
+    let l = &mut g.links[link.idx];
+    let Some(plan) = l.replay.take() else { return };
+    tracing::info!(replica = %link.spec.name, peer = %plan.peer, from = plan.req.from, next, "replay recovery done");
+    l.next_send_seq = next.max(l.durable_seq + 1);
+    let why = format!("quick recovery from seq {} (after replay from {})", l.next_send_seq, plan.peer);
+    l.set_state(LinkState::Recovering, why);
+    shared.advance(&mut g);
+    drop(g);
+    link.wake();
+}
+
+/// A replay ended in an Error frame: remember where and why, so the next
+/// session goes lagging instead of replaying the same range again.
+fn on_replay_failed(shared: &Shared, link: &Link, why: &str) {
+    let mut g = shared.lock();
+    let l = &mut g.links[link.idx];
+    if let Some(plan) = l.replay.take() {
+        tracing::warn!(replica = %link.spec.name, peer = %plan.peer, from = plan.req.from, "replay recovery failed: {why}");
+        l.replay_failed = Some((plan.req.from, why.to_string()));
+    }
 }
 
 /// Admits a fresh session, then runs it until it breaks. Returns why it ended.
@@ -520,6 +616,11 @@ fn sender_loop<S: Sink>(shared: &Shared, link: &Link, gen: u64, mut w: S) -> Str
             let _ = w.flush();
             return "volume stopping".into();
         }
+        if let Some(req) = take_replay_request(shared, link, gen) {
+            if let Err(e) = w.frame(FrameType::Replay, &[&req.encode()], None).and_then(|()| w.flush()) {
+                return format!("replay request send failed: {e}");
+            }
+        }
         let mut wrote = match send_reads(link, &mut w) {
             Ok(w) => w,
             Err(why) => return why,
@@ -583,6 +684,10 @@ fn take_batch(
     if l.conn_gen != gen || !l.state.is_connected() {
         return Err(format!("session superseded ({})", l.reason));
     }
+    if l.replay.is_some() {
+        // The replica is copying from a peer; writes follow when it is done.
+        return Ok(());
+    }
     let from = l.next_send_seq;
     if from < first {
         return Err(format!("seq {from} no longer in the write queue"));
@@ -617,13 +722,16 @@ fn receiver_loop<R: TimeoutRead>(shared: &Shared, link: &Link, mut reader: Frame
             FrameType::ReadReply => {
                 proto::decode_read_reply(p).map(|(id, status, data)| on_read_reply(shared, link, id, status, data))
             }
+            FrameType::ReplayDone => proto::decode_u64(h.kind, p).map(|next| on_replay_done(shared, link, next)),
             FrameType::Error => {
-                let why =
-                    ErrorFrame::decode(p).map(|f| ClientError::Rejected { addr: link.spec.addr.clone(), frame: f });
-                return match why {
-                    Ok(e) => e.to_string(),
+                let why = match ErrorFrame::decode(p) {
+                    Ok(frame) => {
+                        on_replay_failed(shared, link, &frame.message);
+                        ClientError::Rejected { addr: link.spec.addr.clone(), frame }.to_string()
+                    }
                     Err(e) => format!("replica {}: malformed error frame: {e}", link.spec.addr),
                 };
+                return why;
             }
             other => return format!("replica {}: unexpected {other:?} frame", link.spec.addr),
         };

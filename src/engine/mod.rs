@@ -111,6 +111,8 @@ pub struct EngineConfig {
     pub epoch: u64,
     /// First seq this HE assigns minus one (the branch point).
     pub start_seq: u64,
+    /// Replay recovery rate limit per replica, bytes/s (0 = unlimited).
+    pub recovery_rate_bytes_per_s: u64,
 }
 
 /// A write held in the write queue.

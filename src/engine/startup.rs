@@ -103,6 +103,7 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
         on_quorum_loss: cfg.volume.on_quorum_loss,
         epoch,
         start_seq,
+        recovery_rate_bytes_per_s: cfg.volume.recovery_rate_bytes_per_s,
     };
     let replicas: Vec<ReplicaSpec> = cfg
         .replicas

@@ -113,8 +113,8 @@ pub(crate) fn snapshot(s: &Shared) -> VolumeStatus {
         .map(|(l, c)| {
             let lag_bytes: u64 = g.queue.iter().filter(|e| e.seq > c.durable_seq).map(|e| e.data.len() as u64).sum();
             let progress = (c.state == LinkState::Recovering).then(|| {
-                let span = last.saturating_sub(s.cfg.start_seq).max(1);
-                (c.durable_seq.saturating_sub(s.cfg.start_seq)) as f64 / span as f64
+                let span = last.saturating_sub(c.recovery_from_seq).max(1);
+                (c.durable_seq.saturating_sub(c.recovery_from_seq)) as f64 / span as f64
             });
             ReplicaStatus {
                 name: l.spec.name.clone(),

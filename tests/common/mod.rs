@@ -116,7 +116,8 @@ impl Cluster {
         let roles = ["local", "near", "far"];
         let mut replicas: Vec<Replica> = (0..n).map(|i| Replica::init(root.path(), &format!("r{i}"), size)).collect();
         let mut toml = format!(
-            "[volume]\nname = \"it\"\nsize = \"{size}\"\nquorum = {quorum}\nwrite_queue = \"16MiB\"\ncontrol_socket = \"{}\"\n{extra_volume}\n",
+            "[volume]\nname = \"it\"\nsize = \"{size}\"\nquorum = {quorum}\n{}control_socket = \"{}\"\n{extra_volume}\n",
+            if extra_volume.contains("write_queue") { "" } else { "write_queue = \"16MiB\"\n" },
             root.path().join("it.sock").display()
         );
         for (i, r) in replicas.iter().enumerate() {

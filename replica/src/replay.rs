@@ -1,0 +1,128 @@
+//! Replay recovery, replica side (DESIGN §9): a lagging replica copies the
+//! writes it misses from an up-to-date peer's log, replica to replica, so
+//! the data never passes through the HE.
+//!
+//! The HE sends a [`Replay`] frame on its session; the replica dials the
+//! peer, asks for the log range (`LogRead`) and appends each record to its
+//! own store in seq order. The store's committer makes them durable and
+//! the usual `Ack` frames report progress on the HE's session. At the end
+//! the replica answers `ReplayDone` with the first seq it did not apply;
+//! the HE then sends the rest from its write queue (quick recovery). A
+//! failure is an `Error` frame: `OutOfRange` when the peer's log no longer
+//! holds the range (incremental recovery is then needed), `BadState` when
+//! the peer cannot be reached or refuses.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::client::{self, ClientError};
+use crate::log::RecordHeader;
+use crate::proto::{ErrorCode, Hello, Replay, Uuid};
+use crate::store::{Store, StoreError};
+
+/// How long dialling the peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a replay stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// The peer could not be reached, refused the session, or does not
+    /// hold the range in its log.
+    #[error("replay from peer {addr}: {source}")]
+    Peer {
+        /// The peer's address.
+        addr: String,
+        /// What went wrong.
+        source: ClientError,
+    },
+    /// This replica's store refused a record.
+    #[error("replay seq {seq}: {source}")]
+    Store {
+        /// The record's seq.
+        seq: u64,
+        /// The store's error.
+        source: StoreError,
+    },
+    /// Another replay is still running on this replica.
+    #[error("a replay is already running on this replica")]
+    Busy,
+}
+
+impl ReplayError {
+    /// The Error frame code the HE sees.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ReplayError::Peer { source: ClientError::Rejected { frame, .. }, .. }
+                if frame.code == ErrorCode::OutOfRange =>
+            {
+                ErrorCode::OutOfRange
+            }
+            ReplayError::Peer { .. } | ReplayError::Busy => ErrorCode::BadState,
+            ReplayError::Store { source: StoreError::SeqGap { .. }, .. } => ErrorCode::SeqGap,
+            ReplayError::Store { .. } => ErrorCode::DiskError,
+        }
+    }
+}
+
+/// Paces replay traffic to `rate_bytes_per_s` (0 = unpaced).
+struct Pace {
+    rate_bytes_per_s: u64,
+    started: Instant,
+    bytes: u64,
+}
+
+impl Pace {
+    fn charge(&mut self, bytes: u64) {
+        self.bytes += bytes;
+        if self.rate_bytes_per_s == 0 {
+            return;
+        }
+        let due = Duration::from_secs_f64(self.bytes as f64 / self.rate_bytes_per_s as f64);
+        if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// Runs one replay to completion on the calling thread; returns the first
+/// seq not applied. `busy` is the replica-wide "a replay runs" flag.
+pub fn run(store: &Arc<Store>, volume: Uuid, epoch: u64, req: &Replay, busy: &AtomicBool) -> Result<u64, ReplayError> {
+    if busy.swap(true, Ordering::AcqRel) {
+        return Err(ReplayError::Busy);
+    }
+    let res = copy(store, volume, epoch, req);
+    busy.store(false, Ordering::Release);
+    res
+}
+
+fn copy(store: &Arc<Store>, volume: Uuid, epoch: u64, req: &Replay) -> Result<u64, ReplayError> {
+    let peer = |source| ReplayError::Peer { addr: req.addr.clone(), source };
+    let mut session = client::connect(&req.addr, Hello { volume, epoch, flags: 0 }, CONNECT_TIMEOUT).map_err(peer)?;
+    // Records this replica already has are skipped by the store.
+    let from = req.from.max(store.durable_seq() + 1);
+    if from > req.to {
+        return Ok(from);
+    }
+    let mut failed = None;
+    let mut pace = Pace { rate_bytes_per_s: req.rate_bytes_per_s, started: Instant::now(), bytes: 0 };
+    let next = session
+        .stream_log(from, req.to, |wh, data| {
+            let rec = RecordHeader { seq: wh.seq, offset: wh.offset, len: wh.len, op: wh.op, epoch };
+            match store.append(&rec, data) {
+                Ok(()) => {
+                    pace.charge(data.len() as u64);
+                    true
+                }
+                Err(source) => {
+                    failed = Some(ReplayError::Store { seq: wh.seq, source });
+                    false
+                }
+            }
+        })
+        .map_err(peer)?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(next),
+    }
+}
