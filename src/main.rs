@@ -233,11 +233,29 @@ fn load_config(path: &Path) -> Result<Config> {
     Config::load(path).map_err(|e| usage(e.to_string()))
 }
 
+/// Loads a config for a command that moves data (`volume create`, `up`,
+/// `takeover`, `bench`). `key_file` asks for authenticated replica
+/// traffic, which is not built yet: running without it would be
+/// silently weaker than what the operator configured, so refuse.
+fn load_config_for_io(path: &Path) -> Result<Config> {
+    let cfg = load_config(path)?;
+    if let Some(k) = &cfg.volume.key_file {
+        return Err(usage(format!(
+            "{}: [volume] key_file = {:?}: authentication of replica traffic is not implemented yet, and starblk \
+             will not run unauthenticated when the config asks for it; remove key_file to run without \
+             authentication",
+            path.display(),
+            k.display()
+        )));
+    }
+    Ok(cfg)
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Replica { cmd } => replica_cmd(cmd),
         Cmd::Volume { cmd: VolumeCmd::Create { config } } => {
-            let cfg = load_config(&config)?;
+            let cfg = load_config_for_io(&config)?;
             let uuid = startup::create_volume(&cfg)?;
             println!(
                 "created volume {} ({}) on {} replicas",
@@ -379,7 +397,7 @@ impl Completer for NoFrontend {
 }
 
 fn up(args: UpArgs, takeover: bool) -> Result<ExitCode> {
-    let mut cfg = load_config(&args.config)?;
+    let mut cfg = load_config_for_io(&args.config)?;
     if let Some(s) = &args.socket {
         cfg.volume.control_socket = Some(s.clone());
     }
@@ -592,7 +610,7 @@ fn bench(
     if rate.is_some_and(|r| !(r > 0.0 && r <= 1e7)) {
         return Err(usage("--rate: must be between 0 and 10000000 requests per second"));
     }
-    let cfg = load_config(config)?;
+    let cfg = load_config_for_io(config)?;
     let block = cfg.volume.block_size as u64;
     if bs == 0 || !bs.is_multiple_of(block) || bs > starblk_replica::proto::MAX_IO_BYTES as u64 {
         return Err(usage(format!("--bs {bs}: must be a multiple of the block size ({block}) up to 1MiB")));

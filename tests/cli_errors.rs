@@ -70,6 +70,23 @@ fn unknown_key() {
 }
 
 #[test]
+fn key_file_is_refused_until_authentication_exists() {
+    for cmd in [
+        &["up", "--frontend", "none", "--foreground"][..],
+        &["volume", "create"],
+        &["bench", "--pattern", "write", "--bs", "4k", "--qd", "1", "--seconds", "1"],
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vol.toml");
+        std::fs::write(&path, format!("[volume]\n{BASE}\nquorum = 1\nkey_file = \"vol.key\"\n{REPLICAS}")).unwrap();
+        let out = Command::new(BIN).args(cmd).arg("--config").arg(&path).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{cmd:?}: {err}");
+        assert!(err.contains("key_file") && err.contains("not implemented"), "{cmd:?}: {err}");
+    }
+}
+
+#[test]
 fn bad_size_flag_is_usage_error() {
     let out = Command::new(BIN).args(["replica", "init", "--dir", "/nonexistent/x", "--size", "8X"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
