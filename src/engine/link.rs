@@ -115,11 +115,23 @@ pub(crate) struct LinkCore {
     pub wire_seq: u64,
     /// A replay recovery this session runs: writes wait until it is done.
     pub replay: Option<ReplayPlan>,
-    /// The first seq of a replay that failed, and why; not retried from
-    /// there (the peers' logs will not hold it again).
-    pub replay_failed: Option<(u64, String)>,
+    /// Replays that failed from one first seq: which peers (link indexes,
+    /// a bitmask) and the last reason. Each peer is tried once per first
+    /// seq; when none is left the link turns lagging.
+    pub replay_failed: Option<ReplayFailures>,
     /// Durable seq when the current recovery started (for progress).
     pub recovery_from_seq: u64,
+}
+
+/// Failed replay attempts from one first seq.
+#[derive(Debug, Clone)]
+pub(crate) struct ReplayFailures {
+    /// The first seq those replays asked for.
+    pub from: u64,
+    /// Peers that failed, as a bitmask of link indexes.
+    pub peers: u64,
+    /// Why the last one failed.
+    pub why: String,
 }
 
 /// A replay recovery (DESIGN §9): the replica copies `from..=to` from the
@@ -128,6 +140,8 @@ pub(crate) struct LinkCore {
 pub(crate) struct ReplayPlan {
     /// Peer name, for status.
     pub peer: String,
+    /// Peer link index.
+    pub peer_idx: usize,
     /// The Replay frame to send.
     pub req: proto::Replay,
     /// Whether the sender has sent it.
@@ -315,7 +329,11 @@ fn admit(shared: &Shared, link: &Link, d: u64) -> Result<u64, String> {
     let mut g = shared.lock();
     let first = g.queue.front().map(|e| e.seq).unwrap_or(g.next_seq);
     let last = g.next_seq - 1;
-    let peer = replay_peer(shared, &g, link.idx);
+    let tried = match &g.links[link.idx].replay_failed {
+        Some(f) if f.from == d + 1 => f.peers,
+        _ => 0,
+    };
+    let peer = replay_peer(shared, &g, link.idx, tried);
     let l = &mut g.links[link.idx];
     l.durable_seq = d;
     if d > last {
@@ -325,10 +343,14 @@ fn admit(shared: &Shared, link: &Link, d: u64) -> Result<u64, String> {
         return Err(why);
     }
     let replay = d + 1 < first;
-    let failed_here = l.replay_failed.as_ref().filter(|(f, _)| *f == d + 1);
-    if replay && (peer.is_none() || failed_here.is_some()) {
-        let why = match failed_here {
-            Some((f, e)) => format!("replay of seqs {f}.. failed: {e}; needs incremental recovery"),
+    if replay && peer.is_none() {
+        let why = match &l.replay_failed {
+            Some(f) if f.from == d + 1 => {
+                format!(
+                    "replay of seqs {}.. failed from every peer (last: {}); needs incremental recovery",
+                    f.from, f.why
+                )
+            }
             _ => format!(
                 "missing writes {}..{} are no longer in the write queue and no up-to-date peer can replay them; \
                  needs incremental recovery",
@@ -345,11 +367,11 @@ fn admit(shared: &Shared, link: &Link, d: u64) -> Result<u64, String> {
     l.wire_seq = l.wire_seq.max(d);
     l.recovery_from_seq = d;
     match peer.filter(|_| replay) {
-        Some((name, addr)) => {
+        Some((peer_idx, name, addr)) => {
             let req =
                 proto::Replay { from: d + 1, to: last, rate_bytes_per_s: shared.cfg.recovery_rate_bytes_per_s, addr };
             let why = format!("replay recovery of seqs {}..{last} from {name}", d + 1);
-            l.replay = Some(ReplayPlan { peer: name, req, sent: false });
+            l.replay = Some(ReplayPlan { peer: name, peer_idx, req, sent: false });
             l.set_state(LinkState::Recovering, why);
         }
         None => {
@@ -362,17 +384,27 @@ fn admit(shared: &Shared, link: &Link, d: u64) -> Result<u64, String> {
     Ok(gen)
 }
 
-/// The up-to-date replica (other than `idx`) with the lowest RTT: the
-/// source of a replay. Returns its name and address.
-fn replay_peer(shared: &Shared, g: &super::Core, idx: usize) -> Option<(String, String)> {
+/// The up-to-date replica (other than `idx`, and not in `tried`) with the
+/// lowest RTT: the source of a replay. The lagging replica dials it
+/// itself, so a peer configured at a loopback address is only a candidate
+/// for a replica that is on loopback too. Returns (index, name, address).
+fn replay_peer(shared: &Shared, g: &super::Core, idx: usize, tried: u64) -> Option<(usize, String, String)> {
+    let local_only = is_loopback(&shared.links[idx].spec.addr);
     let best = g
         .links
         .iter()
         .enumerate()
-        .filter(|(i, l)| *i != idx && l.state == LinkState::UpToDate)
+        .filter(|(i, l)| *i != idx && l.state == LinkState::UpToDate && tried & (1 << i) == 0)
+        .filter(|(i, _)| local_only || !is_loopback(&shared.links[*i].spec.addr))
         .min_by_key(|(_, l)| l.srtt_us)?;
     let spec = &shared.links[best.0].spec;
-    Some((spec.name.clone(), spec.addr.clone()))
+    Some((best.0, spec.name.clone(), spec.addr.clone()))
+}
+
+/// Whether `HOST:PORT` names this host only (127.0.0.0/8, ::1, localhost).
+fn is_loopback(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The Replay frame this session still has to send, if any.
@@ -404,15 +436,20 @@ fn on_replay_done(shared: &Shared, link: &Link, next: u64) {
     link.wake();
 }
 
-/// A replay ended in an Error frame: remember where and why, so the next
-/// session goes lagging instead of replaying the same range again.
+/// A replay ended in an Error frame: remember the peer, so the next
+/// session tries another one (or goes lagging when none is left).
 fn on_replay_failed(shared: &Shared, link: &Link, why: &str) {
     let mut g = shared.lock();
     let l = &mut g.links[link.idx];
-    if let Some(plan) = l.replay.take() {
-        tracing::warn!(replica = %link.spec.name, peer = %plan.peer, from = plan.req.from, "replay recovery failed: {why}");
-        l.replay_failed = Some((plan.req.from, why.to_string()));
-    }
+    let Some(plan) = l.replay.take() else { return };
+    tracing::warn!(replica = %link.spec.name, peer = %plan.peer, from = plan.req.from, "replay recovery failed: {why}");
+    let mut f = match l.replay_failed.take() {
+        Some(f) if f.from == plan.req.from => f,
+        _ => ReplayFailures { from: plan.req.from, peers: 0, why: String::new() },
+    };
+    f.peers |= 1 << plan.peer_idx;
+    f.why = format!("{}: {why}", plan.peer);
+    l.replay_failed = Some(f);
 }
 
 /// Admits a fresh session, then runs it until it breaks. Returns why it ended.
@@ -768,4 +805,19 @@ fn on_read_reply(shared: &Shared, link: &Link, req_id: u64, status: u16, data: &
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback;
+
+    #[test]
+    fn loopback_addresses() {
+        for a in ["127.0.0.1:7701", "127.9.9.9:1", "localhost:7701", "LOCALHOST:1", "[::1]:7701"] {
+            assert!(is_loopback(a), "{a}");
+        }
+        for a in ["192.0.2.10:7701", "[2001:db8::1]:7701", "far.example:7701", "10.0.0.1:1"] {
+            assert!(!is_loopback(a), "{a}");
+        }
+    }
 }
