@@ -23,6 +23,8 @@ pub enum ControlRequest {
     ReplicaAdd { name: String, addr: String },
     /// Remove a replica (not yet supported).
     ReplicaRemove { name: String, force: bool },
+    /// Set the replay recovery rate limit (data bytes/s, 0 = unlimited).
+    RecoveryRate { bytes_per_s: u64 },
 }
 
 /// The served block device path, shared with the control socket.
@@ -79,6 +81,10 @@ fn handle(conn: UnixStream, volume: &Volume, device: &Device, down_tx: &mpsc::Se
         Ok(ControlRequest::Down) => {
             let _ = down_tx.send(());
             serde_json::json!({"ok": true})
+        }
+        Ok(ControlRequest::RecoveryRate { bytes_per_s }) => {
+            let old = volume.set_recovery_rate(bytes_per_s);
+            serde_json::json!({"ok": true, "previous_bytes_per_s": old})
         }
         Ok(ControlRequest::ReplicaAdd { .. } | ControlRequest::ReplicaRemove { .. }) => {
             serde_json::json!({"ok": false, "error": "online membership changes are not implemented in this build"})

@@ -48,6 +48,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Set the replay recovery rate limit of a running volume (e.g.
+    /// `200Mbit`; `0` or `unlimited` lifts it). Applies to replays already
+    /// running too.
+    RecoveryRate {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        volume: Option<String>,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// The new limit: a rate such as 200Mbit or 1Gbit, or 0 / unlimited.
+        rate: String,
+    },
     /// Flush, stop serving, remove the device.
     Down {
         #[arg(long)]
@@ -269,6 +282,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Takeover(args) => up(args, true),
         Cmd::Status { config, volume, socket, json } => status(socket_path(config, volume, socket)?, json),
         Cmd::Down { volume, config, socket } => down(config, volume, socket),
+        Cmd::RecoveryRate { config, volume, socket, rate } => {
+            recovery_rate(socket_path(config, volume, socket)?, &rate)
+        }
         Cmd::Bench { config, pattern, bs, qd, seconds, verify, json, span, seed, rate, ack_log } => {
             let extra = BenchExtra { json, span, seed, rate, ack_log };
             bench(&config, pattern, bs, qd, seconds, verify, extra)
@@ -347,6 +363,23 @@ fn status(path: PathBuf, json: bool) -> Result<ExitCode> {
         println!("device {dev}");
     }
     print!("{st}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `recovery-rate`: changes the replay recovery rate limit online.
+fn recovery_rate(path: PathBuf, rate: &str) -> Result<ExitCode> {
+    let bits = match rate.trim() {
+        "0" | "unlimited" => 0,
+        r => starblk::size::parse_rate(r).map_err(|e| usage(format!("recovery rate {r:?}: {e}")))?,
+    };
+    let req = ControlRequest::RecoveryRate { bytes_per_s: bits.div_ceil(8) };
+    let v = control::call(&path, &req, Duration::from_secs(10))?;
+    let show = |bytes_per_s: u64| match bytes_per_s {
+        0 => "unlimited".to_string(),
+        b => format!("{:.1} Mbit/s", b as f64 * 8.0 / 1e6),
+    };
+    let old = v["previous_bytes_per_s"].as_u64().unwrap_or(0);
+    println!("recovery rate {} (was {})", show(bits.div_ceil(8)), show(old));
     Ok(ExitCode::SUCCESS)
 }
 

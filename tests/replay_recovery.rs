@@ -78,3 +78,27 @@ fn replica_behind_every_log_stays_lagging_and_io_goes_on() {
     assert_eq!(r.state, LinkState::Lagging, "{}", r.reason);
     println!("r2: {}", r.reason);
 }
+
+#[test]
+fn recovery_rate_limits_a_replay_and_can_be_raised_online() {
+    // 1 MB/s: the 16 MiB replay below would take 16 s.
+    let mut c = Cluster::new(3, 2, SIZE, "write_queue = \"1MiB\"\nrecovery_rate = \"8Mbit\"");
+    let v = c.engine();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    write_random(&v, &mut rng, 1, 100);
+    c.replicas[2].kill();
+    write_random(&v, &mut rng, 101, 4000);
+    c.replicas[2].start();
+    wait_until(Duration::from_secs(10), "r2 replaying", || replica_status(&v, "r2").reason.contains("replay"));
+    assert!(v.volume.status().to_string().contains("recovery rate 8.0 Mbit/s"));
+    std::thread::sleep(Duration::from_secs(2));
+    let r = replica_status(&v, "r2");
+    assert_eq!(r.state, LinkState::Recovering, "paced at 1 MB/s, 16 MiB cannot be done in 2 s: {}", r.reason);
+    assert_eq!(v.volume.set_recovery_rate(0), 1_000_000);
+    // At the old rate 14 s or more would remain; the running replay must
+    // take the new one.
+    wait_until(Duration::from_secs(6), "r2 up to date once unthrottled", || {
+        replica_status(&v, "r2").state == LinkState::UpToDate
+    });
+    assert!(v.volume.status().to_string().contains("recovery rate unlimited"));
+}

@@ -120,6 +120,9 @@ pub enum FrameType {
     Replay = 17,
     /// Replica → HE: a Replay finished; first seq not applied (u64).
     ReplayDone = 18,
+    /// HE → replica: new recovery rate limit for a running replay, data
+    /// bytes per second (u64, 0 = unlimited).
+    RecoveryRate = 19,
 }
 
 impl FrameType {
@@ -144,6 +147,7 @@ impl FrameType {
             16 => LogEnd,
             17 => Replay,
             18 => ReplayDone,
+            19 => RecoveryRate,
             _ => return None,
         })
     }

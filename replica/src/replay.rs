@@ -12,7 +12,7 @@
 //! holds the range (incremental recovery is then needed), `BadState` when
 //! the peer cannot be reached or refuses.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -65,38 +65,64 @@ impl ReplayError {
     }
 }
 
-/// Paces replay traffic to `rate_bytes_per_s` (0 = unpaced).
-struct Pace {
-    rate_bytes_per_s: u64,
+/// Paces replay traffic to the rate in `rate` (bytes/s, 0 = unpaced),
+/// which the HE may change while the replay runs (RecoveryRate frames).
+struct Pace<'a> {
+    rate: &'a AtomicU64,
+    /// The rate the current period runs at.
+    period_rate: u64,
     started: Instant,
     bytes: u64,
 }
 
-impl Pace {
+impl Pace<'_> {
     fn charge(&mut self, bytes: u64) {
+        let rate = self.rate.load(Ordering::Relaxed);
+        if rate != self.period_rate {
+            // A new rate starts a new period, so the old one's debt or
+            // credit does not carry over.
+            (self.period_rate, self.started, self.bytes) = (rate, Instant::now(), 0);
+        }
         self.bytes += bytes;
-        if self.rate_bytes_per_s == 0 {
+        if rate == 0 {
             return;
         }
-        let due = Duration::from_secs_f64(self.bytes as f64 / self.rate_bytes_per_s as f64);
+        let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
         if let Some(wait) = due.checked_sub(self.started.elapsed()) {
-            std::thread::sleep(wait);
+            // Short naps, so a raised rate takes effect at once.
+            std::thread::sleep(wait.min(Duration::from_millis(100)));
         }
     }
+}
+
+/// The replica-wide replay state: whether one runs, and its rate limit.
+#[derive(Debug, Default)]
+pub struct ReplayControl {
+    busy: AtomicBool,
+    /// Data bytes per second, 0 = unlimited; set by Replay and
+    /// RecoveryRate frames.
+    pub rate_bytes_per_s: AtomicU64,
 }
 
 /// Runs one replay to completion on the calling thread; returns the first
-/// seq not applied. `busy` is the replica-wide "a replay runs" flag.
-pub fn run(store: &Arc<Store>, volume: Uuid, epoch: u64, req: &Replay, busy: &AtomicBool) -> Result<u64, ReplayError> {
-    if busy.swap(true, Ordering::AcqRel) {
+/// seq not applied.
+pub fn run(
+    store: &Arc<Store>,
+    volume: Uuid,
+    epoch: u64,
+    req: &Replay,
+    ctl: &ReplayControl,
+) -> Result<u64, ReplayError> {
+    if ctl.busy.swap(true, Ordering::AcqRel) {
         return Err(ReplayError::Busy);
     }
-    let res = copy(store, volume, epoch, req);
-    busy.store(false, Ordering::Release);
+    ctl.rate_bytes_per_s.store(req.rate_bytes_per_s, Ordering::Relaxed);
+    let res = copy(store, volume, epoch, req, &ctl.rate_bytes_per_s);
+    ctl.busy.store(false, Ordering::Release);
     res
 }
 
-fn copy(store: &Arc<Store>, volume: Uuid, epoch: u64, req: &Replay) -> Result<u64, ReplayError> {
+fn copy(store: &Arc<Store>, volume: Uuid, epoch: u64, req: &Replay, rate: &AtomicU64) -> Result<u64, ReplayError> {
     let peer = |source| ReplayError::Peer { addr: req.addr.clone(), source };
     let mut session = client::connect(&req.addr, Hello { volume, epoch, flags: 0 }, CONNECT_TIMEOUT).map_err(peer)?;
     // Records this replica already has are skipped by the store.
@@ -105,7 +131,7 @@ fn copy(store: &Arc<Store>, volume: Uuid, epoch: u64, req: &Replay) -> Result<u6
         return Ok(from);
     }
     let mut failed = None;
-    let mut pace = Pace { rate_bytes_per_s: req.rate_bytes_per_s, started: Instant::now(), bytes: 0 };
+    let mut pace = Pace { rate, period_rate: rate.load(Ordering::Relaxed), started: Instant::now(), bytes: 0 };
     let next = session
         .stream_log(from, req.to, |wh, data| {
             let rec = RecordHeader { seq: wh.seq, offset: wh.offset, len: wh.len, op: wh.op, epoch };

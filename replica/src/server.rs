@@ -47,8 +47,8 @@ pub struct Server {
     sessions: Mutex<Vec<TcpStream>>,
     stopping: AtomicBool,
     next_session: AtomicU64,
-    /// A replay recovery is running (at most one at a time).
-    replaying: Arc<AtomicBool>,
+    /// Replay recovery: at most one at a time, and its rate limit.
+    replaying: Arc<crate::replay::ReplayControl>,
 }
 
 /// A running server (for in-process tests and the CLI).
@@ -98,7 +98,7 @@ pub fn spawn(dir: &Path, listen: &str) -> Result<ServerHandle, ServeError> {
         sessions: Mutex::new(Vec::new()),
         stopping: AtomicBool::new(false),
         next_session: AtomicU64::new(1),
-        replaying: Arc::new(AtomicBool::new(false)),
+        replaying: Arc::new(crate::replay::ReplayControl::default()),
     });
     let s2 = server.clone();
     let accept = std::thread::Builder::new()
@@ -309,6 +309,11 @@ impl Server {
             FrameType::Stamp => self.stamp(s, p),
             FrameType::LogRead => self.log_read(s, proto::decode_u64_pair(kind, p).map_err(malformed)?),
             FrameType::Replay => self.replay(s, epoch, proto::Replay::decode(p).map_err(malformed)?),
+            FrameType::RecoveryRate => {
+                let rate = proto::decode_u64(kind, p).map_err(malformed)?;
+                self.replaying.rate_bytes_per_s.store(rate, Ordering::Relaxed);
+                Ok(())
+            }
             other => {
                 Err(reject("unexpected_type", ErrorCode::BadState, format!("{other:?} not valid from a client"), true))
             }

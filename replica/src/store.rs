@@ -130,7 +130,23 @@ struct Inner {
     applied_seq: u64,
     /// Appenders waiting for log space.
     append_waiters: u32,
+    /// Checkpointed records still intact behind the tail (see [`History`]).
+    history: Option<History>,
     shutdown: bool,
+}
+
+/// Records a checkpoint released but the head has not overwritten yet:
+/// `bytes` of log ending at the tail, starting at `offset` with seq
+/// `first_seq`. They keep serving `read_log` (replay recovery of other
+/// replicas), so the replayable window does not collapse at every
+/// checkpoint. The head eats the free space in front of it, and the history
+/// is the far end of that space, so it stays intact while the free space
+/// is at least `bytes`; the first append that breaks that drops it.
+#[derive(Debug, Clone, Copy)]
+struct History {
+    offset: u64,
+    first_seq: u64,
+    bytes: u64,
 }
 
 /// Where the committer reports durability (the current writer session).
@@ -182,6 +198,7 @@ impl Store {
                 applied_end: head,
                 applied_seq: next - 1,
                 append_waiters: 0,
+                history: None,
                 shutdown: false,
             }),
             cond: Condvar::new(),
@@ -282,6 +299,10 @@ impl Store {
             match g.log.append(h, data) {
                 Ok(()) => {
                     g.last_seq = h.seq;
+                    let free = g.log.size_bytes() - g.log.used_bytes();
+                    if g.history.is_some_and(|hist| free < hist.bytes) {
+                        g.history = None;
+                    }
                     if wake || g.committing {
                         self.cond.notify_all();
                     }
@@ -312,12 +333,20 @@ impl Store {
     where
         F: FnMut(&RecordHeader, &[u8]) -> bool,
     {
-        let (tail, first, log_bytes) = {
+        let history = lock(&self.inner).history;
+        let (mut tail, mut first, log_bytes) = {
             let g = lock(&self.sb);
             (g.1.log_tail_offset, g.1.checkpoint_seq + 1, g.1.log_bytes)
         };
         if from < first {
-            return Err(StoreError::NotInLog { from, first });
+            // Older records may still be intact behind the tail. If the
+            // head overwrites them during the scan, the scan stops at the
+            // first record whose crc or seq does not follow.
+            match history {
+                Some(h) if from >= h.first_seq && h.first_seq < first => (tail, first) = (h.offset, h.first_seq),
+                Some(h) if h.first_seq < first => return Err(StoreError::NotInLog { from, first: h.first_seq }),
+                _ => return Err(StoreError::NotInLog { from, first }),
+            }
         }
         let to = to.min(self.durable_seq());
         let mut next = from;
@@ -507,9 +536,18 @@ impl Store {
         g.applied_unsynced_bytes = 0;
         drop(g);
         self.data.sync_data().map_err(io_err("data sync", &self.dir))?;
+        let (old_tail, old_first) = {
+            let sb = lock(&self.sb);
+            (sb.1.log_tail_offset, sb.1.checkpoint_seq + 1)
+        };
         self.checkpoint_meta(seq, tail)?;
         let mut g = lock(&self.inner);
         g.log.release(bytes);
+        // The released records join the history behind the new tail.
+        g.history = Some(match g.history {
+            Some(h) => History { bytes: h.bytes + bytes, ..h },
+            None => History { offset: old_tail, first_seq: old_first, bytes },
+        });
         self.cond.notify_all();
         Ok(())
     }
@@ -649,6 +687,52 @@ mod tests {
         let (s, _h) = Store::open(dir.path()).unwrap();
         for (off, len) in [(1 << 20, 4096u32), (u64::MAX - 4095, 4096), (100, 4096), (0, 0)] {
             assert!(matches!(s.append(&rec(1, off, len), &vec![0; len as usize]), Err(StoreError::OutOfRange { .. })));
+        }
+    }
+
+    /// Reads seqs `from..` from the log; (first seq delivered, count, all
+    /// payloads matched their seq).
+    fn read_back(s: &Store, from: u64) -> Result<(u64, u64, bool), StoreError> {
+        let (mut first, mut n, mut ok) = (0, 0, true);
+        s.read_log(from, u64::MAX, |h, d| {
+            first = if n == 0 { h.seq } else { first };
+            n += 1;
+            ok &= d.iter().all(|b| *b == h.seq as u8);
+            true
+        })?;
+        Ok((first, n, ok))
+    }
+
+    #[test]
+    fn checkpointed_records_stay_readable_until_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), 1 << 20, LOG_MIN_BYTES).unwrap();
+        let (s, _h) = Store::open(dir.path()).unwrap();
+        let record = |seq: u64| (rec(seq, (seq % 4) * 128 * 1024, 128 * 1024), vec![seq as u8; 128 * 1024]);
+        // Until the first checkpoint, then a little more.
+        let mut seq = 0;
+        while s.superblock().checkpoint_seq == 0 {
+            seq += 1;
+            let (h, d) = record(seq);
+            s.append(&h, &d).unwrap();
+            wait_durable(&s, seq);
+        }
+        let cp = s.superblock().checkpoint_seq;
+        // Behind the tail, yet still readable, contents intact.
+        assert_eq!(read_back(&s, 1).unwrap(), (1, seq, true), "checkpoint at {cp}");
+        // Enough appends to wrap the log over them: then refused, not garbage.
+        for _ in 0..2 * LOG_MIN_BYTES / (128 * 1024) {
+            seq += 1;
+            let (h, d) = record(seq);
+            s.append(&h, &d).unwrap();
+        }
+        wait_durable(&s, seq);
+        match read_back(&s, 1) {
+            Err(StoreError::NotInLog { from: 1, first }) => {
+                let (got_first, n, ok) = read_back(&s, first).unwrap();
+                assert!(got_first == first && n == seq - first + 1 && ok, "{first}: {got_first} {n} {ok}");
+            }
+            other => panic!("seq 1 should be overwritten by now: {other:?}"),
         }
     }
 }

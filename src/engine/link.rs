@@ -197,6 +197,8 @@ pub(crate) struct Link {
     pending_reads: Mutex<HashMap<u64, PendingRead>>,
     next_req_id: AtomicU64,
     pub counters: LinkCounters,
+    /// The recovery rate changed: tell a replaying replica.
+    rate_changed: AtomicBool,
 }
 
 impl Link {
@@ -212,6 +214,7 @@ impl Link {
             pending_reads: Mutex::new(HashMap::new()),
             next_req_id: AtomicU64::new(1),
             counters: LinkCounters::default(),
+            rate_changed: AtomicBool::new(false),
         }
     }
 
@@ -220,6 +223,12 @@ impl Link {
         if let Some(t) = lock(&self.sender).as_ref() {
             t.unpark();
         }
+    }
+
+    /// The recovery rate changed; the sender passes it on if a replay runs.
+    pub fn recovery_rate_changed(&self) {
+        self.rate_changed.store(true, Ordering::Release);
+        self.wake();
     }
 
     /// Queues a read for the sender thread.
@@ -368,8 +377,8 @@ fn admit(shared: &Shared, link: &Link, d: u64) -> Result<u64, String> {
     l.recovery_from_seq = d;
     match peer.filter(|_| replay) {
         Some((peer_idx, name, addr)) => {
-            let req =
-                proto::Replay { from: d + 1, to: last, rate_bytes_per_s: shared.cfg.recovery_rate_bytes_per_s, addr };
+            let rate_bytes_per_s = shared.recovery_rate_bytes_per_s.load(Ordering::Acquire);
+            let req = proto::Replay { from: d + 1, to: last, rate_bytes_per_s, addr };
             let why = format!("replay recovery of seqs {}..{last} from {name}", d + 1);
             l.replay = Some(ReplayPlan { peer: name, peer_idx, req, sent: false });
             l.set_state(LinkState::Recovering, why);
@@ -418,6 +427,11 @@ fn take_replay_request(shared: &Shared, link: &Link, gen: u64) -> Option<proto::
         }
         _ => None,
     }
+}
+
+/// Whether this link's replica is running a replay we asked for.
+fn replay_running(shared: &Shared, link: &Link) -> bool {
+    shared.lock().links[link.idx].replay.as_ref().is_some_and(|p| p.sent)
 }
 
 /// The replica finished its replay: the write stream continues at `next`
@@ -656,6 +670,12 @@ fn sender_loop<S: Sink>(shared: &Shared, link: &Link, gen: u64, mut w: S) -> Str
         if let Some(req) = take_replay_request(shared, link, gen) {
             if let Err(e) = w.frame(FrameType::Replay, &[&req.encode()], None).and_then(|()| w.flush()) {
                 return format!("replay request send failed: {e}");
+            }
+        }
+        if link.rate_changed.swap(false, Ordering::AcqRel) && replay_running(shared, link) {
+            let rate = shared.recovery_rate_bytes_per_s.load(Ordering::Acquire);
+            if let Err(e) = w.frame(FrameType::RecoveryRate, &[&proto::encode_u64(rate)], None) {
+                return format!("recovery rate send failed: {e}");
             }
         }
         let mut wrote = match send_reads(link, &mut w) {

@@ -17,7 +17,7 @@ pub mod startup;
 pub mod status;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -170,6 +170,9 @@ pub(crate) struct Shared {
     links: Vec<Arc<link::Link>>,
     started: Instant,
     stopping: AtomicBool,
+    /// Replay recovery rate limit, data bytes/s (0 = unlimited); starts at
+    /// the config's and can be changed online.
+    recovery_rate_bytes_per_s: AtomicU64,
 }
 
 /// A running volume.
@@ -208,13 +211,14 @@ impl Volume {
         };
         let links = replicas.into_iter().enumerate().map(|(i, spec)| Arc::new(link::Link::new(i, spec))).collect();
         let shared = Arc::new(Shared {
-            cfg,
             core: Mutex::new(core),
             space: Condvar::new(),
             completer,
             links,
             started: Instant::now(),
             stopping: AtomicBool::new(false),
+            recovery_rate_bytes_per_s: AtomicU64::new(cfg.recovery_rate_bytes_per_s),
+            cfg,
         });
         for l in &shared.links {
             link::spawn_manager(shared.clone(), l.clone());
@@ -262,6 +266,21 @@ impl Volume {
             }
             g = self.shared.space.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
+    }
+
+    /// Sets the replay recovery rate limit (data bytes/s, 0 = unlimited),
+    /// also for replays already running; returns the previous limit.
+    pub fn set_recovery_rate(&self, bytes_per_s: u64) -> u64 {
+        let old = self.shared.recovery_rate_bytes_per_s.swap(bytes_per_s, Ordering::AcqRel);
+        for l in &self.shared.links {
+            l.recovery_rate_changed();
+        }
+        old
+    }
+
+    /// The replay recovery rate limit (data bytes/s, 0 = unlimited).
+    pub fn recovery_rate(&self) -> u64 {
+        self.shared.recovery_rate_bytes_per_s.load(Ordering::Acquire)
     }
 
     /// Volume settings.

@@ -99,6 +99,9 @@ pub struct VolumeStatus {
     pub quorum_ok: bool,
     /// Behaviour on quorum loss.
     pub on_quorum_loss: String,
+    /// Replay recovery rate limit, data bytes/s (0 = unlimited).
+    #[serde(default)]
+    pub recovery_rate_bytes_per_s: u64,
     /// Replicas.
     pub replicas: Vec<ReplicaStatus>,
 }
@@ -152,6 +155,7 @@ pub(crate) fn snapshot(s: &Shared) -> VolumeStatus {
         write_queue_max_bytes: s.cfg.write_queue_bytes,
         quorum_ok: g.quorum_lost_since.is_none(),
         on_quorum_loss: s.cfg.on_quorum_loss.to_string(),
+        recovery_rate_bytes_per_s: s.recovery_rate_bytes_per_s.load(std::sync::atomic::Ordering::Acquire),
         replicas,
     }
 }
@@ -187,9 +191,13 @@ impl fmt::Display for VolumeStatus {
             self.name, self.uuid, self.epoch, self.size_bytes, self.block_size, self.quorum
         )?;
         let q = if self.quorum_ok { "ok".to_string() } else { format!("LOST ({})", self.on_quorum_loss) };
+        let rate = match self.recovery_rate_bytes_per_s {
+            0 => "unlimited".to_string(),
+            b => format!("{:.1} Mbit/s", b as f64 * 8.0 / 1e6),
+        };
         writeln!(
             f,
-            "seq {} (completed {})  write queue {}/{} B  quorum {}",
+            "seq {} (completed {})  write queue {}/{} B  quorum {}  recovery rate {rate}",
             self.last_seq, self.completed_seq, self.write_queue_bytes, self.write_queue_max_bytes, q
         )?;
         writeln!(
