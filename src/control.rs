@@ -34,10 +34,10 @@ pub type Device = Arc<Mutex<Option<String>>>;
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// Could not reach the daemon.
-    #[error("cannot reach the starblk daemon at {path}: {source} (is `starblk up` running for this volume?)")]
+    #[error("cannot reach the starblk daemon at {path} (is `starblk up` running for this volume?)")]
     Connect { path: PathBuf, source: std::io::Error },
     /// The conversation failed.
-    #[error("control socket {path}: {source}")]
+    #[error("control socket {path}")]
     Io { path: PathBuf, source: std::io::Error },
     /// The daemon answered with an error.
     #[error("daemon refused: {0}")]

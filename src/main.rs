@@ -21,6 +21,18 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Which running volume a command talks to: its config file, its name
+/// (default control socket) or the control socket itself.
+#[derive(clap::Args, Debug)]
+struct VolumeRef {
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    volume: Option<String>,
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Replica server commands and online membership changes.
@@ -39,12 +51,8 @@ enum Cmd {
     Takeover(UpArgs),
     /// Show volume and replica state.
     Status {
-        #[arg(long)]
-        config: Option<PathBuf>,
-        #[arg(long)]
-        volume: Option<String>,
-        #[arg(long)]
-        socket: Option<PathBuf>,
+        #[command(flatten)]
+        at: VolumeRef,
         #[arg(long)]
         json: bool,
     },
@@ -52,23 +60,15 @@ enum Cmd {
     /// `200Mbit`; `0` or `unlimited` lifts it). Applies to replays already
     /// running too.
     RecoveryRate {
-        #[arg(long)]
-        config: Option<PathBuf>,
-        #[arg(long)]
-        volume: Option<String>,
-        #[arg(long)]
-        socket: Option<PathBuf>,
+        #[command(flatten)]
+        at: VolumeRef,
         /// The new limit: a rate such as 200Mbit or 1Gbit, or 0 / unlimited.
         rate: String,
     },
     /// Flush, stop serving, remove the device.
     Down {
-        #[arg(long)]
-        volume: Option<String>,
-        #[arg(long)]
-        config: Option<PathBuf>,
-        #[arg(long)]
-        socket: Option<PathBuf>,
+        #[command(flatten)]
+        at: VolumeRef,
     },
     /// Benchmark the engine in process.
     Bench {
@@ -282,11 +282,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Up(args) => up(args, false),
         Cmd::Takeover(args) => up(args, true),
-        Cmd::Status { config, volume, socket, json } => status(socket_path(config, volume, socket)?, json),
-        Cmd::Down { volume, config, socket } => down(config, volume, socket),
-        Cmd::RecoveryRate { config, volume, socket, rate } => {
-            recovery_rate(socket_path(config, volume, socket)?, &rate)
-        }
+        Cmd::Status { at, json } => status(socket_path(at)?, json),
+        Cmd::Down { at } => down(at),
+        Cmd::RecoveryRate { at, rate } => recovery_rate(socket_path(at)?, &rate),
         Cmd::Bench { config, pattern, bs, qd, seconds, verify, json, span, seed, rate, ack_log } => {
             let extra = BenchExtra { json, span, seed, rate, ack_log };
             bench(&config, pattern, bs, qd, seconds, verify, extra)
@@ -341,7 +339,7 @@ fn default_socket(volume: &str) -> PathBuf {
     Path::new(starblk::config::SOCKET_DIR).join(format!("{volume}.sock"))
 }
 
-fn socket_path(config: Option<PathBuf>, volume: Option<String>, socket: Option<PathBuf>) -> Result<PathBuf> {
+fn socket_path(VolumeRef { config, volume, socket }: VolumeRef) -> Result<PathBuf> {
     if let Some(s) = socket {
         return Ok(s);
     }
@@ -387,13 +385,13 @@ fn recovery_rate(path: PathBuf, rate: &str) -> Result<ExitCode> {
 
 /// `down`: asks the daemon to flush and stop. If no daemon answers (it was
 /// killed), deletes the device it left for user recovery, if any.
-fn down(config: Option<PathBuf>, volume: Option<String>, socket: Option<PathBuf>) -> Result<ExitCode> {
-    let name = match (&volume, &config) {
+fn down(at: VolumeRef) -> Result<ExitCode> {
+    let name = match (&at.volume, &at.config) {
         (Some(v), _) => Some(v.clone()),
         (None, Some(c)) => Some(load_config(c)?.volume.name),
         _ => None,
     };
-    let path = socket_path(config, volume, socket)?;
+    let path = socket_path(at)?;
     match control::call(&path, &ControlRequest::Down, Duration::from_secs(60)) {
         Ok(_) => {
             wait_gone(&path, Duration::from_secs(60))?;

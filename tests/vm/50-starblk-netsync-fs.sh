@@ -16,38 +16,9 @@ load_module sch_netem
 load_module cls_u32
 
 FAR_PORT=7703
-mkdir -p $SB_DIR
-for i in 1 2 3; do
-    starblk replica init --dir $SB_DIR/r$i --size 256M --log-size 64M >/dev/null || fail "replica init r$i"
-    sb_serve $i
-done
-cat >$SB_CONF <<TOML
-[volume]
-name = "vol0"
-size = "256M"
-quorum = 2
-write_queue = "128MiB"
-control_socket = "$SB_SOCK"
-
-[[replica]]
-name = "local"
-addr = "127.0.0.1:7701"
-role = "local"
-
-[[replica]]
-name = "near"
-addr = "127.0.0.1:7702"
-role = "near"
-
-[[replica]]
-name = "far"
-addr = "127.0.0.1:$FAR_PORT"
-role = "far"
-network_sync = true
+sb_replicas 256M 'network_sync = true
 fec = { scheme = "reed-solomon", r = 8, c = 3 }
-rate = "50Mbit"
-TOML
-starblk volume create --config $SB_CONF >/dev/null || fail "volume create"
+rate = "50Mbit"'
 
 # netem on the far replica's traffic only (both directions), UDP and TCP.
 tc qdisc add dev lo root handle 1: prio bands 5 || fail "tc prio root"

@@ -5,10 +5,11 @@ SB_DIR=/data/sb
 SB_CONF=$SB_DIR/vol.toml
 SB_SOCK=$SB_DIR/vol0.sock
 
-# sb_replicas SIZE: init and serve three replicas, write the config,
-# create the volume. Sets R1..R3 (pids).
+# sb_replicas SIZE [FAR_EXTRA]: init and serve three replicas, write the
+# config (FAR_EXTRA: more keys for the far replica's table, e.g. its
+# network-sync settings), create the volume. Sets R1..R3 (pids).
 sb_replicas() {
-    size=$1
+    size=$1 far_extra=${2:-}
     mkdir -p $SB_DIR
     i=1
     for role in local near far; do
@@ -38,6 +39,7 @@ role = "near"
 name = "far"
 addr = "127.0.0.1:7703"
 role = "far"
+$far_extra
 TOML
     starblk volume create --config $SB_CONF || fail "volume create"
 }
