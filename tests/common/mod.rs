@@ -14,9 +14,29 @@ use starblk::engine::{startup, Volume};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_starblk");
 
-/// A free loopback port (bound then released).
+/// Ports this test process has handed out. The kernel may give the same
+/// ephemeral port to two binds in a row once the first is released, and
+/// two replicas of one cluster on one port fail `volume create`.
+static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+/// Takes `port` unless this process already handed it out.
+fn claim(port: u16) -> bool {
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    if given.contains(&port) {
+        return false;
+    }
+    given.push(port);
+    true
+}
+
+/// A free loopback port (bound then released), never the same twice.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if claim(port) {
+            return port;
+        }
+    }
 }
 
 /// A loopback port free for both TCP and UDP (a WAN emulator relays both).
@@ -24,7 +44,7 @@ pub fn dual_port() -> u16 {
     loop {
         let t = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = t.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() && claim(port) {
             return port;
         }
     }
