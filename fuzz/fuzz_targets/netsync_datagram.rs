@@ -132,11 +132,12 @@ impl Run {
         let len = usize::from(input.u16() % 1600);
         let mut b = input.bytes(len).to_vec();
         if op & 0x10 != 0 && b.len() >= wire::HEADER_BYTES {
-            b[0..5].copy_from_slice(&[b'S', b'B', b'n', b's', 1]);
+            b[0..5].copy_from_slice(&[b'S', b'B', b'n', b's', wire::VERSION]);
             b[8..12].copy_from_slice(&LINK_ID.to_le_bytes());
             let payload_len = (b.len() - wire::HEADER_BYTES) as u16;
             b[12..14].copy_from_slice(&payload_len.to_le_bytes());
-            b[48..64].fill(0);
+            // No MAC trailer: a datagram claiming one is refused anyway.
+            b[6] &= !wire::FLAG_MAC;
             fix_crc(&mut b);
         }
         if wire::decode(&b).is_ok_and(|d| matches!(d.header.kind, Kind::Data | Kind::Repair)) {
