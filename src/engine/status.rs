@@ -56,6 +56,10 @@ pub struct NetsyncStatus {
     pub nacked: u64,
     /// Datagrams sent again.
     pub retransmitted: u64,
+    /// Of those, tail-loss probes sent after a retransmission timeout
+    /// (the rest answered nacks).
+    #[serde(default)]
+    pub rto_probes: u64,
     /// Loss rate the replica sees, in [0, 1].
     pub loss_rate: f64,
     /// Median send-to-TX-timestamp latency, µs.
@@ -168,13 +172,14 @@ impl fmt::Display for NetsyncStatus {
         };
         write!(
             f,
-            "link: sent {} data + {} repair, repaired {}, nacked {}, retransmitted {}, loss {:.2}%, \
+            "link: sent {} data + {} repair, repaired {}, nacked {}, retransmitted {} ({} on timeout), loss {:.2}%, \
              wire p50 {} us, window {}/{} B, {pace}",
             self.data_packets,
             self.repair_packets,
             self.repaired,
             self.nacked,
             self.retransmitted,
+            self.rto_probes,
             self.loss_rate * 100.0,
             self.wire_latency_p50_us,
             self.window_used_bytes,
@@ -247,6 +252,7 @@ fn netsync_status(st: &starblk_netsync::LinkStats, wire_seq: u64) -> NetsyncStat
         repaired: st.peer_rx.recovered_packets,
         nacked: st.peer_rx.nacked_packets,
         retransmitted: st.tx.retransmitted_packets,
+        rto_probes: st.tx.rto_probes,
         // Datagrams the replica missed on first arrival (rebuilt or nacked).
         loss_rate: (st.peer_rx.recovered_packets + st.peer_rx.nacked_packets) as f64 / st.tx.data_packets.max(1) as f64,
         wire_latency_p50_us: st.tx.wire_latency_p50_us,
