@@ -417,11 +417,11 @@ impl Server {
             self.store.set_ack_sink(Some(s.writer.clone()));
             s.is_ack_sink = true;
         }
-        let (store, writer, busy) = (self.store.clone(), s.writer.clone(), self.replaying.clone());
+        let (store, writer, ctl) = (self.store.clone(), s.writer.clone(), self.replaying.clone());
         let volume = self.store.superblock().volume;
         tracing::info!(peer = %req.addr, from = req.from, to = req.to, "replay recovery starting");
         let spawned = std::thread::Builder::new().name("replay".into()).spawn(move || {
-            match crate::replay::run(&store, volume, epoch, &req, &busy) {
+            match crate::replay::run(&store, volume, epoch, &req, &ctl) {
                 Ok(next) => {
                     tracing::info!(peer = %req.addr, next, "replay recovery done");
                     let _ = writer.send(FrameType::ReplayDone, &[&proto::encode_u64(next)]);

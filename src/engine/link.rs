@@ -488,7 +488,7 @@ fn run_session(shared: &Arc<Shared>, link: &Arc<Link>, durable: u64, conn: Conn)
                 link: nl.clone(),
                 ids: ids.clone(),
                 idx: link.idx,
-                shared: Some(shared.clone()),
+                shared: shared.clone(),
                 pending: Vec::with_capacity(NET_MSG_BYTES_MAX),
                 pending_seq: None,
             };
@@ -556,7 +556,7 @@ struct NetSink {
     link: Arc<NetLink>,
     ids: Arc<Mutex<VecDeque<(u64, u64)>>>,
     idx: usize,
-    shared: Option<Arc<Shared>>,
+    shared: Arc<Shared>,
     /// Frames not yet handed to the link.
     pending: Vec<u8>,
     /// Highest write seq in `pending`.
@@ -575,9 +575,7 @@ impl NetSink {
             lock(&self.ids).push_back((id, seq));
             // The report may have come before the id was recorded.
             if self.link.wire_upto() >= id {
-                if let Some(sh) = &self.shared {
-                    wire_advance(sh, self.idx, &self.link, &self.ids);
-                }
+                wire_advance(&self.shared, self.idx, &self.link, &self.ids);
             }
         }
         Ok(())

@@ -278,11 +278,6 @@ impl Volume {
         old
     }
 
-    /// The replay recovery rate limit (data bytes/s, 0 = unlimited).
-    pub fn recovery_rate(&self) -> u64 {
-        self.shared.recovery_rate_bytes_per_s.load(Ordering::Acquire)
-    }
-
     /// Volume settings.
     pub fn config(&self) -> &EngineConfig {
         &self.shared.cfg
