@@ -111,32 +111,17 @@ impl Session {
     /// Reads log records `from..=to` (as Write headers and data), up to
     /// `max_bytes` of data; returns them and the first seq not returned.
     pub fn read_log(&mut self, from: u64, to: u64, max_bytes: u64) -> Result<(Vec<LogEntry>, u64), ClientError> {
-        self.send(FrameType::LogRead, &[&proto::encode_u64_pair(from, to)])?;
         let mut out = Vec::new();
         let mut bytes = 0u64;
-        loop {
-            let (h, p) = self.reader.next_frame().map_err(|e| read_err(&self.addr, e))?;
-            let perr = |source| ClientError::Protocol { addr: self.addr.clone(), source };
-            match h.kind {
-                FrameType::LogRecord => {
-                    let (wh, data) = WriteHeader::decode(p).map_err(perr)?;
-                    bytes += data.len() as u64 + 64;
-                    if bytes <= max_bytes {
-                        out.push((wh, data.to_vec()));
-                    }
-                }
-                FrameType::LogEnd => {
-                    let _ = proto::decode_u64(h.kind, p).map_err(perr)?;
-                    let next = out.last().map(|(w, _)| w.seq + 1).unwrap_or(from);
-                    return Ok((out, next));
-                }
-                FrameType::Error => {
-                    let frame = ErrorFrame::decode(p).map_err(perr)?;
-                    return Err(ClientError::Rejected { addr: self.addr.clone(), frame });
-                }
-                kind => return Err(ClientError::Unexpected { addr: self.addr.clone(), kind }),
+        let next = self.stream_log(from, to, |wh, data| {
+            bytes += data.len() as u64 + 64;
+            let fits = bytes <= max_bytes;
+            if fits {
+                out.push((*wh, data.to_vec()));
             }
-        }
+            fits
+        })?;
+        Ok((out, next))
     }
 
     /// Streams log records `from..=to` into `each` as they arrive, without
