@@ -79,13 +79,7 @@ impl XorEncoder {
                     layer.listed.push(class);
                 }
             }
-            group.seqs.push(seq);
-            // The caller checked payload.len() <= MAX_PACKET_BYTES.
-            group.lens.push(payload.len() as u16);
-            if payload.len() > group.acc.len() {
-                group.acc.resize(payload.len(), 0);
-            }
-            xor_into(&mut group.acc, payload);
+            add_to_group(&mut group.seqs, &mut group.lens, &mut group.acc, seq, payload);
             if group.seqs.len() == self.r {
                 out.push(close(group, pool, index as u8, total));
                 layer.open_count -= 1;
@@ -149,25 +143,18 @@ fn regroup<'p>(
     if n == 0 || g as u64 >= layer.stride.min(layer.open_count as u64) {
         return false;
     }
-    let mut members: Vec<u64> = layer.listed.iter().flat_map(|&c| layer.groups[c].seqs.iter().copied()).collect();
-    members.sort_unstable();
-    if members.iter().any(|&seq| packet(seq).is_none()) {
+    let mut seqs: Vec<u64> = layer.listed.iter().flat_map(|&c| layer.groups[c].seqs.iter().copied()).collect();
+    seqs.sort_unstable();
+    let Some(members) = seqs.iter().map(|&seq| Some((seq, packet(seq)?))).collect::<Option<Vec<_>>>() else {
         return false;
-    }
+    };
     let first = out.len();
     out.extend((0..g).map(|_| pool.take(SchemeKind::LayeredXor, index, total)));
-    for (e, &seq) in members.iter().enumerate() {
+    for (e, &(seq, bytes)) in members.iter().enumerate() {
         let (row, col) = (e / g, e % g);
         let j = (col + g - (shift % g) * (row % g) % g) % g;
         let p = &mut out[first + j];
-        let bytes = packet(seq).expect("checked above");
-        p.seqs.push(seq);
-        // Pushed packets were checked against MAX_PACKET_BYTES.
-        p.lens.push(bytes.len() as u16);
-        if bytes.len() > p.payload.len() {
-            p.payload.resize(bytes.len(), 0);
-        }
-        xor_into(&mut p.payload, bytes);
+        add_to_group(&mut p.seqs, &mut p.lens, &mut p.payload, seq, bytes);
     }
     for p in &mut out[first..] {
         debug_assert!(!p.seqs.is_empty() && p.seqs.len() <= r);
@@ -184,6 +171,18 @@ fn regroup<'p>(
     }
     layer.open_count = 0;
     true
+}
+
+/// Adds one packet to a group's seq list, length list and XOR accumulator
+/// (as long as its longest packet).
+fn add_to_group(seqs: &mut Vec<u64>, lens: &mut Vec<u16>, acc: &mut Vec<u8>, seq: u64, payload: &[u8]) {
+    seqs.push(seq);
+    // Encoder::push checked payload.len() <= MAX_PACKET_BYTES.
+    lens.push(payload.len() as u16);
+    if payload.len() > acc.len() {
+        acc.resize(payload.len(), 0);
+    }
+    xor_into(acc, payload);
 }
 
 /// Moves a group's contents into a pooled packet, leaving the group empty
