@@ -50,7 +50,8 @@ pub const MAX_NAME_LEN: usize = 64;
 pub const SOCKET_DIR: &str = "/run/starblk";
 /// Valid range of FEC `r` (data packets per repair packet).
 pub const FEC_R_RANGE: std::ops::RangeInclusive<u32> = 1..=64;
-/// Valid range of FEC `c` (layers, or repair packets per group).
+/// Valid range of FEC `c` (layers, or repair packets per group), over both
+/// schemes; [`FecScheme::c_range`] is the bound for one.
 pub const FEC_C_RANGE: std::ops::RangeInclusive<u32> = 1..=16;
 
 /// A validated volume config file.
@@ -169,7 +170,7 @@ pub struct FecConfig {
     pub scheme: FecScheme,
     /// Data packets per repair packet (layered XOR) or per group (Reed-Solomon); 1..=64.
     pub r: u32,
-    /// Interleaving layers (layered XOR) or repair packets per group (Reed-Solomon); 1..=16.
+    /// Interleaving layers (layered XOR, 1..=5) or repair packets per group (Reed-Solomon, 1..=16).
     pub c: u32,
 }
 
@@ -575,20 +576,31 @@ fn build_fec(
     key: &dyn Fn(&str) -> String,
 ) -> Result<FecConfig, ConfigError> {
     let f = fec.get_ref();
-    let scheme = f.scheme.get_ref().parse().map_err(|e: ParseValueError| {
+    let scheme: FecScheme = f.scheme.get_ref().parse().map_err(|e: ParseValueError| {
         src.invalid(&f.scheme, key("fec.scheme"), quoted(f.scheme.get_ref()), format!("expected {}", e.expected))
     })?;
     let r = check_fec_param(*f.r.get_ref(), FEC_R_RANGE, "data packets per repair group")
         .map_err(|e| src.invalid(&f.r, key("fec.r"), f.r.get_ref().to_string(), e))?;
-    let c = check_fec_param(*f.c.get_ref(), FEC_C_RANGE, "repair layers/packets")
+    let c = check_fec_param(*f.c.get_ref(), scheme.c_range(), "repair layers/packets")
         .map_err(|e| src.invalid(&f.c, key("fec.c"), f.c.get_ref().to_string(), e))?;
     if !network_sync {
         let shown = format!("{{ scheme = \"{scheme}\", r = {r}, c = {c} }}");
-        let e = "fec only applies to network-sync links; set network_sync = true on this \
-                 replica or remove fec";
-        return Err(src.invalid(fec, key("fec"), shown, e));
+        return Err(only_for_network_sync(src, fec.span(), key, "fec", shown));
     }
     Ok(FecConfig { scheme, r, c })
+}
+
+/// The rejection of a network-sync-only key on a TCP replica.
+fn only_for_network_sync(
+    src: &Source,
+    span: Range<usize>,
+    key: &dyn Fn(&str) -> String,
+    name: &str,
+    shown: String,
+) -> ConfigError {
+    let e =
+        format!("{name} only applies to network-sync links; set network_sync = true on this replica or remove {name}");
+    src.invalid(&Spanned::new(span, ()), key(name), shown, e)
 }
 
 /// Validates one replica's `rate`, `window` and `mtu`.
@@ -599,12 +611,8 @@ fn build_link(
     key: &dyn Fn(&str) -> String,
 ) -> Result<LinkTuning, ConfigError> {
     let mut link = LinkTuning::default();
-    let only_netsync = |name: &str, span: Range<usize>, shown: String| {
-        let e = format!(
-            "{name} only applies to network-sync links; set network_sync = true on this replica or remove {name}"
-        );
-        src.invalid(&Spanned::new(span, ()), key(name), shown, e)
-    };
+    let only_netsync =
+        |name: &str, span: Range<usize>, shown: String| only_for_network_sync(src, span, key, name, shown);
     if let Some(v) = &r.rate {
         if !network_sync {
             return Err(only_netsync("rate", v.span(), quoted(v.get_ref())));
@@ -752,6 +760,18 @@ impl fmt::Display for FecScheme {
     }
 }
 
+impl FecScheme {
+    /// Valid `c` for this scheme: layered XOR's default strides 1, 10,
+    /// 100, ... allow fewer layers than Reed-Solomon has parity shards.
+    pub fn c_range(self) -> std::ops::RangeInclusive<u32> {
+        let max = match self {
+            FecScheme::LayeredXor => starblk_netsync::FecScheme::LAYERED_XOR_MAX_LAYERS as u32,
+            FecScheme::ReedSolomon => *FEC_C_RANGE.end(),
+        };
+        *FEC_C_RANGE.start()..=max
+    }
+}
+
 impl FromStr for OnQuorumLoss {
     type Err = ParseValueError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -775,11 +795,11 @@ impl FromStr for FecConfig {
         let [scheme, r, c] = parts[..] else {
             return Err(err("SCHEME:R:C, e.g. layered-xor:8:3 or reed-solomon:8:3".to_string()));
         };
-        let scheme =
+        let scheme: FecScheme =
             scheme.parse().map_err(|e: ParseValueError| err(format!("SCHEME:R:C with SCHEME {}", e.expected)))?;
         let number = |v: &str| v.trim().parse::<i64>().unwrap_or(-1);
         let r = check_fec_param(number(r), FEC_R_RANGE, "R").map_err(err)?;
-        let c = check_fec_param(number(c), FEC_C_RANGE, "C").map_err(err)?;
+        let c = check_fec_param(number(c), scheme.c_range(), "C").map_err(err)?;
         Ok(FecConfig { scheme, r, c })
     }
 }
@@ -1040,8 +1060,15 @@ fec = { scheme = "layered-xor", r = 8, c = 3 }   # or { scheme = "reed-solomon",
         }
         let msg = rejects(&edit("layered-xor\", r", "xor\", r"), 25, "fec.scheme");
         assert!(msg.contains("layered-xor, reed-solomon"), "{msg}");
-        // The limits themselves are accepted.
-        assert!(parse(&edit("r = 8, c = 3 }", "r = 64, c = 16 }")).is_ok());
+        // The limits themselves are accepted: layered XOR's default strides
+        // 1, 10, ..., 10000 allow 5 layers, Reed-Solomon 16 parity shards.
+        assert!(parse(&edit("r = 8, c = 3 }", "r = 64, c = 5 }")).is_ok());
+        let rs = edit("layered-xor\", r", "reed-solomon\", r");
+        assert!(parse(&rs.replacen("r = 8, c = 3 }", "r = 64, c = 16 }", 1)).is_ok());
+        // One layer more would need a stride past the encoder's limit; it
+        // is refused here rather than leaving the link without FEC.
+        let msg = rejects(&edit("r = 8, c = 3 }", "r = 8, c = 6 }"), 25, "fec.c = 6");
+        assert!(msg.contains("between 1 and 5"), "{msg}");
     }
 
     #[test]
@@ -1136,12 +1163,14 @@ fec = { scheme = "layered-xor", r = 8, c = 3 }   # or { scheme = "reed-solomon",
         let fec: FecConfig = "reed-solomon:8:3".parse().unwrap();
         assert_eq!(fec, FecConfig { scheme: FecScheme::ReedSolomon, r: 8, c: 3 });
         assert_eq!(fec.to_string(), "reed-solomon:8:3");
-        assert_eq!("layered-xor:64:16".parse::<FecConfig>().unwrap().r, 64);
+        assert_eq!("layered-xor:64:5".parse::<FecConfig>().unwrap().r, 64);
+        assert_eq!("reed-solomon:64:16".parse::<FecConfig>().unwrap().c, 16);
         for (bad, hint) in [
             ("layered-xor:8", "SCHEME:R:C"),
             ("xor:8:3", "layered-xor, reed-solomon"),
             ("layered-xor:0:3", "R between 1 and 64"),
-            ("layered-xor:8:17", "C between 1 and 16"),
+            ("reed-solomon:8:17", "C between 1 and 16"),
+            ("layered-xor:8:6", "C between 1 and 5"),
             ("layered-xor:x:3", "R between"),
             ("layered-xor:8:3:1", "SCHEME:R:C"),
         ] {

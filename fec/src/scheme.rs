@@ -51,10 +51,16 @@ pub enum FecScheme {
 }
 
 impl FecScheme {
+    /// The most layers [`FecScheme::layered_xor`] takes: its strides 1, 10,
+    /// 100, ... must stay within `MAX_STRIDE` (and c within `MAX_LAYERS`).
+    pub const LAYERED_XOR_MAX_LAYERS: usize = default_strides_max_layers();
+
     /// Layered XOR with Maelstrom's default strides 1, 10, 100, ... (10^k).
     pub fn layered_xor(r: usize, c: usize) -> Result<Self, FecError> {
-        if c == 0 || c > MAX_LAYERS {
-            return Err(FecError::InvalidParams { reason: "layer count c must be in 1..=MAX_LAYERS" });
+        if c == 0 || c > Self::LAYERED_XOR_MAX_LAYERS {
+            return Err(FecError::InvalidParams {
+                reason: "layer count c must be in 1..=LAYERED_XOR_MAX_LAYERS (strides 10^k up to MAX_STRIDE)",
+            });
         }
         let mut strides = Vec::with_capacity(c);
         let mut stride = 1u64;
@@ -131,10 +137,32 @@ impl FecScheme {
     }
 }
 
+const fn default_strides_max_layers() -> usize {
+    let (mut c, mut stride) = (0, 1u64);
+    while c < MAX_LAYERS && stride <= MAX_STRIDE {
+        c += 1;
+        stride *= 10;
+    }
+    c
+}
+
 fn check_r(r: usize) -> Result<u8, FecError> {
     if r == 0 || r > MAX_GROUP_DATA {
         return Err(FecError::InvalidParams { reason: "data packets per group r must be in 1..=MAX_GROUP_DATA" });
     }
     // MAX_GROUP_DATA < 256, checked just above.
     Ok(r as u8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layered_xor_takes_exactly_the_layers_its_strides_allow() {
+        // 1, 10, 100, 1000, 10000 <= MAX_STRIDE < 100000.
+        assert_eq!(FecScheme::LAYERED_XOR_MAX_LAYERS, 5);
+        assert!(FecScheme::layered_xor(8, FecScheme::LAYERED_XOR_MAX_LAYERS).is_ok());
+        assert!(FecScheme::layered_xor(8, FecScheme::LAYERED_XOR_MAX_LAYERS + 1).is_err());
+    }
 }

@@ -128,14 +128,16 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
 /// layered XOR 8,3), pacing rate, window and MTU over the link's defaults.
 pub fn netsync_config(r: &crate::config::ReplicaConfig) -> starblk_netsync::LinkConfig {
     use crate::config::FecScheme as S;
-    let fec = match &r.fec {
+    let code = match &r.fec {
         Some(f) => match f.scheme {
             S::LayeredXor => starblk_netsync::FecScheme::layered_xor(f.r as usize, f.c as usize),
             S::ReedSolomon => starblk_netsync::FecScheme::reed_solomon(f.r as usize, f.c as usize),
-        }
-        .ok(),
-        None => starblk_netsync::FecScheme::layered_xor(8, 3).ok(),
+        },
+        None => starblk_netsync::FecScheme::layered_xor(8, 3),
     };
+    // Config validation holds r and c to what each scheme takes, so this
+    // never drops FEC from a link silently.
+    let fec = Some(code.expect("config checked the FEC code's r and c"));
     let payload_bytes = starblk_netsync::payload_bytes_for_mtu(r.link.mtu_bytes as usize, fec.as_ref());
     starblk_netsync::LinkConfig {
         fec,
