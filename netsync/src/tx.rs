@@ -228,7 +228,7 @@ impl Tx {
         // Packets still unacked can be regrouped (see Encoder::flush_with);
         // the window holds exactly the bytes the encoder was given.
         let (unacked, acked_seq) = (&self.unacked, self.acked_seq);
-        let packet = |seq: u64| unacked.get(seq.checked_sub(acked_seq)? as usize).map(|s| s.bytes.as_slice());
+        let packet = |seq: u64| unacked_datagram(unacked, acked_seq, seq);
         if let Err(e) = enc.flush_with(&mut self.repair_out, packet) {
             tracing::error!("FEC flush failed: {e}");
         }
@@ -263,8 +263,7 @@ impl Tx {
 
     /// The bytes of unacknowledged data seq `seq`.
     pub(crate) fn datagram(&self, seq: u64) -> Option<&[u8]> {
-        let i = seq.checked_sub(self.acked_seq)?;
-        self.unacked.get(i as usize).map(|s| s.bytes.as_slice())
+        unacked_datagram(&self.unacked, self.acked_seq, seq)
     }
 
     /// Notes that `seq` went out (first time or again).
@@ -375,6 +374,14 @@ impl Tx {
         self.rto_backoff += 1;
         true
     }
+}
+
+/// The bytes of data seq `seq` in the send window `unacked`, whose first
+/// entry is seq `acked_seq` (a free function, so the FEC flush can read the
+/// window while the encoder is borrowed).
+fn unacked_datagram(unacked: &VecDeque<Sent>, acked_seq: u64, seq: u64) -> Option<&[u8]> {
+    let i = seq.checked_sub(acked_seq)?;
+    unacked.get(i as usize).map(|s| s.bytes.as_slice())
 }
 
 #[cfg(test)]
