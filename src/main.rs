@@ -376,7 +376,7 @@ fn recovery_rate(path: PathBuf, rate: &str) -> Result<ExitCode> {
     let v = control::call(&path, &req, Duration::from_secs(10))?;
     let show = |bytes_per_s: u64| match bytes_per_s {
         0 => "unlimited".to_string(),
-        b => format!("{:.1} Mbit/s", b as f64 * 8.0 / 1e6),
+        b => starblk::size::format_rate(b * 8),
     };
     let old = v["previous_bytes_per_s"].as_u64().unwrap_or(0);
     println!("recovery rate {} (was {})", show(bits.div_ceil(8)), show(old));

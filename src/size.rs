@@ -220,6 +220,12 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
     Ok(bits as u64)
 }
 
+/// Formats a link rate in bits per second for people: `40.0 Mbit/s`
+/// (powers of 1000, like [`parse_rate`]).
+pub fn format_rate(bits_per_s: u64) -> String {
+    format!("{:.1} Mbit/s", bits_per_s as f64 / 1e6)
+}
+
 /// Formats a byte count for people: `512 B`, `1.5 KiB`, `8.0 GiB`.
 ///
 /// One decimal place, 1024-based units, matching what [`parse_size`]

@@ -168,7 +168,7 @@ impl fmt::Display for NetsyncStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let pace = match self.pacing_rate_bits_per_s {
             0 => "unpaced".to_string(),
-            r => format!("paced {:.1} Mbit/s", r as f64 / 1e6),
+            r => format!("paced {}", crate::size::format_rate(r)),
         };
         write!(
             f,
@@ -198,7 +198,7 @@ impl fmt::Display for VolumeStatus {
         let q = if self.quorum_ok { "ok".to_string() } else { format!("LOST ({})", self.on_quorum_loss) };
         let rate = match self.recovery_rate_bytes_per_s {
             0 => "unlimited".to_string(),
-            b => format!("{:.1} Mbit/s", b as f64 * 8.0 / 1e6),
+            b => crate::size::format_rate(b * 8),
         };
         writeln!(
             f,
