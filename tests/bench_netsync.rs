@@ -132,7 +132,7 @@ fn goodput_under_loss() {
         fec: XOR,
     };
     let v = run(&s, &["--pattern", "write", "--bs", "64k", "--qd", "16"], None);
-    println!("TCP remote-sync through the same emulator at 0% loss: {:.2} MB/s (the TCP relay cannot drop packets, so no loss figures for TCP)", v["mb_s"].as_f64().unwrap());
+    println!("TCP remote-sync through the same emulator at 0% loss: {:.2} MB/s (this relay cannot drop TCP segments: TCP under loss is the VM part of scripts/bench-netsync)", v["mb_s"].as_f64().unwrap());
 }
 
 #[test]

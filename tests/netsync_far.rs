@@ -42,11 +42,6 @@ fn far_replica_over_network_sync_link() {
             assert!(starblk::bench::check_stamp(&got, off, i + 1));
         }
         assert!(v.volume.shutdown(Duration::from_secs(20)), "replicas did not catch up");
-        for r in &mut c.replicas {
-            r.kill();
-        }
-        let d0 = c.replicas[0].data();
-        assert!(d0 == c.replicas[2].data(), "far replica differs ({fec})");
-        assert!(d0 == c.replicas[1].data(), "near replica differs ({fec})");
+        c.kill_all_and_assert_identical(fec);
     }
 }

@@ -16,10 +16,6 @@ use starblk::engine::LinkState;
 const SIZE: &str = "64MiB";
 const BLOCKS: u64 = 64 * 256;
 
-fn replica_status(v: &BlockingVolume, name: &str) -> starblk::engine::status::ReplicaStatus {
-    v.volume.status().replicas.into_iter().find(|r| r.name == name).unwrap()
-}
-
 /// Writes `n` random 4 KiB blocks, stamped with their write number.
 fn write_random(v: &BlockingVolume, rng: &mut impl Rng, first: u64, n: u64) {
     for i in first..first + n {
@@ -50,12 +46,7 @@ fn replica_behind_the_write_queue_replays_from_a_peer() {
     assert!(log.contains("replay recovery done"), "r2 did not replay (seed {seed}):\n{log}");
     write_random(&v, &mut rng, 2501, 100);
     assert!(v.volume.shutdown(Duration::from_secs(20)), "replicas did not catch up (seed {seed})");
-    for r in &mut c.replicas {
-        r.kill();
-    }
-    let d0 = c.replicas[0].data();
-    assert!(d0 == c.replicas[1].data(), "r0 and r1 differ (seed {seed})");
-    assert!(d0 == c.replicas[2].data(), "r0 and the replayed r2 differ (seed {seed})");
+    c.kill_all_and_assert_identical(&format!("seed {seed}"));
 }
 
 #[test]

@@ -17,7 +17,7 @@ const SIZE: &str = "64MiB";
 const BLOCKS: u64 = 64 * 256;
 
 fn state_of(v: &starblk::engine::blocking::BlockingVolume, name: &str) -> LinkState {
-    v.volume.status().replicas.iter().find(|r| r.name == name).unwrap().state
+    replica_status(v, name).state
 }
 
 #[test]
@@ -55,12 +55,7 @@ fn kill_one_replica_mid_run_then_restart_and_compare() {
         assert!(starblk::bench::check_stamp(&got, b * 4096, *ver), "block {b} lost (seed {seed})");
     }
     assert!(v.volume.shutdown(Duration::from_secs(20)), "replicas did not catch up before shutdown");
-    for r in &mut c.replicas {
-        r.kill();
-    }
-    let d0 = c.replicas[0].data();
-    assert!(d0 == c.replicas[1].data(), "r0 and r1 differ");
-    assert!(d0 == c.replicas[2].data(), "r0 and r2 differ");
+    c.kill_all_and_assert_identical(&format!("seed {seed}"));
 }
 
 #[test]
@@ -131,9 +126,5 @@ fn new_he_seeds_replicas_behind_the_branch_point_from_the_leaders_log() {
         assert!(starblk::bench::check_stamp(&got, i * 4096, i + 1), "block {i}");
     }
     assert!(v2.volume.shutdown(Duration::from_secs(20)));
-    for r in &mut c.replicas {
-        r.kill();
-    }
-    let d0 = c.replicas[0].data();
-    assert!(d0 == c.replicas[1].data() && d0 == c.replicas[2].data(), "replicas differ");
+    c.kill_all_and_assert_identical("after the new HE's catch-up");
 }

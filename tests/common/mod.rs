@@ -158,6 +158,19 @@ impl Cluster {
         Cluster { root, replicas, config }
     }
 
+    /// Kills every replica (kill -9) and asserts that all their data files
+    /// equal the first one's; `context` (a seed, a scheme) goes into the
+    /// failure message.
+    pub fn kill_all_and_assert_identical(&mut self, context: &str) {
+        for r in &mut self.replicas {
+            r.kill();
+        }
+        let d0 = self.replicas[0].data();
+        for r in &self.replicas[1..] {
+            assert!(d0 == r.data(), "{} and {} differ ({context})", self.replicas[0].name, r.name);
+        }
+    }
+
     pub fn load(&self) -> Config {
         Config::load(&self.config).unwrap()
     }
@@ -170,6 +183,11 @@ impl Cluster {
         assert!(volume.wait_quorum(Duration::from_secs(10)), "quorum not reached");
         BlockingVolume { volume, waiters }
     }
+}
+
+/// One replica's status line, by name.
+pub fn replica_status(v: &BlockingVolume, name: &str) -> starblk::engine::status::ReplicaStatus {
+    v.volume.status().replicas.into_iter().find(|r| r.name == name).unwrap()
 }
 
 /// Where test data lives: /var/tmp unless TMPDIR says otherwise.
