@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use common::*;
 use starblk_replica::client;
-use starblk_replica::proto::{self, FrameType, Hello, ReadReq, WriteHeader, WriteOp};
+use starblk_replica::history::History;
+use starblk_replica::proto::{self, Adopt, FrameType, Hello, ReadReq, WriteHeader, WriteOp};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -38,8 +39,16 @@ fn hello(volume: [u8; 16], epoch: u64) -> Vec<u8> {
     frame(FrameType::Hello, &[&Hello { volume, epoch, flags: 0 }.encode()])
 }
 
-fn write_frame_bytes(seq: u64, offset: u64, data: &[u8]) -> Vec<u8> {
-    let wh = WriteHeader { seq, offset, len: data.len() as u32, op: WriteOp::Data };
+/// Hello, then Adopt of a history that the host of `epoch` started at 0.
+fn hello_adopt(volume: [u8; 16], epoch: u64) -> Vec<u8> {
+    let adopt = Adopt { last_seq: 0, history: History::new().branch(epoch, 0) };
+    let mut b = hello(volume, epoch);
+    b.extend(frame(FrameType::Adopt, &[&adopt.encode()]));
+    b
+}
+
+fn write_frame_bytes(seq: u64, offset: u64, data: &[u8], epoch: u64) -> Vec<u8> {
+    let wh = WriteHeader { seq, offset, len: data.len() as u32, op: WriteOp::Data, epoch };
     frame(FrameType::Write, &[&wh.encode(), data])
 }
 
@@ -67,7 +76,7 @@ fn every_bad_frame_is_rejected_and_counted_and_server_goes_on() {
     assert_eq!(rejected(&addr, "too_long"), 1);
 
     // Wrong length inside a Write: data shorter than the header says.
-    let wh = WriteHeader { seq: 1, offset: 0, len: 4096, op: WriteOp::Data };
+    let wh = WriteHeader { seq: 1, offset: 0, len: 4096, op: WriteOp::Data, epoch };
     let mut bytes = hello(uuid, epoch);
     bytes.extend(frame(FrameType::Write, &[&wh.encode(), &[0u8; 100]]));
     send_raw(&addr, &bytes);
@@ -83,8 +92,8 @@ fn every_bad_frame_is_rejected_and_counted_and_server_goes_on() {
 
     // Offset past the end, and a zero-length write.
     for (i, (off, data)) in [(16u64 << 20, vec![0u8; 4096]), (0, vec![])].iter().enumerate() {
-        let mut bytes = hello(uuid, epoch);
-        bytes.extend(write_frame_bytes(1, *off, data));
+        let mut bytes = hello_adopt(uuid, epoch);
+        bytes.extend(write_frame_bytes(1, *off, data, epoch));
         send_raw(&addr, &bytes);
         assert_eq!(rejected(&addr, "out_of_range"), i as u64 + 1);
     }
@@ -95,9 +104,12 @@ fn every_bad_frame_is_rejected_and_counted_and_server_goes_on() {
 
     // A good client is still served: write, ack, read back.
     let mut s = client::connect(&addr, Hello { volume: uuid, epoch, flags: 0 }, T).unwrap();
+    let adopt = Adopt { last_seq: 0, history: History::new().branch(epoch, 0) };
+    let ack = s.call(FrameType::Adopt, &[&adopt.encode()], FrameType::Ack).unwrap();
+    assert_eq!(proto::decode_u64(FrameType::Ack, &ack).unwrap(), 0);
     let data = block(8192, 1, 4096);
-    s.send(FrameType::Write, &[&WriteHeader { seq: 1, offset: 8192, len: 4096, op: WriteOp::Data }.encode(), &data])
-        .unwrap();
+    let wh = WriteHeader { seq: 1, offset: 8192, len: 4096, op: WriteOp::Data, epoch };
+    s.send(FrameType::Write, &[&wh.encode(), &data]).unwrap();
     let ack = client::expect(&mut s.reader, &addr, FrameType::Ack).unwrap();
     assert_eq!(proto::decode_u64(FrameType::Ack, &ack).unwrap(), 1);
     let rr = ReadReq { req_id: 5, offset: 8192, len: 4096 };

@@ -166,11 +166,12 @@ impl Session {
         }
     }
 
-    /// Raises the replica's epoch; returns the epoch it now holds.
-    pub fn set_epoch(&mut self, epoch: u64) -> Result<u64, ClientError> {
-        let p = self.call(FrameType::SetEpoch, &[&proto::encode_u64(epoch)], FrameType::Ack)?;
-        proto::decode_u64(FrameType::Ack, &p)
-            .map_err(|source| ClientError::Protocol { addr: self.addr.clone(), source })
+    /// Raises the replica's epoch to `epoch` (refused unless strictly
+    /// greater than the replica's); returns the replica's state after the
+    /// fence, with every record it had appended committed.
+    pub fn set_epoch(&mut self, epoch: u64) -> Result<HelloOk, ClientError> {
+        let p = self.call(FrameType::SetEpoch, &[&proto::encode_u64(epoch)], FrameType::HelloOk)?;
+        HelloOk::decode(&p).map_err(|source| ClientError::Protocol { addr: self.addr.clone(), source })
     }
 }
 
@@ -199,7 +200,14 @@ fn dial_session(addr: &str, timeout: Duration) -> Result<Session, ClientError> {
     stream.set_read_timeout(Some(timeout)).map_err(err)?;
     let writer = stream.try_clone().map_err(err)?;
     let reader = FrameReader::new(BufReader::new(stream));
-    let hello = HelloOk { volume: [0; 16], epoch: 0, size_bytes: 0, block_size: 0, durable_seq: 0 };
+    let hello = HelloOk {
+        volume: [0; 16],
+        epoch: 0,
+        size_bytes: 0,
+        block_size: 0,
+        durable_seq: 0,
+        history: crate::history::History::new(),
+    };
     Ok(Session { reader, writer, hello, addr: addr.to_string() })
 }
 

@@ -18,10 +18,12 @@
 
 use std::io::{self, IoSlice, Read, Write};
 
+use crate::history::{History, Position};
+
 /// "SBLK" read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"SBLK");
 /// The only protocol version this build speaks.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Size of the fixed frame header.
 pub const HEADER_BYTES: usize = 32;
 /// Largest payload accepted: one max-sized I/O plus its sub-header.
@@ -29,7 +31,7 @@ pub const MAX_IO_BYTES: u32 = 1 << 20;
 /// Largest payload of any frame.
 pub const MAX_PAYLOAD_BYTES: u32 = MAX_IO_BYTES + 64;
 /// Size of the sub-header that precedes data in a Write frame.
-pub const WRITE_SUBHEADER_BYTES: usize = 24;
+pub const WRITE_SUBHEADER_BYTES: usize = 32;
 
 /// A volume UUID (16 raw bytes). The nil UUID marks an unstamped replica.
 pub type Uuid = [u8; 16];
@@ -123,6 +125,11 @@ pub enum FrameType {
     /// HE → replica: new recovery rate limit for a running replay, data
     /// bytes per second (u64, 0 = unlimited).
     RecoveryRate = 19,
+    /// HE → replica: the host's history and last seq ([`Adopt`]). The
+    /// replica checks that its log is a prefix of it, persists it, and
+    /// answers with an Ack of its durable seq; a diverged replica answers
+    /// with an Error (code `Diverged`).
+    Adopt = 20,
 }
 
 impl FrameType {
@@ -148,6 +155,7 @@ impl FrameType {
             17 => Replay,
             18 => ReplayDone,
             19 => RecoveryRate,
+            20 => Adopt,
             _ => return None,
         })
     }
@@ -197,6 +205,9 @@ pub enum ErrorCode {
     BadState = 7,
     /// The peer's protocol version is not supported.
     BadVersion = 8,
+    /// The replica's log holds records from another history past the
+    /// host's; it needs a rollback before it can serve this host.
+    Diverged = 9,
 }
 
 impl ErrorCode {
@@ -211,6 +222,7 @@ impl ErrorCode {
             6 => DiskError,
             7 => BadState,
             8 => BadVersion,
+            9 => Diverged,
             _ => Malformed,
         }
     }
@@ -455,7 +467,7 @@ impl Hello {
 }
 
 /// HelloOk: the replica's identity and progress.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HelloOk {
     /// The replica's volume UUID (nil if unstamped).
     pub volume: Uuid,
@@ -467,18 +479,27 @@ pub struct HelloOk {
     pub block_size: u32,
     /// Highest seq with every write <= it on stable storage.
     pub durable_seq: u64,
+    /// The history the replica's log follows; with `durable_seq` it gives
+    /// the replica's position (`docs/design.md`, "History").
+    pub history: History,
 }
 
 impl HelloOk {
-    /// Serialises the payload.
-    pub fn encode(&self) -> [u8; 44] {
-        let mut b = [0u8; 44];
+    /// Serialises the payload: fixed fields, then the history steps.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; 44];
         b[0..16].copy_from_slice(&self.volume);
         b[16..24].copy_from_slice(&self.epoch.to_le_bytes());
         b[24..32].copy_from_slice(&self.size_bytes.to_le_bytes());
         b[32..36].copy_from_slice(&self.block_size.to_le_bytes());
         b[36..44].copy_from_slice(&self.durable_seq.to_le_bytes());
+        b.extend_from_slice(&self.history.encode());
         b
+    }
+
+    /// The replica's position: (epoch of its last durable record, seq).
+    pub fn position(&self) -> Position {
+        self.history.position(self.durable_seq)
     }
     /// Parses the payload.
     pub fn decode(p: &[u8]) -> Result<HelloOk, FrameError> {
@@ -489,8 +510,9 @@ impl HelloOk {
             size_bytes: c.u64()?,
             block_size: c.u32()?,
             durable_seq: c.u64()?,
+            history: History::decode(c.b)
+                .map_err(|_| FrameError::Malformed { kind: FrameType::HelloOk, reason: "history steps invalid" })?,
         };
-        c.end()?;
         Ok(h)
     }
 }
@@ -506,6 +528,9 @@ pub struct WriteHeader {
     pub len: u32,
     /// What to do with the range.
     pub op: WriteOp,
+    /// Epoch of the host that issued the write (kept when a record is
+    /// re-sent from a log, so every copy of a record is the same record).
+    pub epoch: u64,
 }
 
 impl WriteHeader {
@@ -516,6 +541,7 @@ impl WriteHeader {
         b[8..16].copy_from_slice(&self.offset.to_le_bytes());
         b[16..20].copy_from_slice(&self.len.to_le_bytes());
         b[20] = self.op as u8;
+        b[24..32].copy_from_slice(&self.epoch.to_le_bytes());
         b
     }
     /// Parses a Write payload into its header and data, checking that the
@@ -531,6 +557,7 @@ impl WriteHeader {
         if c.take(3)? != [0, 0, 0] {
             return Err(bad("non-zero padding"));
         }
+        let epoch = c.u64()?;
         let data = c.b;
         let expect_data = if op == WriteOp::Data { len as usize } else { 0 };
         if data.len() != expect_data {
@@ -539,7 +566,7 @@ impl WriteHeader {
         if len > MAX_IO_BYTES && op == WriteOp::Data {
             return Err(bad("write larger than MAX_IO_BYTES"));
         }
-        Ok((WriteHeader { seq, offset, len, op }, data))
+        Ok((WriteHeader { seq, offset, len, op, epoch }, data))
     }
 }
 
@@ -740,6 +767,32 @@ impl Stamp {
     }
 }
 
+/// Adopt: the host's history and its last assigned seq.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adopt {
+    /// Last seq the host has assigned (its history's end).
+    pub last_seq: u64,
+    /// The host's history.
+    pub history: History,
+}
+
+impl Adopt {
+    /// Serialises the payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = self.last_seq.to_le_bytes().to_vec();
+        b.extend_from_slice(&self.history.encode());
+        b
+    }
+    /// Parses the payload.
+    pub fn decode(p: &[u8]) -> Result<Adopt, FrameError> {
+        let mut c = cur(FrameType::Adopt, p);
+        let last_seq = c.u64()?;
+        let history = History::decode(c.b)
+            .map_err(|_| FrameError::Malformed { kind: FrameType::Adopt, reason: "history steps invalid" })?;
+        Ok(Adopt { last_seq, history })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -752,7 +805,7 @@ mod tests {
 
     #[test]
     fn roundtrip_write_frame() {
-        let wh = WriteHeader { seq: 7, offset: 4096, len: 5, op: WriteOp::Data };
+        let wh = WriteHeader { seq: 7, offset: 4096, len: 5, op: WriteOp::Data, epoch: 3 };
         let bytes = frame(FrameType::Write, &[&wh.encode(), b"hello"]);
         let mut r = FrameReader::new(&bytes[..]);
         let (h, p) = r.next_frame().unwrap();
@@ -780,11 +833,11 @@ mod tests {
 
     #[test]
     fn write_length_mismatch_rejected() {
-        let wh = WriteHeader { seq: 1, offset: 0, len: 4096, op: WriteOp::Data };
+        let wh = WriteHeader { seq: 1, offset: 0, len: 4096, op: WriteOp::Data, epoch: 1 };
         let mut p = wh.encode().to_vec();
         p.extend_from_slice(&[0u8; 100]);
         assert!(WriteHeader::decode(&p).is_err());
-        let wh = WriteHeader { seq: 1, offset: 0, len: 4096, op: WriteOp::Discard };
+        let wh = WriteHeader { seq: 1, offset: 0, len: 4096, op: WriteOp::Discard, epoch: 1 };
         assert!(WriteHeader::decode(&wh.encode()).is_ok());
     }
 

@@ -134,7 +134,7 @@ fn copy(store: &Arc<Store>, volume: Uuid, epoch: u64, req: &Replay, rate: &Atomi
     let mut pace = Pace { rate, period_rate: rate.load(Ordering::Relaxed), started: Instant::now(), bytes: 0 };
     let next = session
         .stream_log(from, req.to, |wh, data| {
-            let rec = RecordHeader { seq: wh.seq, offset: wh.offset, len: wh.len, op: wh.op, epoch };
+            let rec = RecordHeader { seq: wh.seq, offset: wh.offset, len: wh.len, op: wh.op, epoch: wh.epoch };
             match store.append(&rec, data) {
                 Ok(()) => {
                     pace.charge(data.len() as u64);

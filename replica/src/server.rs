@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use crate::history::{self, HelloDecision};
 use crate::log::RecordHeader;
 use crate::proto::{
     self, ErrorCode, ErrorFrame, FrameError, FrameReader, FrameType, Hello, HelloOk, ReadError, ReadReq, WriteHeader,
@@ -152,6 +153,9 @@ impl FrameOut for TcpOut {
 /// The session's writer half, shared with the store's committer for acks.
 struct SessionWriter {
     out: Box<dyn FrameOut>,
+    /// The session's epoch (0 until Hello): acks go out only while the
+    /// replica has not persisted a higher one.
+    epoch: AtomicU64,
 }
 
 impl SessionWriter {
@@ -168,6 +172,9 @@ impl SessionWriter {
 impl AckSink for SessionWriter {
     fn durable(&self, seq: u64) {
         let _ = self.send(FrameType::Ack, &[&proto::encode_u64(seq)]);
+    }
+    fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 }
 
@@ -240,7 +247,7 @@ impl Server {
     /// Serves one session until its transport ends or a frame is refused.
     /// `input` yields the peer's frames as a byte stream.
     pub fn run_session<R: Read>(&self, input: R, out: Box<dyn FrameOut>, peer: SocketAddr) {
-        let writer = Arc::new(SessionWriter { out });
+        let writer = Arc::new(SessionWriter { out, epoch: AtomicU64::new(0) });
         let mut sess = Session { peer, writer, epoch: None, probe: false, is_ack_sink: false, read_buf: Vec::new() };
         let mut reader = FrameReader::new(BufReader::with_capacity(1 << 18, input));
         loop {
@@ -306,6 +313,7 @@ impl Server {
                 s.writer.send(FrameType::HeartbeatReply, &[&reply]).map_err(io_reject)
             }
             FrameType::SetEpoch => self.set_epoch(s, proto::decode_u64(kind, p).map_err(malformed)?),
+            FrameType::Adopt => self.adopt(s, epoch, proto::Adopt::decode(p).map_err(malformed)?),
             FrameType::Stamp => self.stamp(s, p),
             FrameType::LogRead => self.log_read(s, proto::decode_u64_pair(kind, p).map_err(malformed)?),
             FrameType::Replay => self.replay(s, epoch, proto::Replay::decode(p).map_err(malformed)?),
@@ -332,20 +340,58 @@ impl Server {
                     true,
                 ));
             }
-            if h.epoch < sb.epoch {
-                let msg = format!("hello epoch {} is older than replica epoch {}", h.epoch, sb.epoch);
-                return Err(reject("stale_epoch", ErrorCode::StaleEpoch, msg, true));
+            match history::hello_decision(sb.epoch, h.epoch) {
+                HelloDecision::Join => {}
+                // A host that holds a newer epoch on a majority reached a
+                // replica its fence missed: adopt the epoch, which fences
+                // every older session here too.
+                HelloDecision::Raise => match self.store.set_epoch(h.epoch) {
+                    Ok(()) => tracing::info!(peer = %s.peer, epoch = h.epoch, "epoch raised by a newer host's hello"),
+                    Err(StoreError::StaleEpoch { mine, .. }) if mine == h.epoch => {}
+                    Err(e) => {
+                        let (reason, code) = store_reason(&e);
+                        return Err(reject(reason, code, e.to_string(), true));
+                    }
+                },
+                HelloDecision::Stale => {
+                    let msg = format!("hello epoch {} is older than replica epoch {}", h.epoch, sb.epoch);
+                    return Err(reject("stale_epoch", ErrorCode::StaleEpoch, msg, true));
+                }
             }
         }
-        s.epoch = Some(if s.probe { sb.epoch } else { h.epoch });
-        let ok = HelloOk {
+        let epoch = if s.probe { self.store.epoch() } else { h.epoch };
+        s.epoch = Some(epoch);
+        s.writer.epoch.store(epoch, Ordering::Release);
+        s.writer.send(FrameType::HelloOk, &[&self.hello_ok().encode()]).map_err(io_reject)
+    }
+
+    /// The replica's identity and position.
+    fn hello_ok(&self) -> HelloOk {
+        let sb = self.store.superblock();
+        HelloOk {
             volume: sb.volume,
-            epoch: sb.epoch,
+            epoch: self.store.epoch(),
             size_bytes: sb.size_bytes,
             block_size: sb.block_size,
             durable_seq: self.store.durable_seq(),
-        };
-        s.writer.send(FrameType::HelloOk, &[&ok.encode()]).map_err(io_reject)
+            history: self.store.follows(),
+        }
+    }
+
+    /// Adopt: the host's history must extend this replica's log.
+    fn adopt(&self, s: &mut Session, epoch: u64, a: proto::Adopt) -> Result<(), Reject> {
+        if s.probe || a.history.last_epoch() != epoch {
+            let msg =
+                format!("adopt of a history ending at epoch {} on a session of epoch {epoch}", a.history.last_epoch());
+            return Err(reject("bad_adopt", ErrorCode::BadState, msg, true));
+        }
+        match self.store.adopt(epoch, &a.history, a.last_seq) {
+            Ok(durable) => s.writer.send(FrameType::Ack, &[&proto::encode_u64(durable)]).map_err(io_reject),
+            Err(e) => {
+                let (reason, code) = store_reason(&e);
+                Err(reject(reason, code, e.to_string(), true))
+            }
+        }
     }
 
     fn write(&self, s: &mut Session, epoch: u64, p: &[u8]) -> Result<(), Reject> {
@@ -354,11 +400,22 @@ impl Server {
         if s.probe {
             return Err(reject("probe_write", ErrorCode::BadState, "write on a probe session".into(), true));
         }
+        if wh.epoch > epoch {
+            let msg = format!("record seq {} claims epoch {} above its session's {epoch}", wh.seq, wh.epoch);
+            return Err(Reject {
+                reason: "bad_epoch",
+                code: ErrorCode::Malformed,
+                seq: wh.seq,
+                offset: wh.offset,
+                message: msg,
+                close: true,
+            });
+        }
         if !s.is_ack_sink {
             self.store.set_ack_sink(Some(s.writer.clone()));
             s.is_ack_sink = true;
         }
-        let rec = RecordHeader { seq: wh.seq, offset: wh.offset, len: wh.len, op: wh.op, epoch };
+        let rec = RecordHeader { seq: wh.seq, offset: wh.offset, len: wh.len, op: wh.op, epoch: wh.epoch };
         self.store.append_deferred(&rec, data).map_err(|e| {
             let (reason, code) = store_reason(&e);
             Reject { reason, code, seq: wh.seq, offset: wh.offset, message: e.to_string(), close: true }
@@ -381,17 +438,17 @@ impl Server {
         }
     }
 
+    /// SetEpoch: granted only for an epoch above the replica's. The reply
+    /// is the replica's state after the fence (its position).
     fn set_epoch(&self, s: &mut Session, epoch: u64) -> Result<(), Reject> {
-        let now =
-            self.store.set_epoch(epoch).map_err(|e| reject("disk_error", ErrorCode::DiskError, e.to_string(), true))?;
-        if now > epoch {
-            let msg = format!("requested epoch {epoch} is below replica epoch {now}");
-            return Err(reject("stale_epoch", ErrorCode::StaleEpoch, msg, true));
-        }
-        s.epoch = Some(now);
+        self.store.set_epoch(epoch).map_err(|e| {
+            let (reason, code) = store_reason(&e);
+            reject(reason, code, e.to_string(), true)
+        })?;
+        s.epoch = Some(epoch);
+        s.writer.epoch.store(epoch, Ordering::Release);
         s.probe = false;
-        let reply = proto::encode_u64_pair(now, self.store.durable_seq());
-        s.writer.send(FrameType::Ack, &[&reply[..8]]).map_err(io_reject)
+        s.writer.send(FrameType::HelloOk, &[&self.hello_ok().encode()]).map_err(io_reject)
     }
 
     fn stamp(&self, s: &mut Session, p: &[u8]) -> Result<(), Reject> {
@@ -439,7 +496,7 @@ impl Server {
     fn log_read(&self, s: &mut Session, (from, to): (u64, u64)) -> Result<(), Reject> {
         let mut send_err = None;
         let res = self.store.read_log(from, to, |h, data| {
-            let wh = WriteHeader { seq: h.seq, offset: h.offset, len: h.len, op: h.op };
+            let wh = WriteHeader { seq: h.seq, offset: h.offset, len: h.len, op: h.op, epoch: h.epoch };
             match s.writer.send(FrameType::LogRecord, &[&wh.encode(), data]) {
                 Ok(()) => true,
                 Err(e) => {
@@ -499,6 +556,8 @@ fn store_reason(e: &StoreError) -> (&'static str, ErrorCode) {
         StoreError::SeqGap { .. } => ("seq_gap", ErrorCode::SeqGap),
         StoreError::WrongVolume => ("wrong_volume", ErrorCode::WrongVolume),
         StoreError::Geometry(_) => ("bad_geometry", ErrorCode::OutOfRange),
+        StoreError::StaleEpoch { .. } => ("stale_epoch", ErrorCode::StaleEpoch),
+        StoreError::Diverged { .. } => ("diverged", ErrorCode::Diverged),
         _ => ("disk_error", ErrorCode::DiskError),
     }
 }

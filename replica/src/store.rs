@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
+use crate::history::{self as hist, AppendDecision, Standing};
 use crate::log::{self, Batch, Log, RecordHeader, LOG_MIN_BYTES, REC_HEADER_BYTES};
 use crate::proto::{Uuid, WriteOp, MAX_IO_BYTES};
 use crate::superblock::{self, Member, Superblock};
@@ -55,6 +56,14 @@ pub enum StoreError {
     /// A stamp conflicts with the existing identity.
     #[error("replica already belongs to another volume")]
     WrongVolume,
+    /// A frame from a host whose epoch is below the replica's (fenced),
+    /// or a request for an epoch that is not above the replica's.
+    #[error("epoch {asked} is not accepted: replica is at epoch {mine}")]
+    StaleEpoch { asked: u64, mine: u64 },
+    /// The record is not the one this replica's history holds at its seq,
+    /// or the replica's log holds records past `after` from another history.
+    #[error("replica diverged from the host's history after seq {after} (record seq {seq}, epoch {epoch})")]
+    Diverged { after: u64, seq: u64, epoch: u64 },
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
@@ -108,6 +117,7 @@ pub fn init(dir: &Path, size_bytes: u64, log_bytes: u64) -> Result<(), StoreErro
         log_tail_offset: 0,
         durable_seq: 0,
         members: Vec::new(),
+        history: hist::History::new(),
     };
     superblock::create(&p.superblock, &mut sb)
         .map_err(|source| StoreError::Superblock { dir: dir.to_path_buf(), source })?;
@@ -132,6 +142,11 @@ struct Inner {
     append_waiters: u32,
     /// Checkpointed records still intact behind the tail (see [`History`]).
     history: Option<History>,
+    /// The history the log follows (a copy of the superblock's, read here
+    /// under this lock by every append).
+    follows: hist::History,
+    /// Threads in [`Store::drained`] waiting for a commit to end.
+    drain_waiters: u32,
     shutdown: bool,
 }
 
@@ -153,6 +168,9 @@ struct History {
 pub trait AckSink: Send + Sync {
     /// Called after each group commit with the cumulative durable seq.
     fn durable(&self, seq: u64);
+    /// The epoch of the host behind the sink: acks go to it only while
+    /// the replica has not persisted a higher one.
+    fn epoch(&self) -> u64;
 }
 
 /// An open replica store, shared by all sessions.
@@ -199,6 +217,8 @@ impl Store {
                 applied_seq: next - 1,
                 append_waiters: 0,
                 history: None,
+                follows: sb.history.clone(),
+                drain_waiters: 0,
                 shutdown: false,
             }),
             cond: Condvar::new(),
@@ -290,11 +310,18 @@ impl Store {
             if let Some(f) = self.failure() {
                 return Err(StoreError::Failed(f));
             }
-            if h.seq <= g.last_seq {
-                return Ok(());
-            }
-            if h.seq != g.last_seq + 1 {
-                return Err(StoreError::SeqGap { seq: h.seq, last: g.last_seq });
+            // The epoch is read under the append lock, which a fence holds
+            // while it persists a new one (see `drained`).
+            let mine = self.epoch();
+            match hist::append_decision(&g.follows, mine, g.last_seq, h.epoch, h.seq) {
+                AppendDecision::Append => {}
+                AppendDecision::Duplicate => return Ok(()),
+                AppendDecision::Stale => return Err(StoreError::StaleEpoch { asked: h.epoch, mine }),
+                AppendDecision::Gap => return Err(StoreError::SeqGap { seq: h.seq, last: g.last_seq }),
+                AppendDecision::Diverged => {
+                    let after = g.last_seq.min(h.seq - 1);
+                    return Err(StoreError::Diverged { after, seq: h.seq, epoch: h.epoch });
+                }
             }
             match g.log.append(h, data) {
                 Ok(()) => {
@@ -370,16 +397,80 @@ impl Store {
         }
     }
 
-    /// Raises the epoch (never lowers it) and persists it before returning.
-    pub fn set_epoch(&self, epoch: u64) -> Result<u64, StoreError> {
-        let mut g = lock(&self.sb);
-        if epoch > g.1.epoch {
-            let (f, sb) = &mut *g;
-            sb.epoch = epoch;
-            sb.write_next(f).map_err(|source| StoreError::Superblock { dir: self.dir.clone(), source })?;
-            self.epoch.store(epoch, Ordering::Release);
+    /// Raises the epoch to `epoch`, which must be strictly greater than
+    /// the replica's (an epoch is granted once), and persists it. Records
+    /// already appended are committed first, and their acks sent, while
+    /// appends wait: from the moment the new epoch is on disk nothing is
+    /// acknowledged to an older host (`docs/design.md`, "Fencing").
+    pub fn set_epoch(&self, epoch: u64) -> Result<(), StoreError> {
+        let g = self.drained()?;
+        let mut sb = lock(&self.sb);
+        let mine = sb.1.epoch;
+        if !hist::may_raise_epoch(mine, epoch) {
+            return Err(StoreError::StaleEpoch { asked: epoch, mine });
         }
-        Ok(g.1.epoch)
+        let (f, s) = &mut *sb;
+        s.update(f, |s| s.epoch = epoch).map_err(|source| StoreError::Superblock { dir: self.dir.clone(), source })?;
+        self.epoch.store(epoch, Ordering::Release);
+        drop(sb);
+        drop(g);
+        Ok(())
+    }
+
+    /// Checks that this replica's log is a prefix of the history of the
+    /// host at `session_epoch` (whose last seq is `host_last`), then
+    /// follows that history from now on. Returns the durable seq.
+    pub fn adopt(&self, session_epoch: u64, host: &hist::History, host_last: u64) -> Result<u64, StoreError> {
+        let mut g = self.drained()?;
+        let mine = self.epoch();
+        if session_epoch < mine {
+            return Err(StoreError::StaleEpoch { asked: session_epoch, mine });
+        }
+        let last = g.last_seq;
+        if let Standing::Diverged { after } = hist::standing(host, host_last, &g.follows, last) {
+            let epoch = g.follows.epoch_at(last).unwrap_or(0);
+            return Err(StoreError::Diverged { after, seq: last, epoch });
+        }
+        if g.follows != *host {
+            self.persist(|sb| sb.history = host.clone())?;
+            g.follows = host.clone();
+        }
+        Ok(self.durable_seq())
+    }
+
+    /// Commits everything appended and waits for a running commit, and
+    /// returns holding the append lock: nothing is appended or committed
+    /// until the guard drops.
+    fn drained(&self) -> Result<MutexGuard<'_, Inner>, StoreError> {
+        let mut g = lock(&self.inner);
+        loop {
+            if let Some(f) = self.failure() {
+                return Err(StoreError::Failed(f));
+            }
+            if g.committing {
+                g.drain_waiters += 1;
+                g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner());
+                g.drain_waiters -= 1;
+            } else if !g.log.is_idle() {
+                self.commit_locked(g);
+                g = lock(&self.inner);
+            } else {
+                return Ok(g);
+            }
+        }
+    }
+
+    /// The history the log follows.
+    pub fn follows(&self) -> hist::History {
+        lock(&self.inner).follows.clone()
+    }
+
+    /// Persists a change to the superblock (the cached copy follows only
+    /// once it is on disk).
+    fn persist(&self, change: impl FnOnce(&mut Superblock)) -> Result<(), StoreError> {
+        let mut g = lock(&self.sb);
+        let (f, sb) = &mut *g;
+        sb.update(f, change).map_err(|source| StoreError::Superblock { dir: self.dir.clone(), source })
     }
 
     /// Stamps volume identity and replica set. Idempotent for the same
@@ -407,22 +498,21 @@ impl Store {
                 sb.size_bytes
             )));
         }
-        sb.volume = volume;
-        sb.size_bytes = size_bytes;
-        sb.block_size = block_size;
-        sb.epoch = sb.epoch.max(epoch);
-        sb.members = members;
-        sb.write_next(f).map_err(|source| StoreError::Superblock { dir: self.dir.clone(), source })?;
+        sb.update(f, |sb| {
+            sb.volume = volume;
+            sb.size_bytes = size_bytes;
+            sb.block_size = block_size;
+            sb.epoch = sb.epoch.max(epoch);
+            sb.members = members;
+        })
+        .map_err(|source| StoreError::Superblock { dir: self.dir.clone(), source })?;
         self.epoch.store(sb.epoch, Ordering::Release);
         Ok(())
     }
 
     /// Replaces the stored replica set (membership change).
     pub fn set_members(&self, members: Vec<Member>) -> Result<(), StoreError> {
-        let mut g = lock(&self.sb);
-        let (f, sb) = &mut *g;
-        sb.members = members;
-        sb.write_next(f).map_err(|source| StoreError::Superblock { dir: self.dir.clone(), source })
+        self.persist(|sb| sb.members = members)
     }
 
     /// Stops the committer after it drains pending records.
@@ -468,7 +558,8 @@ impl Store {
         // appended meanwhile, a checkpoint due, shutdown) or an appender
         // waits: an inline commit at queue depth 1 otherwise costs a
         // futex wake and a committer round trip per write for nothing.
-        if g.append_waiters > 0 || g.shutdown || !g.log.is_idle() || self.needs_checkpoint(&g) {
+        let waiters = g.append_waiters + g.drain_waiters;
+        if waiters > 0 || g.shutdown || !g.log.is_idle() || self.needs_checkpoint(&g) {
             self.cond.notify_all();
         }
     }
@@ -519,11 +610,16 @@ impl Store {
             apply(&self.data, &p.header, batch.data(p)).map_err(io_err("apply to data file", &self.dir))?;
         }
         let last = batch.records.last().map(|p| p.header.seq).unwrap_or(0);
+        debug_assert!(last > self.durable_seq(), "durable seq never goes down");
         self.durable_seq.store(last, Ordering::Release);
         self.commits.fetch_add(1, Ordering::Relaxed);
         self.writes.fetch_add(batch.records.len() as u64, Ordering::Relaxed);
         if let Some(sink) = lock(&self.ack_sink).clone() {
-            sink.durable(last);
+            // A fence persists its epoch only between commits (it drains
+            // them first), so this check and the ack see one epoch.
+            if hist::may_ack(self.epoch(), sink.epoch()) {
+                sink.durable(last);
+            }
         }
         Ok(())
     }
@@ -553,19 +649,15 @@ impl Store {
     }
 
     fn record_durable(&self, seq: u64) -> Result<(), StoreError> {
-        let mut g = lock(&self.sb);
-        let (f, sb) = &mut *g;
-        sb.durable_seq = seq;
-        sb.write_next(f).map_err(|source| StoreError::Superblock { dir: self.dir.clone(), source })
+        self.persist(|sb| sb.durable_seq = seq)
     }
 
     fn checkpoint_meta(&self, seq: u64, tail: u64) -> Result<(), StoreError> {
-        let mut g = lock(&self.sb);
-        let (f, sb) = &mut *g;
-        sb.checkpoint_seq = seq;
-        sb.durable_seq = seq;
-        sb.log_tail_offset = tail;
-        sb.write_next(f).map_err(|source| StoreError::Superblock { dir: self.dir.clone(), source })
+        self.persist(|sb| {
+            sb.checkpoint_seq = seq;
+            sb.durable_seq = seq;
+            sb.log_tail_offset = tail;
+        })
     }
 
     fn fail(&self, why: String) {
@@ -638,6 +730,14 @@ mod tests {
         RecordHeader { seq, offset, len, op: WriteOp::Data, epoch: 1 }
     }
 
+    /// Opens the store and follows the history of a host of epoch 1 that
+    /// started at seq 0 (what the records of these tests carry).
+    fn open(dir: &Path) -> (Arc<Store>, JoinHandle<()>) {
+        let (s, h) = Store::open(dir).unwrap();
+        s.adopt(1, &hist::History::new().branch(1, 0), u64::MAX).unwrap();
+        (s, h)
+    }
+
     fn wait_durable(s: &Store, seq: u64) {
         for _ in 0..2000 {
             if s.durable_seq() >= seq {
@@ -652,7 +752,7 @@ mod tests {
     fn writes_survive_reopen_and_overlaps_take_higher_seq() {
         let dir = tempfile::tempdir().unwrap();
         init(dir.path(), 1 << 20, LOG_MIN_BYTES).unwrap();
-        let (s, h) = Store::open(dir.path()).unwrap();
+        let (s, h) = open(dir.path());
         s.append(&rec(1, 0, 8192), &[1u8; 8192]).unwrap();
         s.append(&rec(2, 4096, 4096), &[2u8; 4096]).unwrap();
         assert!(matches!(s.append(&rec(4, 0, 4096), &[4u8; 4096]), Err(StoreError::SeqGap { .. })));
@@ -660,7 +760,7 @@ mod tests {
         s.shutdown();
         h.join().unwrap();
         drop(s);
-        let (s, _h) = Store::open(dir.path()).unwrap();
+        let (s, _h) = open(dir.path());
         assert_eq!(s.durable_seq(), 2);
         let mut buf = [0u8; 8192];
         s.read(0, &mut buf).unwrap();
@@ -671,7 +771,7 @@ mod tests {
     fn log_wraps_many_times_through_checkpoints() {
         let dir = tempfile::tempdir().unwrap();
         init(dir.path(), 1 << 20, LOG_MIN_BYTES).unwrap();
-        let (s, _h) = Store::open(dir.path()).unwrap();
+        let (s, _h) = open(dir.path());
         let data = vec![7u8; 256 * 1024];
         for seq in 1..=100u64 {
             s.append(&rec(seq, (seq % 4) * 256 * 1024, 256 * 1024), &data).unwrap();
@@ -684,7 +784,7 @@ mod tests {
     fn out_of_range_rejected() {
         let dir = tempfile::tempdir().unwrap();
         init(dir.path(), 1 << 20, LOG_MIN_BYTES).unwrap();
-        let (s, _h) = Store::open(dir.path()).unwrap();
+        let (s, _h) = open(dir.path());
         for (off, len) in [(1 << 20, 4096u32), (u64::MAX - 4095, 4096), (100, 4096), (0, 0)] {
             assert!(matches!(s.append(&rec(1, off, len), &vec![0; len as usize]), Err(StoreError::OutOfRange { .. })));
         }
@@ -707,7 +807,7 @@ mod tests {
     fn checkpointed_records_stay_readable_until_overwritten() {
         let dir = tempfile::tempdir().unwrap();
         init(dir.path(), 1 << 20, LOG_MIN_BYTES).unwrap();
-        let (s, _h) = Store::open(dir.path()).unwrap();
+        let (s, _h) = open(dir.path());
         let record = |seq: u64| (rec(seq, (seq % 4) * 128 * 1024, 128 * 1024), vec![seq as u8; 128 * 1024]);
         // Until the first checkpoint, then a little more.
         let mut seq = 0;

@@ -9,16 +9,19 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use crate::history::{History, HISTORY_STEPS_MAX};
 use crate::proto::Uuid;
 
 /// Bytes per slot.
 pub const SLOT_BYTES: usize = 4096;
 const SB_MAGIC: u64 = u64::from_le_bytes(*b"SBLKSUPR");
-const SB_VERSION: u32 = 1;
-/// Fixed fields before the members blob.
+const SB_VERSION: u32 = 2;
+/// Fixed fields before the history and members blobs.
 const FIXED_BYTES: usize = 96;
+/// Room reserved for the history steps.
+const HISTORY_MAX_BYTES: usize = HISTORY_STEPS_MAX * crate::history::STEP_BYTES;
 /// Largest members JSON that fits in a slot (the crc takes the last 4 bytes).
-pub const MEMBERS_MAX_BYTES: usize = SLOT_BYTES - FIXED_BYTES - 4;
+pub const MEMBERS_MAX_BYTES: usize = SLOT_BYTES - FIXED_BYTES - HISTORY_MAX_BYTES - 4;
 
 /// One member of the replica set, as stored on every replica.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -57,6 +60,10 @@ pub struct Superblock {
     pub durable_seq: u64,
     /// The replica set (authoritative over the config file).
     pub members: Vec<Member>,
+    /// The history this replica's log follows (`docs/design.md`,
+    /// "History"): adopted from the host that admitted it, before that
+    /// host's records are appended.
+    pub history: History,
 }
 
 /// Superblock decode failure.
@@ -93,7 +100,12 @@ impl Superblock {
         b[72..80].copy_from_slice(&self.log_tail_offset.to_le_bytes());
         b[80..88].copy_from_slice(&self.durable_seq.to_le_bytes());
         b[88..92].copy_from_slice(&(members.len() as u32).to_le_bytes());
-        b[FIXED_BYTES..FIXED_BYTES + members.len()].copy_from_slice(&members);
+        let history = self.history.encode();
+        debug_assert!(history.len() <= HISTORY_MAX_BYTES, "History bounds its steps");
+        b[92..96].copy_from_slice(&(history.len() as u32).to_le_bytes());
+        b[FIXED_BYTES..FIXED_BYTES + history.len()].copy_from_slice(&history);
+        let m = FIXED_BYTES + HISTORY_MAX_BYTES;
+        b[m..m + members.len()].copy_from_slice(&members);
         let crc = crc32c::crc32c(&b[..SLOT_BYTES - 4]);
         b[SLOT_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
         Ok(b)
@@ -122,8 +134,14 @@ impl Superblock {
         if members_len > MEMBERS_MAX_BYTES {
             return Err("members length out of range");
         }
-        let members =
-            serde_json::from_slice(&b[FIXED_BYTES..FIXED_BYTES + members_len]).map_err(|_| "members not valid JSON")?;
+        let history_len = u32_at(92) as usize;
+        if history_len > HISTORY_MAX_BYTES {
+            return Err("history length out of range");
+        }
+        let history =
+            History::decode(&b[FIXED_BYTES..FIXED_BYTES + history_len]).map_err(|_| "history steps invalid")?;
+        let m = FIXED_BYTES + HISTORY_MAX_BYTES;
+        let members = serde_json::from_slice(&b[m..m + members_len]).map_err(|_| "members not valid JSON")?;
         let sb = Superblock {
             block_size: u32_at(12),
             generation: u64_at(16),
@@ -135,6 +153,7 @@ impl Superblock {
             log_tail_offset: u64_at(72),
             durable_seq: u64_at(80),
             members,
+            history,
         };
         sb.check()?;
         Ok(sb)
@@ -180,13 +199,28 @@ impl Superblock {
         }
     }
 
+    /// Applies `change` to a copy, writes it as the next generation, and
+    /// only then updates `self`: the cached superblock never runs ahead of
+    /// the one on disk, even when the write fails.
+    pub fn update(&mut self, file: &File, change: impl FnOnce(&mut Superblock)) -> Result<(), SuperblockError> {
+        let mut next = self.clone();
+        change(&mut next);
+        next.write_next(file)?;
+        *self = next;
+        Ok(())
+    }
+
     /// Writes the next generation into the older slot and fdatasyncs it.
+    /// `self` changes only once the write is durable, so a failed update
+    /// leaves the in-memory copy equal to what is on disk.
     pub fn write_next(&mut self, file: &File) -> Result<(), SuperblockError> {
-        self.generation += 1;
-        let img = self.encode()?;
-        let slot = (self.generation % 2) as usize;
+        let mut next = self.clone();
+        next.generation += 1;
+        let img = next.encode()?;
+        let slot = (next.generation % 2) as usize;
         file.write_all_at(&img, (slot * SLOT_BYTES) as u64)?;
         file.sync_data()?;
+        *self = next;
         Ok(())
     }
 }
@@ -220,6 +254,7 @@ mod tests {
                 role: "local".into(),
                 network_sync: false,
             }],
+            history: History::new().branch(2, 0).branch(3, 10),
         }
     }
 

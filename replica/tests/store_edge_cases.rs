@@ -12,6 +12,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::mpsc;
 use std::time::Duration;
 
+use starblk_replica::history::History;
 use starblk_replica::log::{RecordHeader, LOG_MIN_BYTES, REC_HEADER_BYTES};
 use starblk_replica::proto::{WriteOp, MAX_IO_BYTES};
 use starblk_replica::store::{self, Paths, Store};
@@ -66,6 +67,7 @@ fn max_size_write_into_a_log_just_under_half_full_completes() {
     sb.write_next(&sb_file).unwrap();
     drop(sb_file);
     let (s, h) = Store::open(dir.path()).unwrap();
+    s.adopt(1, &History::new().branch(1, 0), u64::MAX).unwrap();
     assert_eq!(s.superblock().log_tail_offset, MIB + 64);
 
     // 104 records holding 511 blocks: 2 MiB + 64 bytes in use, 16 bytes

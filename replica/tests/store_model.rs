@@ -46,6 +46,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
+use starblk_replica::history::History as HostHistory;
 use starblk_replica::log::{self, Decoded, RecordHeader, LOG_MIN_BYTES, REC_HEADER_BYTES};
 use starblk_replica::proto::WriteOp;
 use starblk_replica::store::{self, Paths, Store};
@@ -225,6 +226,8 @@ struct Open {
 impl Open {
     fn start(dir: &Path) -> Open {
         let (store, committer) = Store::open(dir).unwrap_or_else(|e| panic!("open {}: {e}", dir.display()));
+        // The records carry epoch 1: follow the history of that host.
+        store.adopt(1, &HostHistory::new().branch(1, 0), u64::MAX).unwrap();
         Open { store, committer }
     }
 

@@ -21,8 +21,11 @@ use crossbeam::queue::SegQueue;
 use serde::Serialize;
 use starblk_netsync::{Link as NetLink, LinkConfig, LinkEvent};
 use starblk_replica::client::{self, ClientError};
+use starblk_replica::history::{self, Standing};
 use starblk_replica::netlink::{self, MsgReader, NetOut};
-use starblk_replica::proto::{self, ErrorFrame, FrameReader, FrameType, Hello, HelloOk, ReadReq, WriteHeader};
+use starblk_replica::proto::{
+    self, ErrorCode, ErrorFrame, FrameReader, FrameType, Hello, HelloOk, ReadReq, WriteHeader,
+};
 use starblk_replica::server::FrameOut;
 
 use super::{PendingRead, Shared};
@@ -121,6 +124,9 @@ pub(crate) struct LinkCore {
     pub replay_failed: Option<ReplayFailures>,
     /// Durable seq when the current recovery started (for progress).
     pub recovery_from_seq: u64,
+    /// The replica holds records past this seq from another history
+    /// (lagging until rolled back).
+    pub diverged_after: Option<u64>,
 }
 
 /// Failed replay attempts from one first seq.
@@ -163,6 +169,7 @@ impl LinkCore {
             replay: None,
             replay_failed: None,
             recovery_from_seq: durable_seq,
+            diverged_after: None,
         }
     }
 
@@ -274,7 +281,7 @@ fn manager(shared: Arc<Shared>, link: Arc<Link>) {
         let reason = match opened {
             Ok((hello_ok, conn)) => {
                 backoff = BACKOFF_MIN;
-                run_session(&shared, &link, hello_ok.durable_seq, conn)
+                run_session(&shared, &link, &hello_ok, conn)
             }
             Err(e) => e,
         };
@@ -334,7 +341,8 @@ fn mark_failed(shared: &Shared, link: &Link, reason: String) {
 /// Decides how a fresh session starts: quick recovery from the write queue
 /// if every write after the replica's durable seq is still there, else
 /// replay recovery from an up-to-date peer's log, else lagging.
-fn admit(shared: &Shared, link: &Link, d: u64) -> Result<u64, String> {
+fn admit(shared: &Shared, link: &Link, hello: &HelloOk) -> Result<u64, String> {
+    let d = hello.durable_seq;
     let mut g = shared.lock();
     let first = g.queue.front().map(|e| e.seq).unwrap_or(g.next_seq);
     let last = g.next_seq - 1;
@@ -345,12 +353,21 @@ fn admit(shared: &Shared, link: &Link, d: u64) -> Result<u64, String> {
     let peer = replay_peer(shared, &g, link.idx, tried);
     let l = &mut g.links[link.idx];
     l.durable_seq = d;
-    if d > last {
-        let why =
-            format!("replica durable seq {d} is past this HE's history ({last}); needs rollback to the branch point");
+    // Only a replica whose log is a prefix of this HE's history may join:
+    // records past the branch point from another history were never
+    // acknowledged, and must not count toward Q or serve reads.
+    if let Standing::Diverged { after } = history::standing(&shared.cfg.history, last, &hello.history, d) {
+        let why = format!(
+            "diverged after seq {after}: its log holds seqs {}..={d} from another history (position {}); needs rollback",
+            after + 1,
+            hello.position()
+        );
+        l.diverged_after = Some(after);
         l.set_state(LinkState::Lagging, why.clone());
+        shared.advance(&mut g);
         return Err(why);
     }
+    l.diverged_after = None;
     let replay = d + 1 < first;
     if replay && peer.is_none() {
         let why = match &l.replay_failed {
@@ -450,6 +467,17 @@ fn on_replay_done(shared: &Shared, link: &Link, next: u64) {
     link.wake();
 }
 
+/// The replica refused this HE's history: it holds another history's
+/// records. It stays lagging (never failed, which a reconnect would
+/// retry) until it is rolled back.
+fn on_diverged(shared: &Shared, link: &Link, message: &str) {
+    let mut g = shared.lock();
+    let l = &mut g.links[link.idx];
+    l.conn_gen += 1;
+    l.set_state(LinkState::Lagging, format!("diverged: {message}"));
+    shared.advance(&mut g);
+}
+
 /// A replay ended in an Error frame: remember the peer, so the next
 /// session tries another one (or goes lagging when none is left).
 fn on_replay_failed(shared: &Shared, link: &Link, why: &str) {
@@ -467,8 +495,8 @@ fn on_replay_failed(shared: &Shared, link: &Link, why: &str) {
 }
 
 /// Admits a fresh session, then runs it until it breaks. Returns why it ended.
-fn run_session(shared: &Arc<Shared>, link: &Arc<Link>, durable: u64, conn: Conn) -> String {
-    let gen = match admit(shared, link, durable) {
+fn run_session(shared: &Arc<Shared>, link: &Arc<Link>, hello: &HelloOk, conn: Conn) -> String {
+    let gen = match admit(shared, link, hello) {
         Ok(g) => g,
         Err(why) => return why,
     };
@@ -660,6 +688,13 @@ impl TimeoutRead for MsgReader {
 fn sender_loop<S: Sink>(shared: &Shared, link: &Link, gen: u64, mut w: S) -> String {
     let mut batch: Vec<(WriteHeader, Arc<Vec<u8>>)> = Vec::with_capacity(SEND_BATCH_MAX);
     let mut last_hb = Instant::now() - HEARTBEAT_INTERVAL;
+    // First the replica checks its log against this HE's history and
+    // follows it (it refuses with Diverged otherwise); frames are handled
+    // in order, so every write below comes after.
+    let adopt = proto::Adopt { last_seq: shared.lock().next_seq - 1, history: shared.cfg.history.clone() };
+    if let Err(e) = w.frame(FrameType::Adopt, &[&adopt.encode()], None).and_then(|()| w.flush()) {
+        return format!("adopt send failed: {e}");
+    }
     loop {
         if shared.stopping.load(Ordering::Acquire) {
             let _ = w.flush();
@@ -749,7 +784,8 @@ fn take_batch(
     }
     let to = next_seq.min(from + SEND_BATCH_MAX as u64);
     for e in g.queue.range((from - first) as usize..(to - first) as usize) {
-        batch.push((WriteHeader { seq: e.seq, offset: e.offset, len: e.len, op: e.op }, e.data.clone()));
+        let wh = WriteHeader { seq: e.seq, offset: e.offset, len: e.len, op: e.op, epoch: e.epoch };
+        batch.push((wh, e.data.clone()));
     }
     g.links[link.idx].next_send_seq = to;
     Ok(())
@@ -780,6 +816,10 @@ fn receiver_loop<R: TimeoutRead>(shared: &Shared, link: &Link, mut reader: Frame
             FrameType::ReplayDone => proto::decode_u64(h.kind, p).map(|next| on_replay_done(shared, link, next)),
             FrameType::Error => {
                 let why = match ErrorFrame::decode(p) {
+                    Ok(frame) if frame.code == ErrorCode::Diverged => {
+                        on_diverged(shared, link, &frame.message);
+                        ClientError::Rejected { addr: link.spec.addr.clone(), frame }.to_string()
+                    }
                     Ok(frame) => {
                         on_replay_failed(shared, link, &frame.message);
                         ClientError::Rejected { addr: link.spec.addr.clone(), frame }.to_string()

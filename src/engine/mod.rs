@@ -111,6 +111,9 @@ pub struct EngineConfig {
     pub epoch: u64,
     /// First seq this HE assigns minus one (the branch point).
     pub start_seq: u64,
+    /// The history this HE writes: the leader's up to `start_seq`, then
+    /// records of `epoch` (`docs/design.md`, "History").
+    pub history: starblk_replica::history::History,
     /// Replay recovery rate limit per replica, bytes/s (0 = unlimited).
     pub recovery_rate_bytes_per_s: u64,
 }
@@ -121,6 +124,9 @@ struct Entry {
     offset: u64,
     len: u32,
     op: WriteOp,
+    /// Epoch the record was written under: this HE's, or an earlier one
+    /// for history seeded from the leader's log.
+    epoch: u64,
     data: Arc<Vec<u8>>,
     /// Frontend token until the write completes.
     token: Option<u64>,
@@ -366,7 +372,15 @@ impl Shared {
         debug_assert!(g.queue.is_empty());
         debug_assert!(entries.last().is_none_or(|e| e.0.seq == g.completed_seq));
         for (h, data) in entries {
-            let e = Entry { seq: h.seq, offset: h.offset, len: h.len, op: h.op, data: Arc::new(data), token: None };
+            let e = Entry {
+                seq: h.seq,
+                offset: h.offset,
+                len: h.len,
+                op: h.op,
+                epoch: h.epoch,
+                data: Arc::new(data),
+                token: None,
+            };
             g.queue_bytes += e.bytes();
             g.queue.push_back(e);
         }
@@ -427,7 +441,8 @@ impl Shared {
         b.clear();
         b.extend_from_slice(data);
         g.queue_bytes += need;
-        g.queue.push_back(Entry { seq, offset, len, op, data: buf, token: Some(token) });
+        let epoch = self.cfg.epoch;
+        g.queue.push_back(Entry { seq, offset, len, op, epoch, data: buf, token: Some(token) });
         let (first, last) = ((offset >> REGION_SHIFT) as usize, ((offset + len as u64 - 1) >> REGION_SHIFT) as usize);
         for r in &mut g.region_seq[first..=last] {
             *r = seq;

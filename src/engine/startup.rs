@@ -1,15 +1,17 @@
 //! Startup: learn the volume from its replicas and fence older HEs.
 //!
 //! `up` and `takeover` raise the epoch on a majority of replicas before
-//! writing (DESIGN.md §8). From then on those replicas refuse frames from
-//! any older epoch. The new history starts at the highest durable seq
-//! among the fenced majority: that is the branch point.
+//! writing. From then on those replicas refuse frames from any older
+//! epoch. The new history starts at the highest *position* (epoch of the
+//! last durable record, then seq) among the fenced majority: that is the
+//! branch point (`docs/design.md`, "History").
 
 use std::thread;
 use std::time::Duration;
 
 use starblk_replica::client::{self, ClientError, LogEntry};
-use starblk_replica::proto::{self, FrameType, HelloOk, Stamp, Uuid};
+use starblk_replica::history::{self, Standing};
+use starblk_replica::proto::{self, HelloOk, Stamp, Uuid};
 use starblk_replica::superblock::Member;
 
 use super::{EngineConfig, ReplicaSpec};
@@ -26,6 +28,9 @@ pub enum StartupError {
     /// A replica has no volume identity yet.
     #[error("replica {name} ({addr}) is not part of a volume yet; run `starblk volume create --config FILE` first")]
     Unstamped { name: String, addr: String },
+    /// Another host raised the epoch at the same time: at most one wins.
+    #[error("epoch {epoch} could not be raised on a majority ({fenced} of {total}, {need} needed): another host is starting or running ({detail}); retry, or stop the other host")]
+    Contended { epoch: u64, fenced: usize, total: usize, need: usize, detail: String },
     /// Replicas disagree on the volume identity.
     #[error("replica {name} ({addr}) belongs to volume {found}, but the others hold {expected}")]
     VolumeMismatch { name: String, addr: String, found: String, expected: String },
@@ -71,28 +76,40 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
     let need = n / 2 + 1;
     let probes = probe_all(cfg);
     let volume = agree_on_volume(cfg, &probes)?;
-    let reachable = count_majority(cfg, &probes, need)?;
-    let epoch = probes.iter().flatten().map(|h| h.epoch).max().unwrap_or(0) + 1;
-    let durables: Vec<Option<u64>> = thread::scope(|s| {
+    count_majority(cfg, &probes, need)?;
+    let epoch = history::next_epoch(probes.iter().flatten().map(|h| h.epoch));
+    let raised: Vec<Result<HelloOk, ClientError>> = thread::scope(|s| {
         let hs: Vec<_> = cfg
             .replicas
             .iter()
             .zip(&probes)
-            .map(|(r, p)| s.spawn(move || p.as_ref().ok().and_then(|_| raise_epoch(&r.addr, epoch).ok())))
+            .map(|(r, p)| {
+                s.spawn(move || match p {
+                    Ok(_) => raise_epoch(&r.addr, epoch),
+                    Err(e) => Err(clone_err(e)),
+                })
+            })
             .collect();
         hs.into_iter().map(|h| h.join().expect("fence thread panicked")).collect()
     });
-    let fenced = durables.iter().flatten().count();
+    let fenced = raised.iter().flatten().count();
     if fenced < need {
-        return Err(StartupError::NoMajority {
-            reachable,
-            total: n,
-            need,
-            detail: "epoch could not be raised on a majority".into(),
-        });
+        let detail = describe_errors(cfg, &raised);
+        return Err(StartupError::Contended { epoch, fenced, total: n, need, detail });
     }
-    let start_seq = durables.iter().flatten().copied().max().unwrap_or(0);
-    tracing::info!(volume = %cfg.volume.name, epoch, start_seq, fenced, "fenced older hosts; branch point recorded");
+    // The leader: the highest position among the fenced majority. Its log
+    // holds every acknowledged write (docs/design.md, "Why the branch
+    // point keeps every acknowledged write").
+    let positions: Vec<history::Position> =
+        raised.iter().map(|r| r.as_ref().map_or(history::Position::default(), |h| h.position())).collect();
+    let fenced_positions: Vec<history::Position> = raised.iter().flatten().map(|h| h.position()).collect();
+    let top = history::choose_leader(&fenced_positions).expect("a majority was fenced");
+    let leader = raised.iter().position(|r| r.as_ref().is_ok_and(|h| h.position() == fenced_positions[top]));
+    let leader = leader.expect("the top position belongs to a fenced replica");
+    let leader_hello = raised[leader].as_ref().expect("leader was fenced");
+    let start_seq = leader_hello.durable_seq;
+    let host_history = leader_hello.history.branch(epoch, start_seq);
+    tracing::info!(volume = %cfg.volume.name, epoch, start_seq, leader = %cfg.replicas[leader].name, position = %positions[leader], fenced, "fenced older hosts; branch point recorded");
     let engine = EngineConfig {
         name: cfg.volume.name.clone(),
         volume,
@@ -103,8 +120,25 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
         on_quorum_loss: cfg.volume.on_quorum_loss,
         epoch,
         start_seq,
+        history: host_history.clone(),
         recovery_rate_bytes_per_s: cfg.volume.recovery_rate_bytes_per_s,
     };
+    // Fenced replicas whose logs are a prefix of the new history catch up
+    // from it; the others hold another history's tail and stay out.
+    let durables: Vec<Option<u64>> = raised
+        .iter()
+        .zip(&cfg.replicas)
+        .map(|(r, spec)| {
+            let h = r.as_ref().ok()?;
+            match history::standing(&host_history, start_seq, &h.history, h.durable_seq) {
+                Standing::Prefix => Some(h.durable_seq),
+                diverged => {
+                    tracing::warn!(replica = %spec.name, position = %h.position(), "{diverged}; it stays lagging until rolled back");
+                    None
+                }
+            }
+        })
+        .collect();
     let replicas: Vec<ReplicaSpec> = cfg
         .replicas
         .iter()
@@ -184,14 +218,20 @@ fn seed_from_leader(cfg: &Config, engine: &EngineConfig, durables: &[Option<u64>
     }
 }
 
-/// Raises the epoch on one replica and returns its durable seq.
-fn raise_epoch(addr: &str, epoch: u64) -> Result<u64, ClientError> {
-    let mut s = client::probe(addr, PROBE_TIMEOUT)?;
-    s.set_epoch(epoch)?;
-    let p = s.call(FrameType::Heartbeat, &[&proto::encode_u64(0)], FrameType::HeartbeatReply)?;
-    let (_, durable) = proto::decode_u64_pair(FrameType::HeartbeatReply, &p)
-        .map_err(|source| ClientError::Protocol { addr: addr.to_string(), source })?;
-    Ok(durable)
+/// Raises the epoch on one replica and returns its state after the fence.
+fn raise_epoch(addr: &str, epoch: u64) -> Result<HelloOk, ClientError> {
+    client::probe(addr, PROBE_TIMEOUT)?.set_epoch(epoch)
+}
+
+/// "name: error" for each replica that failed.
+fn describe_errors<T>(cfg: &Config, results: &[Result<T, ClientError>]) -> String {
+    let d: Vec<String> = cfg
+        .replicas
+        .iter()
+        .zip(results)
+        .filter_map(|(r, p)| p.as_ref().err().map(|e| format!("{}: {e}", r.name)))
+        .collect();
+    d.join("; ")
 }
 
 fn count_majority(cfg: &Config, probes: &[Result<HelloOk, ClientError>], need: usize) -> Result<usize, StartupError> {
@@ -199,13 +239,7 @@ fn count_majority(cfg: &Config, probes: &[Result<HelloOk, ClientError>], need: u
     if reachable >= need {
         return Ok(reachable);
     }
-    let detail = cfg
-        .replicas
-        .iter()
-        .zip(probes)
-        .filter_map(|(r, p)| p.as_ref().err().map(|e| format!("{}: {e}", r.name)))
-        .collect::<Vec<_>>()
-        .join("; ");
+    let detail = describe_errors(cfg, probes);
     Err(StartupError::NoMajority { reachable, total: cfg.replicas.len(), need, detail })
 }
 
