@@ -284,6 +284,17 @@ pub fn may_ack(store_epoch: u64, session_epoch: u64) -> bool {
     session_epoch >= store_epoch
 }
 
+/// The durable seq a store publishes when a group commit through `through`
+/// ends: none after any failure (a later batch must never publish past the
+/// hole a failed one left), else `through`, which never goes down.
+pub fn publish_durable(durable: u64, through: u64, commit_ok: bool, failed_before: bool) -> Option<u64> {
+    if !commit_ok || failed_before {
+        return None;
+    }
+    debug_assert!(through > durable, "durable seq never goes down ({durable} -> {through})");
+    Some(through.max(durable))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -409,11 +409,14 @@ impl Store {
         if !hist::may_raise_epoch(mine, epoch) {
             return Err(StoreError::StaleEpoch { asked: epoch, mine });
         }
+        // The ack sink's lock is held while the epoch changes: an ack is
+        // checked and sent under it (`commit`), so none can slip out to an
+        // older host after the new epoch is on disk.
+        let sink = lock(&self.ack_sink);
         let (f, s) = &mut *sb;
         s.update(f, |s| s.epoch = epoch).map_err(|source| StoreError::Superblock { dir: self.dir.clone(), source })?;
         self.epoch.store(epoch, Ordering::Release);
-        drop(sb);
-        drop(g);
+        drop((sink, sb, g));
         Ok(())
     }
 
@@ -614,9 +617,9 @@ impl Store {
         self.durable_seq.store(last, Ordering::Release);
         self.commits.fetch_add(1, Ordering::Relaxed);
         self.writes.fetch_add(batch.records.len() as u64, Ordering::Relaxed);
-        if let Some(sink) = lock(&self.ack_sink).clone() {
-            // A fence persists its epoch only between commits (it drains
-            // them first), so this check and the ack see one epoch.
+        // Checked and sent under the sink's lock, which `set_epoch` holds
+        // while it changes the epoch.
+        if let Some(sink) = lock(&self.ack_sink).as_ref() {
             if hist::may_ack(self.epoch(), sink.epoch()) {
                 sink.durable(last);
             }
