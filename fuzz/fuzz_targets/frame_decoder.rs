@@ -26,7 +26,7 @@ use std::io::{self, Read};
 use libfuzzer_sys::fuzz_target;
 use starblk_replica::proto::{
     self, decode_header, decode_read_reply, decode_u64, decode_u64_pair, encode_read_reply_header, encode_u64,
-    encode_u64_pair, write_frame, ErrorFrame, FrameError, FrameReader, FrameType, Hello, HelloOk, ReadError, ReadReq,
+    encode_u64_pair, write_frame, Adopt, ErrorFrame, FrameError, FrameReader, FrameType, Hello, HelloOk, ReadError, ReadReq,
     Replay, Stamp, WriteHeader, REPLAY_ADDR_MAX_BYTES, WriteOp, HEADER_BYTES, MAGIC, MAX_IO_BYTES, MAX_PAYLOAD_BYTES, PROTOCOL_VERSION,
     WRITE_SUBHEADER_BYTES,
 };
@@ -141,10 +141,14 @@ fn check_payload(p: &[u8]) {
         // Bytes 21..24 of the sub-header are padding that the decoder
         // ignores, so only the fields are compared.
         assert_eq!(wh.encode()[..21], p[..21]);
+        assert_eq!(wh.encode()[24..], p[24..WRITE_SUBHEADER_BYTES]);
         assert_eq!(data, &p[WRITE_SUBHEADER_BYTES..]);
         let expect = if wh.op == WriteOp::Data { wh.len as usize } else { 0 };
         assert_eq!(data.len(), expect);
         assert!(wh.op != WriteOp::Data || wh.len <= MAX_IO_BYTES);
+    }
+    if let Ok(a) = Adopt::decode(p) {
+        assert_eq!(&a.encode()[..], p);
     }
     if let Ok(r) = ReadReq::decode(p) {
         assert_eq!(&r.encode()[..], p);

@@ -258,10 +258,18 @@ pub enum AppendDecision {
     Gap,
 }
 
-/// Decides an append of the record (`epoch`, `seq`) to a store at epoch
-/// `store_epoch` that follows `history` and has appended up to `last_seq`.
-pub fn append_decision(history: &History, store_epoch: u64, last_seq: u64, epoch: u64, seq: u64) -> AppendDecision {
-    if epoch < store_epoch {
+/// Decides an append of the record (`epoch`, `seq`), sent by a host of
+/// `session_epoch`, to a store at epoch `store_epoch` that follows
+/// `history` and has appended up to `last_seq`. The record's own epoch may
+/// be older than the session's: a host re-sends history it branched from.
+pub fn append_decision(
+    history: &History,
+    store_epoch: u64,
+    last_seq: u64,
+    session_epoch: u64,
+    (epoch, seq): (u64, u64),
+) -> AppendDecision {
+    if session_epoch < store_epoch {
         return AppendDecision::Stale;
     }
     if history.epoch_at(seq) != Some(epoch) {
@@ -341,13 +349,17 @@ mod tests {
     #[test]
     fn append_rules() {
         let x = h(&[(2, 0), (3, 5)]);
-        assert_eq!(append_decision(&x, 3, 5, 3, 6), AppendDecision::Append);
-        assert_eq!(append_decision(&x, 3, 6, 3, 6), AppendDecision::Duplicate);
-        assert_eq!(append_decision(&x, 3, 6, 2, 6), AppendDecision::Stale);
-        assert_eq!(append_decision(&x, 4, 6, 3, 7), AppendDecision::Stale);
-        assert_eq!(append_decision(&x, 3, 6, 3, 8), AppendDecision::Gap);
+        assert_eq!(append_decision(&x, 3, 5, 3, (3, 6)), AppendDecision::Append);
+        assert_eq!(append_decision(&x, 3, 6, 3, (3, 6)), AppendDecision::Duplicate);
+        // Host 3 re-sends host 2's record 4 (quick recovery of a replica
+        // behind its branch point): the record keeps epoch 2.
+        assert_eq!(append_decision(&x, 3, 3, 3, (2, 4)), AppendDecision::Append);
+        assert_eq!(append_decision(&x, 3, 6, 2, (2, 6)), AppendDecision::Stale);
+        assert_eq!(append_decision(&x, 4, 6, 3, (3, 7)), AppendDecision::Stale);
+        assert_eq!(append_decision(&x, 3, 6, 3, (3, 8)), AppendDecision::Gap);
         // A record of epoch 3 at seq 4 is not what this history holds.
-        assert_eq!(append_decision(&h(&[(2, 0), (3, 5)]), 2, 3, 3, 4), AppendDecision::Diverged);
+        assert_eq!(append_decision(&x, 2, 3, 3, (3, 4)), AppendDecision::Diverged);
+        assert_eq!(append_decision(&x, 3, 6, 3, (2, 6)), AppendDecision::Diverged);
     }
 
     #[test]

@@ -135,7 +135,7 @@ fn copy(store: &Arc<Store>, volume: Uuid, epoch: u64, req: &Replay, rate: &Atomi
     let next = session
         .stream_log(from, req.to, |wh, data| {
             let rec = RecordHeader { seq: wh.seq, offset: wh.offset, len: wh.len, op: wh.op, epoch: wh.epoch };
-            match store.append(&rec, data) {
+            match store.append(epoch, &rec, data) {
                 Ok(()) => {
                     pace.charge(data.len() as u64);
                     true

@@ -416,7 +416,7 @@ impl Server {
             s.is_ack_sink = true;
         }
         let rec = RecordHeader { seq: wh.seq, offset: wh.offset, len: wh.len, op: wh.op, epoch: wh.epoch };
-        self.store.append_deferred(&rec, data).map_err(|e| {
+        self.store.append_deferred(epoch, &rec, data).map_err(|e| {
             let (reason, code) = store_reason(&e);
             Reject { reason, code, seq: wh.seq, offset: wh.offset, message: e.to_string(), close: true }
         })

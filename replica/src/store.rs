@@ -290,20 +290,21 @@ impl Store {
         }
     }
 
-    /// Appends one write to the pending batch. Writes with seq <= the last
-    /// appended seq are duplicates and are ignored (retransmissions).
+    /// Appends one write, sent by a host of `session_epoch`, to the
+    /// pending batch. A record this replica already holds is ignored (a
+    /// retransmission); one its history holds differently is refused.
     /// Blocks only while the log is full and a checkpoint frees space.
-    pub fn append(&self, h: &RecordHeader, data: &[u8]) -> Result<(), StoreError> {
-        self.append_inner(h, data, true)
+    pub fn append(&self, session_epoch: u64, h: &RecordHeader, data: &[u8]) -> Result<(), StoreError> {
+        self.append_inner(session_epoch, h, data, true)
     }
 
     /// Like [`Store::append`], but leaves the commit to the caller, who
     /// promises to call [`Store::commit_pending`] when its burst ends.
-    pub fn append_deferred(&self, h: &RecordHeader, data: &[u8]) -> Result<(), StoreError> {
-        self.append_inner(h, data, false)
+    pub fn append_deferred(&self, session_epoch: u64, h: &RecordHeader, data: &[u8]) -> Result<(), StoreError> {
+        self.append_inner(session_epoch, h, data, false)
     }
 
-    fn append_inner(&self, h: &RecordHeader, data: &[u8], wake: bool) -> Result<(), StoreError> {
+    fn append_inner(&self, session_epoch: u64, h: &RecordHeader, data: &[u8], wake: bool) -> Result<(), StoreError> {
         self.check_range(h.offset, h.len as u64)?;
         let mut g = lock(&self.inner);
         loop {
@@ -313,10 +314,10 @@ impl Store {
             // The epoch is read under the append lock, which a fence holds
             // while it persists a new one (see `drained`).
             let mine = self.epoch();
-            match hist::append_decision(&g.follows, mine, g.last_seq, h.epoch, h.seq) {
+            match hist::append_decision(&g.follows, mine, g.last_seq, session_epoch, (h.epoch, h.seq)) {
                 AppendDecision::Append => {}
                 AppendDecision::Duplicate => return Ok(()),
-                AppendDecision::Stale => return Err(StoreError::StaleEpoch { asked: h.epoch, mine }),
+                AppendDecision::Stale => return Err(StoreError::StaleEpoch { asked: session_epoch, mine }),
                 AppendDecision::Gap => return Err(StoreError::SeqGap { seq: h.seq, last: g.last_seq }),
                 AppendDecision::Diverged => {
                     let after = g.last_seq.min(h.seq - 1);
@@ -756,9 +757,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         init(dir.path(), 1 << 20, LOG_MIN_BYTES).unwrap();
         let (s, h) = open(dir.path());
-        s.append(&rec(1, 0, 8192), &[1u8; 8192]).unwrap();
-        s.append(&rec(2, 4096, 4096), &[2u8; 4096]).unwrap();
-        assert!(matches!(s.append(&rec(4, 0, 4096), &[4u8; 4096]), Err(StoreError::SeqGap { .. })));
+        s.append(1, &rec(1, 0, 8192), &[1u8; 8192]).unwrap();
+        s.append(1, &rec(2, 4096, 4096), &[2u8; 4096]).unwrap();
+        assert!(matches!(s.append(1, &rec(4, 0, 4096), &[4u8; 4096]), Err(StoreError::SeqGap { .. })));
         wait_durable(&s, 2);
         s.shutdown();
         h.join().unwrap();
@@ -777,7 +778,7 @@ mod tests {
         let (s, _h) = open(dir.path());
         let data = vec![7u8; 256 * 1024];
         for seq in 1..=100u64 {
-            s.append(&rec(seq, (seq % 4) * 256 * 1024, 256 * 1024), &data).unwrap();
+            s.append(1, &rec(seq, (seq % 4) * 256 * 1024, 256 * 1024), &data).unwrap();
         }
         wait_durable(&s, 100);
         assert!(s.superblock().checkpoint_seq > 0, "no checkpoint taken");
@@ -789,7 +790,7 @@ mod tests {
         init(dir.path(), 1 << 20, LOG_MIN_BYTES).unwrap();
         let (s, _h) = open(dir.path());
         for (off, len) in [(1 << 20, 4096u32), (u64::MAX - 4095, 4096), (100, 4096), (0, 0)] {
-            assert!(matches!(s.append(&rec(1, off, len), &vec![0; len as usize]), Err(StoreError::OutOfRange { .. })));
+            assert!(matches!(s.append(1, &rec(1, off, len), &vec![0; len as usize]), Err(StoreError::OutOfRange { .. })));
         }
     }
 
@@ -817,7 +818,7 @@ mod tests {
         while s.superblock().checkpoint_seq == 0 {
             seq += 1;
             let (h, d) = record(seq);
-            s.append(&h, &d).unwrap();
+            s.append(1, &h, &d).unwrap();
             wait_durable(&s, seq);
         }
         let cp = s.superblock().checkpoint_seq;
@@ -827,7 +828,7 @@ mod tests {
         for _ in 0..2 * LOG_MIN_BYTES / (128 * 1024) {
             seq += 1;
             let (h, d) = record(seq);
-            s.append(&h, &d).unwrap();
+            s.append(1, &h, &d).unwrap();
         }
         wait_durable(&s, seq);
         match read_back(&s, 1) {

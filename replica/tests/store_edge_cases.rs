@@ -36,13 +36,13 @@ fn wait_durable(s: &Store, seq: u64) {
 fn append_run(s: &Store, mut seq: u64, discards: usize, data_blocks: &[u32]) -> u64 {
     for _ in 0..discards {
         let h = RecordHeader { seq, offset: 0, len: BLOCK, op: WriteOp::Discard, epoch: 1 };
-        s.append(&h, &[]).unwrap();
+        s.append(1, &h, &[]).unwrap();
         seq += 1;
     }
     for &blocks in data_blocks {
         let len = blocks * BLOCK;
         let h = RecordHeader { seq, offset: 0, len, op: WriteOp::Data, epoch: 1 };
-        s.append(&h, &vec![seq as u8; len as usize]).unwrap();
+        s.append(1, &h, &vec![seq as u8; len as usize]).unwrap();
         seq += 1;
     }
     seq

@@ -255,7 +255,7 @@ impl Open {
 }
 
 fn append(o: &Open, w: &Applied) {
-    o.store.append(&w.h, &w.data).unwrap_or_else(|e| panic!("append seq {}: {e}", w.h.seq));
+    o.store.append(1, &w.h, &w.data).unwrap_or_else(|e| panic!("append seq {}: {e}", w.h.seq));
 }
 
 /// Whole-file copy with plain reads, so a write racing with it may be seen
