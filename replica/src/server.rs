@@ -389,7 +389,9 @@ impl Server {
             Ok(durable) => s.writer.send(FrameType::Ack, &[&proto::encode_u64(durable)]).map_err(io_reject),
             Err(e) => {
                 let (reason, code) = store_reason(&e);
-                Err(reject(reason, code, e.to_string(), true))
+                // A Diverged error carries the common prefix in its seq.
+                let seq = if let StoreError::Diverged { after, .. } = e { after } else { 0 };
+                Err(Reject { reason, code, seq, offset: 0, message: e.to_string(), close: true })
             }
         }
     }

@@ -470,11 +470,12 @@ fn on_replay_done(shared: &Shared, link: &Link, next: u64) {
 /// The replica refused this HE's history: it holds another history's
 /// records. It stays lagging (never failed, which a reconnect would
 /// retry) until it is rolled back.
-fn on_diverged(shared: &Shared, link: &Link, message: &str) {
+fn on_diverged(shared: &Shared, link: &Link, after: u64, message: &str) {
     let mut g = shared.lock();
     let l = &mut g.links[link.idx];
     l.conn_gen += 1;
-    l.set_state(LinkState::Lagging, format!("diverged: {message}"));
+    l.diverged_after = Some(after);
+    l.set_state(LinkState::Lagging, format!("diverged after seq {after}: {message}"));
     shared.advance(&mut g);
 }
 
@@ -817,7 +818,7 @@ fn receiver_loop<R: TimeoutRead>(shared: &Shared, link: &Link, mut reader: Frame
             FrameType::Error => {
                 let why = match ErrorFrame::decode(p) {
                     Ok(frame) if frame.code == ErrorCode::Diverged => {
-                        on_diverged(shared, link, &frame.message);
+                        on_diverged(shared, link, frame.seq, &frame.message);
                         ClientError::Rejected { addr: link.spec.addr.clone(), frame }.to_string()
                     }
                     Ok(frame) => {

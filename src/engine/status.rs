@@ -21,6 +21,10 @@ pub struct ReplicaStatus {
     pub state: LinkState,
     /// Why it is in that state.
     pub reason: String,
+    /// Set when the replica holds records past this seq from another
+    /// history: it stays lagging until rolled back (`docs/design.md`).
+    #[serde(default)]
+    pub diverged_after: Option<u64>,
     /// Highest durable seq it reported.
     pub durable_seq: u64,
     /// Writes it is missing.
@@ -129,6 +133,7 @@ pub(crate) fn snapshot(s: &Shared) -> VolumeStatus {
                 addr: l.spec.addr.clone(),
                 state: c.state,
                 reason: c.reason.clone(),
+                diverged_after: c.diverged_after,
                 durable_seq: c.durable_seq,
                 lag_writes: last.saturating_sub(c.durable_seq),
                 lag_bytes,
