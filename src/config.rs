@@ -133,6 +133,12 @@ pub struct LinkTuning {
     /// `mtu` (576 to 65535; default 1500): the path MTU. Datagrams, repair
     /// included, are sized to fit it.
     pub mtu_bytes: u32,
+    /// `ack` (`"wire"`, the default, or `"local"`): whether completions
+    /// wait until this link has a write and its repair packets on the wire
+    /// (DESIGN §1b). `"local"` gives that guarantee up; it exists for the
+    /// rolling-disaster contrast ("local-sync + FEC"), and `status` shows
+    /// it as the link's network-sync mode.
+    pub ack_on_wire: bool,
 }
 
 impl Default for LinkTuning {
@@ -141,6 +147,7 @@ impl Default for LinkTuning {
             rate_bits_per_s: 0,
             window_bytes: starblk_netsync::LinkConfig::default().window_bytes,
             mtu_bytes: starblk_netsync::DEFAULT_MTU_BYTES as u32,
+            ack_on_wire: true,
         }
     }
 }
@@ -289,6 +296,7 @@ struct RawReplica {
     rate: Option<Spanned<String>>,
     window: Option<Spanned<toml::Value>>,
     mtu: Option<Spanned<i64>>,
+    ack: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -643,6 +651,16 @@ fn build_link(
         link.mtu_bytes = u32::try_from(*v.get_ref()).ok().filter(|m| LINK_MTU_RANGE.contains(m)).ok_or_else(|| {
             src.invalid(v, key("mtu"), v.get_ref().to_string(), "expected a path MTU from 576 to 65535, e.g. 1500")
         })?;
+    }
+    if let Some(v) = &r.ack {
+        if !network_sync {
+            return Err(only_netsync("ack", v.span(), quoted(v.get_ref())));
+        }
+        link.ack_on_wire = match v.get_ref().as_str() {
+            "wire" => true,
+            "local" => false,
+            other => return Err(src.invalid(v, key("ack"), quoted(other), "expected \"wire\" or \"local\"")),
+        };
     }
     Ok(link)
 }
@@ -1193,6 +1211,20 @@ fec = { scheme = "layered-xor", r = 8, c = 3 }   # or { scheme = "reed-solomon",
         }
         let err = "middle".parse::<Role>().unwrap_err().to_string();
         assert_eq!(err, "role \"middle\": expected one of local, near, far");
+    }
+
+    #[test]
+    fn ack_key_is_wire_by_default_and_only_for_network_sync() {
+        let c = parse(EXAMPLE).unwrap();
+        assert!(c.replicas.iter().all(|r| r.link.ack_on_wire));
+        let local = EXAMPLE.replace("network_sync = true", "network_sync = true\nack = \"local\"");
+        assert!(!parse(&local).unwrap().replicas[2].link.ack_on_wire);
+        let bad = EXAMPLE.replace("network_sync = true", "network_sync = true\nack = \"sometimes\"");
+        let err = parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("ack") && err.contains("expected \"wire\" or \"local\""), "{err}");
+        let tcp = EXAMPLE.replacen("role = \"local\"", "role = \"local\"\nack = \"local\"", 1);
+        let err = parse(&tcp).unwrap_err().to_string();
+        assert!(err.contains("only applies to network-sync links"), "{err}");
     }
 
     #[test]

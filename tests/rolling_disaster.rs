@@ -84,8 +84,9 @@ fn run(mode: Mode, loss: f64) -> Outcome {
     let far_cfg = match mode {
         Mode::LocalTcp => String::new(),
         m => format!(
-            "network_sync = true\nfec = {{ scheme = \"{}\", r = 8, c = 3 }}\nrate = \"{pace_mbit}Mbit\"\n",
-            m.fec()
+            "network_sync = true\nfec = {{ scheme = \"{}\", r = 8, c = 3 }}\nrate = \"{pace_mbit}Mbit\"\n{}",
+            m.fec(),
+            if matches!(m, Mode::LocalFec) { "ack = \"local\"\n" } else { "" }
         ),
     };
     let config = root.path().join("vol.toml");
@@ -102,9 +103,6 @@ fn run(mode: Mode, loss: f64) -> Outcome {
     let mut he = Command::new(BIN);
     he.args(["bench", "--pattern", "write", "--bs", "4k", "--qd", "4", "--seconds", "60", "--span", "200MiB"]);
     he.args(["--rate", RATE_IOPS, "--ack-log", "--config"]).arg(&config);
-    if matches!(mode, Mode::LocalFec) {
-        he.env("STARBLK_NETSYNC_ACK", "local");
-    }
     let mut he = he.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     let acks = Arc::new(Mutex::new(Vec::<(u64, u64)>::new()));
     let stdout = he.stdout.take().unwrap();

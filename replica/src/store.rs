@@ -790,7 +790,10 @@ mod tests {
         init(dir.path(), 1 << 20, LOG_MIN_BYTES).unwrap();
         let (s, _h) = open(dir.path());
         for (off, len) in [(1 << 20, 4096u32), (u64::MAX - 4095, 4096), (100, 4096), (0, 0)] {
-            assert!(matches!(s.append(1, &rec(1, off, len), &vec![0; len as usize]), Err(StoreError::OutOfRange { .. })));
+            assert!(matches!(
+                s.append(1, &rec(1, off, len), &vec![0; len as usize]),
+                Err(StoreError::OutOfRange { .. })
+            ));
         }
     }
 

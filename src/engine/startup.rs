@@ -149,9 +149,9 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
             role: r.role,
             initial_durable_seq: d.unwrap_or(0),
             netsync: r.network_sync.then(|| netsync_config(r)),
-            // STARBLK_NETSYNC_ACK=local acks without waiting for the wire:
+            // `ack = "local"` acks without waiting for the wire:
             // "local-sync + FEC", only for the rolling-disaster contrast.
-            wire_gate: std::env::var("STARBLK_NETSYNC_ACK").map(|v| v != "local").unwrap_or(true),
+            wire_gate: r.link.ack_on_wire,
         })
         .collect();
     let seed = seed_from_leader(cfg, &engine, &durables);

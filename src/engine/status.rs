@@ -140,6 +140,7 @@ pub(crate) fn snapshot(s: &Shared) -> VolumeStatus {
                 rtt_us: c.srtt_us,
                 network_sync: match (&l.spec.netsync, l.net_link()) {
                     (None, _) => "off".into(),
+                    (Some(_), _) if !l.spec.wire_gate => "ack-local (does not wait for the wire)".into(),
                     (Some(_), None) => "down".into(),
                     (Some(_), Some(nl)) => wire_mode(&nl.stats().wire_mode),
                 },
