@@ -147,6 +147,8 @@ struct Inner {
     follows: hist::History,
     /// Threads in [`Store::drained`] waiting for a commit to end.
     drain_waiters: u32,
+    /// Drains in progress: appends wait until they end.
+    fences: u32,
     shutdown: bool,
 }
 
@@ -162,6 +164,35 @@ struct History {
     offset: u64,
     first_seq: u64,
     bytes: u64,
+}
+
+/// The append lock, held after a drain; appends resume when it drops.
+struct Drained<'a> {
+    store: &'a Store,
+    g: Option<MutexGuard<'a, Inner>>,
+}
+
+impl std::ops::Deref for Drained<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        self.g.as_ref().expect("held until drop")
+    }
+}
+
+impl std::ops::DerefMut for Drained<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        self.g.as_mut().expect("held until drop")
+    }
+}
+
+impl Drop for Drained<'_> {
+    fn drop(&mut self) {
+        if let Some(mut g) = self.g.take() {
+            g.fences -= 1;
+            drop(g);
+            self.store.cond.notify_all();
+        }
+    }
 }
 
 /// Where the committer reports durability (the current writer session).
@@ -219,6 +250,7 @@ impl Store {
                 history: None,
                 follows: sb.history.clone(),
                 drain_waiters: 0,
+                fences: 0,
                 shutdown: false,
             }),
             cond: Condvar::new(),
@@ -310,6 +342,12 @@ impl Store {
         loop {
             if let Some(f) = self.failure() {
                 return Err(StoreError::Failed(f));
+            }
+            if g.fences > 0 {
+                g.append_waiters += 1;
+                g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner());
+                g.append_waiters -= 1;
+                continue;
             }
             // The epoch is read under the append lock, which a fence holds
             // while it persists a new one (see `drained`).
@@ -445,10 +483,14 @@ impl Store {
     /// Commits everything appended and waits for a running commit, and
     /// returns holding the append lock: nothing is appended or committed
     /// until the guard drops.
-    fn drained(&self) -> Result<MutexGuard<'_, Inner>, StoreError> {
+    /// New appends wait meanwhile, so the drain ends under any load.
+    fn drained(&self) -> Result<Drained<'_>, StoreError> {
         let mut g = lock(&self.inner);
+        g.fences += 1;
         loop {
             if let Some(f) = self.failure() {
+                g.fences -= 1;
+                self.cond.notify_all();
                 return Err(StoreError::Failed(f));
             }
             if g.committing {
@@ -459,7 +501,7 @@ impl Store {
                 self.commit_locked(g);
                 g = lock(&self.inner);
             } else {
-                return Ok(g);
+                return Ok(Drained { store: self, g: Some(g) });
             }
         }
     }
@@ -782,6 +824,66 @@ mod tests {
         }
         wait_durable(&s, 100);
         assert!(s.superblock().checkpoint_seq > 0, "no checkpoint taken");
+    }
+
+    /// An ack sink of one session epoch that records what it was told.
+    struct Recorder(u64, Mutex<Vec<u64>>);
+
+    impl AckSink for Recorder {
+        fn durable(&self, seq: u64) {
+            self.1.lock().unwrap().push(seq);
+        }
+        fn epoch(&self) -> u64 {
+            self.0
+        }
+    }
+
+    #[test]
+    fn fence_commits_what_was_appended_then_acks_nothing_to_the_old_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), 1 << 20, LOG_MIN_BYTES).unwrap();
+        let (s, _h) = open(dir.path());
+        let old = Arc::new(Recorder(1, Mutex::new(Vec::new())));
+        s.set_ack_sink(Some(old.clone()));
+        // Deferred appends: nobody commits them until the fence does.
+        for seq in 1..=20 {
+            s.append_deferred(1, &rec(seq, (seq % 8) * 4096, 4096), &[seq as u8; 4096]).unwrap();
+        }
+        s.set_epoch(2).unwrap();
+        // The fence committed all twenty first: the new host's branch point
+        // sees them, and their ack went out before the epoch changed.
+        assert_eq!(s.durable_seq(), 20);
+        let acked = old.1.lock().unwrap().clone();
+        assert_eq!(acked.last(), Some(&20));
+        // From now on the old host's records are refused, and nothing more
+        // is acknowledged to it.
+        let err = s.append(1, &rec(21, 0, 4096), &[0; 4096]).unwrap_err();
+        assert!(matches!(err, StoreError::StaleEpoch { asked: 1, mine: 2 }), "{err}");
+        // An epoch is granted once.
+        assert!(matches!(s.set_epoch(2), Err(StoreError::StaleEpoch { asked: 2, mine: 2 })));
+        // The new host (epoch 2, branching at 20) writes on; the old sink
+        // still installed gets nothing.
+        s.adopt(2, &s.follows().branch(2, 20), 20).unwrap();
+        let r = RecordHeader { seq: 21, offset: 0, len: 4096, op: WriteOp::Data, epoch: 2 };
+        s.append(2, &r, &[9; 4096]).unwrap();
+        wait_durable(&s, 21);
+        assert_eq!(old.1.lock().unwrap().last(), Some(&20), "acked to a fenced host");
+    }
+
+    #[test]
+    fn a_record_from_another_history_is_refused_not_dropped_as_a_retransmission() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), 1 << 20, LOG_MIN_BYTES).unwrap();
+        let (s, _h) = open(dir.path());
+        for seq in 1..=5 {
+            s.append(1, &rec(seq, 0, 4096), &[seq as u8; 4096]).unwrap();
+        }
+        wait_durable(&s, 5);
+        // Host 2 branched at 3: its seq 4 is not this replica's seq 4.
+        let host = hist::History::new().branch(1, 0).branch(2, 3);
+        assert!(matches!(s.adopt(2, &host, 10), Err(StoreError::Diverged { after: 3, .. })));
+        let r = RecordHeader { seq: 4, offset: 0, len: 4096, op: WriteOp::Data, epoch: 2 };
+        assert!(matches!(s.append(2, &r, &[4; 4096]), Err(StoreError::Diverged { .. })));
     }
 
     #[test]
