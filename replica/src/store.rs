@@ -399,10 +399,12 @@ impl Store {
     where
         F: FnMut(&RecordHeader, &[u8]) -> bool,
     {
-        let history = lock(&self.inner).history;
-        let (mut tail, mut first, log_bytes) = {
-            let g = lock(&self.sb);
-            (g.1.log_tail_offset, g.1.checkpoint_seq + 1, g.1.log_bytes)
+        // One snapshot of both: a checkpoint moves the tail and extends
+        // the history under the append lock.
+        let (history, mut tail, mut first, log_bytes) = {
+            let g = lock(&self.inner);
+            let sb = lock(&self.sb);
+            (g.history, sb.1.log_tail_offset, sb.1.checkpoint_seq + 1, sb.1.log_bytes)
         };
         if from < first {
             // Older records may still be intact behind the tail. If the
@@ -682,8 +684,10 @@ impl Store {
             let sb = lock(&self.sb);
             (sb.1.log_tail_offset, sb.1.checkpoint_seq + 1)
         };
-        self.checkpoint_meta(seq, tail)?;
+        // Under the append lock, so that `read_log` never sees the new tail
+        // without the history that keeps the records behind it readable.
         let mut g = lock(&self.inner);
+        self.checkpoint_meta(seq, tail)?;
         g.log.release(bytes);
         // The released records join the history behind the new tail.
         g.history = Some(match g.history {
