@@ -6,9 +6,9 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use crate::disk::FileIo;
 use crate::proto::Uuid;
 
 /// Bytes per slot.
@@ -162,7 +162,7 @@ impl Superblock {
     }
 
     /// Reads the newest valid slot of `file`.
-    pub fn read(file: &File) -> Result<Superblock, SuperblockError> {
+    pub fn read<F: FileIo + ?Sized>(file: &F) -> Result<Superblock, SuperblockError> {
         let mut slots = [[0u8; SLOT_BYTES]; 2];
         let mut res: [Result<Superblock, &'static str>; 2] = [Err("unread"), Err("unread")];
         for i in 0..2 {
@@ -181,7 +181,7 @@ impl Superblock {
     }
 
     /// Writes the next generation into the older slot and fdatasyncs it.
-    pub fn write_next(&mut self, file: &File) -> Result<(), SuperblockError> {
+    pub fn write_next<F: FileIo + ?Sized>(&mut self, file: &F) -> Result<(), SuperblockError> {
         self.generation += 1;
         let img = self.encode()?;
         let slot = (self.generation % 2) as usize;
