@@ -316,8 +316,12 @@ fn replica_cmd(cmd: ReplicaCmd) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         ReplicaCmd::Serve { dir, listen } => {
-            let h = starblk_replica::server::spawn(&dir, &listen)
-                .with_context(|| format!("serving replica {} on {listen}", dir.display()))?;
+            use starblk_replica::{server::ServeError, store::StoreError};
+            let h = starblk_replica::server::spawn(&dir, &listen).map_err(|e| match e {
+                // A bad STARBLK_FAULT (tests) is a usage error, like a bad flag.
+                ServeError::Store(e @ StoreError::FaultSpec(_)) => usage(e.to_string()),
+                e => anyhow::Error::new(e).context(format!("serving replica {} on {listen}", dir.display())),
+            })?;
             println!("listening on {}", h.addr);
             h.wait();
             Ok(ExitCode::SUCCESS)

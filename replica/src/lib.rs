@@ -5,6 +5,7 @@
 //! build on these types.
 
 pub mod client;
+pub mod disk;
 pub mod history;
 pub mod log;
 pub mod netlink;

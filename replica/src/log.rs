@@ -5,10 +5,9 @@
 //! check and its seq is exactly the next one expected, so a scan stops at
 //! the first stale or torn record. See `docs/on-disk-format.md`.
 
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 
+use crate::disk::FileIo;
 use crate::proto::{WriteOp, MAX_IO_BYTES};
 
 const REC_MAGIC: u32 = u32::from_le_bytes(*b"SLOG");
@@ -162,7 +161,7 @@ impl Batch {
     }
 
     /// Writes every segment and fdatasyncs once: the group commit.
-    pub fn write_durable(&self, file: &File) -> io::Result<()> {
+    pub fn write_durable<F: FileIo + ?Sized>(&self, file: &F) -> io::Result<()> {
         for s in &self.segments {
             file.write_all_at(&s.bytes, s.offset)?;
         }
@@ -305,8 +304,9 @@ impl Log {
 
 /// Scans the log from `tail`, calling `f` for each valid record in seq
 /// order starting at `first_seq`. Returns (next seq, head offset, used bytes).
-pub fn scan<F>(file: &File, size_bytes: u64, tail: u64, first_seq: u64, mut f: F) -> io::Result<(u64, u64, u64)>
+pub fn scan<R, F>(file: &R, size_bytes: u64, tail: u64, first_seq: u64, mut f: F) -> io::Result<(u64, u64, u64)>
 where
+    R: FileIo + ?Sized,
     F: FnMut(&RecordHeader, &[u8]) -> io::Result<()>,
 {
     let mut pos = tail;
@@ -321,7 +321,9 @@ where
             pos = 0;
             continue;
         }
-        if file.read_exact_at(&mut hb, pos).is_err() {
+        // A failing read is an error, not the end of the log: stopping
+        // there would restart the replica below its durable seq (§3).
+        if !read_or_eof(file, &mut hb, pos)? {
             break;
         }
         match decode_header(&hb) {
@@ -341,9 +343,7 @@ where
                     break;
                 }
                 data.resize(h.data_bytes(), 0);
-                if file.read_exact_at(&mut data, pos + REC_HEADER_BYTES as u64).is_err()
-                    || verify(&hb, crc, &data).is_err()
-                {
+                if !read_or_eof(file, &mut data, pos + REC_HEADER_BYTES as u64)? || verify(&hb, crc, &data).is_err() {
                     break;
                 }
                 f(&h, &data)?;
@@ -357,9 +357,20 @@ where
     Ok((expect, pos % size_bytes, used))
 }
 
+/// Reads `buf` at `pos`; false if the file ends first (a log file shorter
+/// than its superblock says ends the log there), an error if the read fails.
+fn read_or_eof<R: FileIo + ?Sized>(file: &R, buf: &mut [u8], pos: u64) -> io::Result<bool> {
+    match file.read_exact_at(buf, pos) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
 
     fn rec(seq: u64, len: u32) -> RecordHeader {
         RecordHeader { seq, offset: seq * 4096, len, op: WriteOp::Data, epoch: 1 }

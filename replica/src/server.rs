@@ -294,6 +294,21 @@ impl Server {
             let json = self.stats_json();
             return s.writer.send(FrameType::StatsReply, &[json.as_bytes()]).map_err(io_reject);
         }
+        // A failed store takes no new sessions and no frame that needs it
+        // working; sessions end here, so the HE learns why (DESIGN §12).
+        if matches!(
+            kind,
+            FrameType::Hello
+                | FrameType::Write
+                | FrameType::Replay
+                | FrameType::SetEpoch
+                | FrameType::Stamp
+                | FrameType::Heartbeat
+        ) {
+            if let Some(f) = self.store.failure() {
+                return Err(reject("disk_failed", ErrorCode::DiskError, StoreError::Failed(f).to_string(), true));
+            }
+        }
         if kind == FrameType::Hello {
             return self.hello(s, Hello::decode(p).map_err(malformed)?);
         }
@@ -513,8 +528,9 @@ impl Server {
         match res {
             Ok(next) => s.writer.send(FrameType::LogEnd, &[&proto::encode_u64(next)]).map_err(io_reject),
             Err(e) => Err(Reject {
-                reason: "not_in_log",
-                code: ErrorCode::OutOfRange,
+                // Not in the log any more, or the log cannot be read.
+                reason: store_reason(&e).0,
+                code: store_reason(&e).1,
                 seq: from,
                 offset: 0,
                 message: e.to_string(),
@@ -560,6 +576,7 @@ fn store_reason(e: &StoreError) -> (&'static str, ErrorCode) {
         StoreError::Geometry(_) => ("bad_geometry", ErrorCode::OutOfRange),
         StoreError::StaleEpoch { .. } => ("stale_epoch", ErrorCode::StaleEpoch),
         StoreError::Diverged { .. } => ("diverged", ErrorCode::Diverged),
+        StoreError::NotInLog { .. } => ("not_in_log", ErrorCode::OutOfRange),
         _ => ("disk_error", ErrorCode::DiskError),
     }
 }

@@ -9,13 +9,13 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
+use crate::disk::{DiskFile, FaultPlan, FaultSpecError, FileIo, FileKind};
 use crate::history::{self as hist, AppendDecision, Standing};
 use crate::log::{self, Batch, Log, RecordHeader, LOG_MIN_BYTES, REC_HEADER_BYTES};
 use crate::proto::{Uuid, WriteOp, MAX_IO_BYTES};
@@ -64,6 +64,9 @@ pub enum StoreError {
     /// or the replica's log holds records past `after` from another history.
     #[error("replica diverged from the host's history after seq {after} (record seq {seq}, epoch {epoch})")]
     Diverged { after: u64, seq: u64, epoch: u64 },
+    /// `STARBLK_FAULT` (fault injection, for tests) does not parse.
+    #[error("STARBLK_FAULT: {0}")]
+    FaultSpec(FaultSpecError),
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
@@ -210,9 +213,11 @@ pub struct Store {
     inner: Mutex<Inner>,
     /// Wakes the committer (new records) and appenders (space freed).
     cond: Condvar,
-    sb: Mutex<(File, Superblock)>,
-    data: File,
-    log_file: File,
+    sb: Mutex<(DiskFile, Superblock)>,
+    data: DiskFile,
+    log_file: DiskFile,
+    /// Fault injection (tests): shared by the three files above.
+    faults: Arc<FaultPlan>,
     durable_seq: AtomicU64,
     epoch: AtomicU64,
     failed: AtomicBool,
@@ -226,15 +231,25 @@ pub struct Store {
 
 impl Store {
     /// Opens the replica in `dir`, replays its log into the data file, takes
-    /// a checkpoint and starts the committer thread.
+    /// a checkpoint and starts the committer thread. Faults named in
+    /// `STARBLK_FAULT` are armed from the start (tests; see [`crate::disk`]).
     pub fn open(dir: &Path) -> Result<(Arc<Store>, JoinHandle<()>), StoreError> {
+        Store::open_with_faults(dir, FaultPlan::from_env().map_err(StoreError::FaultSpec)?)
+    }
+
+    /// [`Store::open`] with the fault plan `faults` instead of the
+    /// environment's; what `faults` holds armed hits the open too.
+    pub fn open_with_faults(dir: &Path, faults: Arc<FaultPlan>) -> Result<(Arc<Store>, JoinHandle<()>), StoreError> {
         let p = Paths::new(dir);
-        let open = |path: &Path| OpenOptions::new().read(true).write(true).open(path).map_err(io_err("open", path));
-        let sb_file = open(&p.superblock)?;
+        let open = |path: &Path, kind: FileKind| {
+            let f = OpenOptions::new().read(true).write(true).open(path).map_err(io_err("open", path))?;
+            Ok::<_, StoreError>(DiskFile::new(f, kind, faults.clone()))
+        };
+        let sb_file = open(&p.superblock, FileKind::Superblock)?;
         let sb =
             Superblock::read(&sb_file).map_err(|source| StoreError::Superblock { dir: dir.to_path_buf(), source })?;
-        let data = open(&p.data)?;
-        let log_file = open(&p.log)?;
+        let data = open(&p.data, FileKind::Data)?;
+        let log_file = open(&p.log, FileKind::Log)?;
         let (next, head, used) = replay(&sb, &data, &log_file, &p)?;
         let store = Arc::new(Store {
             dir: dir.to_path_buf(),
@@ -259,6 +274,7 @@ impl Store {
             sb: Mutex::new((sb_file, sb)),
             data,
             log_file,
+            faults,
             failed: AtomicBool::new(false),
             failure: Mutex::new(String::new()),
             ack_sink: Mutex::new(None),
@@ -295,6 +311,11 @@ impl Store {
     /// Current fencing epoch.
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
+    }
+
+    /// The fault plan of this store's files, to arm faults at runtime (tests).
+    pub fn faults(&self) -> &Arc<FaultPlan> {
+        &self.faults
     }
 
     /// Whether a disk error stopped the store.
@@ -586,17 +607,28 @@ impl Store {
     }
 
     /// Takes the batch, commits it without the lock, then books it.
+    ///
+    /// Nothing commits once the store failed: the failed batch is a hole in
+    /// the log and the data file, and a later batch would publish a durable
+    /// seq past it (DESIGN §3). Commits are serialised by `committing`, and
+    /// a failing commit sets the failure before it clears `committing`, so
+    /// this check under the lock sees every earlier failure.
     fn commit_locked(&self, mut g: MutexGuard<'_, Inner>) {
         debug_assert!(!g.committing);
+        if self.failed.load(Ordering::Acquire) {
+            return;
+        }
         g.committing = true;
         let batch = g.log.take();
         drop(g);
-        if let Err(e) = self.commit(&batch) {
+        let res = self.commit(&batch);
+        if let Err(e) = &res {
             self.fail(format!("group commit: {e}"));
         }
         let mut g = lock(&self.inner);
         g.committing = false;
-        if let Some(last) = batch.records.last() {
+        // A failed batch is not applied: no checkpoint may release it.
+        if let (Ok(()), Some(last)) = (&res, batch.records.last()) {
             g.applied_seq = last.header.seq;
             g.applied_end = batch.end_offset;
             g.applied_unsynced_bytes += batch.used_bytes;
@@ -658,7 +690,12 @@ impl Store {
             apply(&self.data, &p.header, batch.data(p)).map_err(io_err("apply to data file", &self.dir))?;
         }
         let last = batch.records.last().map(|p| p.header.seq).unwrap_or(0);
-        debug_assert!(last > self.durable_seq(), "durable seq never goes down");
+        // A batch that finished after another one failed must not publish
+        // past the hole that one left (`docs/design.md`, "Failures").
+        let failed_before = self.failed.load(Ordering::Acquire);
+        let Some(last) = hist::publish_durable(self.durable_seq(), last, true, failed_before) else {
+            return Ok(());
+        };
         self.durable_seq.store(last, Ordering::Release);
         self.commits.fetch_add(1, Ordering::Relaxed);
         self.writes.fetch_add(batch.records.len() as u64, Ordering::Relaxed);
@@ -720,7 +757,7 @@ impl Store {
 
 /// Replays the log after the checkpoint into the data file and syncs it.
 /// Returns (next seq, log head, log bytes in use since the tail).
-fn replay(sb: &Superblock, data: &File, log_file: &File, p: &Paths) -> Result<(u64, u64, u64), StoreError> {
+fn replay(sb: &Superblock, data: &DiskFile, log_file: &DiskFile, p: &Paths) -> Result<(u64, u64, u64), StoreError> {
     let size = sb.size_bytes;
     let mut bad = None;
     let (next, head, used) = log::scan(log_file, sb.log_bytes, sb.log_tail_offset, sb.checkpoint_seq + 1, |h, d| {
@@ -742,7 +779,7 @@ fn replay(sb: &Superblock, data: &File, log_file: &File, p: &Paths) -> Result<(u
 }
 
 /// Applies one record to the data file.
-fn apply(data: &File, h: &RecordHeader, bytes: &[u8]) -> io::Result<()> {
+fn apply(data: &DiskFile, h: &RecordHeader, bytes: &[u8]) -> io::Result<()> {
     match h.op {
         WriteOp::Data => data.write_all_at(bytes, h.offset),
         WriteOp::Discard | WriteOp::WriteZeroes => punch_hole(data, h.offset, h.len as u64),
@@ -751,7 +788,7 @@ fn apply(data: &File, h: &RecordHeader, bytes: &[u8]) -> io::Result<()> {
 
 /// Deallocates a range so it reads as zeroes; falls back to writing zeroes
 /// where the filesystem cannot punch holes.
-fn punch_hole(f: &File, offset: u64, len: u64) -> io::Result<()> {
+fn punch_hole(f: &DiskFile, offset: u64, len: u64) -> io::Result<()> {
     let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
     // SAFETY: fallocate only reads its integer arguments; the fd is owned by `f`.
     let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };

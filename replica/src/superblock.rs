@@ -6,9 +6,9 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use crate::disk::FileIo;
 use crate::history::{History, HISTORY_STEPS_MAX};
 use crate::proto::Uuid;
 
@@ -181,7 +181,7 @@ impl Superblock {
     }
 
     /// Reads the newest valid slot of `file`.
-    pub fn read(file: &File) -> Result<Superblock, SuperblockError> {
+    pub fn read<F: FileIo + ?Sized>(file: &F) -> Result<Superblock, SuperblockError> {
         let mut slots = [[0u8; SLOT_BYTES]; 2];
         let mut res: [Result<Superblock, &'static str>; 2] = [Err("unread"), Err("unread")];
         for i in 0..2 {
@@ -202,7 +202,11 @@ impl Superblock {
     /// Applies `change` to a copy, writes it as the next generation, and
     /// only then updates `self`: the cached superblock never runs ahead of
     /// the one on disk, even when the write fails.
-    pub fn update(&mut self, file: &File, change: impl FnOnce(&mut Superblock)) -> Result<(), SuperblockError> {
+    pub fn update<F: FileIo + ?Sized>(
+        &mut self,
+        file: &F,
+        change: impl FnOnce(&mut Superblock),
+    ) -> Result<(), SuperblockError> {
         let mut next = self.clone();
         change(&mut next);
         next.write_next(file)?;
@@ -213,7 +217,7 @@ impl Superblock {
     /// Writes the next generation into the older slot and fdatasyncs it.
     /// `self` changes only once the write is durable, so a failed update
     /// leaves the in-memory copy equal to what is on disk.
-    pub fn write_next(&mut self, file: &File) -> Result<(), SuperblockError> {
+    pub fn write_next<F: FileIo + ?Sized>(&mut self, file: &F) -> Result<(), SuperblockError> {
         let mut next = self.clone();
         next.generation += 1;
         let img = next.encode()?;

@@ -56,6 +56,9 @@ pub struct Replica {
     pub dir: PathBuf,
     pub addr: String,
     pub child: Option<Child>,
+    /// Extra environment for `replica serve`, e.g. `STARBLK_FAULT` (fault
+    /// injection, see docs/operations.md). Used at the next `start`.
+    pub env: Vec<(String, String)>,
 }
 
 impl Replica {
@@ -69,7 +72,7 @@ impl Replica {
             .unwrap();
         assert!(out.status.success(), "replica init failed: {}", String::from_utf8_lossy(&out.stderr));
         let addr = format!("127.0.0.1:{}", free_port());
-        Replica { name: name.into(), dir, addr, child: None }
+        Replica { name: name.into(), dir, addr, child: None, env: Vec::new() }
     }
 
     pub fn start(&mut self) {
@@ -79,6 +82,7 @@ impl Replica {
             .args(["replica", "serve", "--dir"])
             .arg(&self.dir)
             .args(["--listen", &self.addr])
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -93,6 +97,18 @@ impl Replica {
             c.kill().unwrap();
             c.wait().unwrap();
         }
+    }
+
+    /// Starts `replica serve` with `STARBLK_FAULT=fault` (fault injection).
+    pub fn start_with_fault(&mut self, fault: &str) {
+        self.env.retain(|(k, _)| k != "STARBLK_FAULT");
+        self.env.push(("STARBLK_FAULT".into(), fault.into()));
+        self.start();
+    }
+
+    /// What `replica serve` logged (stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
     }
 
     pub fn data(&self) -> Vec<u8> {
