@@ -276,7 +276,8 @@ impl Server {
         // Writes appended before the session ended still get committed.
         self.store.commit_pending();
         if sess.is_ack_sink {
-            self.store.set_ack_sink(None);
+            let sink: Arc<dyn AckSink> = sess.writer.clone();
+            self.store.clear_ack_sink_if(&sink);
         }
         sess.writer.out.close();
     }
