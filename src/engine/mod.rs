@@ -460,7 +460,10 @@ impl Shared {
                 g.pool.push(data);
             }
             for (i, l) in g.links.iter_mut().enumerate() {
-                if l.state.is_connected() && l.next_send_seq <= seq {
+                // A replaying link takes nothing from the queue until its
+                // replay ends; then it goes on from the queue or replays
+                // again (on_replay_done), so eviction does not cut it.
+                if l.state.is_connected() && l.replay.is_none() && l.next_send_seq <= seq {
                     l.set_state(LinkState::Lagging, format!("fell out of the write queue at seq {seq}"));
                     self.links[i].cut("fell out of the write-queue window");
                 }
