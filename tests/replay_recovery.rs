@@ -2,13 +2,14 @@
 //! than the HE's write queue holds went by copies them from an up-to-date
 //! peer's log, replica to replica, then catches up from the write queue;
 //! when the peers' logs no longer hold them either, it stays `lagging`
-//! and says it needs incremental recovery. Writes go on throughout.
+//! and says it needs incremental recovery. Writes go on throughout, also
+//! while a network-sync replica replays.
 
 mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use rand::{Rng, SeedableRng};
@@ -147,4 +148,48 @@ fn replay_under_steady_writes_with_a_full_write_queue_completes_in_one_session()
     assert!(rounds >= 2, "expected the queue to move past the first replay (seed {seed}):\n{log}");
     assert!(v.volume.shutdown(Duration::from_secs(20)), "replicas did not catch up (seed {seed})");
     c.kill_all_and_assert_identical(&format!("seed {seed}"));
+}
+
+#[test]
+fn writes_complete_while_a_network_sync_replica_replays() {
+    // r2 is the network-sync replica. It is down while 8 MiB of writes
+    // go by (far more than the write queue holds), so it comes back with
+    // a replay, which at 1 MB/s takes about 8 s. Writes meanwhile must
+    // not wait for it: DESIGN §1b gates on links that receive the live
+    // write stream. (r2 is down before the HE starts: killing a
+    // network-sync replica under a running HE is another matter.) Not in
+    // netsync_far.rs, whose other test's wire-seq check is sensitive to a
+    // second network-sync cluster running beside it.
+    let mut c = Cluster::with_last(
+        3,
+        2,
+        SIZE,
+        "write_queue = \"1MiB\"\nrecovery_rate = \"8Mbit\"",
+        "network_sync = true\nfec = { scheme = \"layered-xor\", r = 8, c = 3 }\nrate = \"200Mbit\"",
+    );
+    c.replicas[2].kill();
+    let v = c.engine();
+    let write = |i: u64| {
+        let off = (i * 7 % 4096) * 4096;
+        v.write(off, &block(off, i, 4096)).unwrap_or_else(|e| panic!("write {i}: {e}"));
+    };
+    (1..=2000).for_each(write);
+    c.replicas[2].start();
+    wait_until(Duration::from_secs(20), "r2 replaying", || {
+        let r = replica_status(&v, "r2");
+        r.state == LinkState::Recovering && r.reason.contains("replay")
+    });
+    let started = Instant::now();
+    (2001..=2050).for_each(write);
+    let took = started.elapsed();
+    let r = replica_status(&v, "r2");
+    println!("50 writes took {took:?} during the replay; r2: {} ({})", r.state, r.reason);
+    assert!(took < Duration::from_secs(4), "50 writes took {took:?} while the network-sync replica replayed");
+    assert!(r.reason.contains("replay"), "the replay ended before the writes did: {}", r.reason);
+    wait_until(Duration::from_secs(60), "r2 up to date after the replay", || {
+        replica_status(&v, "r2").state == LinkState::UpToDate
+    });
+    (2051..=2100).for_each(write);
+    assert!(v.volume.shutdown(Duration::from_secs(20)), "replicas did not catch up");
+    c.kill_all_and_assert_identical("replay over network-sync");
 }
