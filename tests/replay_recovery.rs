@@ -2,11 +2,14 @@
 //! than the HE's write queue holds went by copies them from an up-to-date
 //! peer's log, replica to replica, then catches up from the write queue;
 //! when the peers' logs no longer hold them either, it stays `lagging`
-//! and says it needs incremental recovery. Writes go on throughout.
+//! and says it needs incremental recovery. Writes go on throughout, also
+//! while a network-sync replica replays.
 
 mod common;
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use common::*;
 use rand::{Rng, SeedableRng};
@@ -92,4 +95,101 @@ fn recovery_rate_limits_a_replay_and_can_be_raised_online() {
         replica_status(&v, "r2").state == LinkState::UpToDate
     });
     assert!(v.volume.status().to_string().contains("recovery rate unlimited"));
+}
+
+/// Writes random stamped blocks, at most 100 a second, until `stop`;
+/// counts them in `done`.
+fn write_steadily(v: BlockingVolume, seed: u64, first: u64, stop: Arc<AtomicBool>, done: Arc<AtomicU64>) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for i in first.. {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        write_random(&v, &mut rng, i, 1);
+        done.fetch_add(1, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn replay_under_steady_writes_with_a_full_write_queue_completes_in_one_session() {
+    // The 1 MiB write queue (about 250 writes) is full from the start, so
+    // every write evicts its oldest entry, which the replaying replica has
+    // not been sent. At 1 MB/s the 8 MiB replay takes 8 s: the writes that
+    // go by meanwhile are more than the queue holds, so after it the
+    // session replays again, a shorter range each time (writes are slower).
+    let mut c = Cluster::new(3, 2, SIZE, "write_queue = \"1MiB\"\nrecovery_rate = \"8Mbit\"");
+    let v = c.engine();
+    let seed: u64 = rand::random();
+    println!("seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    write_random(&v, &mut rng, 1, 200);
+    c.replicas[2].kill();
+    write_random(&v, &mut rng, 201, 2000);
+    wait_until(Duration::from_secs(10), "r2 seen down", || replica_status(&v, "r2").state == LinkState::Failed);
+    let sessions = replica_status(&v, "r2").sessions;
+    let (stop, done) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let writer = {
+        let (v, stop, done) = (v.clone(), stop.clone(), done.clone());
+        std::thread::spawn(move || write_steadily(v, seed ^ 1, 2201, stop, done))
+    };
+    c.replicas[2].start();
+    wait_until(Duration::from_secs(60), "r2 up to date after replay under steady writes", || {
+        replica_status(&v, "r2").state == LinkState::UpToDate
+    });
+    let during = done.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let r = replica_status(&v, "r2");
+    let log = std::fs::read_to_string(c.replicas[2].dir.with_extension("log")).unwrap();
+    let rounds = log.matches("replay recovery done").count();
+    println!("r2 caught up in {rounds} replay rounds while {during} writes completed");
+    assert_eq!(r.sessions, sessions + 1, "the replay was cut and started over (seed {seed}): {}", r.reason);
+    assert!(rounds >= 2, "expected the queue to move past the first replay (seed {seed}):\n{log}");
+    assert!(v.volume.shutdown(Duration::from_secs(20)), "replicas did not catch up (seed {seed})");
+    c.kill_all_and_assert_identical(&format!("seed {seed}"));
+}
+
+#[test]
+fn writes_complete_while_a_network_sync_replica_replays() {
+    // r2 is the network-sync replica. It is down while 8 MiB of writes
+    // go by (far more than the write queue holds), so it comes back with
+    // a replay, which at 1 MB/s takes about 8 s. Writes meanwhile must
+    // not wait for it: DESIGN §1b gates on links that receive the live
+    // write stream. (r2 is down before the HE starts: killing a
+    // network-sync replica under a running HE is another matter.) Not in
+    // netsync_far.rs, whose other test's wire-seq check is sensitive to a
+    // second network-sync cluster running beside it.
+    let mut c = Cluster::with_last(
+        3,
+        2,
+        SIZE,
+        "write_queue = \"1MiB\"\nrecovery_rate = \"8Mbit\"",
+        "network_sync = true\nfec = { scheme = \"layered-xor\", r = 8, c = 3 }\nrate = \"200Mbit\"",
+    );
+    c.replicas[2].kill();
+    let v = c.engine();
+    let write = |i: u64| {
+        let off = (i * 7 % 4096) * 4096;
+        v.write(off, &block(off, i, 4096)).unwrap_or_else(|e| panic!("write {i}: {e}"));
+    };
+    (1..=2000).for_each(write);
+    c.replicas[2].start();
+    wait_until(Duration::from_secs(20), "r2 replaying", || {
+        let r = replica_status(&v, "r2");
+        r.state == LinkState::Recovering && r.reason.contains("replay")
+    });
+    let started = Instant::now();
+    (2001..=2050).for_each(write);
+    let took = started.elapsed();
+    let r = replica_status(&v, "r2");
+    println!("50 writes took {took:?} during the replay; r2: {} ({})", r.state, r.reason);
+    assert!(took < Duration::from_secs(4), "50 writes took {took:?} while the network-sync replica replayed");
+    assert!(r.reason.contains("replay"), "the replay ended before the writes did: {}", r.reason);
+    wait_until(Duration::from_secs(60), "r2 up to date after the replay", || {
+        replica_status(&v, "r2").state == LinkState::UpToDate
+    });
+    (2051..=2100).for_each(write);
+    assert!(v.volume.shutdown(Duration::from_secs(20)), "replicas did not catch up");
+    c.kill_all_and_assert_identical("replay over network-sync");
 }

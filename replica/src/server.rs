@@ -5,13 +5,14 @@
 //! rejected frame is counted by reason and logged; a framing error closes
 //! only that session, and the server goes on serving others.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufReader, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::history::{self, HelloDecision};
 use crate::log::RecordHeader;
@@ -20,6 +21,18 @@ use crate::proto::{
 };
 use crate::store::{AckSink, Store, StoreError};
 use crate::superblock::Member;
+
+/// A network-sync session ends after this long without a message. The HE
+/// sends a heartbeat every 100 ms on a live session, even while a replay
+/// runs, and gives up on a silent replica after 3 to 30 s (RTT-scaled);
+/// a link the HE dropped says nothing (there is no close message), so
+/// silence is how its session here learns it is over.
+pub const NETSYNC_SILENCE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A failing accept (out of file descriptors, say) is retried after a
+/// pause that grows from the first to the second, and logged at most
+/// once per interval.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_millis(100));
+const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Counters of rejected input, by reason.
 #[derive(Default)]
@@ -45,11 +58,15 @@ pub struct Server {
     store: Arc<Store>,
     /// Rejection counters.
     pub rejections: Rejections,
-    sessions: Mutex<Vec<TcpStream>>,
+    /// Open sessions by id, so `stop` can end them; each removes itself
+    /// when it ends.
+    sessions: Mutex<HashMap<u64, SessionCut>>,
     stopping: AtomicBool,
     next_session: AtomicU64,
     /// Replay recovery: at most one at a time, and its rate limit.
     replaying: Arc<crate::replay::ReplayControl>,
+    /// How long a network-sync session may go without a message.
+    netsync_silence_ms: AtomicU64,
 }
 
 /// A running server (for in-process tests and the CLI).
@@ -71,8 +88,9 @@ impl ServerHandle {
         if let Some(h) = self.accept.take() {
             let _ = h.join();
         }
-        for s in self.server.sessions.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
-            let _ = s.shutdown(Shutdown::Both);
+        let open = std::mem::take(&mut *self.server.sessions.lock().unwrap_or_else(|e| e.into_inner()));
+        for s in open.values() {
+            s.cut();
         }
         self.server.store.shutdown();
         if let Some(h) = self.committer.take() {
@@ -96,10 +114,11 @@ pub fn spawn(dir: &Path, listen: &str) -> Result<ServerHandle, ServeError> {
     let server = Arc::new(Server {
         store,
         rejections: Rejections::default(),
-        sessions: Mutex::new(Vec::new()),
+        sessions: Mutex::new(HashMap::new()),
         stopping: AtomicBool::new(false),
         next_session: AtomicU64::new(1),
         replaying: Arc::new(crate::replay::ReplayControl::default()),
+        netsync_silence_ms: AtomicU64::new(NETSYNC_SILENCE_TIMEOUT.as_millis() as u64),
     });
     let s2 = server.clone();
     let accept = std::thread::Builder::new()
@@ -135,6 +154,55 @@ pub trait FrameOut: Send + Sync {
     fn send_frame(&self, kind: FrameType, parts: &[&[u8]]) -> io::Result<()>;
     /// Ends the session's transport (unblocks its reader).
     fn close(&self);
+}
+
+/// How `stop` ends an open session: shut its socket down, or set its
+/// network-sync reader's closed flag.
+enum SessionCut {
+    Tcp(TcpStream),
+    Net(Arc<AtomicBool>),
+}
+
+impl SessionCut {
+    fn cut(&self) {
+        match self {
+            SessionCut::Tcp(s) => {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            SessionCut::Net(closed) => closed.store(true, Ordering::Release),
+        }
+    }
+}
+
+/// A failing accept loop: pauses (growing) and rate-limited warnings, so
+/// a persistent error such as EMFILE neither spins nor floods the log.
+struct AcceptErrors {
+    what: &'static str,
+    pause: Duration,
+    logged: Option<Instant>,
+    unlogged: u64,
+}
+
+impl AcceptErrors {
+    fn new(what: &'static str) -> AcceptErrors {
+        AcceptErrors { what, pause: ACCEPT_BACKOFF.0, logged: None, unlogged: 0 }
+    }
+
+    fn failed(&mut self, e: &dyn std::fmt::Display) {
+        if self.logged.is_none_or(|t| t.elapsed() >= ACCEPT_ERROR_LOG_INTERVAL) {
+            let also = self.unlogged;
+            tracing::warn!(also_failed_since_last_warning = also, "{} failed: {e}; retrying", self.what);
+            (self.logged, self.unlogged) = (Some(Instant::now()), 0);
+        } else {
+            self.unlogged += 1;
+        }
+        std::thread::sleep(self.pause);
+        self.pause = (self.pause * 2).min(ACCEPT_BACKOFF.1);
+    }
+
+    fn ok(&mut self) {
+        self.pause = ACCEPT_BACKOFF.0;
+    }
 }
 
 /// Replies over TCP; the mutex keeps frames from interleaving.
@@ -200,43 +268,79 @@ struct Reject {
 }
 
 impl Server {
+    /// Sets how long a network-sync session may go without a message
+    /// before it ends (default [`NETSYNC_SILENCE_TIMEOUT`]); applies to
+    /// sessions accepted from now on.
+    pub fn set_netsync_silence_timeout(&self, t: Duration) {
+        self.netsync_silence_ms.store(t.as_millis().max(1) as u64, Ordering::Relaxed);
+    }
+
     fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        let mut errors = AcceptErrors::new("accept");
         for conn in listener.incoming() {
             if self.stopping.load(Ordering::Acquire) {
                 return;
             }
-            let Ok(stream) = conn else { continue };
-            let id = self.next_session.fetch_add(1, Ordering::Relaxed);
-            if let Ok(c) = stream.try_clone() {
-                self.sessions.lock().unwrap_or_else(|e| e.into_inner()).push(c);
-            }
-            let s2 = self.clone();
-            let _ = std::thread::Builder::new().name(format!("session-{id}")).spawn(move || s2.session(stream));
+            let (stream, cut) = match conn.and_then(|s| s.try_clone().map(|c| (s, c))) {
+                Ok(s) => s,
+                Err(e) => {
+                    errors.failed(&e);
+                    continue;
+                }
+            };
+            errors.ok();
+            self.spawn_session("session", SessionCut::Tcp(cut), move |s| s.session(stream));
         }
     }
 
     fn accept_netsync(self: Arc<Self>, mut listener: starblk_netsync::Listener) {
+        let mut errors = AcceptErrors::new("network-sync accept");
         while !self.stopping.load(Ordering::Acquire) {
-            let link = match listener.accept_timeout(std::time::Duration::from_millis(200)) {
+            let link = match listener.accept_timeout(Duration::from_millis(200)) {
                 Ok(Some(l)) => Arc::new(l),
                 Ok(None) => continue,
                 Err(e) => {
-                    tracing::warn!("network-sync accept: {e}");
+                    errors.failed(&e);
                     continue;
                 }
             };
+            errors.ok();
             let peer = link.peer_addr();
             let closed = Arc::new(AtomicBool::new(false));
-            let input = crate::netlink::MsgReader::new(link.clone(), closed.clone());
-            let out = Box::new(crate::netlink::NetOut::new(link, closed));
-            let s2 = self.clone();
-            let _ = std::thread::Builder::new()
-                .name(format!("netsync-{peer}"))
-                .spawn(move || s2.run_session(input, out, peer));
+            let mut input = crate::netlink::MsgReader::new(link.clone(), closed.clone());
+            // The link has no close message: a session whose HE went away
+            // (its link dropped, or the host gone) ends on silence.
+            input.set_timeout(Some(Duration::from_millis(self.netsync_silence_ms.load(Ordering::Relaxed))));
+            let out = Box::new(crate::netlink::NetOut::new(link, closed.clone()));
+            self.spawn_session("netsync", SessionCut::Net(closed), move |s| s.run_session(input, out, peer));
         }
     }
 
-    fn session(self: Arc<Self>, stream: TcpStream) {
+    /// Registers a session under a fresh id and runs `body` on its own
+    /// thread; the session leaves the registry when `body` returns.
+    fn spawn_session(self: &Arc<Self>, kind: &str, cut: SessionCut, body: impl FnOnce(&Server) + Send + 'static) {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut open = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            // `stop` sets `stopping` before it takes the registry: a
+            // session registered after that would never be cut.
+            if self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            open.insert(id, cut);
+        }
+        let s2 = self.clone();
+        let spawned = std::thread::Builder::new().name(format!("{kind}-{id}")).spawn(move || {
+            body(&s2);
+            s2.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start a session thread: {e}");
+            self.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        }
+    }
+
+    fn session(&self, stream: TcpStream) {
         let Ok(peer) = stream.peer_addr() else { return };
         let _ = stream.set_nodelay(true);
         let Ok(wstream) = stream.try_clone() else { return };
@@ -283,7 +387,8 @@ impl Server {
         // Writes appended before the session ended still get committed.
         self.store.commit_pending();
         if sess.is_ack_sink {
-            self.store.set_ack_sink(None);
+            let sink: Arc<dyn AckSink> = sess.writer.clone();
+            self.store.clear_ack_sink_if(&sink);
         }
         sess.writer.out.close();
     }

@@ -328,6 +328,16 @@ impl Store {
         *lock(&self.ack_sink) = sink;
     }
 
+    /// Stops routing notifications to `sink` if it is still the current
+    /// one; a sink a newer session installed meanwhile stays.
+    pub fn clear_ack_sink_if(&self, sink: &Arc<dyn AckSink>) {
+        let mut g = lock(&self.ack_sink);
+        // Data pointers only: vtable pointers of one type may differ.
+        if g.as_ref().is_some_and(|cur| std::ptr::addr_eq(Arc::as_ptr(cur), Arc::as_ptr(sink))) {
+            *g = None;
+        }
+    }
+
     /// Checks that a range lies inside the volume and is block aligned.
     pub fn check_range(&self, offset: u64, len: u64) -> Result<(), StoreError> {
         let sb = lock(&self.sb);

@@ -453,15 +453,50 @@ fn replay_running(shared: &Shared, link: &Link) -> bool {
 
 /// The replica finished its replay: the write stream continues at `next`
 /// from the write queue (quick recovery), or, if the queue has moved past
-/// `next`, the session ends and the next one replays again from further on.
+/// `next` meanwhile (writes went on; eviction spares a replaying link),
+/// the session replays again from `next`, from the same peer if it is
+/// still up to date. Each round is shorter while replay outpaces writes.
 fn on_replay_done(shared: &Shared, link: &Link, next: u64) {
     let mut g = shared.lock();
+    let first = g.queue.front().map(|e| e.seq).unwrap_or(g.next_seq);
+    let last = g.next_seq - 1;
     let l = &mut g.links[link.idx];
     let Some(plan) = l.replay.take() else { return };
     tracing::info!(replica = %link.spec.name, peer = %plan.peer, from = plan.req.from, next, "replay recovery done");
-    l.next_send_seq = next.max(l.durable_seq + 1);
-    let why = format!("quick recovery from seq {} (after replay from {})", l.next_send_seq, plan.peer);
-    l.set_state(LinkState::Recovering, why);
+    let next = next.max(l.durable_seq + 1);
+    if next < first {
+        let peer = if g.links[plan.peer_idx].state == LinkState::UpToDate {
+            Some((plan.peer_idx, plan.peer, plan.req.addr))
+        } else {
+            replay_peer(shared, &g, link.idx, 0)
+        };
+        let l = &mut g.links[link.idx];
+        match peer {
+            Some((peer_idx, name, addr)) => {
+                let rate_bytes_per_s = shared.recovery_rate_bytes_per_s.load(Ordering::Acquire);
+                let req = proto::Replay { from: next, to: last, rate_bytes_per_s, addr };
+                let why = format!("replay recovery of seqs {next}..{last} from {name} (the write queue moved on)");
+                l.replay = Some(ReplayPlan { peer: name, peer_idx, req, sent: false });
+                l.set_state(LinkState::Recovering, why);
+            }
+            None => {
+                let why = format!(
+                    "missing writes {next}..{} are no longer in the write queue and no up-to-date peer can replay \
+                     them; needs incremental recovery",
+                    first - 1
+                );
+                l.set_state(LinkState::Lagging, why);
+                shared.advance(&mut g);
+                drop(g);
+                link.cut("replay done, the rest is not in the write queue and no peer can replay it");
+                return;
+            }
+        }
+    } else {
+        l.next_send_seq = next;
+        let why = format!("quick recovery from seq {next} (after replay from {})", plan.peer);
+        l.set_state(LinkState::Recovering, why);
+    }
     shared.advance(&mut g);
     drop(g);
     link.wake();

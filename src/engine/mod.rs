@@ -475,7 +475,10 @@ impl Shared {
                 g.pool.push(data);
             }
             for (i, l) in g.links.iter_mut().enumerate() {
-                if l.state.is_connected() && l.next_send_seq <= seq {
+                // A replaying link takes nothing from the queue until its
+                // replay ends; then it goes on from the queue or replays
+                // again (on_replay_done), so eviction does not cut it.
+                if l.state.is_connected() && l.replay.is_none() && l.next_send_seq <= seq {
                     l.set_state(LinkState::Lagging, format!("fell out of the write queue at seq {seq}"));
                     self.links[i].cut("fell out of the write-queue window");
                 }
@@ -573,8 +576,15 @@ impl Shared {
             durable[..n].sort_unstable_by(|a, b| b.cmp(a));
             let mut quorum_seq = durable[q - 1].min(g.next_seq - 1);
             // §1(b): every connected network-sync link (catching up or not)
-            // must also have the write and its repair packets on the wire.
-            for l in g.links.iter().filter(|l| l.netsync && l.state.is_connected()) {
+            // must also have the write and its repair packets on the wire,
+            // if it is receiving the live write stream. A link running a
+            // replay is sent no writes until the replay is done, so its
+            // wire seq stands still: gating on it would stall every
+            // completion for the whole replay. Like a replica that is not
+            // connected yet, it does not count: it gets these writes after
+            // the replay (from the queue, or by replaying them too), and
+            // from then on it gates again.
+            for l in g.links.iter().filter(|l| l.netsync && l.state.is_connected() && l.replay.is_none()) {
                 quorum_seq = quorum_seq.min(l.wire_seq.max(l.durable_seq));
             }
             if quorum_seq > g.completed_seq {
