@@ -6,6 +6,7 @@ use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
 use starblk_replica::client::{self, Session};
+use starblk_replica::history::History;
 use starblk_replica::proto::{self, FrameType, Hello, WriteHeader, WriteOp};
 use starblk_replica::server::{self, ServerHandle};
 
@@ -28,13 +29,18 @@ fn serve() -> (tempfile::TempDir, ServerHandle) {
     (dir, h)
 }
 
+/// Hello, then Adopt of the history of the host of epoch 1 (every session
+/// of these tests speaks for that host).
 fn connect(h: &ServerHandle) -> Session {
     let hello = Hello { volume: VOLUME, epoch: 1, flags: 0 };
-    client::connect(&h.addr.to_string(), hello, Duration::from_secs(5)).unwrap()
+    let mut s = client::connect(&h.addr.to_string(), hello, Duration::from_secs(5)).unwrap();
+    let adopt = proto::Adopt { last_seq: 1 << 40, history: History::new().branch(1, 0) };
+    s.call(FrameType::Adopt, &[&adopt.encode()], FrameType::Ack).unwrap();
+    s
 }
 
 fn write(s: &mut Session, seq: u64) {
-    let wh = WriteHeader { seq, offset: 0, len: 4096, op: WriteOp::Data };
+    let wh = WriteHeader { seq, offset: 0, len: 4096, op: WriteOp::Data, epoch: 1 };
     s.send(FrameType::Write, &[&wh.encode(), &[seq as u8; 4096]]).unwrap();
 }
 
