@@ -42,6 +42,9 @@ const SEND_BATCH_MAX: usize = 64;
 /// (a single larger frame still goes alone); below the link's
 /// `max_message_bytes`.
 const NET_MSG_BYTES_MAX: usize = 1 << 20;
+/// How long one wait for network-sync window space lasts before the sender
+/// checks whether its session was cut.
+const NET_SEND_STEP: Duration = Duration::from_millis(100);
 /// Reconnect backoff bounds.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -555,6 +558,7 @@ fn run_session(shared: &Arc<Shared>, link: &Arc<Link>, hello: &HelloOk, conn: Co
                 shared: shared.clone(),
                 pending: Vec::with_capacity(NET_MSG_BYTES_MAX),
                 pending_seq: None,
+                closed: closed.clone(),
             };
             let watcher = spawn_wire_watcher(shared.clone(), link.idx, nl, ids, closed);
             let why = drive(shared, link, gen, sink, reader);
@@ -625,6 +629,8 @@ struct NetSink {
     pending: Vec<u8>,
     /// Highest write seq in `pending`.
     pending_seq: Option<u64>,
+    /// Set when the session is cut.
+    closed: Arc<AtomicBool>,
 }
 
 impl NetSink {
@@ -633,7 +639,7 @@ impl NetSink {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let id = self.link.send(&self.pending).map_err(|e| io::Error::other(e.to_string()))?;
+        let id = self.send_until_cut()?;
         self.pending.clear();
         if let Some(seq) = self.pending_seq.take() {
             lock(&self.ids).push_back((id, seq));
@@ -643,6 +649,25 @@ impl NetSink {
             }
         }
         Ok(())
+    }
+}
+
+impl NetSink {
+    /// Sends `pending`, waiting for window space in short steps so that a
+    /// cut session (the receiver timed out on a dead replica) ends the
+    /// wait: blocking for good here kept the link counted as connected and
+    /// the §1b gate stalled every write.
+    fn send_until_cut(&self) -> io::Result<starblk_netsync::MsgId> {
+        loop {
+            if self.closed.load(Ordering::Acquire) || self.shared.stopping.load(Ordering::Acquire) {
+                return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "network-sync session cut"));
+            }
+            match self.link.send_timeout(&self.pending, NET_SEND_STEP) {
+                Ok(id) => return Ok(id),
+                Err(starblk_netsync::LinkError::Timeout) => continue,
+                Err(e) => return Err(io::Error::other(e.to_string())),
+            }
+        }
     }
 }
 
