@@ -175,12 +175,24 @@ impl World {
             self.now = s.at;
             self.out.steps += 1;
             if self.opts.verbose {
-                println!("[{} t={}us] {:?}", self.out.steps, self.now, brief(&s.ev));
+                println!("[{} t={}us]{} {}", self.out.steps, self.now, self.ends(&s.ev), brief(&s.ev));
             }
             self.dispatch(s.ev);
             if self.done || self.out.violation.is_some() {
                 return;
             }
+        }
+    }
+
+    /// " host H -> replica R" for a session's events (the trace).
+    fn ends(&self, ev: &Event) -> String {
+        let (Event::Deliver { sid, to_replica, .. } | Event::Ended { sid, to_replica }) = ev else {
+            return String::new();
+        };
+        let s = &self.net.sessions[*sid as usize];
+        match to_replica {
+            true => format!(" host {} -> replica {}", s.host, s.replica),
+            false => format!(" replica {} -> host {}", s.replica, s.host),
         }
     }
 
