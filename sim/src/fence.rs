@@ -148,7 +148,7 @@ impl Host {
         }
         let epoch = ctx.rules.next_epoch(got.iter().map(|(_, h)| h.epoch));
         let idx = self.idx;
-        let f = self.fence.as_mut().expect("fencing");
+        let Some(f) = self.fence.as_mut() else { return };
         f.epoch = epoch;
         f.stage = RAISE;
         f.answers = vec![Answer::Failed; f.ctrl.len()];
@@ -179,8 +179,9 @@ impl Host {
         }
         let positions: Vec<_> = fenced.iter().map(|(_, h)| h.position()).collect();
         let Some(top) = ctx.rules.choose_leader(&positions) else { return self.fence_failed("no leader".into(), ctx) };
-        let (leader, lh) =
-            fenced.iter().find(|(_, h)| h.position() == positions[top]).expect("top is a fenced position");
+        let Some((leader, lh)) = fenced.iter().find(|(_, h)| h.position() == positions[top]) else {
+            return self.fence_failed("no leader".into(), ctx);
+        };
         let epoch = self.fence.as_ref().map_or(0, |f| f.epoch);
         // `History::branch` asserts this; production would panic here. Only
         // an epoch granted twice (a defect) gets here.
@@ -215,7 +216,7 @@ impl Host {
     ) {
         let low = initial.iter().flatten().copied().min().unwrap_or(start);
         let from = initial.iter().position(|d| *d == Some(start));
-        let f = self.fence.as_mut().expect("fencing");
+        let Some(f) = self.fence.as_mut() else { return };
         (f.epoch, f.start, f.history, f.initial, f.low) = (epoch, start, history, initial, low);
         let sid = from.and_then(|i| f.ctrl[i]);
         let fits = (start - low) as usize <= self.params.queue_cap / 2;

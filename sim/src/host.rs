@@ -304,10 +304,10 @@ impl Host {
             return self.lag_and_cut(i, ctx);
         }
         let l = &mut self.links[i];
+        let Some(sid) = l.session else { return };
         l.state = LinkState::Recovering;
         l.next_send = d + 1;
         l.backoff = BACKOFF_MIN_US;
-        let sid = l.session.expect("greeting implies a session");
         ctx.send(sid, true, Msg::Adopt { history: self.history.clone(), last });
         self.pump(i, ctx);
         self.advance(ctx);
@@ -472,20 +472,19 @@ impl Host {
     /// durable seq covers the block's last write; else wait (suspend mode)
     /// or fail once every candidate was tried.
     fn route_read(&mut self, mut r: PendingRead, ctx: &mut Ctx) {
-        let mut best: Option<usize> = None;
+        let mut best: Option<(usize, Sid)> = None;
         let mut any_candidate = false;
         for (i, l) in self.links.iter().enumerate() {
-            if l.state != LinkState::UpToDate || r.tried & (1 << i) != 0 || l.session.is_none() {
+            let Some(sid) = l.session.filter(|_| l.state == LinkState::UpToDate && r.tried & (1 << i) == 0) else {
                 continue;
-            }
+            };
             any_candidate = true;
-            if l.durable >= r.need_seq && best.is_none_or(|b| self.params.rtt[i] < self.params.rtt[b]) {
-                best = Some(i);
+            if l.durable >= r.need_seq && best.is_none_or(|(b, _)| self.params.rtt[i] < self.params.rtt[b]) {
+                best = Some((i, sid));
             }
         }
         match best {
-            Some(i) => {
-                let sid = self.links[i].session.expect("candidates have a session");
+            Some((i, sid)) => {
                 r.on = Some(i);
                 ctx.send(sid, true, Msg::Read { req: r.req, block: r.block });
                 self.reads.insert(r.req, r);

@@ -14,6 +14,11 @@ use crate::replica::Replica;
 use crate::rng::Rng;
 use crate::rules::Rules;
 
+/// How long the final host gets to fence and level the replicas, µs.
+const FINAL_SETTLE_US: Time = 55_000;
+/// Extra final hosts started when one fails to fence.
+const FINAL_TRIES: u32 = 3;
+
 /// How to run a seed.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
@@ -130,6 +135,7 @@ pub struct World {
     pub(crate) done: bool,
     /// Replicas whose disk has failed or will (an EIO is on its way).
     doomed: Vec<bool>,
+    final_tries: u32,
     opts: Options,
     queue: BinaryHeap<Scheduled>,
     order: u64,
@@ -148,6 +154,7 @@ pub fn run_seed(seed: u64, opts: &Options) -> Outcome {
         chaos_on: true,
         done: false,
         doomed: vec![false; p.n],
+        final_tries: 0,
         now: 0,
         opts: *opts,
         queue: BinaryHeap::new(),
@@ -160,7 +167,6 @@ pub fn run_seed(seed: u64, opts: &Options) -> Outcome {
     }
     w.begin();
     w.run();
-    w.out.steps = w.out.steps.max(1);
     w.out
 }
 
@@ -473,11 +479,19 @@ impl World {
             self.restart_replica(i);
         }
         self.schedule(self.now + 5_000, Event::FinalHost);
-        self.schedule(self.now + 60_000, Event::Finish);
+        self.schedule(self.now + 5_000 + FINAL_SETTLE_US, Event::Finish);
     }
 
     /// Properties 1 and 3 on the replicas up to date under the final host.
+    /// A final host whose fence failed (a timeout) is retried, as an
+    /// operator would run `up` again.
     fn finish(&mut self) {
+        let running = self.hosts.last().is_some_and(|h| h.params.final_host && h.is_running());
+        if !running && self.final_tries < FINAL_TRIES {
+            self.final_tries += 1;
+            self.spawn_host(true);
+            return self.schedule(self.now + FINAL_SETTLE_US, Event::Finish);
+        }
         self.done = true;
         let Some(h) = self.hosts.last().filter(|h| h.params.final_host && h.is_running()) else { return };
         let up: Vec<usize> = h.up_to_date();
