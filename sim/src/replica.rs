@@ -245,23 +245,14 @@ impl Replica {
             return self.refuse(sid, Refusal::Failed, ctx);
         }
         let (e, seq) = (rec.id.epoch, rec.id.seq);
-        match ctx.rules.append_decision(&self.follows, self.epoch, self.last_seq, e, seq) {
+        match ctx.rules.append_decision(&self.follows, self.epoch, self.last_seq, epoch, (e, seq)) {
             AppendDecision::Append => {
                 self.appended.push(rec);
                 self.last_seq = seq;
                 self.kick(ctx);
             }
             AppendDecision::Duplicate => {}
-            AppendDecision::Stale => {
-                if epoch >= self.epoch {
-                    // A current session re-sending a record of an older
-                    // epoch (the write queue seeded at the branch point):
-                    // `append_decision` compares the record's epoch, so
-                    // the replica behind the branch point cannot catch up.
-                    ctx.effects.push(Effect::Note("seeded record of an older epoch refused as stale"));
-                }
-                self.refuse(sid, Refusal::Stale, ctx)
-            }
+            AppendDecision::Stale => self.refuse(sid, Refusal::Stale, ctx),
             AppendDecision::Gap => self.refuse(sid, Refusal::Gap, ctx),
             AppendDecision::Diverged => self.refuse(sid, Refusal::Diverged, ctx),
         }

@@ -83,17 +83,18 @@ impl Rules {
         }
     }
 
-    /// See [`history::append_decision`]. Production passes the record's own
-    /// epoch (not the session's) as `epoch`; so does the simulator.
+    /// See [`history::append_decision`]: the session's epoch decides
+    /// staleness, the record keeps its own epoch (a host re-sends the
+    /// history it branched from with the epochs it was written under).
     pub fn append_decision(
         &self,
         h: &History,
         store_epoch: u64,
         last_seq: u64,
-        epoch: u64,
-        seq: u64,
+        session_epoch: u64,
+        record: (u64, u64),
     ) -> AppendDecision {
-        history::append_decision(h, store_epoch, last_seq, epoch, seq)
+        history::append_decision(h, store_epoch, last_seq, session_epoch, record)
     }
 
     /// See [`history::next_epoch`].
