@@ -69,6 +69,8 @@ pub(crate) struct FarGate {
     pub degraded: bool,
     /// Completions wait for the far ack: since when, and why.
     wait: Option<(Instant, WaitCause)>,
+    /// Times the link turned degraded since the HE started.
+    pub degradations: u64,
     pub exposure_waits: Waits,
     pub degraded_waits: Waits,
 }
@@ -81,6 +83,7 @@ impl FarGate {
             received_seq: 0,
             degraded: false,
             wait: None,
+            degradations: 0,
             exposure_waits: Waits::default(),
             degraded_waits: Waits::default(),
         };
@@ -257,6 +260,7 @@ impl Shared {
             return;
         }
         l.far.degraded = degraded;
+        l.far.degradations += u64::from(degraded);
         if degraded {
             tracing::warn!(replica = %self.links[idx].spec.name, "network-sync link degraded: completions wait for the far replica's ack");
         } else {
@@ -422,6 +426,7 @@ mod tests {
         assert_eq!(done.take(), vec![7]);
         let (e, d) = far(&s).waits(Instant::now());
         assert_eq!((e.count, d.count, far(&s).waiting()), (1, 1, None));
+        assert_eq!(far(&s).degradations, 1);
         // Not on the wire yet: §1(b) still holds back, and that is no
         // wait for the far ack.
         write(&s, 8);

@@ -690,7 +690,7 @@ fn spawn_wire_watcher(
     closed: Arc<AtomicBool>,
 ) -> thread::JoinHandle<()> {
     thread::spawn(move || {
-        let (mut degraded, mut rate) = (false, u64::MAX);
+        let mut rate = u64::MAX;
         let mut last_look: Option<Instant> = None;
         while !closed.load(Ordering::Acquire) && !shared.stopping.load(Ordering::Acquire) {
             match nl.events().recv_timeout(WATCH_INTERVAL) {
@@ -702,11 +702,8 @@ fn spawn_wire_watcher(
             }
             if last_look.is_none_or(|t| t.elapsed() >= WATCH_INTERVAL) {
                 last_look = Some(Instant::now());
-                let now_degraded = nl.health() == starblk_netsync::Health::Degraded;
-                if now_degraded != degraded {
-                    degraded = now_degraded;
-                    shared.on_far_health(idx, degraded);
-                }
+                // (A no-op unless the engine's view differs.)
+                shared.on_far_health(idx, nl.health() == starblk_netsync::Health::Degraded);
                 let now_rate = nl.stats().tx.pacing_rate_bits_per_s;
                 if now_rate != rate {
                     rate = now_rate;

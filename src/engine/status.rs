@@ -101,7 +101,7 @@ pub struct NetsyncStatus {
     /// ...and the loss the FEC code repairs, in [0, 1].
     #[serde(default)]
     pub fec_capacity: f64,
-    /// Times the link turned degraded (this session).
+    /// Times the link turned degraded since the HE started.
     #[serde(default)]
     pub degradations: u64,
     /// Highest seq the far replica confirmed receiving.
@@ -352,7 +352,7 @@ fn netsync_status(st: &starblk_netsync::LinkStats, g: &super::Core, c: &super::l
         health: st.health.as_str().to_string(),
         loss_window: st.loss,
         fec_capacity: st.fec_capacity,
-        degradations: st.degradations,
+        degradations: c.far.degradations,
         received_seq: confirmed,
         exposure_bytes: exposure_bytes(g, confirmed),
         max_exposure_bytes: c.far.bound_bytes,
