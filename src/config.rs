@@ -144,7 +144,7 @@ pub struct LinkTuning {
     /// `max_exposure` (a size such as `"4MiB"`, the default, or a time
     /// such as `"500ms"`): how much acknowledged data the far replica may
     /// not yet have confirmed receiving. At the bound, completions wait for
-    /// its ack (DESIGN, "Exposure is bounded").
+    /// its ack (`docs/architecture.md`, "Network-sync replicas").
     pub max_exposure: MaxExposure,
 }
 
@@ -1202,7 +1202,7 @@ fec = { scheme = "layered-xor", r = 8, c = 3 }   # or { scheme = "reed-solomon",
         let with = |extra: &str| edit(fec, &format!("{fec}\n{extra}"));
         let link = parse(EXAMPLE).unwrap().replicas[2].link;
         assert_eq!((link.rate, link.max_exposure), (LinkRate::Auto, MaxExposure::Bytes(4 << 20)));
-        // DESIGN.md's spelling.
+        // The spelling of the specification's example.
         let link = parse(&with("rate = \"auto\"\nmax_exposure = \"4MiB\"")).unwrap().replicas[2].link;
         assert_eq!((link.rate, link.max_exposure), (LinkRate::Auto, MaxExposure::Bytes(4 << 20)));
         for (value, want) in [

@@ -1,6 +1,7 @@
 //! Link health: is the loss the path shows within what the FEC code
-//! repairs? (DESIGN.md, "The network-sync link": "When the observed loss
-//! exceeds what the FEC code repairs, the link is `degraded`".)
+//! repairs? When it is not, an on-the-wire report no longer means the far
+//! end will get the data if the link is cut now, and the link is
+//! `Degraded` (README.md, "Health").
 //!
 //! A pure state machine, fed the far end's cumulative counters from its
 //! acks (data seqs it knows were sent, and those that arrived the first
@@ -114,7 +115,7 @@ pub struct HealthConfig {
 
 /// Longest history kept: a window never stretches back further.
 pub const MAX_HISTORY: Duration = Duration::from_secs(10);
-/// Samples closer together than this are merged (acks come every ms).
+/// Samples closer together than this are merged, and judged once.
 const SAMPLE_SPACING: Duration = Duration::from_millis(10);
 
 /// A state change: the new state and the loss that caused it.
@@ -179,9 +180,10 @@ impl HealthMonitor {
         match self.history.back_mut() {
             // Counters that went back (a new peer) start a new history.
             Some(&mut (_, s, l)) if seen < s || lost < l => self.history.clear(),
+            // Acks come every millisecond or so: one verdict per spacing.
             Some(last) if now.saturating_duration_since(last.0) < SAMPLE_SPACING => {
                 (last.1, last.2) = (seen, lost);
-                return self.judge(now);
+                return None;
             }
             _ => {}
         }

@@ -1,6 +1,7 @@
-//! Network-sync completions (DESIGN.md §1(b) and "The network-sync link"):
-//! a write completes only once every connected network-sync link has it,
-//! and the repair packets covering it, on the wire; and, beyond that,
+//! Network-sync completions (`docs/architecture.md`, "Network-sync
+//! replicas"): a write completes only once every connected network-sync
+//! link has it, and the repair packets covering it, on the wire; and,
+//! beyond that,
 //!
 //! - **exposure is bounded**: the bytes of writes acknowledged to the
 //!   application that the far replica has not confirmed receiving stay
