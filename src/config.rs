@@ -116,17 +116,19 @@ pub struct ReplicaConfig {
     pub network_sync: bool,
     /// `fec`: the link's FEC code; only allowed with `network_sync = true`.
     pub fec: Option<FecConfig>,
-    /// `rate`, `window`, `mtu`: network-sync link settings; only allowed
-    /// with `network_sync = true`.
+    /// `rate`, `window`, `mtu`, `ack`, `max_exposure`: network-sync link
+    /// settings; only allowed with `network_sync = true`.
     pub link: LinkTuning,
 }
 
-/// A network-sync link's pacing, window and MTU.
+/// A network-sync link's pacing, window, MTU and exposure bound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct LinkTuning {
-    /// `rate` (e.g. `"40Mbit"`): the pace of data, repair and retransmitted
-    /// datagrams, IP and UDP headers included; 0 (the default) is unpaced.
-    pub rate_bits_per_s: u64,
+    /// `rate`: `"auto"` (the default) paces to the path's measured delivery
+    /// rate (`netsync/README.md`, "Automatic pacing"); a fixed rate such as
+    /// `"40Mbit"` paces data, repair and retransmitted datagrams at it, IP
+    /// and UDP headers included.
+    pub rate: LinkRate,
     /// `window` (a size, 4 MiB to 1 GiB; default 16 MiB): bytes sent and
     /// not yet acknowledged by the far end. A full window is backpressure.
     pub window_bytes: u64,
@@ -139,18 +141,54 @@ pub struct LinkTuning {
     /// rolling-disaster contrast ("local-sync + FEC"), and `status` shows
     /// it as the link's network-sync mode.
     pub ack_on_wire: bool,
+    /// `max_exposure` (a size such as `"4MiB"`, the default, or a time
+    /// such as `"500ms"`): how much acknowledged data the far replica may
+    /// not yet have confirmed receiving. At the bound, completions wait for
+    /// its ack (`docs/architecture.md`, "Network-sync replicas").
+    pub max_exposure: MaxExposure,
 }
 
 impl Default for LinkTuning {
     fn default() -> Self {
         LinkTuning {
-            rate_bits_per_s: 0,
+            rate: LinkRate::Auto,
             window_bytes: starblk_netsync::LinkConfig::default().window_bytes,
             mtu_bytes: starblk_netsync::DEFAULT_MTU_BYTES as u32,
             ack_on_wire: true,
+            max_exposure: MaxExposure::Bytes(DEFAULT_MAX_EXPOSURE_BYTES),
         }
     }
 }
+
+/// A network-sync link's `rate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LinkRate {
+    /// `"auto"`: the measured delivery rate of the path.
+    Auto,
+    /// A fixed rate, bits/s.
+    Fixed(u64),
+}
+
+/// A network-sync link's `max_exposure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MaxExposure {
+    /// Bytes of acknowledged writes (data plus 64 bytes per write, so
+    /// discards count too).
+    Bytes(u64),
+    /// What the link carries in this many milliseconds at its current
+    /// pacing rate.
+    Millis(u64),
+}
+
+/// Default `max_exposure`: 4 MiB.
+pub const DEFAULT_MAX_EXPOSURE_BYTES: u64 = 4 << 20;
+/// `max_exposure` as a size: 0 (every write waits for the far replica's
+/// ack) to 1 GiB.
+pub const MAX_EXPOSURE_BYTES_RANGE: std::ops::RangeInclusive<u64> = 0..=(1 << 30);
+/// `max_exposure` as a time: 1 ms to 60 s.
+pub const MAX_EXPOSURE_MS_RANGE: std::ops::RangeInclusive<u64> = 1..=60_000;
 
 /// `window` bounds: at least two largest messages, at most 1 GiB.
 pub const LINK_WINDOW_RANGE: std::ops::RangeInclusive<u64> = (4 << 20)..=(1 << 30);
@@ -297,6 +335,7 @@ struct RawReplica {
     window: Option<Spanned<toml::Value>>,
     mtu: Option<Spanned<i64>>,
     ack: Option<Spanned<String>>,
+    max_exposure: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -611,7 +650,7 @@ fn only_for_network_sync(
     src.invalid(&Spanned::new(span, ()), key(name), shown, e)
 }
 
-/// Validates one replica's `rate`, `window` and `mtu`.
+/// Validates one replica's `rate`, `window`, `mtu`, `max_exposure` and `ack`.
 fn build_link(
     src: &Source,
     r: &RawReplica,
@@ -625,8 +664,13 @@ fn build_link(
         if !network_sync {
             return Err(only_netsync("rate", v.span(), quoted(v.get_ref())));
         }
-        link.rate_bits_per_s =
-            crate::size::parse_rate(v.get_ref()).map_err(|e| src.invalid(v, key("rate"), quoted(v.get_ref()), e))?;
+        link.rate = match v.get_ref().trim() {
+            "auto" => LinkRate::Auto,
+            fixed => LinkRate::Fixed(crate::size::parse_rate(fixed).map_err(|e| {
+                let e = format!("{e}; or \"auto\" to pace to the path's measured delivery rate");
+                src.invalid(v, key("rate"), quoted(v.get_ref()), e)
+            })?),
+        };
     }
     if let Some(v) = &r.window {
         let shown = v.get_ref().to_string();
@@ -652,6 +696,14 @@ fn build_link(
             src.invalid(v, key("mtu"), v.get_ref().to_string(), "expected a path MTU from 576 to 65535, e.g. 1500")
         })?;
     }
+    if let Some(v) = &r.max_exposure {
+        let shown = v.get_ref().to_string();
+        if !network_sync {
+            return Err(only_netsync("max_exposure", v.span(), shown));
+        }
+        link.max_exposure =
+            parse_max_exposure(v.get_ref()).map_err(|e| src.invalid(v, key("max_exposure"), shown, e))?;
+    }
     if let Some(v) = &r.ack {
         if !network_sync {
             return Err(only_netsync("ack", v.span(), quoted(v.get_ref())));
@@ -663,6 +715,34 @@ fn build_link(
         };
     }
     Ok(link)
+}
+
+/// Parses `max_exposure`: a size (string or integer bytes) or a time
+/// (`"500ms"`, `"2s"`).
+fn parse_max_exposure(v: &toml::Value) -> Result<MaxExposure, String> {
+    const EXPECTED: &str =
+        "expected a size from 0 to 1GiB such as \"4MiB\", or a time from 1ms to 60s such as \"500ms\"";
+    let bytes = |b: u64| {
+        if MAX_EXPOSURE_BYTES_RANGE.contains(&b) {
+            Ok(MaxExposure::Bytes(b))
+        } else {
+            Err(EXPECTED.to_string())
+        }
+    };
+    let s = match v {
+        toml::Value::Integer(i) => return u64::try_from(*i).map_err(|_| EXPECTED.to_string()).and_then(bytes),
+        toml::Value::String(s) => s.trim().to_ascii_lowercase(),
+        _ => return Err(EXPECTED.to_string()),
+    };
+    let time = s.strip_suffix("ms").map(|n| (n, 1.0)).or_else(|| s.strip_suffix('s').map(|n| (n, 1000.0)));
+    if let Some((number, ms_per_unit)) = time {
+        let ms = number.trim().parse::<f64>().map(|n| (n * ms_per_unit).round()).map_err(|_| EXPECTED.to_string())?;
+        return match ms {
+            ms if ms.is_finite() && (1.0..=60_000.0).contains(&ms) => Ok(MaxExposure::Millis(ms as u64)),
+            _ => Err(EXPECTED.to_string()),
+        };
+    }
+    parse_size(&s).map_err(|e| format!("{}; {EXPECTED}", e.reason())).and_then(bytes)
 }
 
 /// Checks `N ≥ 1` and `1 ≤ quorum ≤ N`, and returns the quorum.
@@ -1095,7 +1175,7 @@ fec = { scheme = "layered-xor", r = 8, c = 3 }   # or { scheme = "reed-solomon",
         let with = |extra: &str| edit(fec, &format!("{fec}\n{extra}"));
         let cfg = parse(&with("rate = \"40Mbit\"\nwindow = \"8MiB\"\nmtu = 9000")).unwrap();
         let link = cfg.replicas[2].link;
-        assert_eq!((link.rate_bits_per_s, link.window_bytes, link.mtu_bytes), (40_000_000, 8 << 20, 9000));
+        assert_eq!((link.rate, link.window_bytes, link.mtu_bytes), (LinkRate::Fixed(40_000_000), 8 << 20, 9000));
         assert_eq!(parse(EXAMPLE).unwrap().replicas[2].link, LinkTuning::default());
         for (extra, key, expected) in [
             ("rate = \"40MB\"", "rate", "e.g. \"40Mbit\""),
@@ -1113,6 +1193,46 @@ fec = { scheme = "layered-xor", r = 8, c = 3 }   # or { scheme = "reed-solomon",
         for extra in ["rate = \"1Gbit\"", "window = \"16MiB\"", "mtu = 1500"] {
             let msg = rejects(&edit(near, &format!("{near}\n{extra}")), 19, "[[replica]] #2");
             assert!(msg.contains("network_sync = true"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn rate_auto_is_the_default_and_max_exposure_takes_a_size_or_a_time() {
+        let fec = "fec = { scheme = \"layered-xor\", r = 8, c = 3 }";
+        let with = |extra: &str| edit(fec, &format!("{fec}\n{extra}"));
+        let link = parse(EXAMPLE).unwrap().replicas[2].link;
+        assert_eq!((link.rate, link.max_exposure), (LinkRate::Auto, MaxExposure::Bytes(4 << 20)));
+        // The spelling of the specification's example.
+        let link = parse(&with("rate = \"auto\"\nmax_exposure = \"4MiB\"")).unwrap().replicas[2].link;
+        assert_eq!((link.rate, link.max_exposure), (LinkRate::Auto, MaxExposure::Bytes(4 << 20)));
+        for (value, want) in [
+            ("\"1MiB\"", MaxExposure::Bytes(1 << 20)),
+            ("65536", MaxExposure::Bytes(65536)),
+            ("0", MaxExposure::Bytes(0)),
+            ("\"1GiB\"", MaxExposure::Bytes(1 << 30)),
+            ("\"500ms\"", MaxExposure::Millis(500)),
+            ("\"2s\"", MaxExposure::Millis(2000)),
+            ("\"1.5 s\"", MaxExposure::Millis(1500)),
+        ] {
+            let cfg = parse(&with(&format!("max_exposure = {value}"))).unwrap();
+            assert_eq!(cfg.replicas[2].link.max_exposure, want, "{value}");
+        }
+        for bad in ["\"2GiB\"", "-1", "\"0ms\"", "\"61s\"", "\"lots\"", "\"4MB/s\"", "1.5", "\"ms\""] {
+            let msg = rejects(&with(&format!("max_exposure = {bad}")), 26, "[[replica]] #3 max_exposure");
+            assert!(
+                msg.contains("expected a size from 0 to 1GiB such as \"4MiB\", or a time from 1ms to 60s"),
+                "{msg}"
+            );
+        }
+        for bad in ["\"AUTO\"", "\"fast\""] {
+            let msg = rejects(&with(&format!("rate = {bad}")), 26, "[[replica]] #3 rate");
+            assert!(msg.contains("e.g. \"40Mbit\"") && msg.contains("or \"auto\""), "{msg}");
+        }
+        // Only network-sync links take them.
+        let near = "role = \"near\"";
+        for extra in ["rate = \"auto\"", "max_exposure = \"4MiB\"", "max_exposure = \"500ms\""] {
+            let msg = rejects(&edit(near, &format!("{near}\n{extra}")), 19, "[[replica]] #2");
+            assert!(msg.contains("only applies to network-sync links; set network_sync = true"), "{msg}");
         }
     }
 

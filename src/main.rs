@@ -672,10 +672,21 @@ fn bench(
     if !missing.is_empty() {
         eprintln!("warning: replicas {missing:?} not connected after 10 s; the bench runs without them");
     }
+    // A config that names its control socket gets `status` during the
+    // bench (`down` is not served: the bench ends by itself).
+    let (down_tx, _down_rx) = std::sync::mpsc::channel();
+    let sock = cfg.volume.control_socket.as_ref().filter(|sock| {
+        control::serve(sock, vol.clone(), control::Device::default(), down_tx)
+            .map_err(|e| eprintln!("warning: control socket {}: {e}; status is not served", sock.display()))
+            .is_ok()
+    });
     let opts =
         BenchOptions { pattern, bs: bs as u32, qd, seconds, verify, span_bytes: span, seed, rate_iops: rate, ack_log };
     let report = Bench::new(&vol, completer, rx, opts).run();
     vol.shutdown(Duration::from_secs(30));
+    if let Some(sock) = sock {
+        let _ = std::fs::remove_file(sock);
+    }
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

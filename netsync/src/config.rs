@@ -61,8 +61,11 @@ pub struct LinkConfig {
     /// than the peer's, learnt from its hello).
     pub max_message_bytes: usize,
     /// Pacing rate for data, repair and retransmitted datagrams (counted
-    /// with IP/UDP headers); 0 means unpaced.
+    /// with IP/UDP headers); 0 means unpaced. Ignored with `auto_rate`.
     pub rate_bits_per_s: u64,
+    /// Pace to the measured delivery rate of the path instead
+    /// ([`crate::auto_rate`]; README, "Automatic pacing").
+    pub auto_rate: bool,
     /// Token bucket depth: how much may leave back to back.
     pub burst_bytes: u64,
     /// Receiver: data seqs past the cumulative ack it buffers (reorder
@@ -107,6 +110,13 @@ pub struct LinkConfig {
     pub socket_buffer_bytes: usize,
     /// No datagram from the peer for this long reports `PeerSilent`.
     pub peer_timeout_ms: u64,
+    /// Health ([`crate::health`]): loss is measured over this long...
+    pub health_window_ms: u64,
+    /// ...and at least this many data datagrams...
+    pub health_min_datagrams: u64,
+    /// ...and `Degraded` ends once it stayed within the FEC code's
+    /// capacity this long.
+    pub health_hold_ms: u64,
 }
 
 impl Default for LinkConfig {
@@ -120,6 +130,7 @@ impl Default for LinkConfig {
             max_inflight_datagrams: 32_768,
             max_message_bytes: 2 << 20,
             rate_bits_per_s: 0,
+            auto_rate: false,
             burst_bytes: 128 << 10,
             recv_window_seqs: 65_536,
             recv_buffer_bytes: 32 << 20,
@@ -136,6 +147,9 @@ impl Default for LinkConfig {
             stamp_timeout_ms: 100,
             socket_buffer_bytes: 4 << 20,
             peer_timeout_ms: 3000,
+            health_window_ms: 1000,
+            health_min_datagrams: 200,
+            health_hold_ms: 2000,
         }
     }
 }
@@ -162,7 +176,7 @@ impl LinkConfig {
         if self.recv_buffer_bytes < self.max_message_bytes + self.payload_bytes + HEADER_BYTES {
             return bad("recv_buffer_bytes must hold at least one largest message");
         }
-        if self.rate_bits_per_s != 0 && self.burst_bytes < (self.payload_bytes as u64 + 1024) {
+        if (self.rate_bits_per_s != 0 || self.auto_rate) && self.burst_bytes < (self.payload_bytes as u64 + 1024) {
             return bad("burst_bytes must be at least payload_bytes + 1024 when pacing");
         }
         if self.ack_interval_us == 0 || self.ack_every_datagrams == 0 || self.keepalive_interval_ms == 0 {
@@ -173,6 +187,9 @@ impl LinkConfig {
         }
         if self.probe_timeout_ms == 0 || self.stamp_timeout_ms == 0 || self.peer_timeout_ms == 0 {
             return bad("probe_timeout_ms, stamp_timeout_ms and peer_timeout_ms must be at least 1");
+        }
+        if self.health_window_ms == 0 || self.health_min_datagrams == 0 || self.health_hold_ms == 0 {
+            return bad("health_window_ms, health_min_datagrams and health_hold_ms must be at least 1");
         }
         Ok(())
     }

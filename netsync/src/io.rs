@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use socket2::Socket;
 
+use crate::auto_rate::AutoRate;
 use crate::config::LinkConfig;
+use crate::health::{fec_capacity, Health, HealthConfig, HealthMonitor};
 use crate::pacer::{Pacer, RateLimit};
 use crate::rx::{Rx, RxLimits};
 use crate::shared::{lock, LinkEvent, Shared};
@@ -174,6 +176,11 @@ pub(crate) struct Io {
     tx: Tx,
     rx: Rx,
     pacer: Pacer,
+    /// `rate = "auto"`: the controller that sets the pacer's rate.
+    auto: Option<AutoRate>,
+    health: HealthMonitor,
+    /// The peer's last (datagrams seen, lost) on our stream, for deltas.
+    peer_loss: (u64, u64),
     nack_limit: RateLimit,
     /// Handshake done (the peer's hello is known).
     established: bool,
@@ -235,6 +242,14 @@ impl Io {
             tx: Tx::new(start.link_id, cfg.payload_bytes, cfg.fec.clone(), now),
             rx: Rx::new(start.link_id, limits, now),
             pacer: Pacer::new(cfg.rate_bits_per_s, cfg.burst_bytes, now),
+            auto: cfg.auto_rate.then(|| AutoRate::new(now)),
+            health: HealthMonitor::new(HealthConfig {
+                capacity: fec_capacity(cfg.fec.as_ref()),
+                window: Duration::from_millis(cfg.health_window_ms),
+                min_datagrams: cfg.health_min_datagrams,
+                hold: Duration::from_millis(cfg.health_hold_ms),
+            }),
+            peer_loss: (0, 0),
             nack_limit: RateLimit::new(cfg.max_nacks_per_s, now),
             role: start.role,
             link_id: start.link_id,
@@ -269,7 +284,8 @@ impl Io {
             self.establish(&h);
         }
         self.tx_stats.window_max_bytes = self.cfg.window_bytes;
-        self.tx_stats.pacing_rate_bits_per_s = self.cfg.rate_bits_per_s;
+        self.tx_stats.auto_rate = self.auto.is_some();
+        self.update_pacing(Instant::now());
         self
     }
 
@@ -410,8 +426,13 @@ impl Io {
         if let Some(seq) = self.tx.next_retx() {
             return self.send_retx(seq, now);
         }
-        if stamped_ok && self.tx.window_open() && self.build_next() {
-            return true;
+        if stamped_ok && self.tx.window_open() {
+            if self.build_next() {
+                return true;
+            }
+            // Room to send and nothing to send: the application is what
+            // limits the rate now (delivery samples say so).
+            self.tx.note_idle();
         }
         stamped_ok && self.tx.flush_fec()
     }
@@ -434,6 +455,7 @@ impl Io {
             return false;
         }
         self.pacer.spend(len);
+        self.tx.count_wire(len);
         if let Some(seq) = seq {
             self.tx.mark_sent(seq, now);
             self.tx_stats.data_packets += 1;
@@ -457,6 +479,7 @@ impl Io {
             return false;
         }
         self.pacer.spend(len);
+        self.tx.count_wire(len);
         self.tx.mark_sent(seq, now);
         self.tx_stats.retransmitted_packets += 1;
         true
@@ -762,17 +785,78 @@ impl Io {
         if ack.echo_ts_us != 0 {
             let sample = self.now_us(now).saturating_sub(ack.echo_ts_us).saturating_sub(ack.echo_delay_us.into());
             if sample < 60_000_000 {
-                self.rtt.sample(Duration::from_micros(sample));
+                let rtt = Duration::from_micros(sample);
+                self.rtt.sample(rtt);
+                if let Some(auto) = &mut self.auto {
+                    auto.on_rtt(now, rtt);
+                }
             }
         }
         self.rtt.peer_ts = Some((ack.ts_us, now));
+        let newest = ack.ts_us >= self.peer_ack_ts_us;
+        if ack.cum_ack <= self.tx.next_seq() {
+            // Before apply_cum_ack frees the datagrams the sample reads.
+            let held = if newest { ack.held_upto.max(ack.cum_ack) } else { ack.cum_ack };
+            let min_rtt = self.auto.as_ref().and_then(AutoRate::min_rtt).unwrap_or_default();
+            if let Some(sample) = self.tx.on_delivered(held, now, min_rtt) {
+                if let Some(auto) = &mut self.auto {
+                    auto.on_rate_sample(now, sample);
+                }
+            }
+        }
         self.apply_cum_ack(ack.cum_ack, now)?;
-        if ack.ts_us >= self.peer_ack_ts_us {
+        if newest {
             self.peer_ack_ts_us = ack.ts_us;
             self.peer_rx = ack.counters;
             self.tx.set_peer_window(ack.held_upto, ack.window_end);
+            self.on_peer_loss(now, ack.highest_seen, ack.counters.received_packets);
         }
+        self.update_pacing(now);
         Ok(())
+    }
+
+    /// The peer's view of our stream: `seen` data seqs it knows were sent,
+    /// `received` of them on their first transmission. The rest were lost
+    /// on the path (then rebuilt by FEC, or nacked and retransmitted).
+    fn on_peer_loss(&mut self, now: Instant, seen: u64, received: u64) {
+        let lost = seen.saturating_sub(received);
+        let (last_seen, last_lost) = self.peer_loss;
+        if let Some(auto) = &mut self.auto {
+            auto.on_loss(seen.saturating_sub(last_seen), lost.saturating_sub(last_lost));
+        }
+        self.peer_loss = (seen, lost);
+        let Some(t) = self.health.on_sample(now, seen, lost) else { return };
+        let capacity = self.health.capacity();
+        match t.to {
+            Health::Degraded => {
+                tracing::warn!(
+                    "netsync link {:#x}: degraded: loss {:.2}% exceeds what the FEC code repairs ({:.2}%); \
+                     on-the-wire no longer means delivered",
+                    self.link_id,
+                    t.loss * 100.0,
+                    capacity * 100.0
+                );
+                self.shared.emit(LinkEvent::Degraded);
+            }
+            Health::Healthy => {
+                tracing::info!(
+                    "netsync link {:#x}: healthy again: loss {:.2}% within the FEC code's {:.2}% for {} ms",
+                    self.link_id,
+                    t.loss * 100.0,
+                    capacity * 100.0,
+                    self.cfg.health_hold_ms
+                );
+                self.shared.emit(LinkEvent::Healthy);
+            }
+        }
+        lock(&self.shared.progress).health = t.to;
+        self.shared.progress_cv.notify_all();
+    }
+
+    /// `rate = "auto"`: hands the controller's rate to the pacer.
+    fn update_pacing(&mut self, now: Instant) {
+        let rate = self.auto.as_ref().map_or(self.cfg.rate_bits_per_s, AutoRate::pacing_rate);
+        self.pacer.set_rate(rate, now);
     }
 
     fn on_nack(&mut self, payload: &[u8], now: Instant) -> Result<(), RejectReason> {
@@ -914,6 +998,13 @@ impl Io {
         tx.bytes_sent = self.net.bytes_sent;
         tx.send_errors = self.net.send_errors;
         tx.inflight_datagrams = self.tx.inflight();
+        tx.pacing_rate_bits_per_s = self.pacer.rate_bits_per_s();
+        if let Some(auto) = &self.auto {
+            tx.rate_phase = auto.phase().as_str();
+            tx.delivery_rate_bits_per_s = auto.delivery_rate();
+            tx.min_rtt_us = auto.min_rtt().map_or(0, |d| d.as_micros() as u64);
+            tx.rate_backoffs = auto.backoffs();
+        }
         let tracker = &self.net.tracker;
         (tx.wire_latency_p50_us, tx.wire_latency_avg_us) = (tracker.latency().p50_us(), tracker.latency().avg_us());
         (tx.tx_stamps_missing, tx.wire_implied_by_ack) = (tracker.stamps_missing, tracker.implied_by_ack);
@@ -934,6 +1025,10 @@ impl Io {
             rx,
             peer_rx: self.peer_rx,
             rejected: self.rejected,
+            health: self.health.state(),
+            loss: self.health.loss(),
+            fec_capacity: self.health.capacity(),
+            degradations: self.health.degradations(),
         }
     }
 }

@@ -23,10 +23,12 @@
 //!
 //! See README.md for the design, the datagram format and the knobs.
 
+pub mod auto_rate;
 mod config;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod health;
 mod io;
 mod link;
 mod pacer;
@@ -43,6 +45,7 @@ pub use config::{
     MESSAGE_OVERHEAD_BYTES, MIN_PAYLOAD_BYTES,
 };
 pub use error::LinkError;
+pub use health::{fec_capacity, Health};
 pub use link::{Link, Listener};
 pub use shared::{LinkEvent, MsgId};
 pub use starblk_fec::FecScheme;

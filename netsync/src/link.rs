@@ -218,7 +218,8 @@ impl Link {
         }
     }
 
-    /// Established / OnWire / Acked / PeerSilent / PeerBack, in order.
+    /// Established / OnWire / Acked / PeerSilent / PeerBack / Degraded /
+    /// Healthy, in order.
     /// Bounded; see [`LinkEvent`] for what happens when it is not read.
     pub fn events(&self) -> &Receiver<LinkEvent> {
         &self.events
@@ -232,6 +233,12 @@ impl Link {
     /// Highest message id acknowledged by the peer (cumulative).
     pub fn acked_upto(&self) -> MsgId {
         lock(&self.shared.progress).acked_upto
+    }
+
+    /// Whether the path's loss is within what the FEC code repairs
+    /// (see [`LinkEvent::Degraded`]).
+    pub fn health(&self) -> crate::Health {
+        lock(&self.shared.progress).health
     }
 
     /// Blocks until message `id` is on the wire.

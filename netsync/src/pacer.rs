@@ -23,6 +23,23 @@ impl Pacer {
         Pacer { rate_bytes_per_s: rate_bits_per_s as f64 / 8.0, burst_bytes: burst, tokens: burst, last: now }
     }
 
+    /// Changes the rate from now on (`rate = "auto"`); 0 means no limit.
+    pub(crate) fn set_rate(&mut self, rate_bits_per_s: u64, now: Instant) {
+        let rate = rate_bits_per_s as f64 / 8.0;
+        if rate != self.rate_bytes_per_s {
+            // Tokens earned so far are at the old rate.
+            if self.rate_bytes_per_s != 0.0 {
+                self.refill(now);
+            }
+            self.rate_bytes_per_s = rate;
+        }
+    }
+
+    /// The rate, bits/s (0: no limit).
+    pub(crate) fn rate_bits_per_s(&self) -> u64 {
+        (self.rate_bytes_per_s * 8.0) as u64
+    }
+
     fn refill(&mut self, now: Instant) {
         let dt = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
@@ -104,6 +121,21 @@ mod tests {
             }
         }
         assert!((990_000..=1_010_000).contains(&sent), "{sent}");
+    }
+
+    #[test]
+    fn a_new_rate_applies_from_then_on() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(8_000_000, 2000, t0);
+        p.spend(1972); // 2000 bytes: the bucket is empty
+        assert!(!p.ready(t0));
+        assert_eq!(p.wait(), Duration::from_secs_f64(1.0 / 1e6));
+        p.set_rate(16_000_000, t0);
+        assert_eq!(p.rate_bits_per_s(), 16_000_000);
+        // 1000 bytes take 0.5 ms at 2 MB/s.
+        p.spend(972);
+        assert!(!p.ready(t0 + Duration::from_micros(400)));
+        assert!(p.ready(t0 + Duration::from_micros(600)));
     }
 
     #[test]

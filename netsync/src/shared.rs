@@ -37,6 +37,12 @@ pub enum LinkEvent {
     PeerSilent,
     /// The peer was heard from again after `PeerSilent`.
     PeerBack,
+    /// The loss on the path exceeds what the FEC code repairs
+    /// ([`crate::Health::Degraded`]): an on-the-wire report no longer
+    /// means the peer will get the message if the link is cut now.
+    Degraded,
+    /// The loss is back within the code's capacity (for the hold time).
+    Healthy,
 }
 
 /// The send queue and window accounting.
@@ -55,6 +61,7 @@ pub(crate) struct Progress {
     pub established: bool,
     pub wire_upto: MsgId,
     pub acked_upto: MsgId,
+    pub health: crate::health::Health,
     pub closed: bool,
     pub error: Option<String>,
 }

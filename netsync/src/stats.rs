@@ -135,8 +135,21 @@ pub struct TxStats {
     pub window_max_bytes: u64,
     /// Data datagrams sent and not yet acknowledged.
     pub inflight_datagrams: u64,
-    /// Configured pacing rate (0 = unpaced).
+    /// Pacing rate in use (0 = unpaced): the configured one, or with
+    /// `auto_rate` the controller's current one.
     pub pacing_rate_bits_per_s: u64,
+    /// The pacing rate follows the path (`rate = "auto"`).
+    pub auto_rate: bool,
+    /// `auto_rate`: the controller's phase ("startup", "drain", "cruise"),
+    /// "" otherwise.
+    pub rate_phase: &'static str,
+    /// `auto_rate`: the path's delivery rate as measured (the bottleneck
+    /// estimate the pacing rate follows), bits/s.
+    pub delivery_rate_bits_per_s: u64,
+    /// `auto_rate`: the smallest recent RTT, µs (0 before a sample).
+    pub min_rtt_us: u64,
+    /// `auto_rate`: times the controller backed off (queue or loss).
+    pub rate_backoffs: u64,
     /// Median time from handing a datagram to the kernel to its TX
     /// timestamp, µs (0 in `SendReturned` mode).
     pub wire_latency_p50_us: u64,
@@ -212,6 +225,16 @@ pub struct LinkStats {
     pub peer_rx: PeerCounters,
     /// Dropped input datagrams by reason.
     pub rejected: Rejected,
+    /// Whether the loss on this end's stream is within what its FEC code
+    /// repairs ([`crate::health`]).
+    pub health: crate::Health,
+    /// The loss the peer reports on this end's stream (data datagrams that
+    /// did not arrive the first time), over the health window.
+    pub loss: f64,
+    /// What the FEC code repairs ([`crate::fec_capacity`]).
+    pub fec_capacity: f64,
+    /// Times the link turned `Degraded`.
+    pub degradations: u64,
 }
 
 /// Latency samples in log-spaced buckets (4 per octave of µs), for p50

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use starblk_fec::{Encoder, FecScheme, RepairPacket};
 
+use crate::auto_rate::RateSample;
+use crate::config::IP_UDP_HEADER_BYTES;
 use crate::wire::{self, Header, Kind, NackRange};
 
 /// A message accepted by `send`, waiting for the I/O thread.
@@ -42,6 +44,29 @@ struct Fragmenting {
 struct Sent {
     bytes: Vec<u8>,
     last_tx: Option<Instant>,
+    /// Delivery-rate bookkeeping, from the first transmission.
+    stamp: Option<RateStamp>,
+}
+
+/// What the sender knew when a data datagram first left: BBR's per-packet
+/// delivery-rate state ("Delivery Rate Estimation", Cheng et al., IETF
+/// draft-cheng-iccrg-delivery-rate-estimation). Bytes are wire bytes of
+/// every kind (data, repair, retransmission, IP/UDP headers included):
+/// what the path's bottleneck carries.
+#[derive(Debug, Clone, Copy)]
+struct RateStamp {
+    sent_at: Instant,
+    /// Wire bytes sent up to and including this datagram.
+    wire_mark: u64,
+    /// `Tx::delivered`, `delivered_at` and `first_sent_at` then.
+    delivered: u64,
+    delivered_at: Instant,
+    first_sent_at: Instant,
+    /// `Tx::idle_epoch` then.
+    idle_epoch: u64,
+    /// The sender ran out of data between the newest delivered datagram's
+    /// send and this one's: the sample may understate the path.
+    app_limited: bool,
 }
 
 #[derive(Debug)]
@@ -86,6 +111,20 @@ pub(crate) struct Tx {
     spare: Vec<Vec<u8>>,
     last_progress: Instant,
     rto_backoff: u32,
+    /// Wire bytes handed to the kernel, all kinds, IP/UDP headers included.
+    wire_sent: u64,
+    /// Wire bytes known to have crossed the path (sent up to the newest
+    /// data seq the receiver holds), when that last moved, and when the
+    /// datagram that moved it was sent.
+    delivered: u64,
+    delivered_at: Instant,
+    first_sent_at: Instant,
+    /// Every data seq below this is delivered (held by the receiver).
+    delivered_upto: u64,
+    /// Times the sender ran out of data to send, and that count when the
+    /// newest delivered datagram was sent.
+    idle_epoch: u64,
+    first_sent_idle: u64,
 }
 
 /// Spare datagram buffers kept for reuse.
@@ -114,7 +153,60 @@ impl Tx {
             spare: Vec::new(),
             last_progress: now,
             rto_backoff: 0,
+            wire_sent: 0,
+            delivered: 0,
+            delivered_at: now,
+            first_sent_at: now,
+            delivered_upto: 1,
+            idle_epoch: 0,
+            first_sent_idle: 0,
         }
+    }
+
+    /// The next data seq to build (every seq below was built).
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Counts a datagram of `len` bytes handed to the kernel (any kind).
+    pub(crate) fn count_wire(&mut self, len: usize) {
+        self.wire_sent += (len + IP_UDP_HEADER_BYTES) as u64;
+    }
+
+    /// The sender had nothing left to send: samples of datagrams sent from
+    /// now until then are app-limited.
+    pub(crate) fn note_idle(&mut self) {
+        self.idle_epoch += 1;
+    }
+
+    /// The receiver holds every data seq below `upto` (its cumulative ack
+    /// or held-up-to mark): a delivery-rate sample from the newest of them,
+    /// unless its interval is shorter than `min_interval` (BBR discards
+    /// those: acks bunched up). Call before [`Tx::on_ack`] frees them.
+    pub(crate) fn on_delivered(&mut self, upto: u64, now: Instant, min_interval: Duration) -> Option<RateSample> {
+        let upto = upto.min(self.next_seq);
+        if upto <= self.delivered_upto {
+            return None;
+        }
+        self.delivered_upto = upto;
+        let st = self.unacked.get(usize::try_from((upto - 1).checked_sub(self.acked_seq)?).ok()?)?.stamp?;
+        self.delivered = self.delivered.max(st.wire_mark);
+        self.delivered_at = now;
+        self.first_sent_at = st.sent_at;
+        self.first_sent_idle = st.idle_epoch;
+        let send_elapsed = st.sent_at.saturating_duration_since(st.first_sent_at);
+        let ack_elapsed = now.saturating_duration_since(st.delivered_at);
+        let interval = send_elapsed.max(ack_elapsed);
+        if interval.is_zero() || interval < min_interval {
+            return None;
+        }
+        let bits = (self.delivered - st.delivered) as f64 * 8.0;
+        Some(RateSample {
+            bits_per_s: bits / interval.as_secs_f64(),
+            app_limited: st.app_limited,
+            sent_at: st.sent_at,
+            inflight_bits: self.wire_sent.saturating_sub(self.delivered) as f64 * 8.0,
+        })
     }
 
     /// Sets the most data datagrams in flight (ours and the peer's limit);
@@ -169,7 +261,7 @@ impl Tx {
                 tracing::error!("FEC encoder refused seq {seq}: {e}");
             }
         }
-        self.unacked.push_back(Sent { bytes, last_tx: None });
+        self.unacked.push_back(Sent { bytes, last_tx: None, stamp: None });
         self.pending.push_back(Pending::Data(seq));
         self.queue_repairs();
         if last {
@@ -266,11 +358,22 @@ impl Tx {
         unacked_datagram(&self.unacked, self.acked_seq, seq)
     }
 
-    /// Notes that `seq` went out (first time or again).
+    /// Notes that `seq` went out (first time or again); call after
+    /// [`Tx::count_wire`] for it.
     pub(crate) fn mark_sent(&mut self, seq: u64, now: Instant) {
+        let stamp = RateStamp {
+            sent_at: now,
+            wire_mark: self.wire_sent,
+            delivered: self.delivered,
+            delivered_at: self.delivered_at,
+            first_sent_at: self.first_sent_at,
+            idle_epoch: self.idle_epoch,
+            app_limited: self.idle_epoch != self.first_sent_idle,
+        };
         if let Some(i) = seq.checked_sub(self.acked_seq) {
             if let Some(s) = self.unacked.get_mut(i as usize) {
                 s.last_tx = Some(now);
+                s.stamp.get_or_insert(stamp);
             }
         }
     }
@@ -411,6 +514,52 @@ mod tests {
         assert_eq!(tx.on_ack(4, now), Ok(Released { acked_msg: Some(1), bytes: 378, advanced: true }));
         assert_eq!(tx.on_ack(6, now), Err(()));
         assert_eq!(tx.on_ack(5, now), Ok(Released { acked_msg: Some(2), bytes: 128, advanced: true }));
+    }
+
+    #[test]
+    fn delivery_rate_samples() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        let mut tx = Tx::new(9, 100, None, t);
+        tx.set_inflight_limit(100);
+        let mut q = VecDeque::from([msg(1, 400), msg(2, 50)]);
+        for seq in 1..=4 {
+            assert_eq!(tx.build_next(|| q.pop_front()).map(|b| b.0), Some(seq));
+            tx.count_wire(148); // 100 + 48 header; + 28 IP/UDP counted
+            tx.mark_sent(seq, t + ms(seq));
+        }
+        // Seqs 1 and 2 held: 2 x 176 wire bytes over 20 ms since the last
+        // delivery (the link's start here).
+        let s = tx.on_delivered(3, t + ms(20), Duration::ZERO).unwrap();
+        assert_eq!(s.bits_per_s, 352.0 * 8.0 / 0.020);
+        assert_eq!(s.sent_at, t + ms(2));
+        assert_eq!(s.inflight_bits, 352.0 * 8.0);
+        assert!(!s.app_limited);
+        assert_eq!(tx.on_delivered(3, t + ms(21), Duration::ZERO), None, "nothing new");
+        // The sender runs dry, then sends seq 5: its sample is app-limited.
+        tx.note_idle();
+        assert_eq!(tx.build_next(|| q.pop_front()).map(|b| b.0), Some(5));
+        tx.count_wire(98);
+        tx.mark_sent(5, t + ms(30));
+        let s = tx.on_delivered(5, t + ms(40), Duration::ZERO).unwrap();
+        assert!(!s.app_limited, "seq 4 left before the sender ran dry");
+        assert_eq!(s.bits_per_s, 704.0 * 8.0 / 0.040);
+        // Seq 5 left after the sender ran dry: app-limited. Its interval
+        // runs from the delivery it was sent after (20 ms) to now.
+        let s = tx.on_delivered(6, t + ms(60), ms(30)).unwrap();
+        assert!(s.app_limited);
+        assert_eq!(s.bits_per_s, (830.0 - 352.0) * 8.0 / 0.040);
+        // An interval below the min RTT (acks bunched up) is discarded, yet
+        // what it delivered counts.
+        q.push_back(msg(3, 10));
+        assert_eq!(tx.build_next(|| q.pop_front()).map(|b| b.0), Some(6));
+        tx.count_wire(58);
+        tx.mark_sent(6, t + ms(61));
+        assert_eq!(tx.on_delivered(7, t + ms(62), ms(100)), None);
+        assert_eq!(tx.delivered, 830 + 86);
+        // Datagrams on_ack already freed give no sample.
+        assert_eq!(tx.on_ack(7, t + ms(62)).map(|r| r.advanced), Ok(true));
+        assert_eq!(tx.on_delivered(8, t + ms(70), Duration::ZERO), None);
     }
 
     #[test]

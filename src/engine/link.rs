@@ -28,8 +28,9 @@ use starblk_replica::proto::{
 };
 use starblk_replica::server::FrameOut;
 
+use super::exposure::FarGate;
 use super::{PendingRead, Shared};
-use crate::config::Role;
+use crate::config::{MaxExposure, Role};
 
 /// Heartbeat period on an idle or busy link.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
@@ -103,6 +104,9 @@ pub struct ReplicaSpec {
     /// Whether completions wait for this link's on-the-wire reports
     /// (DESIGN §1b). Only the rolling-disaster contrast turns it off.
     pub wire_gate: bool,
+    /// A network-sync link's bound on acknowledged writes its far replica
+    /// has not confirmed (`exposure.rs`).
+    pub max_exposure: MaxExposure,
 }
 
 /// Link state kept under the engine lock.
@@ -119,6 +123,9 @@ pub(crate) struct LinkCore {
     pub netsync: bool,
     /// Highest seq whose data and repair packets are on the wire.
     pub wire_seq: u64,
+    /// The far replica's confirmations, the exposure bound and the
+    /// degraded mode (network-sync links).
+    pub far: FarGate,
     /// A replay recovery this session runs: writes wait until it is done.
     pub replay: Option<ReplayPlan>,
     /// Replays that failed from one first seq: which peers (link indexes,
@@ -169,6 +176,7 @@ impl LinkCore {
             since: Instant::now(),
             netsync: false,
             wire_seq: 0,
+            far: FarGate::new(MaxExposure::Bytes(crate::config::DEFAULT_MAX_EXPOSURE_BYTES), 0),
             replay: None,
             replay_failed: None,
             recovery_from_seq: durable_seq,
@@ -394,6 +402,7 @@ fn admit(shared: &Shared, link: &Link, hello: &HelloOk) -> Result<u64, String> {
     l.conn_gen += 1;
     l.next_send_seq = d + 1;
     l.wire_seq = l.wire_seq.max(d);
+    l.far.new_session(d, Instant::now());
     l.recovery_from_seq = d;
     match peer.filter(|_| replay) {
         Some((peer_idx, name, addr)) => {
@@ -643,9 +652,12 @@ impl NetSink {
         self.pending.clear();
         if let Some(seq) = self.pending_seq.take() {
             lock(&self.ids).push_back((id, seq));
-            // The report may have come before the id was recorded.
+            // The reports may have come before the id was recorded.
             if self.link.wire_upto() >= id {
                 wire_advance(&self.shared, self.idx, &self.link, &self.ids);
+            }
+            if self.link.acked_upto() >= id {
+                ack_advance(&self.shared, self.idx, &self.link, &self.ids);
             }
         }
         Ok(())
@@ -694,8 +706,23 @@ impl Sink for NetSink {
 }
 
 /// Maps the link's cumulative on-the-wire id to a seq and reports it.
+/// (`ids` keeps the messages until they are acked: see [`ack_advance`].)
 fn wire_advance(shared: &Shared, idx: usize, nl: &NetLink, ids: &Mutex<VecDeque<(u64, u64)>>) {
     let upto = nl.wire_upto();
+    let seq = {
+        let q = lock(ids);
+        let n = q.partition_point(|(id, _)| *id <= upto);
+        n.checked_sub(1).map(|i| q[i].1)
+    };
+    if let Some(seq) = seq {
+        shared.on_wire(idx, seq);
+    }
+}
+
+/// Maps the link's cumulative acked id (the far replica has the message)
+/// to a seq and reports it; forgets the messages it covers.
+fn ack_advance(shared: &Shared, idx: usize, nl: &NetLink, ids: &Mutex<VecDeque<(u64, u64)>>) {
+    let upto = nl.acked_upto();
     let mut last = None;
     {
         let mut q = lock(ids);
@@ -704,10 +731,17 @@ fn wire_advance(shared: &Shared, idx: usize, nl: &NetLink, ids: &Mutex<VecDeque<
         }
     }
     if let Some(seq) = last {
-        shared.on_wire(idx, seq);
+        shared.on_far_received(idx, seq);
     }
 }
 
+/// How often the watcher looks at the link's health and pacing rate even
+/// without events (events are dropped when nobody reads them in time).
+const WATCH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Follows one network-sync session's link: on-the-wire and acked
+/// reports, health (degraded or not) and its pacing rate (for a time
+/// bound on exposure).
 fn spawn_wire_watcher(
     shared: Arc<Shared>,
     idx: usize,
@@ -716,11 +750,28 @@ fn spawn_wire_watcher(
     closed: Arc<AtomicBool>,
 ) -> thread::JoinHandle<()> {
     thread::spawn(move || {
+        let mut rate = u64::MAX;
+        let mut last_look: Option<Instant> = None;
         while !closed.load(Ordering::Acquire) && !shared.stopping.load(Ordering::Acquire) {
-            match nl.events().recv_timeout(Duration::from_millis(100)) {
+            match nl.events().recv_timeout(WATCH_INTERVAL) {
                 Ok(LinkEvent::OnWire(_)) => wire_advance(&shared, idx, &nl, &ids),
+                Ok(LinkEvent::Acked(_)) => ack_advance(&shared, idx, &nl, &ids),
+                Ok(LinkEvent::Degraded | LinkEvent::Healthy) => last_look = None,
                 Ok(_) | Err(crossbeam::channel::RecvTimeoutError::Timeout) => {}
                 Err(_) => return,
+            }
+            if last_look.is_none_or(|t| t.elapsed() >= WATCH_INTERVAL) {
+                last_look = Some(Instant::now());
+                // (A no-op unless the engine's view differs.)
+                shared.on_far_health(idx, nl.health() == starblk_netsync::Health::Degraded);
+                let now_rate = nl.stats().tx.pacing_rate_bits_per_s;
+                if now_rate != rate {
+                    rate = now_rate;
+                    shared.on_far_rate(idx, rate);
+                }
+                // Reports whose events were dropped.
+                wire_advance(&shared, idx, &nl, &ids);
+                ack_advance(&shared, idx, &nl, &ids);
             }
         }
     })

@@ -12,6 +12,7 @@
 //! A write completes once Q up-to-date replicas report it durable (§1a).
 
 pub mod blocking;
+mod exposure;
 mod link;
 pub mod startup;
 pub mod status;
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 use starblk_replica::proto::{Uuid, WriteOp, MAX_IO_BYTES};
 
 use crate::config::OnQuorumLoss;
+pub use exposure::Waits;
 pub use link::{LinkState, ReplicaSpec};
 
 /// Region granularity of the read-freshness table.
@@ -130,6 +132,9 @@ struct Entry {
     data: Arc<Vec<u8>>,
     /// Frontend token until the write completes.
     token: Option<u64>,
+    /// [`Entry::bytes`] of every write up to this one since the HE started
+    /// (for the exposure bound).
+    cum_bytes: u64,
 }
 
 impl Entry {
@@ -155,6 +160,8 @@ struct Core {
     next_seq: u64,
     queue: VecDeque<Entry>,
     queue_bytes: u64,
+    /// [`Entry::bytes`] of every write queued since the HE started.
+    cum_bytes: u64,
     /// Every write <= this is durable on Q replicas and completed.
     completed_seq: u64,
     region_seq: Vec<u64>,
@@ -199,6 +206,7 @@ impl Volume {
             next_seq: cfg.start_seq + 1,
             queue: VecDeque::new(),
             queue_bytes: 0,
+            cum_bytes: 0,
             completed_seq: cfg.start_seq,
             region_seq: vec![0; regions],
             flush_waiters: VecDeque::new(),
@@ -209,6 +217,7 @@ impl Volume {
                 .map(|r| {
                     let mut l = link::LinkCore::new(r.initial_durable_seq);
                     l.netsync = r.netsync.is_some() && r.wire_gate;
+                    l.far = exposure::FarGate::for_spec(r);
                     l
                 })
                 .collect(),
@@ -372,7 +381,7 @@ impl Shared {
         debug_assert!(g.queue.is_empty());
         debug_assert!(entries.last().is_none_or(|e| e.0.seq == g.completed_seq));
         for (h, data) in entries {
-            let e = Entry {
+            let mut e = Entry {
                 seq: h.seq,
                 offset: h.offset,
                 len: h.len,
@@ -380,8 +389,11 @@ impl Shared {
                 epoch: h.epoch,
                 data: Arc::new(data),
                 token: None,
+                cum_bytes: 0,
             };
             g.queue_bytes += e.bytes();
+            g.cum_bytes += e.bytes();
+            e.cum_bytes = g.cum_bytes;
             g.queue.push_back(e);
         }
         drop(g);
@@ -441,8 +453,9 @@ impl Shared {
         b.clear();
         b.extend_from_slice(data);
         g.queue_bytes += need;
-        let epoch = self.cfg.epoch;
-        g.queue.push_back(Entry { seq, offset, len, op, epoch, data: buf, token: Some(token) });
+        g.cum_bytes += need;
+        let (epoch, cum_bytes) = (self.cfg.epoch, g.cum_bytes);
+        g.queue.push_back(Entry { seq, offset, len, op, epoch, data: buf, token: Some(token), cum_bytes });
         let (first, last) = ((offset >> REGION_SHIFT) as usize, ((offset + len as u64 - 1) >> REGION_SHIFT) as usize);
         for r in &mut g.region_seq[first..=last] {
             *r = seq;
@@ -575,18 +588,11 @@ impl Shared {
         if n >= q {
             durable[..n].sort_unstable_by(|a, b| b.cmp(a));
             let mut quorum_seq = durable[q - 1].min(g.next_seq - 1);
-            // §1(b): every connected network-sync link (catching up or not)
-            // must also have the write and its repair packets on the wire,
-            // if it is receiving the live write stream. A link running a
-            // replay is sent no writes until the replay is done, so its
-            // wire seq stands still: gating on it would stall every
-            // completion for the whole replay. Like a replica that is not
-            // connected yet, it does not count: it gets these writes after
-            // the replay (from the queue, or by replaying them too), and
-            // from then on it gates again.
-            for l in g.links.iter().filter(|l| l.netsync && l.state.is_connected() && l.replay.is_none()) {
-                quorum_seq = quorum_seq.min(l.wire_seq.max(l.durable_seq));
-            }
+            // §1(b): every connected network-sync link that receives the
+            // live stream (catching up or not) must also have the write
+            // and its repair packets on the wire, within its exposure
+            // bound, and acked while degraded (see `netsync_gate`).
+            quorum_seq = self.netsync_gate(g, quorum_seq);
             if quorum_seq > g.completed_seq {
                 self.complete_through(g, quorum_seq);
             }

@@ -152,6 +152,7 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
             // `ack = "local"` acks without waiting for the wire:
             // "local-sync + FEC", only for the rolling-disaster contrast.
             wire_gate: r.link.ack_on_wire,
+            max_exposure: r.link.max_exposure,
         })
         .collect();
     let seed = seed_from_leader(cfg, &engine, &durables);
@@ -159,7 +160,8 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
 }
 
 /// The network-sync link settings of a replica: its FEC scheme (default
-/// layered XOR 8,3), pacing rate, window and MTU over the link's defaults.
+/// layered XOR 8,3), pacing (a fixed rate, or the measured delivery rate),
+/// window and MTU over the link's defaults.
 pub fn netsync_config(r: &crate::config::ReplicaConfig) -> starblk_netsync::LinkConfig {
     use crate::config::FecScheme as S;
     let code = match &r.fec {
@@ -173,10 +175,15 @@ pub fn netsync_config(r: &crate::config::ReplicaConfig) -> starblk_netsync::Link
     // never drops FEC from a link silently.
     let fec = Some(code.expect("config checked the FEC code's r and c"));
     let payload_bytes = starblk_netsync::payload_bytes_for_mtu(r.link.mtu_bytes as usize, fec.as_ref());
+    let (auto_rate, rate_bits_per_s) = match r.link.rate {
+        crate::config::LinkRate::Auto => (true, 0),
+        crate::config::LinkRate::Fixed(bits) => (false, bits),
+    };
     starblk_netsync::LinkConfig {
         fec,
         payload_bytes,
-        rate_bits_per_s: r.link.rate_bits_per_s,
+        rate_bits_per_s,
+        auto_rate,
         window_bytes: r.link.window_bytes,
         ..Default::default()
     }

@@ -6,7 +6,8 @@ use std::sync::atomic::Ordering;
 use serde::Serialize;
 use starblk_replica::client::uuid_string;
 
-use super::{LinkState, Shared};
+use super::exposure::{exposure_bytes, WaitCause};
+use super::{LinkState, Shared, Waits};
 
 /// One replica's row.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -72,10 +73,59 @@ pub struct NetsyncStatus {
     pub window_used_bytes: u64,
     /// The window limit (backpressure beyond it).
     pub window_max_bytes: u64,
-    /// Pacing rate (0 = unpaced).
+    /// Pacing rate (0 = unpaced): the fixed rate, or the current one with
+    /// `rate = "auto"`.
     pub pacing_rate_bits_per_s: u64,
     /// Highest seq on the wire.
     pub wire_seq: u64,
+    /// `rate = "auto"`: the pacing rate follows the path.
+    #[serde(default)]
+    pub auto_rate: bool,
+    /// `rate = "auto"`: "startup", "drain" or "cruise".
+    #[serde(default)]
+    pub rate_phase: String,
+    /// `rate = "auto"`: the path's measured delivery rate, bits/s.
+    #[serde(default)]
+    pub delivery_rate_bits_per_s: u64,
+    /// `rate = "auto"`: the smallest recent RTT, µs.
+    #[serde(default)]
+    pub min_rtt_us: u64,
+    /// "healthy", or "degraded" while the loss exceeds what the FEC code
+    /// repairs (completions then wait for the far replica's ack).
+    #[serde(default)]
+    pub health: String,
+    /// The loss on the link (datagrams that did not arrive the first time)
+    /// over the health window, in [0, 1]...
+    #[serde(default)]
+    pub loss_window: f64,
+    /// ...and the loss the FEC code repairs, in [0, 1].
+    #[serde(default)]
+    pub fec_capacity: f64,
+    /// Times the link turned degraded since the HE started.
+    #[serde(default)]
+    pub degradations: u64,
+    /// Highest seq the far replica confirmed receiving.
+    #[serde(default)]
+    pub received_seq: u64,
+    /// Bytes of acknowledged writes the far replica has not confirmed
+    /// (data plus 64 bytes per write).
+    #[serde(default)]
+    pub exposure_bytes: u64,
+    /// The bound on it now.
+    #[serde(default)]
+    pub max_exposure_bytes: u64,
+    /// Completions waiting for the far ack now: "exposure", "degraded" or
+    /// "" (not waiting).
+    #[serde(default)]
+    pub waiting_for_ack: String,
+    /// Times (and total ms) completions waited for the far ack because the
+    /// exposure reached its bound.
+    #[serde(default)]
+    pub exposure_waits: Waits,
+    /// Times (and total ms) completions waited for the far ack because the
+    /// link was degraded.
+    #[serde(default)]
+    pub degraded_waits: Waits,
 }
 
 /// The whole volume.
@@ -144,7 +194,7 @@ pub(crate) fn snapshot(s: &Shared) -> VolumeStatus {
                     (Some(_), None) => "down".into(),
                     (Some(_), Some(nl)) => wire_mode(&nl.stats().wire_mode),
                 },
-                link: l.net_link().map(|nl| netsync_status(&nl.stats(), c.wire_seq)),
+                link: l.net_link().map(|nl| netsync_status(&nl.stats(), &g, c)),
                 recovery_progress: progress,
                 writes_sent: l.counters.writes_sent.load(Ordering::Relaxed),
                 sessions: l.counters.reconnects.load(Ordering::Relaxed),
@@ -173,6 +223,13 @@ pub(crate) fn snapshot(s: &Shared) -> VolumeStatus {
 impl fmt::Display for NetsyncStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let pace = match self.pacing_rate_bits_per_s {
+            _ if self.auto_rate => format!(
+                "paced auto {} ({}, delivery {}, min rtt {} us)",
+                crate::size::format_rate(self.pacing_rate_bits_per_s),
+                self.rate_phase,
+                crate::size::format_rate(self.delivery_rate_bits_per_s),
+                self.min_rtt_us
+            ),
             0 => "unpaced".to_string(),
             r => format!("paced {}", crate::size::format_rate(r)),
         };
@@ -190,6 +247,26 @@ impl fmt::Display for NetsyncStatus {
             self.wire_latency_p50_us,
             self.window_used_bytes,
             self.window_max_bytes
+        )?;
+        let size = crate::size::format_size;
+        let waiting = match self.waiting_for_ack.as_str() {
+            "" => String::new(),
+            why => format!(" (waiting now: {why})"),
+        };
+        write!(
+            f,
+            "\n  {}: loss {:.2}% (FEC repairs {:.2}%), degraded {} times; exposure {} of {}, \
+             completions waited for the far ack {} times {:.0} ms at the bound, {} times {:.0} ms degraded{waiting}",
+            self.health,
+            self.loss_window * 100.0,
+            self.fec_capacity * 100.0,
+            self.degradations,
+            size(self.exposure_bytes),
+            size(self.max_exposure_bytes),
+            self.exposure_waits.count,
+            self.exposure_waits.total_ms,
+            self.degraded_waits.count,
+            self.degraded_waits.total_ms
         )
     }
 }
@@ -251,7 +328,9 @@ fn wire_mode(m: &starblk_netsync::WireMode) -> String {
     }
 }
 
-fn netsync_status(st: &starblk_netsync::LinkStats, wire_seq: u64) -> NetsyncStatus {
+fn netsync_status(st: &starblk_netsync::LinkStats, g: &super::Core, c: &super::link::LinkCore) -> NetsyncStatus {
+    let confirmed = c.far.confirmed(c.durable_seq);
+    let (exposure_waits, degraded_waits) = c.far.waits(std::time::Instant::now());
     NetsyncStatus {
         data_packets: st.tx.data_packets,
         repair_packets: st.tx.repair_packets,
@@ -265,7 +344,25 @@ fn netsync_status(st: &starblk_netsync::LinkStats, wire_seq: u64) -> NetsyncStat
         window_used_bytes: st.tx.window_used_bytes,
         window_max_bytes: st.tx.window_max_bytes,
         pacing_rate_bits_per_s: st.tx.pacing_rate_bits_per_s,
-        wire_seq,
+        wire_seq: c.wire_seq,
+        auto_rate: st.tx.auto_rate,
+        rate_phase: st.tx.rate_phase.to_string(),
+        delivery_rate_bits_per_s: st.tx.delivery_rate_bits_per_s,
+        min_rtt_us: st.tx.min_rtt_us,
+        health: st.health.as_str().to_string(),
+        loss_window: st.loss,
+        fec_capacity: st.fec_capacity,
+        degradations: c.far.degradations,
+        received_seq: confirmed,
+        exposure_bytes: exposure_bytes(g, confirmed),
+        max_exposure_bytes: c.far.bound_bytes,
+        waiting_for_ack: match c.far.waiting() {
+            Some(WaitCause::Exposure) => "exposure".into(),
+            Some(WaitCause::Degraded) => "degraded".into(),
+            None => String::new(),
+        },
+        exposure_waits,
+        degraded_waits,
     }
 }
 
