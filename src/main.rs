@@ -12,6 +12,7 @@ use starblk::config::Config;
 use starblk::control::{self, ControlRequest};
 use starblk::engine::{startup, Completer, IoResult, Volume};
 use starblk::frontend::{EngineBackend, Slots};
+use starblk::nbd::ListenAddr;
 use starblk::size::parse_size;
 
 #[derive(Parser)]
@@ -171,7 +172,28 @@ enum VolumeCmd {
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Frontend {
     Ublk,
+    Nbd,
     None,
+}
+
+impl Frontend {
+    fn name(self) -> &'static str {
+        match self {
+            Frontend::Ublk => "ublk",
+            Frontend::Nbd => "nbd",
+            Frontend::None => "none",
+        }
+    }
+}
+
+/// What `up` serves the volume through, from the flags.
+enum Serve {
+    /// The engine alone (`--frontend none`).
+    Engine,
+    /// A ublk device.
+    Ublk(starblk_ublk::DeviceSpec),
+    /// An NBD server at this address.
+    Nbd(ListenAddr),
 }
 
 #[derive(clap::Args)]
@@ -182,6 +204,10 @@ struct UpArgs {
     frontend: Frontend,
     #[arg(long)]
     foreground: bool,
+    /// Where the NBD frontend listens: unix:PATH or HOST:PORT (default
+    /// unix:NAME.nbd.sock next to the control socket).
+    #[arg(long)]
+    nbd_listen: Option<String>,
     /// Control socket path (default /run/starblk/NAME.sock).
     #[arg(long)]
     socket: Option<PathBuf>,
@@ -438,7 +464,7 @@ fn up(args: UpArgs, takeover: bool) -> Result<ExitCode> {
     if let Some(s) = &args.socket {
         cfg.volume.control_socket = Some(s.clone());
     }
-    let spec = ublk_spec(&cfg, &args)?;
+    let serve = frontend(&cfg, &args)?;
     // Fencing would cut a live local daemon off its replicas: refuse first.
     // `takeover` is the deliberate way to fence another HE.
     let sock = cfg.socket_path();
@@ -446,7 +472,7 @@ fn up(args: UpArgs, takeover: bool) -> Result<ExitCode> {
         bail!("volume {} is already served by a running daemon (control socket {}); use `starblk down` first, or `starblk takeover` on a standby host", cfg.volume.name, sock.display());
     }
     if !args.foreground {
-        return daemonize(&cfg, &args);
+        return daemonize(&cfg, &args, &serve);
     }
     // Before any thread exists, so every thread inherits the mask and only
     // the signal thread sees SIGTERM/SIGINT (they mean `down`).
@@ -460,8 +486,8 @@ fn up(args: UpArgs, takeover: bool) -> Result<ExitCode> {
         tracing::info!(signal = sig, "signal: shutting down");
         let _ = sig_tx.send(());
     });
-    match spec {
-        None => {
+    match serve {
+        Serve::Engine => {
             let vol = Volume::start_fenced(fenced, Arc::new(NoFrontend));
             wait_quorum(&vol);
             control::serve(&sock, vol.clone(), device, down_tx)
@@ -470,7 +496,8 @@ fn up(args: UpArgs, takeover: bool) -> Result<ExitCode> {
             let _ = down_rx.recv();
             finish(&vol, &sock);
         }
-        Some(spec) => up_ublk(&cfg, fenced, spec, device, down_tx, down_rx)?,
+        Serve::Ublk(spec) => up_ublk(&cfg, fenced, spec, device, down_tx, down_rx)?,
+        Serve::Nbd(listen) => up_nbd(&cfg, fenced, &listen, device, down_tx, down_rx)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -497,11 +524,34 @@ fn finish(vol: &Volume, sock: &Path) {
     let _ = std::fs::remove_file(sock);
 }
 
-/// The ublk device settings from the flags, or None for `--frontend none`.
-fn ublk_spec(cfg: &Config, args: &UpArgs) -> Result<Option<starblk_ublk::DeviceSpec>> {
-    if args.frontend == Frontend::None {
-        return Ok(None);
+/// The frontend and its settings from the flags.
+fn frontend(cfg: &Config, args: &UpArgs) -> Result<Serve> {
+    if args.nbd_listen.is_some() && args.frontend != Frontend::Nbd {
+        return Err(usage(format!("--nbd-listen is for --frontend nbd, not --frontend {}", args.frontend.name())));
     }
+    Ok(match args.frontend {
+        Frontend::None => Serve::Engine,
+        Frontend::Ublk => Serve::Ublk(ublk_spec(cfg, args)?),
+        Frontend::Nbd => Serve::Nbd(match &args.nbd_listen {
+            Some(l) => absolute(ListenAddr::parse(l).map_err(|e| usage(e.to_string()))?)?,
+            None => ListenAddr::default_for(&cfg.socket_path(), &cfg.volume.name),
+        }),
+    })
+}
+
+/// Makes a relative Unix socket path absolute, so the printed URI works
+/// from any directory.
+fn absolute(listen: ListenAddr) -> Result<ListenAddr> {
+    Ok(match listen {
+        ListenAddr::Unix(p) if p.is_relative() => {
+            ListenAddr::Unix(std::env::current_dir().context("reading the current directory")?.join(p))
+        }
+        other => other,
+    })
+}
+
+/// The ublk device settings from the flags.
+fn ublk_spec(cfg: &Config, args: &UpArgs) -> Result<starblk_ublk::DeviceSpec> {
     let bs = cfg.volume.block_size;
     let run_dir = cfg.socket_path().parent().unwrap_or(Path::new(starblk::config::SOCKET_DIR)).to_path_buf();
     let options = starblk_ublk::UblkOptions {
@@ -524,7 +574,7 @@ fn ublk_spec(cfg: &Config, args: &UpArgs) -> Result<Option<starblk_ublk::DeviceS
             "write_queue is smaller than queues x depth x max I/O: queue threads may wait for space"
         );
     }
-    Ok(Some(spec))
+    Ok(spec)
 }
 
 fn up_ublk(
@@ -571,10 +621,46 @@ fn up_ublk(
     Ok(())
 }
 
+/// Serves the volume over NBD until `down` (or SIGTERM): prints the NBD
+/// URI once the server listens, and on `down` ends the connections after
+/// their requests in flight, then flushes like the other frontends.
+fn up_nbd(
+    cfg: &Config,
+    fenced: startup::Fenced,
+    listen: &ListenAddr,
+    device: control::Device,
+    down_tx: mpsc::Sender<()>,
+    down_rx: mpsc::Receiver<()>,
+) -> Result<()> {
+    let name = &cfg.volume.name;
+    let router = starblk::nbd::Router::new();
+    let vol = Volume::start_fenced(fenced, router.clone());
+    wait_quorum(&vol);
+    let mut server = starblk::nbd::Server::start(listen, vol.clone(), router)
+        .with_context(|| format!("NBD frontend of volume {name}"))?;
+    let uri = server.uri().to_string();
+    *device.lock().unwrap_or_else(|e| e.into_inner()) = Some(uri.clone());
+    let sock = cfg.socket_path();
+    control::serve(&sock, vol.clone(), device, down_tx)
+        .with_context(|| format!("control socket {}", sock.display()))?;
+    println!("{uri}");
+    tracing::info!(volume = %name, %uri, "serving over NBD");
+    let _ = down_rx.recv();
+    if !server.stop(Duration::from_secs(30)) {
+        tracing::warn!("NBD connections still open after 30 s; closing anyway");
+    }
+    if !vol.drain(Duration::from_secs(30)) {
+        tracing::warn!("writes still pending after 30 s");
+    }
+    finish(&vol, &sock);
+    Ok(())
+}
+
 /// Re-runs `up` in the foreground as a detached child logging to a file,
-/// and returns once its control socket answers (and, for ublk, once the
-/// device is live). Prints the device path.
-fn daemonize(cfg: &Config, args: &UpArgs) -> Result<ExitCode> {
+/// and returns once its control socket answers (and, for ublk and NBD,
+/// once the device or NBD server is live). Prints the device path or NBD
+/// URI.
+fn daemonize(cfg: &Config, args: &UpArgs, serve: &Serve) -> Result<ExitCode> {
     use std::os::unix::process::CommandExt;
     let sock = cfg.socket_path();
     let dir = sock.parent().unwrap_or(Path::new("/tmp")).to_path_buf();
@@ -587,7 +673,10 @@ fn daemonize(cfg: &Config, args: &UpArgs) -> Result<ExitCode> {
         .with_context(|| format!("opening {}", log_path.display()))?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.args(["up", "--foreground", "--socket"]).arg(&sock).arg("--config").arg(&args.config);
-    cmd.args(["--frontend", if args.frontend == Frontend::Ublk { "ublk" } else { "none" }]);
+    cmd.args(["--frontend", args.frontend.name()]);
+    if let Serve::Nbd(listen) = serve {
+        cmd.arg("--nbd-listen").arg(listen.to_string());
+    }
     cmd.args(["--queues", &args.queues.to_string(), "--queue-depth", &args.queue_depth.to_string()]);
     cmd.args(["--max-io", &args.max_io.to_string()]);
     if let Some(g) = args.discard_granularity {

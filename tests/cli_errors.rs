@@ -87,6 +87,24 @@ fn key_file_is_refused_until_authentication_exists() {
 }
 
 #[test]
+fn nbd_listen_errors_are_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.toml");
+    std::fs::write(&path, format!("[volume]\n{BASE}\nquorum = 1\n{REPLICAS}")).unwrap();
+    for (flags, want) in [
+        (&["--frontend", "none", "--nbd-listen", "unix:/tmp/x.sock"][..], "--nbd-listen is for --frontend nbd"),
+        (&["--frontend", "nbd", "--nbd-listen", "localhost"], "expected unix:PATH or HOST:PORT"),
+        (&["--frontend", "nbd", "--nbd-listen", "unix:"], "expected unix:PATH or HOST:PORT"),
+    ] {
+        let out =
+            Command::new(BIN).args(["up", "--foreground"]).args(flags).arg("--config").arg(&path).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {err}");
+        assert!(err.contains(want), "{flags:?}: {err}");
+    }
+}
+
+#[test]
 fn bad_size_flag_is_usage_error() {
     let out = Command::new(BIN).args(["replica", "init", "--dir", "/nonexistent/x", "--size", "8X"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
