@@ -4,6 +4,7 @@
 //! Nothing here knows about ublk; the host engine and the recovery crate
 //! build on these types.
 
+pub mod changes;
 pub mod client;
 pub mod disk;
 pub mod history;

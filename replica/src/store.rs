@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
+use crate::changes::{self, ChangeMap};
 use crate::disk::{DiskFile, FaultPlan, FaultSpecError, FileIo, FileKind};
 use crate::history::{self as hist, AppendDecision, Standing};
 use crate::log::{self, Batch, Log, RecordHeader, LOG_MIN_BYTES, REC_HEADER_BYTES};
@@ -25,6 +26,8 @@ use crate::superblock::{self, Member, Superblock};
 pub const DEFAULT_LOG_BYTES: u64 = 1 << 30;
 /// A checkpoint starts once the log is this fraction full (numerator / 4).
 const CHECKPOINT_QUARTERS: u64 = 2;
+/// Region locks (see `Store::stripes`).
+const STRIPES: usize = 64;
 
 /// Store failures. Each carries what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -81,34 +84,60 @@ pub struct Paths {
     pub data: PathBuf,
     /// Circular replica log.
     pub log: PathBuf,
+    /// The change map: last seq written, per region.
+    pub changes: PathBuf,
 }
 
 impl Paths {
     /// The paths under `dir`.
     pub fn new(dir: &Path) -> Paths {
-        Paths { superblock: dir.join("superblock"), data: dir.join("data"), log: dir.join("log") }
+        Paths {
+            superblock: dir.join("superblock"),
+            data: dir.join("data"),
+            log: dir.join("log"),
+            changes: dir.join("changes"),
+        }
     }
 }
 
-/// Creates an empty, unstamped replica in `dir`.
+/// Creates an empty, unstamped replica in `dir` with 64 KiB regions.
 pub fn init(dir: &Path, size_bytes: u64, log_bytes: u64) -> Result<(), StoreError> {
+    init_with_regions(dir, size_bytes, log_bytes, changes::REGION_SHIFT_DEFAULT)
+}
+
+/// Creates an empty, unstamped replica in `dir` whose change map tracks
+/// regions of `1 << region_shift` bytes (4 KiB ..= 64 KiB).
+pub fn init_with_regions(dir: &Path, size_bytes: u64, log_bytes: u64, region_shift: u32) -> Result<(), StoreError> {
     if size_bytes == 0 || !size_bytes.is_multiple_of(4096) {
         return Err(StoreError::Geometry(format!("size {size_bytes} must be a positive multiple of 4096")));
     }
     if log_bytes < LOG_MIN_BYTES {
         return Err(StoreError::Geometry(format!("log size {log_bytes} is below the minimum {LOG_MIN_BYTES}")));
     }
+    if !(changes::REGION_SHIFT_MIN..=changes::REGION_SHIFT_MAX).contains(&region_shift) {
+        return Err(StoreError::Geometry(format!(
+            "region size {} must be a power of two from 4 KiB to 64 KiB",
+            1u64 << region_shift.min(63)
+        )));
+    }
+    let regions = changes::regions_for(size_bytes, region_shift);
+    if regions > changes::REGIONS_MAX {
+        return Err(StoreError::Geometry(format!("{regions} regions of {} bytes are too many", 1u64 << region_shift)));
+    }
     std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
     let p = Paths::new(dir);
     if p.superblock.exists() {
         return Err(StoreError::AlreadyInitialised(dir.to_path_buf()));
     }
-    for (path, len) in [(&p.data, size_bytes), (&p.log, log_bytes)] {
+    let header = changes::Header { region_shift, regions, floor: 0 };
+    for (path, len) in [(&p.data, size_bytes), (&p.log, log_bytes), (&p.changes, header.file_bytes())] {
         let f =
             OpenOptions::new().write(true).create(true).truncate(true).open(path).map_err(io_err("create", path))?;
         f.set_len(len).map_err(io_err("size", path))?;
         f.sync_all().map_err(io_err("sync", path))?;
     }
+    let f = OpenOptions::new().read(true).write(true).open(&p.changes).map_err(io_err("open", &p.changes))?;
+    ChangeMap::create(f, header).map_err(io_err("write change map", &p.changes))?;
     let mut sb = Superblock {
         generation: 0,
         volume: [0; 16],
@@ -121,6 +150,8 @@ pub fn init(dir: &Path, size_bytes: u64, log_bytes: u64) -> Result<(), StoreErro
         durable_seq: 0,
         members: Vec::new(),
         history: hist::History::new(),
+        region_shift,
+        copy: None,
     };
     superblock::create(&p.superblock, &mut sb)
         .map_err(|source| StoreError::Superblock { dir: dir.to_path_buf(), source })?;
@@ -216,7 +247,16 @@ pub struct Store {
     sb: Mutex<(DiskFile, Superblock)>,
     data: DiskFile,
     log_file: DiskFile,
-    /// Fault injection (tests): shared by the three files above.
+    /// Last seq written per region (`crate::changes`).
+    changes: ChangeMap<DiskFile>,
+    /// Region locks (by region index modulo their count): applying a
+    /// record holds those of its regions, and so does reading a region for
+    /// a recovery copy, which therefore sees every record up to
+    /// `applied_through` and none after it.
+    stripes: Vec<Mutex<()>>,
+    /// Seq of the last record applied to the data file.
+    applied_through: AtomicU64,
+    /// Fault injection (tests): shared by the files above.
     faults: Arc<FaultPlan>,
     durable_seq: AtomicU64,
     epoch: AtomicU64,
@@ -250,7 +290,15 @@ impl Store {
             Superblock::read(&sb_file).map_err(|source| StoreError::Superblock { dir: dir.to_path_buf(), source })?;
         let data = open(&p.data, FileKind::Data)?;
         let log_file = open(&p.log, FileKind::Log)?;
-        let (next, head, used) = replay(&sb, &data, &log_file, &p)?;
+        let map = open_changes(&sb, &p, &faults)?;
+        let (next, head, used) = replay(&sb, &data, &log_file, map.as_ref(), &p)?;
+        let changes = match map {
+            Some(m) => m,
+            // No map yet (a replica of the previous format) or a lost one:
+            // nothing is known about which regions were written, so all
+            // count as written at the last seq this replica holds.
+            None => create_changes(&sb, &p, &faults, next - 1)?,
+        };
         let store = Arc::new(Store {
             dir: dir.to_path_buf(),
             inner: Mutex::new(Inner {
@@ -274,6 +322,9 @@ impl Store {
             sb: Mutex::new((sb_file, sb)),
             data,
             log_file,
+            changes,
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            applied_through: AtomicU64::new(next - 1),
             faults,
             failed: AtomicBool::new(false),
             failure: Mutex::new(String::new()),
@@ -321,6 +372,16 @@ impl Store {
     /// Whether a disk error stopped the store.
     pub fn failure(&self) -> Option<String> {
         self.failed.load(Ordering::Acquire).then(|| lock(&self.failure).clone())
+    }
+
+    /// The change map (last seq written per region).
+    pub fn changes(&self) -> &ChangeMap<DiskFile> {
+        &self.changes
+    }
+
+    /// Seq of the last record applied to the data file.
+    pub fn applied_through(&self) -> u64 {
+        self.applied_through.load(Ordering::Acquire)
     }
 
     /// Routes durable-seq notifications to `sink` (replacing any earlier one).
@@ -687,7 +748,11 @@ impl Store {
         }
         batch.write_durable(&self.log_file).map_err(io_err("log write", &self.dir))?;
         for p in &batch.records {
-            apply(&self.data, &p.header, batch.data(p)).map_err(io_err("apply to data file", &self.dir))?;
+            self.apply_record(&p.header, batch.data(p)).map_err(io_err("apply to data file", &self.dir))?;
+        }
+        if self.changes.dirty_len() > changes::DIRTY_MAX {
+            // Early, without fdatasync: the checkpoint syncs (see `changes`).
+            self.changes.flush().map_err(io_err("change map write", &self.dir))?;
         }
         let last = batch.records.last().map(|p| p.header.seq).unwrap_or(0);
         // A batch that finished after another one failed must not publish
@@ -709,6 +774,32 @@ impl Store {
         Ok(())
     }
 
+    /// Applies one committed record to the data file and marks its regions,
+    /// holding the locks of those regions.
+    fn apply_record(&self, h: &RecordHeader, data: &[u8]) -> io::Result<()> {
+        let _held = self.lock_regions(h.offset, h.len as u64);
+        apply(&self.data, h, data)?;
+        self.changes.mark_range(h.offset, h.len as u64, h.seq);
+        self.applied_through.store(h.seq, Ordering::Release);
+        Ok(())
+    }
+
+    /// The region locks of a byte range, taken in index order.
+    fn lock_regions(&self, offset: u64, len: u64) -> Vec<MutexGuard<'_, ()>> {
+        let shift = self.changes.header().region_shift;
+        let Some((first, last)) = changes::region_span(offset, len, shift) else { return Vec::new() };
+        let n = STRIPES as u64;
+        if last - first + 1 >= n {
+            return self.stripes.iter().map(lock).collect();
+        }
+        let (a, b) = ((first % n) as usize, (last % n) as usize);
+        if a <= b {
+            self.stripes[a..=b].iter().map(lock).collect()
+        } else {
+            self.stripes[..=b].iter().chain(&self.stripes[a..]).map(lock).collect()
+        }
+    }
+
     /// fsyncs the data file and moves the log tail past every batch applied
     /// so far. What it releases is fixed before the sync, so a commit that
     /// applies meanwhile keeps its records.
@@ -717,6 +808,10 @@ impl Store {
         g.applied_unsynced_bytes = 0;
         drop(g);
         self.data.sync_data().map_err(io_err("data sync", &self.dir))?;
+        // The marks of the released records must be on disk before the
+        // log stops replaying them.
+        self.changes.flush().map_err(io_err("change map write", &self.dir))?;
+        self.changes.sync().map_err(io_err("change map sync", &self.dir))?;
         let (old_tail, old_first) = {
             let sb = lock(&self.sb);
             (sb.1.log_tail_offset, sb.1.checkpoint_seq + 1)
@@ -757,7 +852,13 @@ impl Store {
 
 /// Replays the log after the checkpoint into the data file and syncs it.
 /// Returns (next seq, log head, log bytes in use since the tail).
-fn replay(sb: &Superblock, data: &DiskFile, log_file: &DiskFile, p: &Paths) -> Result<(u64, u64, u64), StoreError> {
+fn replay(
+    sb: &Superblock,
+    data: &DiskFile,
+    log_file: &DiskFile,
+    map: Option<&ChangeMap<DiskFile>>,
+    p: &Paths,
+) -> Result<(u64, u64, u64), StoreError> {
     let size = sb.size_bytes;
     let mut bad = None;
     let (next, head, used) = log::scan(log_file, sb.log_bytes, sb.log_tail_offset, sb.checkpoint_seq + 1, |h, d| {
@@ -765,7 +866,11 @@ fn replay(sb: &Superblock, data: &DiskFile, log_file: &DiskFile, p: &Paths) -> R
             bad = Some(h.seq);
             return Err(io::Error::new(io::ErrorKind::InvalidData, "log record outside volume"));
         }
-        apply(data, h, d)
+        apply(data, h, d)?;
+        if let Some(m) = map {
+            m.mark_range(h.offset, h.len as u64, h.seq);
+        }
+        Ok(())
     })
     .map_err(io_err("log replay", &p.log))?;
     if let Some(seq) = bad {
@@ -776,6 +881,65 @@ fn replay(sb: &Superblock, data: &DiskFile, log_file: &DiskFile, p: &Paths) -> R
         tracing::info!(from = sb.checkpoint_seq + 1, to = next - 1, "replayed replica log");
     }
     Ok((next, head, used))
+}
+
+/// Opens the change map, checking it against the superblock; None if the
+/// replica has none (made by an earlier version, or lost).
+fn open_changes(
+    sb: &Superblock,
+    p: &Paths,
+    faults: &Arc<FaultPlan>,
+) -> Result<Option<ChangeMap<DiskFile>>, StoreError> {
+    let f = match OpenOptions::new().read(true).write(true).open(&p.changes) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("open", &p.changes)(e)),
+    };
+    let map = ChangeMap::open(DiskFile::new(f, FileKind::Changes, faults.clone()))
+        .map_err(io_err("read change map", &p.changes))?;
+    let h = map.header();
+    let need = changes::regions_for(sb.size_bytes, sb.region_shift);
+    if h.region_shift != sb.region_shift || h.regions < need {
+        return Err(StoreError::Geometry(format!(
+            "change map covers {} regions of {} bytes; the superblock needs {need} of {}",
+            h.regions,
+            1u64 << h.region_shift,
+            1u64 << sb.region_shift
+        )));
+    }
+    Ok(Some(map))
+}
+
+/// Creates a change map for a replica that has none, with every region
+/// counted as written at `floor`.
+fn create_changes(
+    sb: &Superblock,
+    p: &Paths,
+    faults: &Arc<FaultPlan>,
+    floor: u64,
+) -> Result<ChangeMap<DiskFile>, StoreError> {
+    let header = changes::Header {
+        region_shift: sb.region_shift,
+        regions: changes::regions_for(sb.size_bytes, sb.region_shift),
+        floor,
+    };
+    tracing::warn!(dir = %p.changes.display(), floor, "no change map: creating one that counts every region as written");
+    let tmp = p.changes.with_extension("new");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io_err("create", &tmp))?;
+    f.set_len(header.file_bytes()).map_err(io_err("size", &tmp))?;
+    ChangeMap::create(f, header).map_err(io_err("write change map", &tmp))?;
+    std::fs::rename(&tmp, &p.changes).map_err(io_err("rename", &p.changes))?;
+    if let Some(dir) = p.changes.parent() {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("sync directory", dir))?;
+    }
+    let f = OpenOptions::new().read(true).write(true).open(&p.changes).map_err(io_err("open", &p.changes))?;
+    ChangeMap::open(DiskFile::new(f, FileKind::Changes, faults.clone())).map_err(io_err("read change map", &p.changes))
 }
 
 /// Applies one record to the data file.
@@ -925,6 +1089,40 @@ mod tests {
         assert!(matches!(s.adopt(2, &host, 10), Err(StoreError::Diverged { after: 3, .. })));
         let r = RecordHeader { seq: 4, offset: 0, len: 4096, op: WriteOp::Data, epoch: 2 };
         assert!(matches!(s.append(2, &r, &[4; 4096]), Err(StoreError::Diverged { .. })));
+    }
+
+    #[test]
+    fn marks_outlive_the_log_and_a_missing_map_counts_everything_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), 4 << 20, LOG_MIN_BYTES).unwrap();
+        let (s, h) = open(dir.path());
+        // Region 1 once, then region 3 until the log has wrapped twice.
+        s.append(1, &rec(1, 65536, 4096), &[1; 4096]).unwrap();
+        let big = vec![3u8; 1 << 20];
+        let laps = 2 * LOG_MIN_BYTES / (1 << 20);
+        for seq in 2..2 + laps {
+            s.append(1, &rec(seq, 3 * 65536, 1 << 20), &big).unwrap();
+        }
+        wait_durable(&s, 1 + laps);
+        assert!(matches!(s.read_log(1, 1, |_, _| true), Err(StoreError::NotInLog { .. })));
+        let changed = |s: &Store, since| s.changes().changed(0, 64, since, 64).unwrap().0;
+        // A 1 MiB write at 192 KiB touches regions 3..=18.
+        assert_eq!(changed(&s, 0), [vec![1], (3..=18).collect::<Vec<u64>>()].concat());
+        assert_eq!(changed(&s, 1), (3..=18).collect::<Vec<u64>>());
+        s.shutdown();
+        h.join().unwrap();
+        drop(s);
+        let (s, h) = open(dir.path());
+        assert_eq!(changed(&s, 1), (3..=18).collect::<Vec<u64>>(), "after a restart");
+        s.shutdown();
+        h.join().unwrap();
+        drop(s);
+        // A replica of the earlier format has no map: every region counts
+        // as written at the seq it holds.
+        std::fs::remove_file(dir.path().join("changes")).unwrap();
+        let (s, _h) = open(dir.path());
+        assert_eq!(s.changes().header().floor, 1 + laps);
+        assert_eq!(s.changes().count(0, 64, laps).unwrap(), 64);
     }
 
     #[test]
