@@ -32,6 +32,7 @@ use common::*;
 use rand::{Rng, SeedableRng};
 use starblk::engine::blocking::BlockingVolume;
 use starblk::engine::{startup, Completer, IoResult, LinkState, Request, Volume};
+use starblk_recovery::LagReason;
 use starblk_replica::client;
 
 /// A replica's durable seq, from its Stats frame (None if unreachable).
@@ -246,7 +247,8 @@ fn settle(v: &BlockingVolume, name: &str, timeout: Duration) -> (LinkState, Stri
     let deadline = Instant::now() + timeout;
     loop {
         let r = replica_status(v, name);
-        let done = r.state == LinkState::UpToDate || (r.state == LinkState::Lagging && r.reason.contains("diverged"));
+        let done = r.state == LinkState::UpToDate
+            || (r.state == LinkState::Lagging && matches!(r.lag_reason, Some(LagReason::Diverged { .. })));
         if done || Instant::now() >= deadline {
             return (r.state, r.reason);
         }
@@ -394,7 +396,7 @@ fn takeover_with_returning_stale_replica_never_serves_old_data() {
     }
     // The spec: r2 holds records past the branch point, so it is lagging
     // and says it diverged (until it has rolled them back).
-    if r2.state != LinkState::Lagging || !r2.reason.contains("diverged") {
+    if r2.state != LinkState::Lagging || !matches!(r2.lag_reason, Some(LagReason::Diverged { .. })) {
         failures.push(format!(
             "r2 (durable {tail_seq}, branch point {branch}) is {} with reason {:?}; expected lagging, \"diverged\"",
             r2.state, r2.reason

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use crossbeam::queue::SegQueue;
 use serde::Serialize;
 use starblk_netsync::{Link as NetLink, LinkConfig, LinkEvent};
+use starblk_recovery::{LagReason, Plan};
 use starblk_replica::client::{self, ClientError};
 use starblk_replica::history::{self, Standing};
 use starblk_replica::netlink::{self, MsgReader, NetOut};
@@ -106,6 +107,8 @@ pub struct ReplicaSpec {
 pub(crate) struct LinkCore {
     pub state: LinkState,
     pub reason: String,
+    /// Why it is lagging (`state == Lagging`; `reason` is its text).
+    pub lag: Option<LagReason>,
     pub durable_seq: u64,
     pub next_send_seq: u64,
     pub srtt_us: u64,
@@ -159,6 +162,7 @@ impl LinkCore {
         LinkCore {
             state: LinkState::Failed,
             reason: "not yet connected".into(),
+            lag: None,
             durable_seq,
             next_send_seq: durable_seq + 1,
             srtt_us: 0,
@@ -180,6 +184,13 @@ impl LinkCore {
         }
         self.state = state;
         self.reason = reason;
+        self.lag = None;
+    }
+
+    /// Lagging, for `why` (its Display text becomes the reason).
+    pub fn set_lagging(&mut self, why: LagReason) {
+        self.set_state(LinkState::Lagging, why.to_string());
+        self.lag = Some(why);
     }
 }
 
@@ -338,69 +349,62 @@ fn mark_failed(shared: &Shared, link: &Link, reason: String) {
     }
 }
 
-/// Decides how a fresh session starts: quick recovery from the write queue
-/// if every write after the replica's durable seq is still there, else
-/// replay recovery from an up-to-date peer's log, else lagging.
+/// Decides how a fresh session starts (`starblk_recovery::plan`): quick
+/// recovery from the write queue, replay from an up-to-date peer's log, a
+/// copy of changed regions from a peer, or lagging with the reason.
 fn admit(shared: &Shared, link: &Link, hello: &HelloOk) -> Result<u64, String> {
     let d = hello.durable_seq;
     let mut g = shared.lock();
     let first = g.queue.front().map(|e| e.seq).unwrap_or(g.next_seq);
     let last = g.next_seq - 1;
-    let tried = match &g.links[link.idx].replay_failed {
-        Some(f) if f.from == d + 1 => f.peers,
-        _ => 0,
-    };
-    let peer = replay_peer(shared, &g, link.idx, tried);
+    // Only a replica whose log is a prefix of this HE's history may join
+    // as it is: records past the branch point from another history were
+    // never acknowledged, and must not count toward Q or serve reads.
+    let standing = history::standing(&shared.cfg.history, last, &hello.history, d);
+    let returning = starblk_recovery::Returning { durable_seq: d, standing, copying: None };
+    let peers = recovery_peers(shared, &g, link.idx, d);
+    let plan = starblk_recovery::plan(&returning, &starblk_recovery::Queue { first, last }, &peers);
     let l = &mut g.links[link.idx];
     l.durable_seq = d;
-    // Only a replica whose log is a prefix of this HE's history may join:
-    // records past the branch point from another history were never
-    // acknowledged, and must not count toward Q or serve reads.
-    if let Standing::Diverged { after } = history::standing(&shared.cfg.history, last, &hello.history, d) {
-        let why = format!(
-            "diverged after seq {after}: its log holds seqs {}..={d} from another history (position {}); needs rollback",
-            after + 1,
-            hello.position()
-        );
-        l.diverged_after = Some(after);
-        l.set_state(LinkState::Lagging, why.clone());
-        shared.advance(&mut g);
-        return Err(why);
+    l.diverged_after = match standing {
+        Standing::Diverged { after } => Some(after),
+        Standing::Prefix => None,
+    };
+    if let Standing::Diverged { after } = standing {
+        tracing::warn!(replica = %link.spec.name, position = %hello.position(), after, "replica diverged from this host's history");
     }
-    l.diverged_after = None;
-    let replay = d + 1 < first;
-    if replay && peer.is_none() {
-        let why = match &l.replay_failed {
-            Some(f) if f.from == d + 1 => {
-                format!(
-                    "replay of seqs {}.. failed from every peer (last: {}); needs incremental recovery",
-                    f.from, f.why
-                )
-            }
-            _ => format!(
-                "missing writes {}..{} are no longer in the write queue and no up-to-date peer can replay them; \
-                 needs incremental recovery",
-                d + 1,
-                first - 1
-            ),
-        };
-        l.set_state(LinkState::Lagging, why.clone());
-        shared.advance(&mut g);
-        return Err(why);
-    }
+    let plan = match plan {
+        // Copies are not built yet: those replicas stay lagging.
+        Ok(Plan::Incremental { .. } | Plan::Full { .. }) => {
+            Err(LagReason::OutOfWindow { from: d + 1, queue_first: first })
+        }
+        Ok(Plan::Rollback { since_seq, .. }) => Err(LagReason::Diverged { after: since_seq }),
+        other => other,
+    };
+    let plan = match plan {
+        Ok(p) => p,
+        Err(why) => {
+            let text = why.to_string();
+            l.set_lagging(why);
+            shared.advance(&mut g);
+            return Err(text);
+        }
+    };
     l.conn_gen += 1;
     l.next_send_seq = d + 1;
     l.wire_seq = l.wire_seq.max(d);
     l.recovery_from_seq = d;
-    match peer.filter(|_| replay) {
-        Some((peer_idx, name, addr)) => {
+    match plan {
+        Plan::Replay { peer: peer_idx } => {
+            let spec = &shared.links[peer_idx].spec;
+            let (name, addr) = (spec.name.clone(), spec.addr.clone());
             let rate_bytes_per_s = shared.recovery_rate_bytes_per_s.load(Ordering::Acquire);
             let req = proto::Replay { from: d + 1, to: last, rate_bytes_per_s, addr };
             let why = format!("replay recovery of seqs {}..{last} from {name}", d + 1);
             l.replay = Some(ReplayPlan { peer: name, peer_idx, req, sent: false });
             l.set_state(LinkState::Recovering, why);
         }
-        None => {
+        _ => {
             l.replay = None;
             l.set_state(LinkState::Recovering, format!("quick recovery from seq {}", d + 1));
         }
@@ -410,21 +414,30 @@ fn admit(shared: &Shared, link: &Link, hello: &HelloOk) -> Result<u64, String> {
     Ok(gen)
 }
 
-/// The up-to-date replica (other than `idx`, and not in `tried`) with the
-/// lowest RTT: the source of a replay. The lagging replica dials it
-/// itself, so a peer configured at a loopback address is only a candidate
-/// for a replica that is on loopback too. Returns (index, name, address).
-fn replay_peer(shared: &Shared, g: &super::Core, idx: usize, tried: u64) -> Option<(usize, String, String)> {
+/// The other replicas as recovery sources for replica `idx`, which misses
+/// the writes after `d`. The replica dials its source itself, so a peer
+/// configured at a loopback address is only a source for a replica that
+/// is on loopback too.
+fn recovery_peers(shared: &Shared, g: &super::Core, idx: usize, d: u64) -> Vec<starblk_recovery::Peer> {
     let local_only = is_loopback(&shared.links[idx].spec.addr);
-    let best = g
-        .links
+    let replay_failed = match &g.links[idx].replay_failed {
+        Some(f) if f.from == d + 1 => f.peers,
+        _ => 0,
+    };
+    g.links
         .iter()
         .enumerate()
-        .filter(|(i, l)| *i != idx && l.state == LinkState::UpToDate && tried & (1 << i) == 0)
-        .filter(|(i, _)| local_only || !is_loopback(&shared.links[*i].spec.addr))
-        .min_by_key(|(_, l)| l.srtt_us)?;
-    let spec = &shared.links[best.0].spec;
-    Some((best.0, spec.name.clone(), spec.addr.clone()))
+        .filter(|(i, _)| *i != idx)
+        .map(|(i, l)| starblk_recovery::Peer {
+            idx: i,
+            up_to_date: l.state == LinkState::UpToDate,
+            reachable: local_only || !is_loopback(&shared.links[i].spec.addr),
+            rtt_us: l.srtt_us,
+            log_first: None,
+            replay_failed: replay_failed & (1 << i) != 0,
+            copy_failed: false,
+        })
+        .collect()
 }
 
 /// Whether `HOST:PORT` names this host only (127.0.0.0/8, ::1, localhost).
@@ -475,7 +488,8 @@ fn on_diverged(shared: &Shared, link: &Link, after: u64, message: &str) {
     let l = &mut g.links[link.idx];
     l.conn_gen += 1;
     l.diverged_after = Some(after);
-    l.set_state(LinkState::Lagging, format!("diverged after seq {after}: {message}"));
+    tracing::warn!(replica = %link.spec.name, after, "replica refused this host's history: {message}");
+    l.set_lagging(LagReason::Diverged { after });
     shared.advance(&mut g);
 }
 

@@ -476,7 +476,7 @@ impl Shared {
             }
             for (i, l) in g.links.iter_mut().enumerate() {
                 if l.state.is_connected() && l.next_send_seq <= seq {
-                    l.set_state(LinkState::Lagging, format!("fell out of the write queue at seq {seq}"));
+                    l.set_lagging(starblk_recovery::LagReason::FellOutOfQueue { seq });
                     self.links[i].cut("fell out of the write-queue window");
                 }
             }

@@ -21,6 +21,9 @@ pub struct ReplicaStatus {
     pub state: LinkState,
     /// Why it is in that state.
     pub reason: String,
+    /// Why it is lagging, for machines (`reason` has the same as text).
+    #[serde(default)]
+    pub lag_reason: Option<starblk_recovery::LagReason>,
     /// Set when the replica holds records past this seq from another
     /// history: it stays lagging until rolled back (`docs/design.md`).
     #[serde(default)]
@@ -133,6 +136,7 @@ pub(crate) fn snapshot(s: &Shared) -> VolumeStatus {
                 addr: l.spec.addr.clone(),
                 state: c.state,
                 reason: c.reason.clone(),
+                lag_reason: c.lag.clone(),
                 diverged_after: c.diverged_after,
                 durable_seq: c.durable_seq,
                 lag_writes: last.saturating_sub(c.durable_seq),
