@@ -6,6 +6,7 @@
 
 pub mod changes;
 pub mod client;
+pub mod copy;
 pub mod disk;
 pub mod history;
 pub mod log;

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use crossbeam::queue::SegQueue;
 use serde::Serialize;
 use starblk_netsync::{Link as NetLink, LinkConfig, LinkEvent};
-use starblk_recovery::{LagReason, Plan};
+use starblk_recovery::{LagReason, Meter, Plan};
 use starblk_replica::client::{self, ClientError};
 use starblk_replica::history::{self, Standing};
 use starblk_replica::netlink::{self, MsgReader, NetOut};
@@ -28,6 +28,7 @@ use starblk_replica::proto::{
     self, ErrorCode, ErrorFrame, FrameReader, FrameType, Hello, HelloOk, ReadReq, WriteHeader,
 };
 use starblk_replica::server::FrameOut;
+use starblk_replica::superblock::CopyKind;
 
 use super::{PendingRead, Shared};
 use crate::config::Role;
@@ -130,7 +131,38 @@ pub(crate) struct LinkCore {
     /// The replica holds records past this seq from another history
     /// (lagging until rolled back).
     pub diverged_after: Option<u64>,
+    /// A recovery copy this session runs (incremental, full, rollback):
+    /// the replica takes live writes meanwhile, but counts toward Q only
+    /// once the copy is done and it has caught up.
+    pub copy: Option<CopyJob>,
+    /// Progress of the replica's copy, kept across sessions (a resumed
+    /// copy goes on from where status showed it).
+    pub copy_meter: Option<Meter>,
+    /// Copies that failed: which peers (a bitmask) and when; they are not
+    /// asked again for a while.
+    pub copy_failed: Option<(u64, Instant)>,
+    /// First seq the replica's log can serve (from its heartbeat replies).
+    pub log_first: Option<u64>,
 }
+
+/// A recovery copy (DESIGN §9): the replica copies regions from the peer,
+/// replica to replica, while it takes live writes.
+#[derive(Debug, Clone)]
+pub(crate) struct CopyJob {
+    /// Why it copies.
+    pub kind: CopyKind,
+    /// Peer name, for status.
+    pub peer: String,
+    /// Peer link index.
+    pub peer_idx: usize,
+    /// The Copy frame to send (instead of Adopt).
+    pub req: proto::CopyReq,
+    /// Whether the sender has sent it.
+    pub sent: bool,
+}
+
+/// How long a peer whose copy failed is passed over.
+const COPY_FAILED_FOR: Duration = Duration::from_secs(5);
 
 /// Failed replay attempts from one first seq.
 #[derive(Debug, Clone)]
@@ -174,6 +206,10 @@ impl LinkCore {
             replay_failed: None,
             recovery_from_seq: durable_seq,
             diverged_after: None,
+            copy: None,
+            copy_meter: None,
+            copy_failed: None,
+            log_first: None,
         }
     }
 
@@ -361,7 +397,8 @@ fn admit(shared: &Shared, link: &Link, hello: &HelloOk) -> Result<u64, String> {
     // as it is: records past the branch point from another history were
     // never acknowledged, and must not count toward Q or serve reads.
     let standing = history::standing(&shared.cfg.history, last, &hello.history, d);
-    let returning = starblk_recovery::Returning { durable_seq: d, standing, copying: None };
+    let copying = hello.copying.map(|(kind, _)| kind);
+    let returning = starblk_recovery::Returning { durable_seq: d, standing, copying };
     let peers = recovery_peers(shared, &g, link.idx, d);
     let plan = starblk_recovery::plan(&returning, &starblk_recovery::Queue { first, last }, &peers);
     let l = &mut g.links[link.idx];
@@ -373,14 +410,7 @@ fn admit(shared: &Shared, link: &Link, hello: &HelloOk) -> Result<u64, String> {
     if let Standing::Diverged { after } = standing {
         tracing::warn!(replica = %link.spec.name, position = %hello.position(), after, "replica diverged from this host's history");
     }
-    let plan = match plan {
-        // Copies are not built yet: those replicas stay lagging.
-        Ok(Plan::Incremental { .. } | Plan::Full { .. }) => {
-            Err(LagReason::OutOfWindow { from: d + 1, queue_first: first })
-        }
-        Ok(Plan::Rollback { since_seq, .. }) => Err(LagReason::Diverged { after: since_seq }),
-        other => other,
-    };
+    l.copy = None;
     let plan = match plan {
         Ok(p) => p,
         Err(why) => {
@@ -404,7 +434,47 @@ fn admit(shared: &Shared, link: &Link, hello: &HelloOk) -> Result<u64, String> {
             l.replay = Some(ReplayPlan { peer: name, peer_idx, req, sent: false });
             l.set_state(LinkState::Recovering, why);
         }
-        _ => {
+        Plan::Incremental { peer: peer_idx, .. }
+        | Plan::Full { peer: peer_idx }
+        | Plan::Rollback { peer: peer_idx, .. } => {
+            let kind = plan.copy_kind().expect("a copy plan");
+            let spec = &shared.links[peer_idx].spec;
+            let (name, addr) = (spec.name.clone(), spec.addr.clone());
+            // Live writes from the replica's next seq if it is resuming and
+            // the queue still has it; else from now (it copies the rest).
+            let live_from = match hello.copying {
+                Some((_, next)) => next.clamp(first, last + 1),
+                None => last + 1,
+            };
+            let rate_bytes_per_s = shared.recovery_rate_bytes_per_s.load(Ordering::Acquire);
+            let req = proto::CopyReq {
+                live_from,
+                rate_bytes_per_s,
+                last_seq: last,
+                kind,
+                addr,
+                history: shared.cfg.history.clone(),
+            };
+            l.replay = None;
+            l.next_send_seq = live_from;
+            // Writes before live_from reach it through the copy, never on
+            // this link: they must not hold completions (§1b).
+            l.wire_seq = l.wire_seq.max(live_from - 1);
+            if hello.copying.is_none() || l.copy_meter.is_none() {
+                l.copy_meter = Some(Meter::new());
+            }
+            let since = match plan {
+                Plan::Incremental { since_seq, .. } | Plan::Rollback { since_seq, .. } => since_seq,
+                _ => 0,
+            };
+            let resumed = if hello.copying.is_some() { "resumed, " } else { "" };
+            let why = format!(
+                "{kind} recovery from {name} ({resumed}regions written after seq {since}); live writes from seq {live_from}"
+            );
+            l.copy = Some(CopyJob { kind, peer: name, peer_idx, req, sent: false });
+            l.set_state(LinkState::Recovering, why);
+        }
+        Plan::Quick => {
             l.replay = None;
             l.set_state(LinkState::Recovering, format!("quick recovery from seq {}", d + 1));
         }
@@ -424,6 +494,10 @@ fn recovery_peers(shared: &Shared, g: &super::Core, idx: usize, d: u64) -> Vec<s
         Some(f) if f.from == d + 1 => f.peers,
         _ => 0,
     };
+    let copy_failed = match g.links[idx].copy_failed {
+        Some((peers, at)) if at.elapsed() < COPY_FAILED_FOR => peers,
+        _ => 0,
+    };
     g.links
         .iter()
         .enumerate()
@@ -433,9 +507,9 @@ fn recovery_peers(shared: &Shared, g: &super::Core, idx: usize, d: u64) -> Vec<s
             up_to_date: l.state == LinkState::UpToDate,
             reachable: local_only || !is_loopback(&shared.links[i].spec.addr),
             rtt_us: l.srtt_us,
-            log_first: None,
+            log_first: l.log_first,
             replay_failed: replay_failed & (1 << i) != 0,
-            copy_failed: false,
+            copy_failed: copy_failed & (1 << i) != 0,
         })
         .collect()
 }
@@ -459,9 +533,69 @@ fn take_replay_request(shared: &Shared, link: &Link, gen: u64) -> Option<proto::
     }
 }
 
+/// The Copy frame this session starts with, if it copies.
+fn take_copy_request(shared: &Shared, link: &Link, gen: u64) -> Option<proto::CopyReq> {
+    let mut g = shared.lock();
+    let l = &mut g.links[link.idx];
+    match &mut l.copy {
+        Some(job) if l.conn_gen == gen && !job.sent => {
+            job.sent = true;
+            Some(job.req.clone())
+        }
+        _ => None,
+    }
+}
+
 /// Whether this link's replica is running a replay we asked for.
 fn replay_running(shared: &Shared, link: &Link) -> bool {
-    shared.lock().links[link.idx].replay.as_ref().is_some_and(|p| p.sent)
+    let g = shared.lock();
+    let l = &g.links[link.idx];
+    l.replay.as_ref().is_some_and(|p| p.sent) || l.copy.as_ref().is_some_and(|c| c.sent)
+}
+
+/// Progress of the replica's copy.
+fn on_copy_progress(shared: &Shared, link: &Link, done: u64, total: u64) {
+    let mut g = shared.lock();
+    let l = &mut g.links[link.idx];
+    if l.copy.is_some() {
+        l.copy_meter.get_or_insert_with(Meter::new).update(done, total, Instant::now());
+    }
+}
+
+/// The replica's copy is complete at durable seq `durable`: it catches up
+/// from the write queue (it took live writes all along) and counts
+/// toward Q once it has every completed write.
+fn on_copy_done(shared: &Shared, link: &Link, durable: u64) {
+    let mut g = shared.lock();
+    let l = &mut g.links[link.idx];
+    let Some(job) = l.copy.take() else { return };
+    if let Some(m) = &mut l.copy_meter {
+        m.finish();
+    }
+    l.copy_failed = None;
+    // A rollback is complete: its data is the host's history up to durable.
+    l.diverged_after = None;
+    l.durable_seq = l.durable_seq.max(durable);
+    tracing::info!(replica = %link.spec.name, peer = %job.peer, kind = %job.kind, durable, "recovery copy done");
+    let why = format!("quick recovery from seq {} (after a {} copy from {})", durable + 1, job.kind, job.peer);
+    l.set_state(LinkState::Recovering, why);
+    shared.advance(&mut g);
+    drop(g);
+    link.wake();
+}
+
+/// A copy ended in an Error frame: that peer is passed over for a while;
+/// the next session resumes the copy from another one.
+fn on_copy_failed(shared: &Shared, link: &Link, why: &str) {
+    let mut g = shared.lock();
+    let l = &mut g.links[link.idx];
+    let Some(job) = l.copy.take() else { return };
+    tracing::warn!(replica = %link.spec.name, peer = %job.peer, "recovery copy failed: {why}");
+    let peers = match l.copy_failed {
+        Some((p, at)) if at.elapsed() < COPY_FAILED_FOR => p,
+        _ => 0,
+    };
+    l.copy_failed = Some((peers | 1 << job.peer_idx, Instant::now()));
 }
 
 /// The replica finished its replay: the write stream continues at `next`
@@ -706,9 +840,17 @@ fn sender_loop<S: Sink>(shared: &Shared, link: &Link, gen: u64, mut w: S) -> Str
     // First the replica checks its log against this HE's history and
     // follows it (it refuses with Diverged otherwise); frames are handled
     // in order, so every write below comes after.
-    let adopt = proto::Adopt { last_seq: shared.lock().next_seq - 1, history: shared.cfg.history.clone() };
-    if let Err(e) = w.frame(FrameType::Adopt, &[&adopt.encode()], None).and_then(|()| w.flush()) {
-        return format!("adopt send failed: {e}");
+    // A replica that copies regions gets Copy instead, which carries the
+    // same history.
+    let first = match take_copy_request(shared, link, gen) {
+        Some(req) => (FrameType::Copy, req.encode()),
+        None => {
+            let adopt = proto::Adopt { last_seq: shared.lock().next_seq - 1, history: shared.cfg.history.clone() };
+            (FrameType::Adopt, adopt.encode())
+        }
+    };
+    if let Err(e) = w.frame(first.0, &[&first.1], None).and_then(|()| w.flush()) {
+        return format!("{:?} send failed: {e}", first.0);
     }
     loop {
         if shared.stopping.load(Ordering::Acquire) {
@@ -816,9 +958,10 @@ fn receiver_loop<R: TimeoutRead>(shared: &Shared, link: &Link, mut reader: Frame
         };
         let res = match h.kind {
             FrameType::Ack => proto::decode_u64(h.kind, p).map(|seq| shared.on_durable(link.idx, seq)),
-            FrameType::HeartbeatReply => proto::decode_u64_pair(h.kind, p).map(|(nonce, durable)| {
-                let srtt = on_rtt(shared, link, nonce);
-                shared.on_durable(link.idx, durable);
+            FrameType::HeartbeatReply => proto::HeartbeatReply::decode(p).map(|r| {
+                let srtt = on_rtt(shared, link, r.nonce);
+                shared.lock().links[link.idx].log_first = Some(r.log_first);
+                shared.on_durable(link.idx, r.durable_seq);
                 let want = (Duration::from_micros(srtt) * 16).clamp(TIMEOUT_MIN, TIMEOUT_MAX);
                 if want.abs_diff(timeout) > timeout / 4 {
                     timeout = want;
@@ -829,6 +972,10 @@ fn receiver_loop<R: TimeoutRead>(shared: &Shared, link: &Link, mut reader: Frame
                 proto::decode_read_reply(p).map(|(id, status, data)| on_read_reply(shared, link, id, status, data))
             }
             FrameType::ReplayDone => proto::decode_u64(h.kind, p).map(|next| on_replay_done(shared, link, next)),
+            FrameType::CopyProgress => {
+                proto::decode_u64_pair(h.kind, p).map(|(done, total)| on_copy_progress(shared, link, done, total))
+            }
+            FrameType::CopyDone => proto::decode_u64(h.kind, p).map(|durable| on_copy_done(shared, link, durable)),
             FrameType::Error => {
                 let why = match ErrorFrame::decode(p) {
                     Ok(frame) if frame.code == ErrorCode::Diverged => {
@@ -837,6 +984,7 @@ fn receiver_loop<R: TimeoutRead>(shared: &Shared, link: &Link, mut reader: Frame
                     }
                     Ok(frame) => {
                         on_replay_failed(shared, link, &frame.message);
+                        on_copy_failed(shared, link, &frame.message);
                         ClientError::Rejected { addr: link.spec.addr.clone(), frame }.to_string()
                     }
                     Err(e) => format!("replica {}: malformed error frame: {e}", link.spec.addr),

@@ -556,7 +556,7 @@ impl Shared {
     fn advance(&self, g: &mut Core) {
         let completed = g.completed_seq;
         for l in g.links.iter_mut() {
-            if l.state == LinkState::Recovering && l.durable_seq >= completed {
+            if l.state == LinkState::Recovering && l.durable_seq >= completed && l.copy.is_none() {
                 l.set_state(LinkState::UpToDate, String::new());
             }
         }
