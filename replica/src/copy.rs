@@ -167,8 +167,31 @@ pub fn run(
         .writer
         .set_read_timeout(Some(PEER_SILENCE))
         .map_err(|e| peer(ClientError::Io { addr: addr.to_string(), source: e }))?;
+    // The session that asked for the copy may end while a read from the
+    // source blocks: cut the source's socket then, so the copy stops (and
+    // saves its progress) at once, not when the source's silence times out.
+    let (sock, done) = (session.writer.try_clone(), AtomicBool::new(false));
     let mut session = session;
-    run_with(store, &mut session, addr, rate, ctl, cancel, report)
+    std::thread::scope(|s| {
+        if let Ok(sock) = sock {
+            let done = &done;
+            s.spawn(move || {
+                while !done.load(Ordering::Acquire) {
+                    if cancel.load(Ordering::Acquire) {
+                        let _ = sock.shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            });
+        }
+        let res = run_with(store, &mut session, addr, rate, ctl, cancel, report);
+        done.store(true, Ordering::Release);
+        match res {
+            Err(CopyError::Peer { .. }) if cancel.load(Ordering::Acquire) => Err(CopyError::Cancelled),
+            res => res,
+        }
+    })
 }
 
 /// [`run`] from any source (`addr` names it in errors).
