@@ -193,6 +193,10 @@ struct Inner {
     drain_waiters: u32,
     /// Drains in progress: appends wait until they end.
     fences: u32,
+    /// A checkpoint is between its snapshot and its superblock update: a
+    /// drain waits for it, so that whoever drains may move the tail and
+    /// the checkpoint seq itself (a recovery copy's start and end).
+    checkpointing: bool,
     shutdown: bool,
 }
 
@@ -336,6 +340,7 @@ impl Store {
                 follows: sb.history.clone(),
                 drain_waiters: 0,
                 fences: 0,
+                checkpointing: false,
                 shutdown: false,
             }),
             cond: Condvar::new(),
@@ -606,7 +611,7 @@ impl Store {
                 self.cond.notify_all();
                 return Err(StoreError::Failed(f));
             }
-            if g.committing {
+            if g.committing || g.checkpointing {
                 g.drain_waiters += 1;
                 g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner());
                 g.drain_waiters -= 1;
@@ -849,12 +854,18 @@ impl Store {
     fn checkpoint(&self, mut g: MutexGuard<'_, Inner>) -> Result<(), StoreError> {
         let (tail, seq, bytes) = (g.applied_end, g.applied_seq, g.applied_unsynced_bytes);
         g.applied_unsynced_bytes = 0;
+        g.checkpointing = true;
         drop(g);
-        self.data.sync_data().map_err(io_err("data sync", &self.dir))?;
-        // The marks of the released records must be on disk before the
-        // log stops replaying them.
-        self.changes.flush().map_err(io_err("change map write", &self.dir))?;
-        self.changes.sync().map_err(io_err("change map sync", &self.dir))?;
+        #[cfg(test)]
+        tests::checkpoint_pause();
+        let synced = self
+            .data
+            .sync_data()
+            .map_err(io_err("data sync", &self.dir))
+            // The marks of the released records must be on disk before the
+            // log stops replaying them.
+            .and_then(|()| self.changes.flush().map_err(io_err("change map write", &self.dir)))
+            .and_then(|()| self.changes.sync().map_err(io_err("change map sync", &self.dir)));
         let (old_tail, old_first) = {
             let sb = lock(&self.sb);
             (sb.1.log_tail_offset, sb.1.checkpoint_seq + 1)
@@ -862,6 +873,9 @@ impl Store {
         // Under the append lock, so that `read_log` never sees the new tail
         // without the history that keeps the records behind it readable.
         let mut g = lock(&self.inner);
+        g.checkpointing = false;
+        self.cond.notify_all();
+        synced?;
         self.checkpoint_meta(seq, tail)?;
         g.log.release(bytes);
         // The released records join the history behind the new tail.
@@ -1423,6 +1437,70 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc;
+
+    /// When set, the next checkpoint reports through the first channel
+    /// that it has taken its snapshot and waits for the second.
+    static PAUSE: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>> = Mutex::new(None);
+
+    pub(super) fn checkpoint_pause() {
+        let taken = lock(&PAUSE).take();
+        if let Some((paused, go)) = taken {
+            let _ = paused.send(());
+            let _ = go.recv();
+        }
+    }
+
+    #[test]
+    fn a_copy_ends_after_a_running_checkpoint_not_under_it() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), 4 << 20, LOG_MIN_BYTES).unwrap();
+        let (s, _h) = open(dir.path());
+        s.append(1, &rec(1, 0, 4096), &[1; 4096]).unwrap();
+        wait_durable(&s, 1);
+        let host = hist::History::new().branch(1, 0);
+        s.begin_copy(1, &host, 1, 2, CopyKind::Incremental).unwrap();
+        // Live writes until a checkpoint starts, and holds it after its
+        // snapshot (before its syncs).
+        let (paused_tx, paused_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel();
+        *lock(&PAUSE) = Some((paused_tx, go_rx));
+        let big = vec![5u8; 1 << 20];
+        let mut seq = 1;
+        loop {
+            seq += 1;
+            s.append(1, &rec(seq, (seq % 4) << 20, 1 << 20), &big).unwrap();
+            s.commit_pending();
+            if paused_rx.recv_timeout(Duration::from_millis(100)).is_ok() {
+                break;
+            }
+            assert!(seq < 20, "no checkpoint started");
+        }
+        // More live writes commit behind the checkpoint's snapshot, and
+        // the copy ends meanwhile (every region done).
+        for _ in 0..4 {
+            seq += 1;
+            s.append(1, &rec(seq, 0, 4096), &[6; 4096]).unwrap();
+            s.commit_pending();
+        }
+        let s2 = s.clone();
+        let finish = std::thread::spawn(move || s2.finish_copy());
+        std::thread::sleep(Duration::from_millis(200));
+        go_tx.send(()).unwrap();
+        let durable = finish.join().unwrap().unwrap();
+        // Until the paused checkpoint has had its say.
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(durable, seq, "the copy ends at the last live write");
+        // The checkpoint that was running must not have put the
+        // superblock back to its older snapshot.
+        let sb = s.superblock();
+        assert!(sb.copy.is_none());
+        assert_eq!((sb.durable_seq, s.durable_seq()), (seq, seq), "durable seq went back");
+        for more in seq + 1..seq + 8 {
+            s.append(1, &rec(more, 0, 1 << 20), &big).unwrap();
+        }
+        wait_durable(&s, seq + 7);
+    }
 
     fn rec(seq: u64, offset: u64, len: u32) -> RecordHeader {
         RecordHeader { seq, offset, len, op: WriteOp::Data, epoch: 1 }

@@ -432,6 +432,7 @@ fn admit(shared: &Shared, link: &Link, hello: &HelloOk) -> Result<u64, String> {
             let req = proto::Replay { from: d + 1, to: last, rate_bytes_per_s, addr };
             let why = format!("replay recovery of seqs {}..{last} from {name}", d + 1);
             l.replay = Some(ReplayPlan { peer: name, peer_idx, req, sent: false });
+            l.copy_meter = None;
             l.set_state(LinkState::Recovering, why);
         }
         Plan::Incremental { peer: peer_idx, .. }
@@ -476,6 +477,7 @@ fn admit(shared: &Shared, link: &Link, hello: &HelloOk) -> Result<u64, String> {
         }
         Plan::Quick => {
             l.replay = None;
+            l.copy_meter = None;
             l.set_state(LinkState::Recovering, format!("quick recovery from seq {}", d + 1));
         }
     }
