@@ -126,6 +126,10 @@ enum ReplicaCmd {
         size: u64,
         #[arg(long, value_parser = parse_size_arg)]
         log_size: Option<u64>,
+        /// Granularity of the change map that incremental recovery copies
+        /// by: a power of two from 4KiB to 64KiB (default 64KiB).
+        #[arg(long, value_parser = parse_size_arg)]
+        region_size: Option<u64>,
     },
     /// Serve a replica directory on TCP (and UDP for network-sync).
     Serve {
@@ -335,10 +339,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 fn replica_cmd(cmd: ReplicaCmd) -> Result<ExitCode> {
     match cmd {
-        ReplicaCmd::Init { dir, size, log_size } => {
+        ReplicaCmd::Init { dir, size, log_size, region_size } => {
             let log = log_size.unwrap_or(starblk_replica::store::DEFAULT_LOG_BYTES);
-            starblk_replica::store::init(&dir, size, log).map_err(|e| usage(e.to_string()))?;
-            println!("initialised replica in {} ({} bytes, log {} bytes)", dir.display(), size, log);
+            let region = region_size.unwrap_or(1 << starblk_replica::changes::REGION_SHIFT_DEFAULT);
+            if !region.is_power_of_two() || !(4096..=65536).contains(&region) {
+                return Err(usage(format!(
+                    "--region-size {region}: expected a power of two from 4KiB to 64KiB (default 64KiB)"
+                )));
+            }
+            starblk_replica::store::init_with_regions(&dir, size, log, region.trailing_zeros())
+                .map_err(|e| usage(e.to_string()))?;
+            println!(
+                "initialised replica in {} ({} bytes, log {} bytes, change map regions {} bytes)",
+                dir.display(),
+                size,
+                log,
+                region
+            );
             Ok(ExitCode::SUCCESS)
         }
         ReplicaCmd::Serve { dir, listen } => {

@@ -122,5 +122,6 @@ fn every_bad_frame_is_rejected_and_counted_and_server_goes_on() {
     let p = s.call(FrameType::Read, &[&rr.encode()], FrameType::ReadReply).unwrap();
     assert_ne!(proto::decode_read_reply(&p).unwrap().1, 0);
     let p = s.call(FrameType::Heartbeat, &[&proto::encode_u64(1)], FrameType::HeartbeatReply).unwrap();
-    assert_eq!(proto::decode_u64_pair(FrameType::HeartbeatReply, &p).unwrap(), (1, 1));
+    let r = proto::HeartbeatReply::decode(&p).unwrap();
+    assert_eq!((r.nonce, r.durable_seq), (1, 1));
 }

@@ -3,8 +3,9 @@
 //!
 //! - a replica that returns with an unacknowledged tail of an old host
 //!   (records past the new host's branch point) never serves reads and
-//!   never counts toward Q: it is `lagging` ("diverged") until it has
-//!   rolled the tail back;
+//!   never counts toward Q while it holds that tail: it is rolled back (it
+//!   re-copies the regions the tail touched, and those the new host wrote
+//!   since, from an up-to-date replica), then up to date and identical;
 //! - two hosts started at the same instant never both write: epochs are
 //!   unique, a replica takes a new epoch only if it is strictly greater;
 //! - once a new host has fenced the volume, the old host completes nothing
@@ -32,6 +33,7 @@ use common::*;
 use rand::{Rng, SeedableRng};
 use starblk::engine::blocking::BlockingVolume;
 use starblk::engine::{startup, Completer, IoResult, LinkState, Request, Volume};
+use starblk_recovery::LagReason;
 use starblk_replica::client;
 
 /// A replica's durable seq, from its Stats frame (None if unreachable).
@@ -246,7 +248,8 @@ fn settle(v: &BlockingVolume, name: &str, timeout: Duration) -> (LinkState, Stri
     let deadline = Instant::now() + timeout;
     loop {
         let r = replica_status(v, name);
-        let done = r.state == LinkState::UpToDate || (r.state == LinkState::Lagging && r.reason.contains("diverged"));
+        let done = r.state == LinkState::UpToDate
+            || (r.state == LinkState::Lagging && matches!(r.lag_reason, Some(LagReason::Diverged { .. })));
         if done || Instant::now() >= deadline {
             return (r.state, r.reason);
         }
@@ -334,11 +337,27 @@ fn takeover_with_returning_stale_replica_never_serves_old_data() {
         .collect();
     // r2 comes back while host 2 writes.
     wait_until(Duration::from_secs(30), "host 2's first quarter", || done.load(Ordering::Relaxed) >= EXTENTS / 4);
+    // r2 is never up to date (serving reads, counting toward Q) while
+    // host 2's status still says it diverged.
+    let served_while_diverged = Arc::new(AtomicBool::new(false));
+    let watch_stop = Arc::new(AtomicBool::new(false));
+    let watch = {
+        let (v, bad, stop) = (v.clone(), served_while_diverged.clone(), watch_stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let r = replica_status(&v, "r2");
+                if r.state == LinkState::UpToDate && r.diverged_after.is_some() {
+                    bad.store(true, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
     c.replicas[2].start();
     for w in writers {
         w.join().unwrap();
     }
-    let (state, reason) = settle(&v, "r2", Duration::from_secs(20));
+    let (state, reason) = settle(&v, "r2", Duration::from_secs(60));
     println!("r2 after host 2's writes: {state} ({reason})");
     let r2_after_writes = replica_status(&v, "r2");
 
@@ -392,17 +411,24 @@ fn takeover_with_returning_stale_replica_never_serves_old_data() {
             r2_after_writes.reason
         ));
     }
-    // The spec: r2 holds records past the branch point, so it is lagging
-    // and says it diverged (until it has rolled them back).
-    if r2.state != LinkState::Lagging || !r2.reason.contains("diverged") {
+    // The spec: r2 held records past the branch point; it was rolled back
+    // (re-copying the regions they touched) and is up to date, and it
+    // never served or counted while it held them.
+    wait_until(Duration::from_secs(60), "r0, r1 and r2 up to date again", || {
+        ["r0", "r1", "r2"].iter().all(|n| replica_status(&v, n).state == LinkState::UpToDate)
+    });
+    watch_stop.store(true, Ordering::Relaxed);
+    watch.join().unwrap();
+    if served_while_diverged.load(Ordering::Relaxed) {
+        failures.push("r2 was up to date while host 2 still saw it diverged".into());
+    }
+    let r2_log = c.replicas[2].log();
+    if !r2_log.contains("kind=rollback") {
         failures.push(format!(
-            "r2 (durable {tail_seq}, branch point {branch}) is {} with reason {:?}; expected lagging, \"diverged\"",
+            "r2 (durable {tail_seq}, branch point {branch}) was not rolled back ({} {:?}); its log:\n{r2_log}",
             r2.state, r2.reason
         ));
     }
-    wait_until(Duration::from_secs(20), "r0 and r1 up to date again", || {
-        ["r0", "r1"].iter().all(|n| replica_status(&v, n).state == LinkState::UpToDate)
-    });
     assert!(v.volume.shutdown(Duration::from_secs(20)), "host 2's replicas did not catch up before shutdown");
     for r in &mut c.replicas {
         r.kill();
@@ -412,7 +438,10 @@ fn takeover_with_returning_stale_replica_never_serves_old_data() {
         failures.push("r0 and r1 data files differ after host 2's clean shutdown".into());
     }
     let r2_differs = d0.chunks(BS).zip(d2.chunks(BS)).filter(|(a, b)| a != b).count();
-    println!("r2's data file differs from r0's in {r2_differs} blocks");
+    println!("after its rollback, r2's data file differs from r0's in {r2_differs} blocks");
+    if r2_differs > 0 {
+        failures.push(format!("r2's data file differs from r0's in {r2_differs} blocks after its rollback"));
+    }
     assert!(failures.is_empty(), "history safety violated:\n  {}", failures.join("\n  "));
 }
 

@@ -26,9 +26,10 @@ use std::io::{self, Read};
 use libfuzzer_sys::fuzz_target;
 use starblk_replica::proto::{
     self, decode_header, decode_read_reply, decode_u64, decode_u64_pair, encode_read_reply_header, encode_u64,
-    encode_u64_pair, write_frame, Adopt, ErrorFrame, FrameError, FrameReader, FrameType, Hello, HelloOk, ReadError, ReadReq,
-    Replay, Stamp, WriteHeader, REPLAY_ADDR_MAX_BYTES, WriteOp, HEADER_BYTES, MAGIC, MAX_IO_BYTES, MAX_PAYLOAD_BYTES, PROTOCOL_VERSION,
-    WRITE_SUBHEADER_BYTES,
+    encode_u64_pair, write_frame, Adopt, Changes, ChangesReply, CopyReq, ErrorFrame, FrameError, FrameReader, FrameType,
+    HeartbeatReply, Hello, HelloOk, ReadError, ReadReq, RegionHeader, RegionRead, Replay, Stamp, WriteHeader,
+    CHANGES_MAX, REGION_HEADER_BYTES, REPLAY_ADDR_MAX_BYTES, WriteOp, HEADER_BYTES, MAGIC, MAX_IO_BYTES,
+    MAX_PAYLOAD_BYTES, PROTOCOL_VERSION, WRITE_SUBHEADER_BYTES,
 };
 
 /// A socket stand-in: at most `chunk` bytes per read, and every
@@ -136,6 +137,35 @@ fn check_payload(p: &[u8]) {
     }
     if let Ok(h) = HelloOk::decode(p) {
         assert_eq!(&h.encode()[..], p);
+        if let Some((_, next)) = h.copying {
+            assert!(next > h.durable_seq);
+        }
+    }
+    if let Ok(r) = HeartbeatReply::decode(p) {
+        assert_eq!(&r.encode()[..], p);
+    }
+    if let Ok(c) = Changes::decode(p) {
+        assert_eq!(&c.encode()[..], p);
+        assert!(c.from <= c.to && c.max >= 1 && c.max <= CHANGES_MAX);
+    }
+    if let Ok(r) = ChangesReply::decode(p) {
+        assert_eq!(r.encode(), p);
+        assert!(r.regions.len() <= CHANGES_MAX as usize);
+        assert!(r.regions.windows(2).all(|w| w[0] < w[1]) && r.regions.iter().all(|x| *x < r.next));
+    }
+    if let Ok(r) = RegionRead::decode(p) {
+        assert_eq!(&r.encode()[..], p);
+    }
+    if let Ok((h, data)) = RegionHeader::decode(p) {
+        assert_eq!(h.encode()[..], p[..REGION_HEADER_BYTES]);
+        assert_eq!(data, &p[REGION_HEADER_BYTES..]);
+        assert!(h.len >= 1 && h.len <= MAX_IO_BYTES && h.mark <= h.as_of);
+        assert_eq!(data.len(), if h.zero { 0 } else { h.len as usize });
+    }
+    if let Ok(c) = CopyReq::decode(p) {
+        assert_eq!(c.encode(), p);
+        assert!(c.live_from >= 1 && c.live_from <= c.last_seq + 1);
+        assert!(!c.addr.is_empty() && c.addr.len() <= REPLAY_ADDR_MAX_BYTES);
     }
     if let Ok((wh, data)) = WriteHeader::decode(p) {
         // Bytes 21..24 of the sub-header are padding that the decoder
@@ -176,12 +206,12 @@ fn check_payload(p: &[u8]) {
         assert_eq!(r.encode(), p);
         assert!(r.from >= 1 && r.from <= r.to && !r.addr.is_empty() && r.addr.len() <= REPLAY_ADDR_MAX_BYTES);
     }
-    for kind in [FrameType::Ack, FrameType::Heartbeat, FrameType::SetEpoch, FrameType::ReplayDone] {
+    for kind in [FrameType::Ack, FrameType::Heartbeat, FrameType::SetEpoch, FrameType::ReplayDone, FrameType::CopyDone] {
         if let Ok(v) = decode_u64(kind, p) {
             assert_eq!(&encode_u64(v)[..], p);
         }
     }
-    if let Ok((a, b)) = decode_u64_pair(FrameType::HeartbeatReply, p) {
+    if let Ok((a, b)) = decode_u64_pair(FrameType::CopyProgress, p) {
         assert_eq!(&encode_u64_pair(a, b)[..], p);
     }
     // The client reads StatsReply as JSON, and a Stamp's members blob is

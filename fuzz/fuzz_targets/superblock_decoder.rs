@@ -1,4 +1,6 @@
-//! Fuzzes `Superblock::decode` with 4096-byte slot images.
+//! Fuzzes `Superblock::decode` with 4096-byte slot images (version 3, and
+//! version 2, which is still read), and the change map header decoder
+//! (`changes::Header::decode`) with the same bytes.
 //!
 //! The first input byte picks fix-ups so the fuzzer gets past the cheap
 //! checks into the range checks and the members JSON; the rest of the input
@@ -7,10 +9,14 @@
 //! - bit 3 makes the geometry plausible (block size a power of two in
 //!   range, size a multiple of it, log at least `LOG_MIN_BYTES`, tail inside
 //!   the log, checkpoint <= durable), each from the fields' own bytes;
+//!   For version 3 also the region shift (12..=16) and, from byte 100, a
+//!   copy state with a known kind, 1..=8 segments in order and the cursor
+//!   and live seq in range, or none;
 //! - bit 4 replaces the members text with a JSON member list built from the
 //!   image bytes, sometimes without the optional `network_sync` field;
-//! - bit 0 writes the right magic and version;
-//! - bit 1 sets the members length to the text at byte 96 (up to a NUL);
+//! - bit 0 writes the right magic and version (version 2 if bit 5 is set);
+//! - bit 1 sets the members length to the text where the members start
+//!   (up to a NUL);
 //! - bit 2 recomputes the crc (applied last).
 //!
 //! Asserts: no panic; an accepted image re-encodes (unless its members
@@ -22,10 +28,27 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use starblk_replica::changes;
 use starblk_replica::log::LOG_MIN_BYTES;
-use starblk_replica::superblock::{Member, Superblock, SuperblockError, MEMBERS_MAX_BYTES, SLOT_BYTES};
+use starblk_replica::superblock::{Member, Superblock, SuperblockError, SLOT_BYTES};
 
-const FIXED_BYTES: usize = 96;
+/// Where the history starts: byte 352 in version 3, 96 in version 2; the
+/// members follow 1024 bytes later.
+fn fixed_bytes(img: &[u8]) -> usize {
+    if u32::from_le_bytes(img[8..12].try_into().expect("4")) == 2 {
+        96
+    } else {
+        352
+    }
+}
+
+fn members_at(img: &[u8]) -> usize {
+    fixed_bytes(img) + 1024
+}
+
+fn members_max(img: &[u8]) -> usize {
+    SLOT_BYTES - 4 - members_at(img)
+}
 
 fn u64_at(img: &[u8], o: usize) -> u64 {
     u64::from_le_bytes(img[o..o + 8].try_into().expect("8"))
@@ -45,13 +68,37 @@ fn plausible_geometry(img: &mut [u8; SLOT_BYTES]) {
     put_u64(img, 56, log);
     let tail = u64_at(img, 72) % log;
     put_u64(img, 72, tail);
+    let shift = 12 + u32::from(img[96]) % 5;
+    img[96..100].copy_from_slice(&shift.to_le_bytes());
     let (cp, durable) = (u64_at(img, 64), u64_at(img, 80));
-    put_u64(img, 64, cp.min(durable));
+    if img[100] % 4 == 0 {
+        // No copy: the copy bytes are zero.
+        img[100..352].fill(0);
+        put_u64(img, 64, cp.min(durable));
+    } else {
+        img[100] %= 4;
+        let n = 1 + usize::from(img[101]) % 8;
+        img[101] = n as u8;
+        let mut end = 0u64;
+        for i in 0..n {
+            let o = 136 + i * 24;
+            end += 1 + u64_at(img, o) % 1000;
+            put_u64(img, o, end);
+        }
+        let cursor = u64_at(img, 112) % (end + 1);
+        put_u64(img, 112, cursor);
+        // durable < live_from <= checkpoint + 1.
+        let durable = durable.min(u64::MAX - 2);
+        let live_from = durable + 1 + u64_at(img, 104) % 1000;
+        put_u64(img, 104, live_from);
+        put_u64(img, 64, cp.max(live_from - 1));
+    }
 }
 
 /// Writes a JSON member list made from the image's own bytes at byte 96.
 fn structured_members(img: &mut [u8; SLOT_BYTES]) {
-    let seed: Vec<u8> = img[FIXED_BYTES..FIXED_BYTES + 256].to_vec();
+    let at = members_at(img);
+    let seed: Vec<u8> = img[at..at + 256].to_vec();
     let count = usize::from(seed[0] % 5);
     let text = |at: usize| -> String {
         let len = usize::from(seed[at % 256] % 24);
@@ -70,9 +117,9 @@ fn structured_members(img: &mut [u8; SLOT_BYTES]) {
         // Older writers may leave out the defaulted field.
         json = String::from_utf8(json).expect("utf8").replace(",\"network_sync\":false", "").into_bytes();
     }
-    if json.len() <= MEMBERS_MAX_BYTES {
-        img[FIXED_BYTES..SLOT_BYTES - 4].fill(0);
-        img[FIXED_BYTES..FIXED_BYTES + json.len()].copy_from_slice(&json);
+    if json.len() <= members_max(img) {
+        img[at..SLOT_BYTES - 4].fill(0);
+        img[at..at + json.len()].copy_from_slice(&json);
         img[88..92].copy_from_slice(&(json.len() as u32).to_le_bytes());
     }
 }
@@ -84,20 +131,29 @@ fuzz_target!(|data: &[u8]| {
     let mut img = [0u8; SLOT_BYTES];
     let n = rest.len().min(SLOT_BYTES);
     img[..n].copy_from_slice(&rest[..n]);
-    if mode & 8 != 0 {
+    // The change map header decoder sees the same bytes.
+    if let Ok(h) = changes::Header::decode(&img) {
+        assert_eq!(h.encode()[..], img[..40]);
+        assert!((changes::REGION_SHIFT_MIN..=changes::REGION_SHIFT_MAX).contains(&h.region_shift));
+        assert!(h.regions >= 1 && h.regions <= changes::REGIONS_MAX);
+        assert!(h.file_bytes() > changes::HEADER_BYTES);
+    }
+    if mode & 1 != 0 {
+        img[0..8].copy_from_slice(b"SBLKSUPR");
+        let version: u32 = if mode & 32 != 0 { 2 } else { 3 };
+        img[8..12].copy_from_slice(&version.to_le_bytes());
+    }
+    if mode & 8 != 0 && fixed_bytes(&img) == 352 {
         plausible_geometry(&mut img);
     }
     if mode & 16 != 0 {
         structured_members(&mut img);
     }
-    if mode & 1 != 0 {
-        img[0..8].copy_from_slice(b"SBLKSUPR");
-        img[8..12].copy_from_slice(&1u32.to_le_bytes());
-    }
     if mode & 2 != 0 {
         // Up to the first NUL: the fuzzer writes text, the fix-up sizes it.
-        let text = &img[FIXED_BYTES..SLOT_BYTES - 4];
-        let len = text.iter().position(|b| *b == 0).unwrap_or(text.len()).min(MEMBERS_MAX_BYTES);
+        let at = members_at(&img);
+        let text = &img[at..SLOT_BYTES - 4];
+        let len = text.iter().position(|b| *b == 0).unwrap_or(text.len()).min(members_max(&img));
         img[88..92].copy_from_slice(&(len as u32).to_le_bytes());
     }
     if mode & 4 != 0 {
@@ -121,11 +177,23 @@ fuzz_target!(|data: &[u8]| {
         Err(e) => panic!("an accepted superblock must be writable again: {e}"),
     };
     assert_eq!(Superblock::decode(&again).as_ref(), Ok(&sb));
+    if fixed_bytes(&img) == 96 {
+        // Version 2 is written back as version 3 (one-way).
+        assert_eq!(again[12..88], img[12..88]);
+        return;
+    }
     // Magic, version and every fixed field up to the members length.
     assert_eq!(again[..88], img[..88]);
     let canonical = serde_json::to_vec(&sb.members).expect("members serialise");
-    let padding_zero = img[92..96] == [0; 4] && img[FIXED_BYTES + members_len..SLOT_BYTES - 4].iter().all(|b| *b == 0);
-    if canonical == img[FIXED_BYTES..FIXED_BYTES + members_len] && padding_zero {
+    // Bytes the decoder does not look at: padding and unused segments.
+    let segs = 136 + 24 * usize::from(img[101]).min(8);
+    let copy_padding = img[102..104] == [0; 2] && img[segs..352].iter().all(|b| *b == 0);
+    let at = members_at(&img);
+    let padding_zero = img[92..96] == [0; 4]
+        && copy_padding
+        && img[352..at].iter().all(|b| *b == 0)
+        && img[at + members_len..SLOT_BYTES - 4].iter().all(|b| *b == 0);
+    if canonical == img[at..at + members_len] && padding_zero {
         assert_eq!(again, img, "a canonical image must re-encode byte for byte");
     }
 });

@@ -6,7 +6,8 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use crate::proto::{
-    self, ErrorFrame, FrameError, FrameReader, FrameType, Hello, HelloOk, ReadError, Stamp, Uuid, WriteHeader,
+    self, Changes, ChangesReply, ErrorFrame, FrameError, FrameReader, FrameType, Hello, HelloOk, ReadError,
+    RegionHeader, RegionRead, Stamp, Uuid, WriteHeader,
 };
 
 /// One log record as read from a replica.
@@ -166,6 +167,48 @@ impl Session {
         }
     }
 
+    /// Asks a source replica which regions changed (`Changes`), and checks
+    /// that the answer fits the question.
+    pub fn changes(&mut self, req: &Changes) -> Result<ChangesReply, ClientError> {
+        let p = self.call(FrameType::Changes, &[&req.encode()], FrameType::ChangesReply)?;
+        let perr = |source| ClientError::Protocol { addr: self.addr.clone(), source };
+        let r = ChangesReply::decode(&p).map_err(perr)?;
+        let bad = |reason| perr(proto::FrameError::Malformed { kind: FrameType::ChangesReply, reason });
+        if r.next > req.to || (r.next <= req.from && req.from < req.to) {
+            return Err(bad("next region out of range"));
+        }
+        if r.regions.first().is_some_and(|f| *f < req.from) || r.regions.len() > req.max as usize {
+            return Err(bad("regions out of range"));
+        }
+        if req.count_only && !r.regions.is_empty() {
+            return Err(bad("regions in a count"));
+        }
+        Ok(r)
+    }
+
+    /// Sends a `RegionRead` (the answer comes through [`Session::recv_region`]).
+    pub fn send_region_read(&mut self, r: RegionRead) -> Result<(), ClientError> {
+        self.send(FrameType::RegionRead, &[&r.encode()])
+    }
+
+    /// Receives one `RegionData`: the region's header and its bytes (none
+    /// when it is all zeroes).
+    pub fn recv_region(&mut self) -> Result<(RegionHeader, Vec<u8>), ClientError> {
+        let (h, p) = self.reader.next_frame().map_err(|e| read_err(&self.addr, e))?;
+        let perr = |source| ClientError::Protocol { addr: self.addr.clone(), source };
+        match h.kind {
+            FrameType::RegionData => {
+                let (rh, data) = RegionHeader::decode(p).map_err(perr)?;
+                Ok((rh, data.to_vec()))
+            }
+            FrameType::Error => {
+                let frame = ErrorFrame::decode(p).map_err(perr)?;
+                Err(ClientError::Rejected { addr: self.addr.clone(), frame })
+            }
+            kind => Err(ClientError::Unexpected { addr: self.addr.clone(), kind }),
+        }
+    }
+
     /// Raises the replica's epoch to `epoch` (refused unless strictly
     /// greater than the replica's); returns the replica's state after the
     /// fence, with every record it had appended committed.
@@ -207,6 +250,7 @@ fn dial_session(addr: &str, timeout: Duration) -> Result<Session, ClientError> {
         block_size: 0,
         durable_seq: 0,
         history: crate::history::History::new(),
+        copying: None,
     };
     Ok(Session { reader, writer, hello, addr: addr.to_string() })
 }

@@ -53,6 +53,8 @@ pub enum FileKind {
     Data,
     /// The superblock.
     Superblock,
+    /// The change map (`changes`).
+    Changes,
 }
 
 /// Which operation a fault hits.
@@ -160,7 +162,8 @@ impl FromStr for Fault {
             "log" => FileKind::Log,
             "data" => FileKind::Data,
             "superblock" | "sb" => FileKind::Superblock,
-            other => return Err(bad(format!("unknown file {other:?} (expected log, data or superblock)"))),
+            "changes" => FileKind::Changes,
+            other => return Err(bad(format!("unknown file {other:?} (expected log, data, superblock or changes)"))),
         };
         let op = match fields[1] {
             "write" => FaultOp::Write,
@@ -207,6 +210,7 @@ impl fmt::Display for Fault {
             FileKind::Log => "log",
             FileKind::Data => "data",
             FileKind::Superblock => "superblock",
+            FileKind::Changes => "changes",
         };
         let op = match self.op {
             FaultOp::Write => "write",
@@ -234,7 +238,7 @@ impl fmt::Display for Fault {
 
 /// Parses a comma-separated list of faults (the `STARBLK_FAULT` syntax):
 /// `FILE:OP:TRIGGER:EFFECT[:sticky][:delay=MS]`, where FILE is `log`,
-/// `data` or `superblock`; OP is `write`, `sync` or `read`; TRIGGER is
+/// `data`, `superblock` or `changes`; OP is `write`, `sync` or `read`; TRIGGER is
 /// `nth=N` or `after=BYTES` (`4096`, `64k`, `8MiB`, `1G`; binary units);
 /// EFFECT is `eio`, `enospc` or `torn`.
 pub fn parse_faults(s: &str) -> Result<Vec<Fault>, FaultSpecError> {

@@ -4,7 +4,9 @@
 //! Nothing here knows about ublk; the host engine and the recovery crate
 //! build on these types.
 
+pub mod changes;
 pub mod client;
+pub mod copy;
 pub mod disk;
 pub mod history;
 pub mod log;

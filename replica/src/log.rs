@@ -198,6 +198,11 @@ impl Log {
         self.used_bytes
     }
 
+    /// Offset where the next record goes.
+    pub fn head(&self) -> u64 {
+        self.head
+    }
+
     /// Total size.
     pub fn size_bytes(&self) -> u64 {
         self.size_bytes

@@ -19,11 +19,12 @@
 use std::io::{self, IoSlice, Read, Write};
 
 use crate::history::{History, Position};
+use crate::superblock::CopyKind;
 
 /// "SBLK" read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"SBLK");
 /// The only protocol version this build speaks.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 /// Size of the fixed frame header.
 pub const HEADER_BYTES: usize = 32;
 /// Largest payload accepted: one max-sized I/O plus its sub-header.
@@ -130,6 +131,21 @@ pub enum FrameType {
     /// answers with an Ack of its durable seq; a diverged replica answers
     /// with an Error (code `Diverged`).
     Adopt = 20,
+    /// Replica → source replica: which regions changed ([`Changes`]).
+    Changes = 21,
+    /// Source → replica: the answer ([`ChangesReply`]).
+    ChangesReply = 22,
+    /// Replica → source: one region's contents ([`RegionRead`]).
+    RegionRead = 23,
+    /// Source → replica: a region, its mark and as-of seq ([`RegionData`]).
+    RegionData = 24,
+    /// HE → replica: copy regions from a peer (incremental, full or
+    /// rollback recovery) while taking live writes ([`CopyReq`]).
+    Copy = 25,
+    /// Replica → HE: copy progress, bytes done and total (u64, u64).
+    CopyProgress = 26,
+    /// Replica → HE: the copy is complete; its durable seq (u64).
+    CopyDone = 27,
 }
 
 impl FrameType {
@@ -156,6 +172,13 @@ impl FrameType {
             18 => ReplayDone,
             19 => RecoveryRate,
             20 => Adopt,
+            21 => Changes,
+            22 => ChangesReply,
+            23 => RegionRead,
+            24 => RegionData,
+            25 => Copy,
+            26 => CopyProgress,
+            27 => CopyDone,
             _ => return None,
         })
     }
@@ -482,17 +505,24 @@ pub struct HelloOk {
     /// The history the replica's log follows; with `durable_seq` it gives
     /// the replica's position (`docs/design.md`, "History").
     pub history: History,
+    /// A copy the replica has in progress: its kind and the next live
+    /// seq its log expects (resume it, sending live writes from there).
+    pub copying: Option<(CopyKind, u64)>,
 }
 
 impl HelloOk {
     /// Serialises the payload: fixed fields, then the history steps.
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = vec![0u8; 44];
+        let mut b = vec![0u8; 60];
         b[0..16].copy_from_slice(&self.volume);
         b[16..24].copy_from_slice(&self.epoch.to_le_bytes());
         b[24..32].copy_from_slice(&self.size_bytes.to_le_bytes());
         b[32..36].copy_from_slice(&self.block_size.to_le_bytes());
         b[36..44].copy_from_slice(&self.durable_seq.to_le_bytes());
+        if let Some((kind, next)) = self.copying {
+            b[44] = kind as u8;
+            b[52..60].copy_from_slice(&next.to_le_bytes());
+        }
         b.extend_from_slice(&self.history.encode());
         b
     }
@@ -503,17 +533,21 @@ impl HelloOk {
     }
     /// Parses the payload.
     pub fn decode(p: &[u8]) -> Result<HelloOk, FrameError> {
+        let bad = |reason| FrameError::Malformed { kind: FrameType::HelloOk, reason };
         let mut c = cur(FrameType::HelloOk, p);
-        let h = HelloOk {
-            volume: c.uuid()?,
-            epoch: c.u64()?,
-            size_bytes: c.u64()?,
-            block_size: c.u32()?,
-            durable_seq: c.u64()?,
-            history: History::decode(c.b)
-                .map_err(|_| FrameError::Malformed { kind: FrameType::HelloOk, reason: "history steps invalid" })?,
+        let (volume, epoch, size_bytes, block_size, durable_seq) = (c.uuid()?, c.u64()?, c.u64()?, c.u32()?, c.u64()?);
+        let kind = c.u8()?;
+        if c.take(7)? != [0; 7] {
+            return Err(bad("non-zero padding"));
+        }
+        let next = c.u64()?;
+        let copying = match (kind, next) {
+            (0, 0) => None,
+            (k, n) if n > durable_seq => Some((CopyKind::from_u8(k).ok_or(bad("unknown copy kind"))?, n)),
+            _ => return Err(bad("copy state")),
         };
-        Ok(h)
+        let history = History::decode(c.b).map_err(|_| bad("history steps invalid"))?;
+        Ok(HelloOk { volume, epoch, size_bytes, block_size, durable_seq, history, copying })
     }
 }
 
@@ -725,6 +759,265 @@ impl Replay {
         }
         let addr = std::str::from_utf8(c.b).map_err(|_| bad("peer address"))?.to_string();
         Ok(Replay { from, to, rate_bytes_per_s, addr })
+    }
+}
+
+/// HeartbeatReply: the nonce echoed, the durable seq, and the first seq
+/// the replica's log can still serve to a replay (u64::MAX: none, e.g.
+/// during a copy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatReply {
+    /// The Heartbeat's nonce.
+    pub nonce: u64,
+    /// Durable seq.
+    pub durable_seq: u64,
+    /// First seq in the log.
+    pub log_first: u64,
+}
+
+impl HeartbeatReply {
+    /// Serialises the payload.
+    pub fn encode(&self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b[0..8].copy_from_slice(&self.nonce.to_le_bytes());
+        b[8..16].copy_from_slice(&self.durable_seq.to_le_bytes());
+        b[16..24].copy_from_slice(&self.log_first.to_le_bytes());
+        b
+    }
+    /// Parses the payload.
+    pub fn decode(p: &[u8]) -> Result<HeartbeatReply, FrameError> {
+        let mut c = cur(FrameType::HeartbeatReply, p);
+        let r = HeartbeatReply { nonce: c.u64()?, durable_seq: c.u64()?, log_first: c.u64()? };
+        c.end()?;
+        Ok(r)
+    }
+}
+
+/// Most regions one ChangesReply lists.
+pub const CHANGES_MAX: u32 = 1 << 16;
+
+/// Changes: the regions in `from..to` whose mark is above `since`, at most
+/// `max`; the source first waits until it has applied `min_seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Changes {
+    /// First region.
+    pub from: u64,
+    /// Region past the last.
+    pub to: u64,
+    /// Regions written after this seq.
+    pub since: u64,
+    /// The source must have applied this seq first.
+    pub min_seq: u64,
+    /// Most regions to list (1..=CHANGES_MAX).
+    pub max: u32,
+    /// Only count them (over the whole range), list none.
+    pub count_only: bool,
+}
+
+impl Changes {
+    /// Serialises the payload.
+    pub fn encode(&self) -> [u8; 40] {
+        let mut b = [0u8; 40];
+        b[0..8].copy_from_slice(&self.from.to_le_bytes());
+        b[8..16].copy_from_slice(&self.to.to_le_bytes());
+        b[16..24].copy_from_slice(&self.since.to_le_bytes());
+        b[24..32].copy_from_slice(&self.min_seq.to_le_bytes());
+        b[32..36].copy_from_slice(&self.max.to_le_bytes());
+        b[36..40].copy_from_slice(&u32::from(self.count_only).to_le_bytes());
+        b
+    }
+    /// Parses the payload: `from <= to`, `1 <= max <= CHANGES_MAX`, flags 0 or 1.
+    pub fn decode(p: &[u8]) -> Result<Changes, FrameError> {
+        let bad = |reason| FrameError::Malformed { kind: FrameType::Changes, reason };
+        let mut c = cur(FrameType::Changes, p);
+        let (from, to, since, min_seq, max, flags) = (c.u64()?, c.u64()?, c.u64()?, c.u64()?, c.u32()?, c.u32()?);
+        c.end()?;
+        if from > to {
+            return Err(bad("region range"));
+        }
+        if max == 0 || max > CHANGES_MAX {
+            return Err(bad("region count"));
+        }
+        if flags > 1 {
+            return Err(bad("flags"));
+        }
+        Ok(Changes { from, to, since, min_seq, max, count_only: flags == 1 })
+    }
+}
+
+/// ChangesReply: the regions found (ascending), how many match, and where
+/// to continue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangesReply {
+    /// Region to continue from (the request's `to` when done).
+    pub next: u64,
+    /// Regions that match: the list's length, or for a count-only
+    /// request the count over the whole range.
+    pub count: u64,
+    /// The regions, strictly ascending.
+    pub regions: Vec<u64>,
+}
+
+impl ChangesReply {
+    /// Serialises the payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(16 + 8 * self.regions.len());
+        b.extend_from_slice(&self.next.to_le_bytes());
+        b.extend_from_slice(&self.count.to_le_bytes());
+        for r in &self.regions {
+            b.extend_from_slice(&r.to_le_bytes());
+        }
+        b
+    }
+    /// Parses the payload: at most CHANGES_MAX regions, strictly
+    /// ascending, all below `next`.
+    pub fn decode(p: &[u8]) -> Result<ChangesReply, FrameError> {
+        let bad = |reason| FrameError::Malformed { kind: FrameType::ChangesReply, reason };
+        let mut c = cur(FrameType::ChangesReply, p);
+        let (next, count) = (c.u64()?, c.u64()?);
+        if !c.b.len().is_multiple_of(8) || c.b.len() / 8 > CHANGES_MAX as usize {
+            return Err(bad("region list length"));
+        }
+        let regions: Vec<u64> = c.b.chunks_exact(8).map(|x| u64::from_le_bytes(x.try_into().expect("8"))).collect();
+        if regions.windows(2).any(|w| w[1] <= w[0]) || regions.last().is_some_and(|r| *r >= next) {
+            return Err(bad("region list order"));
+        }
+        if !regions.is_empty() && count != regions.len() as u64 {
+            return Err(bad("region count"));
+        }
+        Ok(ChangesReply { next, count, regions })
+    }
+}
+
+/// RegionRead: one region's contents, once the source applied `min_seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionRead {
+    /// Region index.
+    pub region: u64,
+    /// The source must have applied this seq first.
+    pub min_seq: u64,
+}
+
+impl RegionRead {
+    /// Serialises the payload.
+    pub fn encode(&self) -> [u8; 16] {
+        encode_u64_pair(self.region, self.min_seq)
+    }
+    /// Parses the payload.
+    pub fn decode(p: &[u8]) -> Result<RegionRead, FrameError> {
+        let (region, min_seq) = decode_u64_pair(FrameType::RegionRead, p)?;
+        Ok(RegionRead { region, min_seq })
+    }
+}
+
+/// The sub-header of a RegionData frame; the region's bytes follow unless
+/// it is all zeroes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionHeader {
+    /// Region index.
+    pub region: u64,
+    /// The region's mark at the source (seq of its last write).
+    pub mark: u64,
+    /// The source had applied exactly the writes up to this seq to the
+    /// region when it read it.
+    pub as_of: u64,
+    /// Bytes of the region (the last region of a volume may be short).
+    pub len: u32,
+    /// All zeroes: no data follows.
+    pub zero: bool,
+}
+
+/// Bytes of a [`RegionHeader`].
+pub const REGION_HEADER_BYTES: usize = 32;
+
+impl RegionHeader {
+    /// Serialises the sub-header.
+    pub fn encode(&self) -> [u8; REGION_HEADER_BYTES] {
+        let mut b = [0u8; REGION_HEADER_BYTES];
+        b[0..8].copy_from_slice(&self.region.to_le_bytes());
+        b[8..16].copy_from_slice(&self.mark.to_le_bytes());
+        b[16..24].copy_from_slice(&self.as_of.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len.to_le_bytes());
+        b[28..32].copy_from_slice(&u32::from(self.zero).to_le_bytes());
+        b
+    }
+    /// Parses a RegionData payload into its header and data, checking the
+    /// data length against `len` and the zero flag, and `mark <= as_of`.
+    pub fn decode(p: &[u8]) -> Result<(RegionHeader, &[u8]), FrameError> {
+        let bad = |reason| FrameError::Malformed { kind: FrameType::RegionData, reason };
+        let mut c = cur(FrameType::RegionData, p);
+        let (region, mark, as_of, len, flags) = (c.u64()?, c.u64()?, c.u64()?, c.u32()?, c.u32()?);
+        if flags > 1 {
+            return Err(bad("flags"));
+        }
+        let zero = flags == 1;
+        if len == 0 || len > MAX_IO_BYTES {
+            return Err(bad("region length"));
+        }
+        if c.b.len() != if zero { 0 } else { len as usize } {
+            return Err(bad("data length does not match header"));
+        }
+        if mark > as_of {
+            return Err(bad("mark past as-of seq"));
+        }
+        Ok((RegionHeader { region, mark, as_of, len, zero }, c.b))
+    }
+}
+
+/// Copy: the HE asks a replica to copy regions from a peer (incremental,
+/// full or rollback recovery), taking live writes from `live_from` on.
+/// Sent instead of Adopt, as the first frame of the session: the replica
+/// follows `history` once the copy is set up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyReq {
+    /// The first live write the HE sends on this session.
+    pub live_from: u64,
+    /// Rate limit, data bytes/s (0 = unlimited).
+    pub rate_bytes_per_s: u64,
+    /// The host's last assigned seq.
+    pub last_seq: u64,
+    /// What the HE planned (the replica checks it against its own log).
+    pub kind: CopyKind,
+    /// The source peer's `HOST:PORT`, 1..=255 bytes of UTF-8.
+    pub addr: String,
+    /// The host's history.
+    pub history: History,
+}
+
+impl CopyReq {
+    /// Serialises the payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(32 + self.addr.len() + 16 * self.history.steps().len());
+        b.extend_from_slice(&self.live_from.to_le_bytes());
+        b.extend_from_slice(&self.rate_bytes_per_s.to_le_bytes());
+        b.extend_from_slice(&self.last_seq.to_le_bytes());
+        b.push(self.kind as u8);
+        b.push(self.addr.len() as u8);
+        b.extend_from_slice(&[0; 6]);
+        b.extend_from_slice(self.addr.as_bytes());
+        b.extend_from_slice(&self.history.encode());
+        b
+    }
+    /// Parses the payload: `1 <= live_from <= last_seq + 1`, a known kind,
+    /// an address of 1..=255 UTF-8 bytes, a valid history.
+    pub fn decode(p: &[u8]) -> Result<CopyReq, FrameError> {
+        let bad = |reason| FrameError::Malformed { kind: FrameType::Copy, reason };
+        let mut c = cur(FrameType::Copy, p);
+        let (live_from, rate_bytes_per_s, last_seq) = (c.u64()?, c.u64()?, c.u64()?);
+        let kind = CopyKind::from_u8(c.u8()?).ok_or(bad("unknown copy kind"))?;
+        let addr_len = c.u8()? as usize;
+        if c.take(6)? != [0; 6] {
+            return Err(bad("non-zero padding"));
+        }
+        if live_from == 0 || last_seq == u64::MAX || live_from > last_seq + 1 {
+            return Err(bad("live seq"));
+        }
+        if addr_len == 0 {
+            return Err(bad("peer address length"));
+        }
+        let addr = std::str::from_utf8(c.take(addr_len)?).map_err(|_| bad("peer address"))?.to_string();
+        let history = History::decode(c.b).map_err(|_| bad("history steps invalid"))?;
+        Ok(CopyReq { live_from, rate_bytes_per_s, last_seq, kind, addr, history })
     }
 }
 

@@ -67,7 +67,7 @@ impl ReplayError {
 
 /// Paces replay traffic to the rate in `rate` (bytes/s, 0 = unpaced),
 /// which the HE may change while the replay runs (RecoveryRate frames).
-struct Pace<'a> {
+pub(crate) struct Pace<'a> {
     rate: &'a AtomicU64,
     /// The rate the current period runs at.
     period_rate: u64,
@@ -76,7 +76,13 @@ struct Pace<'a> {
 }
 
 impl Pace<'_> {
-    fn charge(&mut self, bytes: u64) {
+    /// A pace at the rate `rate` holds now (and follows its changes).
+    pub(crate) fn new(rate: &AtomicU64) -> Pace<'_> {
+        Pace { rate, period_rate: rate.load(Ordering::Relaxed), started: Instant::now(), bytes: 0 }
+    }
+
+    /// Accounts `bytes` and sleeps as long as the rate asks.
+    pub(crate) fn charge(&mut self, bytes: u64) {
         let rate = self.rate.load(Ordering::Relaxed);
         if rate != self.period_rate {
             // A new rate starts a new period, so the old one's debt or
@@ -131,7 +137,7 @@ fn copy(store: &Arc<Store>, volume: Uuid, epoch: u64, req: &Replay, rate: &Atomi
         return Ok(from);
     }
     let mut failed = None;
-    let mut pace = Pace { rate, period_rate: rate.load(Ordering::Relaxed), started: Instant::now(), bytes: 0 };
+    let mut pace = Pace::new(rate);
     let next = session
         .stream_log(from, req.to, |wh, data| {
             let rec = RecordHeader { seq: wh.seq, offset: wh.offset, len: wh.len, op: wh.op, epoch: wh.epoch };

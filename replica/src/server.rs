@@ -63,10 +63,13 @@ pub struct Server {
     sessions: Mutex<HashMap<u64, SessionCut>>,
     stopping: AtomicBool,
     next_session: AtomicU64,
-    /// Replay recovery: at most one at a time, and its rate limit.
+    /// Replay recovery: at most one at a time, and its rate limit (which
+    /// recovery copies share).
     replaying: Arc<crate::replay::ReplayControl>,
     /// How long a network-sync session may go without a message.
     netsync_silence_ms: AtomicU64,
+    /// Recovery copies: at most one at a time, and byte counters.
+    copying: Arc<crate::copy::CopyControl>,
 }
 
 /// A running server (for in-process tests and the CLI).
@@ -119,6 +122,7 @@ pub fn spawn(dir: &Path, listen: &str) -> Result<ServerHandle, ServeError> {
         next_session: AtomicU64::new(1),
         replaying: Arc::new(crate::replay::ReplayControl::default()),
         netsync_silence_ms: AtomicU64::new(NETSYNC_SILENCE_TIMEOUT.as_millis() as u64),
+        copying: Arc::new(crate::copy::CopyControl::default()),
     });
     let s2 = server.clone();
     let accept = std::thread::Builder::new()
@@ -237,6 +241,12 @@ impl SessionWriter {
     }
 }
 
+impl crate::copy::CopyReport for SessionWriter {
+    fn progress(&self, done: u64, total: u64) {
+        let _ = self.send(FrameType::CopyProgress, &[&proto::encode_u64_pair(done, total)]);
+    }
+}
+
 impl AckSink for SessionWriter {
     fn durable(&self, seq: u64) {
         let _ = self.send(FrameType::Ack, &[&proto::encode_u64(seq)]);
@@ -255,6 +265,9 @@ struct Session {
     probe: bool,
     is_ack_sink: bool,
     read_buf: Vec<u8>,
+    /// Set when the session ends: stops a copy it started (which saves
+    /// its progress for the next session to resume).
+    copy_cancel: Option<Arc<AtomicBool>>,
 }
 
 /// A rejection: which counter, which error code, and whether to close.
@@ -352,7 +365,15 @@ impl Server {
     /// `input` yields the peer's frames as a byte stream.
     pub fn run_session<R: Read>(&self, input: R, out: Box<dyn FrameOut>, peer: SocketAddr) {
         let writer = Arc::new(SessionWriter { out, epoch: AtomicU64::new(0) });
-        let mut sess = Session { peer, writer, epoch: None, probe: false, is_ack_sink: false, read_buf: Vec::new() };
+        let mut sess = Session {
+            peer,
+            writer,
+            epoch: None,
+            probe: false,
+            is_ack_sink: false,
+            read_buf: Vec::new(),
+            copy_cancel: None,
+        };
         let mut reader = FrameReader::new(BufReader::with_capacity(1 << 18, input));
         loop {
             let res = match reader.next_frame() {
@@ -384,6 +405,9 @@ impl Server {
                 }
             }
         }
+        if let Some(c) = &sess.copy_cancel {
+            c.store(true, Ordering::Release);
+        }
         // Writes appended before the session ended still get committed.
         self.store.commit_pending();
         if sess.is_ack_sink {
@@ -409,6 +433,9 @@ impl Server {
                 | FrameType::SetEpoch
                 | FrameType::Stamp
                 | FrameType::Heartbeat
+                | FrameType::Copy
+                | FrameType::Changes
+                | FrameType::RegionRead
         ) {
             if let Some(f) = self.store.failure() {
                 return Err(reject("disk_failed", ErrorCode::DiskError, StoreError::Failed(f).to_string(), true));
@@ -429,14 +456,21 @@ impl Server {
             FrameType::Read => self.read(s, ReadReq::decode(p).map_err(malformed)?),
             FrameType::Heartbeat => {
                 let nonce = proto::decode_u64(kind, p).map_err(malformed)?;
-                let reply = proto::encode_u64_pair(nonce, self.store.durable_seq());
-                s.writer.send(FrameType::HeartbeatReply, &[&reply]).map_err(io_reject)
+                let reply = proto::HeartbeatReply {
+                    nonce,
+                    durable_seq: self.store.durable_seq(),
+                    log_first: self.store.log_first(),
+                };
+                s.writer.send(FrameType::HeartbeatReply, &[&reply.encode()]).map_err(io_reject)
             }
             FrameType::SetEpoch => self.set_epoch(s, proto::decode_u64(kind, p).map_err(malformed)?),
             FrameType::Adopt => self.adopt(s, epoch, proto::Adopt::decode(p).map_err(malformed)?),
             FrameType::Stamp => self.stamp(s, p),
             FrameType::LogRead => self.log_read(s, proto::decode_u64_pair(kind, p).map_err(malformed)?),
             FrameType::Replay => self.replay(s, epoch, proto::Replay::decode(p).map_err(malformed)?),
+            FrameType::Copy => self.copy(s, epoch, proto::CopyReq::decode(p).map_err(malformed)?),
+            FrameType::Changes => self.changes(s, proto::Changes::decode(p).map_err(malformed)?),
+            FrameType::RegionRead => self.region_read(s, proto::RegionRead::decode(p).map_err(malformed)?),
             FrameType::RecoveryRate => {
                 let rate = proto::decode_u64(kind, p).map_err(malformed)?;
                 self.replaying.rate_bytes_per_s.store(rate, Ordering::Relaxed);
@@ -495,6 +529,7 @@ impl Server {
             block_size: sb.block_size,
             durable_seq: self.store.durable_seq(),
             history: self.store.follows(),
+            copying: self.store.copy_next(),
         }
     }
 
@@ -614,6 +649,94 @@ impl Server {
         spawned.map(drop).map_err(io_reject)
     }
 
+    /// Copy: sets up (or resumes) a recovery copy from the peer the HE
+    /// names, then runs it on its own thread while this session takes the
+    /// live writes. Acks (only the last one, when the copy ends), progress
+    /// and CopyDone (or an Error) go to this session. See [`crate::copy`].
+    fn copy(&self, s: &mut Session, epoch: u64, req: proto::CopyReq) -> Result<(), Reject> {
+        if s.probe || req.history.last_epoch() != epoch {
+            let msg = format!(
+                "copy with a history ending at epoch {} on a session of epoch {epoch}",
+                req.history.last_epoch()
+            );
+            return Err(reject("bad_adopt", ErrorCode::BadState, msg, true));
+        }
+        // A copy of an earlier session may still be saving its progress.
+        if !self.copying.acquire(Duration::from_secs(10)) {
+            return Err(reject("busy", ErrorCode::BadState, "a copy is still running on this replica".into(), true));
+        }
+        if let Err(e) = self.store.begin_copy(epoch, &req.history, req.last_seq, req.live_from, req.kind) {
+            self.copying.release();
+            let (reason, code) = store_reason(&e);
+            return Err(reject(reason, code, e.to_string(), true));
+        }
+        if !s.is_ack_sink {
+            self.store.set_ack_sink(Some(s.writer.clone()));
+            s.is_ack_sink = true;
+        }
+        self.replaying.rate_bytes_per_s.store(req.rate_bytes_per_s, Ordering::Relaxed);
+        s.writer.send(FrameType::Ack, &[&proto::encode_u64(self.store.durable_seq())]).map_err(io_reject)?;
+        let cancel = Arc::new(AtomicBool::new(false));
+        s.copy_cancel = Some(cancel.clone());
+        let (store, writer, ctl, rates) =
+            (self.store.clone(), s.writer.clone(), self.copying.clone(), self.replaying.clone());
+        let volume = self.store.superblock().volume;
+        let spawned = std::thread::Builder::new().name("copy".into()).spawn(move || {
+            let res =
+                crate::copy::run(&store, volume, epoch, &req.addr, &rates.rate_bytes_per_s, &ctl, &cancel, &*writer);
+            ctl.release();
+            match res {
+                Ok(durable) => {
+                    let _ = writer.send(FrameType::CopyDone, &[&proto::encode_u64(durable)]);
+                }
+                Err(crate::copy::CopyError::Cancelled) => tracing::info!("copy stopped: its session ended"),
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    writer.send_error(e.code(), 0, 0, e.to_string());
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            self.copying.release();
+            return Err(io_reject(e));
+        }
+        Ok(())
+    }
+
+    /// Changes: which regions this replica wrote after a seq.
+    fn changes(&self, s: &mut Session, req: proto::Changes) -> Result<(), Reject> {
+        let res = if req.count_only {
+            self.store
+                .count_changed(req.from, req.to, req.since, req.min_seq, SOURCE_WAIT)
+                .map(|count| proto::ChangesReply { next: req.to, count, regions: Vec::new() })
+        } else {
+            self.store
+                .changed_regions(req.from, req.to, req.since, req.max as usize, req.min_seq, SOURCE_WAIT)
+                .map(|(regions, next)| proto::ChangesReply { next, count: regions.len() as u64, regions })
+        };
+        match res {
+            Ok(r) => s.writer.send(FrameType::ChangesReply, &[&r.encode()]).map_err(io_reject),
+            Err(e) => {
+                let (reason, code) = store_reason(&e);
+                Err(reject(reason, code, e.to_string(), true))
+            }
+        }
+    }
+
+    /// RegionRead: one region, with its mark and the seq it is as of.
+    fn region_read(&self, s: &mut Session, req: proto::RegionRead) -> Result<(), Reject> {
+        match self.store.read_region(req.region, req.min_seq, SOURCE_WAIT) {
+            Ok((h, data)) => {
+                self.copying.served_bytes.fetch_add(u64::from(h.len), Ordering::Relaxed);
+                s.writer.send(FrameType::RegionData, &[&h.encode(), &data]).map_err(io_reject)
+            }
+            Err(e) => {
+                let (reason, code) = store_reason(&e);
+                Err(reject(reason, code, e.to_string(), true))
+            }
+        }
+    }
+
     /// Streams log records `from..=to` as LogRecord frames, then LogEnd.
     fn log_read(&self, s: &mut Session, (from, to): (u64, u64)) -> Result<(), Reject> {
         let mut send_err = None;
@@ -655,6 +778,16 @@ impl Server {
             "writes": self.store.writes.load(Ordering::Relaxed),
             "failure": self.store.failure(),
             "rejected": self.rejections.snapshot(),
+            "log_first": self.store.log_first(),
+            "copy": sb.copy.as_ref().map(|c| serde_json::json!({
+                "kind": c.kind.to_string(),
+                "cursor": c.cursor,
+                "done_bytes": c.done_bytes,
+                "total_bytes": c.total_bytes,
+                "live_from": c.live_from,
+            })),
+            "copy_served_bytes": self.copying.served_bytes.load(Ordering::Relaxed),
+            "copy_received_bytes": self.copying.received_bytes.load(Ordering::Relaxed),
         })
         .to_string()
     }
@@ -664,6 +797,10 @@ impl Server {
         &self.store
     }
 }
+
+/// How long a source waits to have applied what a recovering peer asks
+/// it to be as of.
+const SOURCE_WAIT: Duration = Duration::from_secs(30);
 
 fn reject(reason: &'static str, code: ErrorCode, message: String, close: bool) -> Reject {
     Reject { reason, code, seq: 0, offset: 0, message, close }
@@ -682,6 +819,8 @@ fn store_reason(e: &StoreError) -> (&'static str, ErrorCode) {
         StoreError::StaleEpoch { .. } => ("stale_epoch", ErrorCode::StaleEpoch),
         StoreError::Diverged { .. } => ("diverged", ErrorCode::Diverged),
         StoreError::NotInLog { .. } => ("not_in_log", ErrorCode::OutOfRange),
+        StoreError::Copy(_) => ("bad_copy", ErrorCode::BadState),
+        StoreError::Timeout { .. } => ("timeout", ErrorCode::BadState),
         _ => ("disk_error", ErrorCode::DiskError),
     }
 }

@@ -7,6 +7,7 @@
 //! durable seq. Reads go to the data file, which holds every write up to
 //! the durable seq by the time that seq is published.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::io::AsRawFd;
@@ -14,17 +15,23 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
+use crate::changes::{self, ChangeMap};
 use crate::disk::{DiskFile, FaultPlan, FaultSpecError, FileIo, FileKind};
 use crate::history::{self as hist, AppendDecision, Standing};
 use crate::log::{self, Batch, Log, RecordHeader, LOG_MIN_BYTES, REC_HEADER_BYTES};
-use crate::proto::{Uuid, WriteOp, MAX_IO_BYTES};
-use crate::superblock::{self, Member, Superblock};
+use crate::proto::{RegionHeader, Uuid, WriteOp, MAX_IO_BYTES};
+use crate::superblock::{self, CopyKind, CopySegment, CopyState, Member, Superblock, COPY_SEGMENTS_MAX};
 
 /// Default replica log size.
 pub const DEFAULT_LOG_BYTES: u64 = 1 << 30;
 /// A checkpoint starts once the log is this fraction full (numerator / 4).
 const CHECKPOINT_QUARTERS: u64 = 2;
+/// Region locks (see `Store::stripes`).
+const STRIPES: usize = 64;
+/// Live records remembered during a copy (see `Store::recent`).
+const RECENT_MAX: usize = 1 << 16;
 
 /// Store failures. Each carries what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +74,12 @@ pub enum StoreError {
     /// `STARBLK_FAULT` (fault injection, for tests) does not parse.
     #[error("STARBLK_FAULT: {0}")]
     FaultSpec(FaultSpecError),
+    /// A recovery copy request that does not fit the replica's state.
+    #[error("copy: {0}")]
+    Copy(String),
+    /// Waited too long for a seq to be applied (or the wait was cancelled).
+    #[error("seq {seq} not applied within {waited:?} (applied through {applied})")]
+    Timeout { seq: u64, applied: u64, waited: Duration },
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
@@ -81,34 +94,60 @@ pub struct Paths {
     pub data: PathBuf,
     /// Circular replica log.
     pub log: PathBuf,
+    /// The change map: last seq written, per region.
+    pub changes: PathBuf,
 }
 
 impl Paths {
     /// The paths under `dir`.
     pub fn new(dir: &Path) -> Paths {
-        Paths { superblock: dir.join("superblock"), data: dir.join("data"), log: dir.join("log") }
+        Paths {
+            superblock: dir.join("superblock"),
+            data: dir.join("data"),
+            log: dir.join("log"),
+            changes: dir.join("changes"),
+        }
     }
 }
 
-/// Creates an empty, unstamped replica in `dir`.
+/// Creates an empty, unstamped replica in `dir` with 64 KiB regions.
 pub fn init(dir: &Path, size_bytes: u64, log_bytes: u64) -> Result<(), StoreError> {
+    init_with_regions(dir, size_bytes, log_bytes, changes::REGION_SHIFT_DEFAULT)
+}
+
+/// Creates an empty, unstamped replica in `dir` whose change map tracks
+/// regions of `1 << region_shift` bytes (4 KiB ..= 64 KiB).
+pub fn init_with_regions(dir: &Path, size_bytes: u64, log_bytes: u64, region_shift: u32) -> Result<(), StoreError> {
     if size_bytes == 0 || !size_bytes.is_multiple_of(4096) {
         return Err(StoreError::Geometry(format!("size {size_bytes} must be a positive multiple of 4096")));
     }
     if log_bytes < LOG_MIN_BYTES {
         return Err(StoreError::Geometry(format!("log size {log_bytes} is below the minimum {LOG_MIN_BYTES}")));
     }
+    if !(changes::REGION_SHIFT_MIN..=changes::REGION_SHIFT_MAX).contains(&region_shift) {
+        return Err(StoreError::Geometry(format!(
+            "region size {} must be a power of two from 4 KiB to 64 KiB",
+            1u64 << region_shift.min(63)
+        )));
+    }
+    let regions = changes::regions_for(size_bytes, region_shift);
+    if regions > changes::REGIONS_MAX {
+        return Err(StoreError::Geometry(format!("{regions} regions of {} bytes are too many", 1u64 << region_shift)));
+    }
     std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
     let p = Paths::new(dir);
     if p.superblock.exists() {
         return Err(StoreError::AlreadyInitialised(dir.to_path_buf()));
     }
-    for (path, len) in [(&p.data, size_bytes), (&p.log, log_bytes)] {
+    let header = changes::Header { region_shift, regions, floor: 0 };
+    for (path, len) in [(&p.data, size_bytes), (&p.log, log_bytes), (&p.changes, header.file_bytes())] {
         let f =
             OpenOptions::new().write(true).create(true).truncate(true).open(path).map_err(io_err("create", path))?;
         f.set_len(len).map_err(io_err("size", path))?;
         f.sync_all().map_err(io_err("sync", path))?;
     }
+    let f = OpenOptions::new().read(true).write(true).open(&p.changes).map_err(io_err("open", &p.changes))?;
+    ChangeMap::create(f, header).map_err(io_err("write change map", &p.changes))?;
     let mut sb = Superblock {
         generation: 0,
         volume: [0; 16],
@@ -121,6 +160,8 @@ pub fn init(dir: &Path, size_bytes: u64, log_bytes: u64) -> Result<(), StoreErro
         durable_seq: 0,
         members: Vec::new(),
         history: hist::History::new(),
+        region_shift,
+        copy: None,
     };
     superblock::create(&p.superblock, &mut sb)
         .map_err(|source| StoreError::Superblock { dir: dir.to_path_buf(), source })?;
@@ -152,6 +193,10 @@ struct Inner {
     drain_waiters: u32,
     /// Drains in progress: appends wait until they end.
     fences: u32,
+    /// A checkpoint is between its snapshot and its superblock update: a
+    /// drain waits for it, so that whoever drains may move the tail and
+    /// the checkpoint seq itself (a recovery copy's start and end).
+    checkpointing: bool,
     shutdown: bool,
 }
 
@@ -216,7 +261,24 @@ pub struct Store {
     sb: Mutex<(DiskFile, Superblock)>,
     data: DiskFile,
     log_file: DiskFile,
-    /// Fault injection (tests): shared by the three files above.
+    /// Last seq written per region (`crate::changes`).
+    changes: ChangeMap<DiskFile>,
+    /// Region locks (by region index modulo their count): applying a
+    /// record holds those of its regions, and so does reading a region for
+    /// a recovery copy, which therefore sees every record up to
+    /// `applied_through` and none after it.
+    stripes: Vec<Mutex<()>>,
+    /// Seq of the last record applied to the data file.
+    applied_through: AtomicU64,
+    /// A recovery copy runs (`docs/design.md`, "Recovery"): the durable
+    /// seq stays at what the replica held before, and nothing is acked
+    /// until the copy ends.
+    copying: AtomicBool,
+    /// During a copy, the last live records applied (seq, offset, len),
+    /// oldest first: a copied region as of seq A must leave alone the
+    /// bytes that live records after A wrote.
+    recent: Mutex<VecDeque<(u64, u64, u64)>>,
+    /// Fault injection (tests): shared by the files above.
     faults: Arc<FaultPlan>,
     durable_seq: AtomicU64,
     epoch: AtomicU64,
@@ -250,7 +312,19 @@ impl Store {
             Superblock::read(&sb_file).map_err(|source| StoreError::Superblock { dir: dir.to_path_buf(), source })?;
         let data = open(&p.data, FileKind::Data)?;
         let log_file = open(&p.log, FileKind::Log)?;
-        let (next, head, used) = replay(&sb, &data, &log_file, &p)?;
+        let map = open_changes(&sb, &p, &faults)?;
+        let (next, head, used) = replay(&sb, &data, &log_file, map.as_ref(), &p)?;
+        let changes = match map {
+            Some(m) => m,
+            // No map yet (a replica of the previous format) or a lost one:
+            // nothing is known about which regions were written, so all
+            // count as written at the last seq this replica holds.
+            None => create_changes(&sb, &p, &faults, next - 1)?,
+        };
+        // During a copy the durable seq stays what it was before the copy;
+        // the log holds live writes from `live_from` on.
+        let copying = sb.copy.is_some();
+        let durable = if copying { sb.durable_seq } else { next - 1 };
         let store = Arc::new(Store {
             dir: dir.to_path_buf(),
             inner: Mutex::new(Inner {
@@ -266,14 +340,20 @@ impl Store {
                 follows: sb.history.clone(),
                 drain_waiters: 0,
                 fences: 0,
+                checkpointing: false,
                 shutdown: false,
             }),
             cond: Condvar::new(),
-            durable_seq: AtomicU64::new(next - 1),
+            durable_seq: AtomicU64::new(durable),
             epoch: AtomicU64::new(sb.epoch),
             sb: Mutex::new((sb_file, sb)),
             data,
             log_file,
+            changes,
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            applied_through: AtomicU64::new(next - 1),
+            copying: AtomicBool::new(copying),
+            recent: Mutex::new(VecDeque::new()),
             faults,
             failed: AtomicBool::new(false),
             failure: Mutex::new(String::new()),
@@ -284,7 +364,9 @@ impl Store {
         // The tail stays where it was: the replayed records remain readable
         // for peers and a new HE (`read_log`) until a checkpoint needs room.
         // The durable seq found is recorded (it is a lower bound after this).
-        store.record_durable(next - 1)?;
+        if !copying {
+            store.record_durable(next - 1)?;
+        }
         let s2 = store.clone();
         let h = std::thread::Builder::new()
             .name("committer".into())
@@ -321,6 +403,16 @@ impl Store {
     /// Whether a disk error stopped the store.
     pub fn failure(&self) -> Option<String> {
         self.failed.load(Ordering::Acquire).then(|| lock(&self.failure).clone())
+    }
+
+    /// The change map (last seq written per region).
+    pub fn changes(&self) -> &ChangeMap<DiskFile> {
+        &self.changes
+    }
+
+    /// Seq of the last record applied to the data file.
+    pub fn applied_through(&self) -> u64 {
+        self.applied_through.load(Ordering::Acquire)
     }
 
     /// Routes durable-seq notifications to `sink` (replacing any earlier one).
@@ -501,6 +593,9 @@ impl Store {
         if session_epoch < mine {
             return Err(StoreError::StaleEpoch { asked: session_epoch, mine });
         }
+        if self.copying() {
+            return Err(StoreError::Copy("a copy is half done: the host must resume it (Copy), not Adopt".into()));
+        }
         let last = g.last_seq;
         if let Standing::Diverged { after } = hist::standing(host, host_last, &g.follows, last) {
             let epoch = g.follows.epoch_at(last).unwrap_or(0);
@@ -526,7 +621,7 @@ impl Store {
                 self.cond.notify_all();
                 return Err(StoreError::Failed(f));
             }
-            if g.committing {
+            if g.committing || g.checkpointing {
                 g.drain_waiters += 1;
                 g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner());
                 g.drain_waiters -= 1;
@@ -697,9 +792,20 @@ impl Store {
         }
         batch.write_durable(&self.log_file).map_err(io_err("log write", &self.dir))?;
         for p in &batch.records {
-            apply(&self.data, &p.header, batch.data(p)).map_err(io_err("apply to data file", &self.dir))?;
+            self.apply_record(&p.header, batch.data(p)).map_err(io_err("apply to data file", &self.dir))?;
+        }
+        if self.changes.dirty_len() > changes::DIRTY_MAX {
+            // Early, without fdatasync: the checkpoint syncs (see `changes`).
+            self.changes.flush().map_err(io_err("change map write", &self.dir))?;
         }
         let last = batch.records.last().map(|p| p.header.seq).unwrap_or(0);
+        if self.copying.load(Ordering::Acquire) {
+            // Durable in the log and applied, but claimed only when the
+            // copy ends (`finish_copy`).
+            self.commits.fetch_add(1, Ordering::Relaxed);
+            self.writes.fetch_add(batch.records.len() as u64, Ordering::Relaxed);
+            return Ok(());
+        }
         // A batch that finished after another one failed must not publish
         // past the hole that one left (`docs/design.md`, "Failures").
         let failed_before = self.failed.load(Ordering::Acquire);
@@ -719,14 +825,57 @@ impl Store {
         Ok(())
     }
 
+    /// Applies one committed record to the data file and marks its regions,
+    /// holding the locks of those regions.
+    fn apply_record(&self, h: &RecordHeader, data: &[u8]) -> io::Result<()> {
+        let _held = self.lock_regions(h.offset, h.len as u64);
+        apply(&self.data, h, data)?;
+        self.changes.mark_range(h.offset, h.len as u64, h.seq);
+        if self.copying.load(Ordering::Acquire) {
+            let mut r = lock(&self.recent);
+            r.push_back((h.seq, h.offset, h.len as u64));
+            if r.len() > RECENT_MAX {
+                r.pop_front();
+            }
+        }
+        self.applied_through.store(h.seq, Ordering::Release);
+        Ok(())
+    }
+
+    /// The region locks of a byte range, taken in index order.
+    fn lock_regions(&self, offset: u64, len: u64) -> Vec<MutexGuard<'_, ()>> {
+        let shift = self.changes.header().region_shift;
+        let Some((first, last)) = changes::region_span(offset, len, shift) else { return Vec::new() };
+        let n = STRIPES as u64;
+        if last - first + 1 >= n {
+            return self.stripes.iter().map(lock).collect();
+        }
+        let (a, b) = ((first % n) as usize, (last % n) as usize);
+        if a <= b {
+            self.stripes[a..=b].iter().map(lock).collect()
+        } else {
+            self.stripes[..=b].iter().chain(&self.stripes[a..]).map(lock).collect()
+        }
+    }
+
     /// fsyncs the data file and moves the log tail past every batch applied
     /// so far. What it releases is fixed before the sync, so a commit that
     /// applies meanwhile keeps its records.
     fn checkpoint(&self, mut g: MutexGuard<'_, Inner>) -> Result<(), StoreError> {
         let (tail, seq, bytes) = (g.applied_end, g.applied_seq, g.applied_unsynced_bytes);
         g.applied_unsynced_bytes = 0;
+        g.checkpointing = true;
         drop(g);
-        self.data.sync_data().map_err(io_err("data sync", &self.dir))?;
+        #[cfg(test)]
+        tests::checkpoint_pause();
+        let synced = self
+            .data
+            .sync_data()
+            .map_err(io_err("data sync", &self.dir))
+            // The marks of the released records must be on disk before the
+            // log stops replaying them.
+            .and_then(|()| self.changes.flush().map_err(io_err("change map write", &self.dir)))
+            .and_then(|()| self.changes.sync().map_err(io_err("change map sync", &self.dir)));
         let (old_tail, old_first) = {
             let sb = lock(&self.sb);
             (sb.1.log_tail_offset, sb.1.checkpoint_seq + 1)
@@ -734,6 +883,9 @@ impl Store {
         // Under the append lock, so that `read_log` never sees the new tail
         // without the history that keeps the records behind it readable.
         let mut g = lock(&self.inner);
+        g.checkpointing = false;
+        self.cond.notify_all();
+        synced?;
         self.checkpoint_meta(seq, tail)?;
         g.log.release(bytes);
         // The released records join the history behind the new tail.
@@ -752,7 +904,10 @@ impl Store {
     fn checkpoint_meta(&self, seq: u64, tail: u64) -> Result<(), StoreError> {
         self.persist(|sb| {
             sb.checkpoint_seq = seq;
-            sb.durable_seq = seq;
+            // During a copy the durable seq stays what it was (see `copying`).
+            if sb.copy.is_none() {
+                sb.durable_seq = seq;
+            }
             sb.log_tail_offset = tail;
         })
     }
@@ -765,9 +920,416 @@ impl Store {
     }
 }
 
+/// What [`Store::apply_copy_region`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyApplied {
+    /// The region is copied.
+    Done,
+    /// Live writes since the copy's as-of seq are no longer remembered:
+    /// read the region again, as of at least `min_seq`.
+    Retry {
+        /// The seq the new read must be as of.
+        min_seq: u64,
+    },
+}
+
+/// Recovery copies (`docs/design.md`, "Recovery"): the replica side, and
+/// the source side ([`Store::read_region`]).
+impl Store {
+    /// Whether a recovery copy runs.
+    pub fn copying(&self) -> bool {
+        self.copying.load(Ordering::Acquire)
+    }
+
+    /// The copy in progress, if any (as last persisted).
+    pub fn copy_state(&self) -> Option<CopyState> {
+        lock(&self.sb).1.copy.clone()
+    }
+
+    /// The copy in progress and the next live seq its log expects.
+    pub fn copy_next(&self) -> Option<(CopyKind, u64)> {
+        let next = lock(&self.inner).last_seq + 1;
+        self.copy_state().map(|c| (c.kind, next))
+    }
+
+    /// The first seq `read_log` can still serve (u64::MAX during a copy:
+    /// its log does not follow from its durable seq).
+    pub fn log_first(&self) -> u64 {
+        if self.copying() {
+            return u64::MAX;
+        }
+        let g = lock(&self.inner);
+        let first = lock(&self.sb).1.checkpoint_seq + 1;
+        match g.history {
+            Some(h) if h.first_seq < first => h.first_seq,
+            _ => first,
+        }
+    }
+
+    /// Regions of the volume (the change map may cover more).
+    pub fn regions(&self) -> u64 {
+        changes::regions_for(lock(&self.sb).1.size_bytes, self.changes.header().region_shift)
+    }
+
+    /// Bytes of `region` inside the volume, or None past its end.
+    pub fn region_len(&self, region: u64) -> Option<u64> {
+        let size = lock(&self.sb).1.size_bytes;
+        let rb = self.changes.region_bytes();
+        let off = region.checked_mul(rb).filter(|o| *o < size)?;
+        Some(rb.min(size - off))
+    }
+
+    /// Waits until the records up to `seq` are applied; fails after
+    /// `timeout`, when `cancel` is set, or when the store fails.
+    pub fn wait_applied(&self, seq: u64, timeout: Duration, cancel: Option<&AtomicBool>) -> Result<(), StoreError> {
+        let t0 = Instant::now();
+        loop {
+            let applied = self.applied_through();
+            if applied >= seq {
+                return Ok(());
+            }
+            if let Some(f) = self.failure() {
+                return Err(StoreError::Failed(f));
+            }
+            let waited = t0.elapsed();
+            if waited >= timeout || cancel.is_some_and(|c| c.load(Ordering::Acquire)) {
+                return Err(StoreError::Timeout { seq, applied, waited });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Starts (or resumes) a recovery copy for the host at `session_epoch`
+    /// whose history is `host` up to `host_last`; the host sends live
+    /// writes from `live_from` on. Decides what to copy from this
+    /// replica's own log against the host's history (a rollback if it
+    /// holds records past their common prefix), persists the plan with the
+    /// host's history and a durable seq that claims only that prefix, and
+    /// empties the log to take live writes from `live_from`. Returns the
+    /// plan.
+    pub fn begin_copy(
+        &self,
+        session_epoch: u64,
+        host: &hist::History,
+        host_last: u64,
+        live_from: u64,
+        kind: CopyKind,
+    ) -> Result<CopyState, StoreError> {
+        let mut g = self.drained()?;
+        let mine = self.epoch();
+        if session_epoch < mine {
+            return Err(StoreError::StaleEpoch { asked: session_epoch, mine });
+        }
+        if live_from == 0 || live_from > host_last.saturating_add(1) {
+            return Err(StoreError::Copy(format!("live writes from {live_from} past the host's last seq {host_last}")));
+        }
+        let last = g.last_seq;
+        // The last seq this replica's data shares with the host's history.
+        let common = hist::History::common_prefix(host, host_last, &g.follows, last);
+        let diverged = common < last;
+        let keep = common.min(last).min(live_from - 1);
+        let prev = lock(&self.sb).1.copy.clone();
+        let regions = self.regions();
+        if let Some(st) = prev.as_ref().filter(|_| !diverged && live_from <= last + 1) {
+            // Same history, and the host goes on at or before where the log
+            // ends (what it resends is dropped as retransmissions): the copy
+            // goes on as it was.
+            if g.follows != *host {
+                self.persist(|sb| sb.history = host.clone())?;
+                g.follows = host.clone();
+            }
+            tracing::info!(dir = %self.dir.display(), kind = %st.kind, cursor = st.cursor, next = last + 1, "recovery copy resumed");
+            return Ok(st.clone());
+        }
+        let mut st = match prev {
+            // Regions below the cursor are as of `last`; those the host
+            // wrote since `keep`, or this replica did (a diverged tail),
+            // are copied again.
+            Some(st) => CopyState { segments: rewind(&st, keep), cursor: 0, ..st },
+            None => CopyState {
+                kind: if diverged { CopyKind::Rollback } else { kind },
+                live_from,
+                cursor: 0,
+                done_bytes: 0,
+                total_bytes: 0,
+                segments: vec![CopySegment { end: regions, since_peer: keep, since_local: keep }],
+            },
+        };
+        if diverged {
+            st.kind = CopyKind::Rollback;
+        }
+        st.live_from = live_from;
+        let base = self.durable_seq().min(keep);
+        // The records about to leave the log: their marks must be on disk
+        // (a rollback copies the regions they touched).
+        self.data.sync_data().map_err(io_err("data sync", &self.dir))?;
+        self.changes.flush().map_err(io_err("change map write", &self.dir))?;
+        self.changes.sync().map_err(io_err("change map sync", &self.dir))?;
+        // A stale record at the new tail must not pass for seq live_from.
+        let head = g.log.head();
+        let size = g.log.size_bytes();
+        let z = (REC_HEADER_BYTES as u64).min(size - head) as usize;
+        self.log_file.write_all_at(&[0u8; REC_HEADER_BYTES][..z], head).map_err(io_err("log write", &self.dir))?;
+        self.log_file.sync_data().map_err(io_err("log sync", &self.dir))?;
+        self.persist(|sb| {
+            sb.history = host.clone();
+            sb.durable_seq = base;
+            sb.checkpoint_seq = live_from - 1;
+            sb.log_tail_offset = head;
+            sb.copy = Some(st.clone());
+        })?;
+        g.follows = host.clone();
+        g.last_seq = live_from - 1;
+        g.applied_seq = live_from - 1;
+        g.applied_end = head;
+        g.applied_unsynced_bytes = 0;
+        g.log = Log::new(size, head, 0);
+        g.history = None;
+        lock(&self.recent).clear();
+        self.durable_seq.store(base, Ordering::Release);
+        self.applied_through.store(live_from - 1, Ordering::Release);
+        self.copying.store(true, Ordering::Release);
+        tracing::info!(dir = %self.dir.display(), kind = %st.kind, base, live_from, cursor = st.cursor, segments = st.segments.len(), "recovery copy set up");
+        Ok(st)
+    }
+
+    /// Raises the marks of regions about to be copied and makes them
+    /// durable, before their data is written: a region this replica holds
+    /// data of must never have a lower mark on disk (a later rollback
+    /// finds the regions to copy again by those marks).
+    pub fn premark_copy(&self, marks: &[(u64, u64)]) -> Result<(), StoreError> {
+        for &(region, mark) in marks {
+            self.changes.mark_region(region, mark);
+        }
+        self.changes.flush().map_err(io_err("change map write", &self.dir))?;
+        self.changes.sync().map_err(io_err("change map sync", &self.dir))
+    }
+
+    /// Applies one copied region, read at the source as of `h.as_of`.
+    /// Waits until this replica has applied its own live writes up to
+    /// that seq, so copied data is never ahead of its log; then, holding
+    /// the region's lock, writes the region except the bytes live records
+    /// after `as_of` wrote (those are newer than the copy).
+    pub fn apply_copy_region(
+        &self,
+        h: &RegionHeader,
+        data: &[u8],
+        cancel: &AtomicBool,
+    ) -> Result<CopyApplied, StoreError> {
+        let off = h.region * self.changes.region_bytes();
+        let len = u64::from(h.len);
+        if !self.copying() {
+            return Err(StoreError::Copy("no copy in progress".into()));
+        }
+        if self.region_len(h.region) != Some(len) || (!h.zero && data.len() as u64 != len) {
+            return Err(StoreError::Copy(format!("region {} of {len} bytes does not fit this volume", h.region)));
+        }
+        self.wait_applied(h.as_of, Duration::from_secs(60), Some(cancel))?;
+        let _held = self.lock_regions(off, len);
+        let applied = self.applied_through();
+        let mut keep: Vec<(u64, u64)> = Vec::new();
+        if applied > h.as_of {
+            let recent = lock(&self.recent);
+            if recent.front().is_none_or(|&(seq, _, _)| seq > h.as_of + 1) {
+                return Ok(CopyApplied::Retry { min_seq: applied });
+            }
+            for &(seq, o, l) in recent.iter().rev() {
+                if seq <= h.as_of {
+                    break;
+                }
+                let (a, b) = (o.max(off), (o + l).min(off + len));
+                if a < b {
+                    keep.push((a, b));
+                }
+            }
+        }
+        keep.sort_unstable();
+        let mut at = off;
+        let mut runs = Vec::new();
+        for (a, b) in keep {
+            if a > at {
+                runs.push((at, a));
+            }
+            at = at.max(b);
+        }
+        if at < off + len {
+            runs.push((at, off + len));
+        }
+        for (a, b) in runs {
+            let res = if h.zero {
+                punch_hole(&self.data, a, b - a)
+            } else {
+                self.data.write_all_at(&data[(a - off) as usize..(b - off) as usize], a)
+            };
+            res.map_err(io_err("copy to data file", &self.dir))?;
+        }
+        self.changes.mark_region(h.region, h.mark);
+        Ok(CopyApplied::Done)
+    }
+
+    /// Persists copy progress: every region below `cursor` is done. Syncs
+    /// the data file and the change map first.
+    pub fn persist_copy(&self, cursor: u64, done_bytes: u64, total_bytes: u64) -> Result<(), StoreError> {
+        self.data.sync_data().map_err(io_err("data sync", &self.dir))?;
+        self.changes.flush().map_err(io_err("change map write", &self.dir))?;
+        self.changes.sync().map_err(io_err("change map sync", &self.dir))?;
+        self.persist(|sb| {
+            if let Some(c) = &mut sb.copy {
+                c.cursor = cursor;
+                c.done_bytes = done_bytes;
+                c.total_bytes = total_bytes;
+            }
+        })
+    }
+
+    /// Ends a copy whose regions are all done: the replica now holds every
+    /// write up to the last live write it applied, which becomes its
+    /// durable seq (a checkpoint there) and is acknowledged. Returns it.
+    pub fn finish_copy(&self) -> Result<u64, StoreError> {
+        let mut g = self.drained()?;
+        if !self.copying() {
+            return Err(StoreError::Copy("no copy in progress".into()));
+        }
+        let last = g.last_seq;
+        let tail = g.applied_end;
+        self.data.sync_data().map_err(io_err("data sync", &self.dir))?;
+        self.changes.flush().map_err(io_err("change map write", &self.dir))?;
+        self.changes.sync().map_err(io_err("change map sync", &self.dir))?;
+        self.persist(|sb| {
+            sb.copy = None;
+            sb.durable_seq = last;
+            sb.checkpoint_seq = last;
+            sb.log_tail_offset = tail;
+        })?;
+        let bytes = g.applied_unsynced_bytes;
+        g.log.release(bytes);
+        g.applied_unsynced_bytes = 0;
+        g.history = None;
+        lock(&self.recent).clear();
+        self.copying.store(false, Ordering::Release);
+        self.durable_seq.store(last, Ordering::Release);
+        if let Some(sink) = lock(&self.ack_sink).as_ref() {
+            if hist::may_ack(self.epoch(), sink.epoch()) {
+                sink.durable(last);
+            }
+        }
+        drop(g);
+        tracing::info!(dir = %self.dir.display(), durable = last, "recovery copy complete");
+        Ok(last)
+    }
+
+    /// Source side: reads `region` once the records up to `min_seq` are
+    /// applied (waiting up to `timeout`), holding its lock, so that it
+    /// holds exactly the records up to the returned `as_of`. All-zero
+    /// regions come back without data.
+    pub fn read_region(
+        &self,
+        region: u64,
+        min_seq: u64,
+        timeout: Duration,
+    ) -> Result<(RegionHeader, Vec<u8>), StoreError> {
+        if self.copying() {
+            return Err(StoreError::Copy("this replica is recovering itself; it is no source".into()));
+        }
+        let Some(len) = self.region_len(region) else {
+            let (size, block_size) = {
+                let sb = lock(&self.sb);
+                (sb.1.size_bytes, sb.1.block_size)
+            };
+            let rb = self.changes.region_bytes();
+            return Err(StoreError::OutOfRange { offset: region.saturating_mul(rb), len: rb, size, block_size });
+        };
+        self.wait_applied(min_seq, timeout, None)?;
+        let off = region * self.changes.region_bytes();
+        let mut buf = vec![0u8; len as usize];
+        let (as_of, mark) = {
+            let _held = self.lock_regions(off, len);
+            let as_of = self.applied_through();
+            let mark = self.changes.get(region).map_err(io_err("read change map", &self.dir))?;
+            self.data.read_exact_at(&mut buf, off).map_err(io_err("read data", &self.dir))?;
+            (as_of, mark)
+        };
+        debug_assert!(mark <= as_of, "region {region} marked {mark} past what is applied ({as_of})");
+        let zero = buf.iter().all(|b| *b == 0);
+        if zero {
+            buf.clear();
+        }
+        Ok((RegionHeader { region, mark: mark.min(as_of), as_of, len: len as u32, zero }, buf))
+    }
+
+    /// Source side: how many regions in `from..to` were written after
+    /// `since`, once the records up to `min_seq` are applied.
+    pub fn count_changed(
+        &self,
+        from: u64,
+        to: u64,
+        since: u64,
+        min_seq: u64,
+        timeout: Duration,
+    ) -> Result<u64, StoreError> {
+        if self.copying() {
+            return Err(StoreError::Copy("this replica is recovering itself; it is no source".into()));
+        }
+        self.wait_applied(min_seq, timeout, None)?;
+        self.changes.count(from, to.min(self.regions()), since).map_err(io_err("read change map", &self.dir))
+    }
+
+    /// Source side: the regions in `from..to` written after `since`
+    /// (at most `max`) once the records up to `min_seq` are applied.
+    pub fn changed_regions(
+        &self,
+        from: u64,
+        to: u64,
+        since: u64,
+        max: usize,
+        min_seq: u64,
+        timeout: Duration,
+    ) -> Result<(Vec<u64>, u64), StoreError> {
+        if self.copying() {
+            return Err(StoreError::Copy("this replica is recovering itself; it is no source".into()));
+        }
+        self.wait_applied(min_seq, timeout, None)?;
+        self.changes.changed(from, to.min(self.regions()), since, max).map_err(io_err("read change map", &self.dir))
+    }
+}
+
+/// The plan after the replica's state moved under a copy: the host resumes
+/// from another seq than the one its log expects, or the host's history no
+/// longer holds its last records. Regions below the old cursor hold every
+/// write up to the replica's last live one; of those, the ones written
+/// after `keep` (by the host's history, or by this replica's own records
+/// that history does not hold) are copied again. The rest of the plan
+/// stays, and also takes the regions this replica wrote after `keep`.
+fn rewind(st: &CopyState, keep: u64) -> Vec<CopySegment> {
+    let mut out = Vec::new();
+    if st.cursor > 0 {
+        out.push(CopySegment { end: st.cursor, since_peer: keep, since_local: keep });
+    }
+    for s in st.segments.iter().filter(|s| s.end > st.cursor) {
+        out.push(CopySegment { end: s.end, since_peer: s.since_peer.min(keep), since_local: s.since_local.min(keep) });
+    }
+    while out.len() > COPY_SEGMENTS_MAX {
+        // Merging two segments copies a superset of both.
+        let b = out.remove(1);
+        let a = &mut out[0];
+        *a = CopySegment {
+            end: b.end,
+            since_peer: a.since_peer.min(b.since_peer),
+            since_local: a.since_local.min(b.since_local),
+        };
+    }
+    out
+}
+
 /// Replays the log after the checkpoint into the data file and syncs it.
 /// Returns (next seq, log head, log bytes in use since the tail).
-fn replay(sb: &Superblock, data: &DiskFile, log_file: &DiskFile, p: &Paths) -> Result<(u64, u64, u64), StoreError> {
+fn replay(
+    sb: &Superblock,
+    data: &DiskFile,
+    log_file: &DiskFile,
+    map: Option<&ChangeMap<DiskFile>>,
+    p: &Paths,
+) -> Result<(u64, u64, u64), StoreError> {
     let size = sb.size_bytes;
     let mut bad = None;
     let (next, head, used) = log::scan(log_file, sb.log_bytes, sb.log_tail_offset, sb.checkpoint_seq + 1, |h, d| {
@@ -775,7 +1337,11 @@ fn replay(sb: &Superblock, data: &DiskFile, log_file: &DiskFile, p: &Paths) -> R
             bad = Some(h.seq);
             return Err(io::Error::new(io::ErrorKind::InvalidData, "log record outside volume"));
         }
-        apply(data, h, d)
+        apply(data, h, d)?;
+        if let Some(m) = map {
+            m.mark_range(h.offset, h.len as u64, h.seq);
+        }
+        Ok(())
     })
     .map_err(io_err("log replay", &p.log))?;
     if let Some(seq) = bad {
@@ -786,6 +1352,65 @@ fn replay(sb: &Superblock, data: &DiskFile, log_file: &DiskFile, p: &Paths) -> R
         tracing::info!(from = sb.checkpoint_seq + 1, to = next - 1, "replayed replica log");
     }
     Ok((next, head, used))
+}
+
+/// Opens the change map, checking it against the superblock; None if the
+/// replica has none (made by an earlier version, or lost).
+fn open_changes(
+    sb: &Superblock,
+    p: &Paths,
+    faults: &Arc<FaultPlan>,
+) -> Result<Option<ChangeMap<DiskFile>>, StoreError> {
+    let f = match OpenOptions::new().read(true).write(true).open(&p.changes) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("open", &p.changes)(e)),
+    };
+    let map = ChangeMap::open(DiskFile::new(f, FileKind::Changes, faults.clone()))
+        .map_err(io_err("read change map", &p.changes))?;
+    let h = map.header();
+    let need = changes::regions_for(sb.size_bytes, sb.region_shift);
+    if h.region_shift != sb.region_shift || h.regions < need {
+        return Err(StoreError::Geometry(format!(
+            "change map covers {} regions of {} bytes; the superblock needs {need} of {}",
+            h.regions,
+            1u64 << h.region_shift,
+            1u64 << sb.region_shift
+        )));
+    }
+    Ok(Some(map))
+}
+
+/// Creates a change map for a replica that has none, with every region
+/// counted as written at `floor`.
+fn create_changes(
+    sb: &Superblock,
+    p: &Paths,
+    faults: &Arc<FaultPlan>,
+    floor: u64,
+) -> Result<ChangeMap<DiskFile>, StoreError> {
+    let header = changes::Header {
+        region_shift: sb.region_shift,
+        regions: changes::regions_for(sb.size_bytes, sb.region_shift),
+        floor,
+    };
+    tracing::warn!(dir = %p.changes.display(), floor, "no change map: creating one that counts every region as written");
+    let tmp = p.changes.with_extension("new");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io_err("create", &tmp))?;
+    f.set_len(header.file_bytes()).map_err(io_err("size", &tmp))?;
+    ChangeMap::create(f, header).map_err(io_err("write change map", &tmp))?;
+    std::fs::rename(&tmp, &p.changes).map_err(io_err("rename", &p.changes))?;
+    if let Some(dir) = p.changes.parent() {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("sync directory", dir))?;
+    }
+    let f = OpenOptions::new().read(true).write(true).open(&p.changes).map_err(io_err("open", &p.changes))?;
+    ChangeMap::open(DiskFile::new(f, FileKind::Changes, faults.clone())).map_err(io_err("read change map", &p.changes))
 }
 
 /// Applies one record to the data file.
@@ -822,6 +1447,70 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc;
+
+    /// When set, the next checkpoint reports through the first channel
+    /// that it has taken its snapshot and waits for the second.
+    static PAUSE: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>> = Mutex::new(None);
+
+    pub(super) fn checkpoint_pause() {
+        let taken = lock(&PAUSE).take();
+        if let Some((paused, go)) = taken {
+            let _ = paused.send(());
+            let _ = go.recv();
+        }
+    }
+
+    #[test]
+    fn a_copy_ends_after_a_running_checkpoint_not_under_it() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), 4 << 20, LOG_MIN_BYTES).unwrap();
+        let (s, _h) = open(dir.path());
+        s.append(1, &rec(1, 0, 4096), &[1; 4096]).unwrap();
+        wait_durable(&s, 1);
+        let host = hist::History::new().branch(1, 0);
+        s.begin_copy(1, &host, 1, 2, CopyKind::Incremental).unwrap();
+        // Live writes until a checkpoint starts, and holds it after its
+        // snapshot (before its syncs).
+        let (paused_tx, paused_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel();
+        *lock(&PAUSE) = Some((paused_tx, go_rx));
+        let big = vec![5u8; 1 << 20];
+        let mut seq = 1;
+        loop {
+            seq += 1;
+            s.append(1, &rec(seq, (seq % 4) << 20, 1 << 20), &big).unwrap();
+            s.commit_pending();
+            if paused_rx.recv_timeout(Duration::from_millis(100)).is_ok() {
+                break;
+            }
+            assert!(seq < 20, "no checkpoint started");
+        }
+        // More live writes commit behind the checkpoint's snapshot, and
+        // the copy ends meanwhile (every region done).
+        for _ in 0..4 {
+            seq += 1;
+            s.append(1, &rec(seq, 0, 4096), &[6; 4096]).unwrap();
+            s.commit_pending();
+        }
+        let s2 = s.clone();
+        let finish = std::thread::spawn(move || s2.finish_copy());
+        std::thread::sleep(Duration::from_millis(200));
+        go_tx.send(()).unwrap();
+        let durable = finish.join().unwrap().unwrap();
+        // Until the paused checkpoint has had its say.
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(durable, seq, "the copy ends at the last live write");
+        // The checkpoint that was running must not have put the
+        // superblock back to its older snapshot.
+        let sb = s.superblock();
+        assert!(sb.copy.is_none());
+        assert_eq!((sb.durable_seq, s.durable_seq()), (seq, seq), "durable seq went back");
+        for more in seq + 1..seq + 8 {
+            s.append(1, &rec(more, 0, 1 << 20), &big).unwrap();
+        }
+        wait_durable(&s, seq + 7);
+    }
 
     fn rec(seq: u64, offset: u64, len: u32) -> RecordHeader {
         RecordHeader { seq, offset, len, op: WriteOp::Data, epoch: 1 }
@@ -935,6 +1624,40 @@ mod tests {
         assert!(matches!(s.adopt(2, &host, 10), Err(StoreError::Diverged { after: 3, .. })));
         let r = RecordHeader { seq: 4, offset: 0, len: 4096, op: WriteOp::Data, epoch: 2 };
         assert!(matches!(s.append(2, &r, &[4; 4096]), Err(StoreError::Diverged { .. })));
+    }
+
+    #[test]
+    fn marks_outlive_the_log_and_a_missing_map_counts_everything_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), 4 << 20, LOG_MIN_BYTES).unwrap();
+        let (s, h) = open(dir.path());
+        // Region 1 once, then region 3 until the log has wrapped twice.
+        s.append(1, &rec(1, 65536, 4096), &[1; 4096]).unwrap();
+        let big = vec![3u8; 1 << 20];
+        let laps = 2 * LOG_MIN_BYTES / (1 << 20);
+        for seq in 2..2 + laps {
+            s.append(1, &rec(seq, 3 * 65536, 1 << 20), &big).unwrap();
+        }
+        wait_durable(&s, 1 + laps);
+        assert!(matches!(s.read_log(1, 1, |_, _| true), Err(StoreError::NotInLog { .. })));
+        let changed = |s: &Store, since| s.changes().changed(0, 64, since, 64).unwrap().0;
+        // A 1 MiB write at 192 KiB touches regions 3..=18.
+        assert_eq!(changed(&s, 0), [vec![1], (3..=18).collect::<Vec<u64>>()].concat());
+        assert_eq!(changed(&s, 1), (3..=18).collect::<Vec<u64>>());
+        s.shutdown();
+        h.join().unwrap();
+        drop(s);
+        let (s, h) = open(dir.path());
+        assert_eq!(changed(&s, 1), (3..=18).collect::<Vec<u64>>(), "after a restart");
+        s.shutdown();
+        h.join().unwrap();
+        drop(s);
+        // A replica of the earlier format has no map: every region counts
+        // as written at the seq it holds.
+        std::fs::remove_file(dir.path().join("changes")).unwrap();
+        let (s, _h) = open(dir.path());
+        assert_eq!(s.changes().header().floor, 1 + laps);
+        assert_eq!(s.changes().count(0, 64, laps).unwrap(), 64);
     }
 
     #[test]

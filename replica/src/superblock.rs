@@ -15,9 +15,15 @@ use crate::proto::Uuid;
 /// Bytes per slot.
 pub const SLOT_BYTES: usize = 4096;
 const SB_MAGIC: u64 = u64::from_le_bytes(*b"SBLKSUPR");
-const SB_VERSION: u32 = 2;
+const SB_VERSION: u32 = 3;
+/// The previous version, still read (and rewritten as this one).
+const SB_VERSION_2: u32 = 2;
 /// Fixed fields before the history and members blobs.
-const FIXED_BYTES: usize = 96;
+const FIXED_BYTES: usize = 352;
+/// Version 2 had only the first 96 bytes of them.
+const FIXED_BYTES_V2: usize = 96;
+/// Most segments a copy plan keeps.
+pub const COPY_SEGMENTS_MAX: usize = 8;
 /// Room reserved for the history steps.
 const HISTORY_MAX_BYTES: usize = HISTORY_STEPS_MAX * crate::history::STEP_BYTES;
 /// Largest members JSON that fits in a slot (the crc takes the last 4 bytes).
@@ -64,6 +70,131 @@ pub struct Superblock {
     /// "History"): adopted from the host that admitted it, before that
     /// host's records are appended.
     pub history: History,
+    /// log2 of the change map's region size (`changes`).
+    pub region_shift: u32,
+    /// A recovery copy in progress (`docs/design.md`, "Recovery").
+    pub copy: Option<CopyState>,
+}
+
+/// Why a replica copies regions from a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyKind {
+    /// Regions written since its durable seq.
+    Incremental = 1,
+    /// Every region ever written (an empty replica).
+    Full = 2,
+    /// Regions its own diverged tail touched, and those the host's
+    /// history wrote since the common prefix.
+    Rollback = 3,
+}
+
+impl CopyKind {
+    /// Decodes the on-disk / on-wire byte.
+    pub fn from_u8(v: u8) -> Option<CopyKind> {
+        match v {
+            1 => Some(CopyKind::Incremental),
+            2 => Some(CopyKind::Full),
+            3 => Some(CopyKind::Rollback),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for CopyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CopyKind::Incremental => "incremental",
+            CopyKind::Full => "full",
+            CopyKind::Rollback => "rollback",
+        })
+    }
+}
+
+/// One stretch of regions of a copy plan: regions below `end` (and at or
+/// above the previous segment's end) are copied if the source's mark is
+/// above `since_peer` or this replica's own mark is above `since_local`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopySegment {
+    /// First region past this segment.
+    pub end: u64,
+    /// Copy regions the source wrote after this seq.
+    pub since_peer: u64,
+    /// Copy regions this replica wrote after this seq (u64::MAX: none).
+    pub since_local: u64,
+}
+
+/// A copy in progress, persisted so that it resumes after a crash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyState {
+    /// Why it copies.
+    pub kind: CopyKind,
+    /// The first seq of the live writes this replica's log holds (the
+    /// writes before it come from the copy).
+    pub live_from: u64,
+    /// Every region below this one is done.
+    pub cursor: u64,
+    /// Bytes copied so far (progress).
+    pub done_bytes: u64,
+    /// Bytes to copy in all (an estimate from above; progress).
+    pub total_bytes: u64,
+    /// The plan, in region order; the last one ends at the map's end.
+    pub segments: Vec<CopySegment>,
+}
+
+/// Bytes 96..352 of a slot: region shift, then the copy state.
+const COPY_BYTES: usize = FIXED_BYTES - FIXED_BYTES_V2;
+
+impl CopyState {
+    /// `b`: the 256 bytes at offset 96 of a slot (the region shift is in
+    /// its first 4).
+    fn encode(&self, b: &mut [u8]) {
+        b[4] = self.kind as u8;
+        b[5] = self.segments.len() as u8;
+        b[8..16].copy_from_slice(&self.live_from.to_le_bytes());
+        b[16..24].copy_from_slice(&self.cursor.to_le_bytes());
+        b[24..32].copy_from_slice(&self.done_bytes.to_le_bytes());
+        b[32..40].copy_from_slice(&self.total_bytes.to_le_bytes());
+        for (i, s) in self.segments.iter().enumerate() {
+            let o = 40 + i * 24;
+            b[o..o + 8].copy_from_slice(&s.end.to_le_bytes());
+            b[o + 8..o + 16].copy_from_slice(&s.since_peer.to_le_bytes());
+            b[o + 16..o + 24].copy_from_slice(&s.since_local.to_le_bytes());
+        }
+    }
+
+    /// See [`CopyState::encode`].
+    fn decode(b: &[u8]) -> Result<Option<CopyState>, &'static str> {
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8"));
+        if b[4] == 0 {
+            return if b[5..COPY_BYTES].iter().all(|x| *x == 0) { Ok(None) } else { Err("copy state without a kind") };
+        }
+        let kind = CopyKind::from_u8(b[4]).ok_or("unknown copy kind")?;
+        let n = b[5] as usize;
+        if n == 0 || n > COPY_SEGMENTS_MAX {
+            return Err("copy segment count out of range");
+        }
+        let segments: Vec<CopySegment> = (0..n)
+            .map(|i| {
+                let o = 40 + i * 24;
+                CopySegment { end: u64_at(o), since_peer: u64_at(o + 8), since_local: u64_at(o + 16) }
+            })
+            .collect();
+        if segments.windows(2).any(|w| w[1].end <= w[0].end) || segments[0].end == 0 {
+            return Err("copy segments out of order");
+        }
+        let st = CopyState {
+            kind,
+            live_from: u64_at(8),
+            cursor: u64_at(16),
+            done_bytes: u64_at(24),
+            total_bytes: u64_at(32),
+            segments,
+        };
+        if st.live_from == 0 || st.cursor > st.segments.last().expect("n > 0").end {
+            return Err("copy cursor or live seq out of range");
+        }
+        Ok(Some(st))
+    }
 }
 
 /// Superblock decode failure.
@@ -103,6 +234,11 @@ impl Superblock {
         let history = self.history.encode();
         debug_assert!(history.len() <= HISTORY_MAX_BYTES, "History bounds its steps");
         b[92..96].copy_from_slice(&(history.len() as u32).to_le_bytes());
+        b[96..100].copy_from_slice(&self.region_shift.to_le_bytes());
+        if let Some(c) = &self.copy {
+            debug_assert!(!c.segments.is_empty() && c.segments.len() <= COPY_SEGMENTS_MAX);
+            c.encode(&mut b[96..96 + COPY_BYTES]);
+        }
         b[FIXED_BYTES..FIXED_BYTES + history.len()].copy_from_slice(&history);
         let m = FIXED_BYTES + HISTORY_MAX_BYTES;
         b[m..m + members.len()].copy_from_slice(&members);
@@ -127,20 +263,23 @@ impl Superblock {
         if u32_at(SLOT_BYTES - 4) != crc32c::crc32c(&b[..SLOT_BYTES - 4]) {
             return Err("bad crc");
         }
-        if u32_at(8) != SB_VERSION {
-            return Err("unsupported version");
-        }
+        // Version 2 has no change map settings and no copy state: its
+        // history and members start right after the first 96 bytes.
+        let (fixed, region_shift, copy) = match u32_at(8) {
+            SB_VERSION => (FIXED_BYTES, u32_at(96), CopyState::decode(&b[96..96 + COPY_BYTES])?),
+            SB_VERSION_2 => (FIXED_BYTES_V2, crate::changes::REGION_SHIFT_DEFAULT, None),
+            _ => return Err("unsupported version"),
+        };
         let members_len = u32_at(88) as usize;
-        if members_len > MEMBERS_MAX_BYTES {
+        if members_len > SLOT_BYTES - fixed - HISTORY_MAX_BYTES - 4 {
             return Err("members length out of range");
         }
         let history_len = u32_at(92) as usize;
         if history_len > HISTORY_MAX_BYTES {
             return Err("history length out of range");
         }
-        let history =
-            History::decode(&b[FIXED_BYTES..FIXED_BYTES + history_len]).map_err(|_| "history steps invalid")?;
-        let m = FIXED_BYTES + HISTORY_MAX_BYTES;
+        let history = History::decode(&b[fixed..fixed + history_len]).map_err(|_| "history steps invalid")?;
+        let m = fixed + HISTORY_MAX_BYTES;
         let members = serde_json::from_slice(&b[m..m + members_len]).map_err(|_| "members not valid JSON")?;
         let sb = Superblock {
             block_size: u32_at(12),
@@ -154,6 +293,8 @@ impl Superblock {
             durable_seq: u64_at(80),
             members,
             history,
+            region_shift,
+            copy,
         };
         sb.check()?;
         Ok(sb)
@@ -170,8 +311,17 @@ impl Superblock {
         if self.log_bytes < crate::log::LOG_MIN_BYTES || self.log_tail_offset >= self.log_bytes {
             return Err("log geometry out of range");
         }
-        if self.checkpoint_seq > self.durable_seq {
-            return Err("checkpoint beyond durable seq");
+        // While a copy runs, the log holds live writes from `live_from`
+        // while the durable seq stays at what the replica held before.
+        match &self.copy {
+            None if self.checkpoint_seq > self.durable_seq => return Err("checkpoint beyond durable seq"),
+            Some(c) if self.checkpoint_seq + 1 < c.live_from || self.durable_seq >= c.live_from => {
+                return Err("copy state does not match the log")
+            }
+            _ => {}
+        }
+        if !(crate::changes::REGION_SHIFT_MIN..=crate::changes::REGION_SHIFT_MAX).contains(&self.region_shift) {
+            return Err("region size out of range");
         }
         // Recovery scans the log from checkpoint_seq + 1, which must fit.
         if self.durable_seq == u64::MAX {
@@ -259,6 +409,8 @@ mod tests {
                 network_sync: false,
             }],
             history: History::new().branch(2, 0).branch(3, 10),
+            region_shift: 16,
+            copy: None,
         }
     }
 
@@ -276,6 +428,41 @@ mod tests {
         let got = Superblock::read(&f).unwrap();
         assert_eq!(got.epoch, 3);
         assert_eq!(got.generation, sb.generation - 1);
+    }
+
+    #[test]
+    fn copy_state_round_trips_and_version_2_is_read() {
+        let mut sb = sample();
+        sb.copy = Some(CopyState {
+            kind: CopyKind::Rollback,
+            live_from: 13,
+            cursor: 5,
+            done_bytes: 1 << 20,
+            total_bytes: 1 << 22,
+            segments: vec![
+                CopySegment { end: 5, since_peer: 9, since_local: 9 },
+                CopySegment { end: 100, since_peer: 8, since_local: u64::MAX },
+            ],
+        });
+        sb.durable_seq = 9;
+        sb.checkpoint_seq = 12;
+        let img = sb.encode().unwrap();
+        assert_eq!(Superblock::decode(&img), Ok(sb.clone()));
+        // A copy state that claims more than its log holds is refused.
+        let mut bad = sb.clone();
+        bad.durable_seq = 13;
+        assert_eq!(Superblock::decode(&bad.encode().unwrap()), Err("copy state does not match the log"));
+        // Version 2: history and members right after byte 96.
+        let v3 = sample();
+        let img = v3.encode().unwrap();
+        let mut v2 = [0u8; SLOT_BYTES];
+        v2[..FIXED_BYTES_V2].copy_from_slice(&img[..FIXED_BYTES_V2]);
+        v2[8..12].copy_from_slice(&SB_VERSION_2.to_le_bytes());
+        v2[FIXED_BYTES_V2..SLOT_BYTES - 4 - (FIXED_BYTES - FIXED_BYTES_V2)]
+            .copy_from_slice(&img[FIXED_BYTES..SLOT_BYTES - 4]);
+        let crc = crc32c::crc32c(&v2[..SLOT_BYTES - 4]);
+        v2[SLOT_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(Superblock::decode(&v2), Ok(v3));
     }
 
     #[test]

@@ -170,6 +170,26 @@ impl History {
         v
     }
 
+    /// Checks the change map: every 64 KiB region's mark is at least the
+    /// seq of the last write <= `d` that touched it (a lower mark would
+    /// let an incremental recovery skip a written region), and no mark is
+    /// above `last` (nothing past what was appended).
+    fn check_marks(&self, store: &Store, d: u64, last: u64) -> Result<(), String> {
+        let mut want = vec![0u64; (VOLUME >> 16) as usize];
+        for w in &self.0[..d as usize] {
+            for r in w.h.offset >> 16..=(w.h.offset + u64::from(w.h.len) - 1) >> 16 {
+                want[r as usize] = w.h.seq;
+            }
+        }
+        for (r, want) in want.iter().enumerate() {
+            let got = store.changes().get(r as u64).map_err(|e| e.to_string())?;
+            if got < *want || got > last {
+                return Err(format!("region {r} has mark {got}; its last write <= {d} is seq {want} (last {last})"));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks a crash-recovered volume: each byte is the model's at `d`, or
     /// what a write in d+1..=last put there. Returns the first violation.
     fn check_recovered(&self, got: &[u8], d: u64) -> Result<(), String> {
@@ -346,6 +366,9 @@ fn run(steps: &[Step]) -> Stats {
                 std::fs::create_dir(&copy).expect("mkdir");
                 let (src, dst) = (Paths::new(&dir), Paths::new(&copy));
                 copy_file(&src.superblock, &dst.superblock);
+                // Marks up to the superblock's checkpoint were synced before
+                // it was written; later ones may or may not be there.
+                copy_file(&src.changes, &dst.changes);
                 copy_file(&src.log, &dst.log);
                 copy_file(&src.data, &dst.data);
                 if o.store.durable_seq() < last {
@@ -401,6 +424,9 @@ fn run(steps: &[Step]) -> Stats {
                 if let Err(e) = hist.check_recovered(&o.volume(), d) {
                     panic!("after a crash at ack {s} (checkpoint {}, reopened at {d}): {e}", sb.checkpoint_seq);
                 }
+                if let Err(e) = hist.check_marks(&o.store, d, last) {
+                    panic!("after a crash at ack {s} (checkpoint {}, reopened at {d}): {e}", sb.checkpoint_seq);
+                }
                 // The host retransmits what the replica lost.
                 for w in &hist.0[d as usize..] {
                     append(&o, w);
@@ -415,6 +441,9 @@ fn run(steps: &[Step]) -> Stats {
     o.close();
     let o = Open::start(&dir);
     assert_eq!(o.store.durable_seq(), last, "clean restart lost writes");
+    if let Err(e) = hist.check_marks(&o.store, last, last) {
+        panic!("after a clean restart: {e}");
+    }
     let got = o.volume();
     let want = hist.model_at(last);
     if let Some(at) = got.iter().zip(&want).position(|(a, b)| a != b) {

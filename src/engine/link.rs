@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use crossbeam::queue::SegQueue;
 use serde::Serialize;
 use starblk_netsync::{Link as NetLink, LinkConfig, LinkEvent};
+use starblk_recovery::{LagReason, Meter, Plan};
 use starblk_replica::client::{self, ClientError};
 use starblk_replica::history::{self, Standing};
 use starblk_replica::netlink::{self, MsgReader, NetOut};
@@ -27,6 +28,7 @@ use starblk_replica::proto::{
     self, ErrorCode, ErrorFrame, FrameReader, FrameType, Hello, HelloOk, ReadReq, WriteHeader,
 };
 use starblk_replica::server::FrameOut;
+use starblk_replica::superblock::CopyKind;
 
 use super::exposure::FarGate;
 use super::{PendingRead, Shared};
@@ -113,6 +115,8 @@ pub struct ReplicaSpec {
 pub(crate) struct LinkCore {
     pub state: LinkState,
     pub reason: String,
+    /// Why it is lagging (`state == Lagging`; `reason` is its text).
+    pub lag: Option<LagReason>,
     pub durable_seq: u64,
     pub next_send_seq: u64,
     pub srtt_us: u64,
@@ -137,7 +141,38 @@ pub(crate) struct LinkCore {
     /// The replica holds records past this seq from another history
     /// (lagging until rolled back).
     pub diverged_after: Option<u64>,
+    /// A recovery copy this session runs (incremental, full, rollback):
+    /// the replica takes live writes meanwhile, but counts toward Q only
+    /// once the copy is done and it has caught up.
+    pub copy: Option<CopyJob>,
+    /// Progress of the replica's copy, kept across sessions (a resumed
+    /// copy goes on from where status showed it).
+    pub copy_meter: Option<Meter>,
+    /// Copies that failed: which peers (a bitmask) and when; they are not
+    /// asked again for a while.
+    pub copy_failed: Option<(u64, Instant)>,
+    /// First seq the replica's log can serve (from its heartbeat replies).
+    pub log_first: Option<u64>,
 }
+
+/// A recovery copy (DESIGN §9): the replica copies regions from the peer,
+/// replica to replica, while it takes live writes.
+#[derive(Debug, Clone)]
+pub(crate) struct CopyJob {
+    /// Why it copies.
+    pub kind: CopyKind,
+    /// Peer name, for status.
+    pub peer: String,
+    /// Peer link index.
+    pub peer_idx: usize,
+    /// The Copy frame to send (instead of Adopt).
+    pub req: proto::CopyReq,
+    /// Whether the sender has sent it.
+    pub sent: bool,
+}
+
+/// How long a peer whose copy failed is passed over.
+const COPY_FAILED_FOR: Duration = Duration::from_secs(5);
 
 /// Failed replay attempts from one first seq.
 #[derive(Debug, Clone)]
@@ -169,6 +204,7 @@ impl LinkCore {
         LinkCore {
             state: LinkState::Failed,
             reason: "not yet connected".into(),
+            lag: None,
             durable_seq,
             next_send_seq: durable_seq + 1,
             srtt_us: 0,
@@ -181,6 +217,10 @@ impl LinkCore {
             replay_failed: None,
             recovery_from_seq: durable_seq,
             diverged_after: None,
+            copy: None,
+            copy_meter: None,
+            copy_failed: None,
+            log_first: None,
         }
     }
 
@@ -191,6 +231,13 @@ impl LinkCore {
         }
         self.state = state;
         self.reason = reason;
+        self.lag = None;
+    }
+
+    /// Lagging, for `why` (its Display text becomes the reason).
+    pub fn set_lagging(&mut self, why: LagReason) {
+        self.set_state(LinkState::Lagging, why.to_string());
+        self.lag = Some(why);
     }
 }
 
@@ -349,71 +396,100 @@ fn mark_failed(shared: &Shared, link: &Link, reason: String) {
     }
 }
 
-/// Decides how a fresh session starts: quick recovery from the write queue
-/// if every write after the replica's durable seq is still there, else
-/// replay recovery from an up-to-date peer's log, else lagging.
+/// Decides how a fresh session starts (`starblk_recovery::plan`): quick
+/// recovery from the write queue, replay from an up-to-date peer's log, a
+/// copy of changed regions from a peer, or lagging with the reason.
 fn admit(shared: &Shared, link: &Link, hello: &HelloOk) -> Result<u64, String> {
     let d = hello.durable_seq;
     let mut g = shared.lock();
     let first = g.queue.front().map(|e| e.seq).unwrap_or(g.next_seq);
     let last = g.next_seq - 1;
-    let tried = match &g.links[link.idx].replay_failed {
-        Some(f) if f.from == d + 1 => f.peers,
-        _ => 0,
-    };
-    let peer = replay_peer(shared, &g, link.idx, tried);
+    // Only a replica whose log is a prefix of this HE's history may join
+    // as it is: records past the branch point from another history were
+    // never acknowledged, and must not count toward Q or serve reads.
+    let standing = history::standing(&shared.cfg.history, last, &hello.history, d);
+    let copying = hello.copying.map(|(kind, _)| kind);
+    let returning = starblk_recovery::Returning { durable_seq: d, standing, copying };
+    let peers = recovery_peers(shared, &g, link.idx, d);
+    let plan = starblk_recovery::plan(&returning, &starblk_recovery::Queue { first, last }, &peers);
     let l = &mut g.links[link.idx];
     l.durable_seq = d;
-    // Only a replica whose log is a prefix of this HE's history may join:
-    // records past the branch point from another history were never
-    // acknowledged, and must not count toward Q or serve reads.
-    if let Standing::Diverged { after } = history::standing(&shared.cfg.history, last, &hello.history, d) {
-        let why = format!(
-            "diverged after seq {after}: its log holds seqs {}..={d} from another history (position {}); needs rollback",
-            after + 1,
-            hello.position()
-        );
-        l.diverged_after = Some(after);
-        l.set_state(LinkState::Lagging, why.clone());
-        shared.advance(&mut g);
-        return Err(why);
+    l.diverged_after = match standing {
+        Standing::Diverged { after } => Some(after),
+        Standing::Prefix => None,
+    };
+    if let Standing::Diverged { after } = standing {
+        tracing::warn!(replica = %link.spec.name, position = %hello.position(), after, "replica diverged from this host's history");
     }
-    l.diverged_after = None;
-    let replay = d + 1 < first;
-    if replay && peer.is_none() {
-        let why = match &l.replay_failed {
-            Some(f) if f.from == d + 1 => {
-                format!(
-                    "replay of seqs {}.. failed from every peer (last: {}); needs incremental recovery",
-                    f.from, f.why
-                )
-            }
-            _ => format!(
-                "missing writes {}..{} are no longer in the write queue and no up-to-date peer can replay them; \
-                 needs incremental recovery",
-                d + 1,
-                first - 1
-            ),
-        };
-        l.set_state(LinkState::Lagging, why.clone());
-        shared.advance(&mut g);
-        return Err(why);
-    }
+    l.copy = None;
+    let plan = match plan {
+        Ok(p) => p,
+        Err(why) => {
+            let text = why.to_string();
+            l.set_lagging(why);
+            shared.advance(&mut g);
+            return Err(text);
+        }
+    };
     l.conn_gen += 1;
     l.next_send_seq = d + 1;
     l.wire_seq = l.wire_seq.max(d);
     l.far.new_session(d, Instant::now());
     l.recovery_from_seq = d;
-    match peer.filter(|_| replay) {
-        Some((peer_idx, name, addr)) => {
+    match plan {
+        Plan::Replay { peer: peer_idx } => {
+            let spec = &shared.links[peer_idx].spec;
+            let (name, addr) = (spec.name.clone(), spec.addr.clone());
             let rate_bytes_per_s = shared.recovery_rate_bytes_per_s.load(Ordering::Acquire);
             let req = proto::Replay { from: d + 1, to: last, rate_bytes_per_s, addr };
             let why = format!("replay recovery of seqs {}..{last} from {name}", d + 1);
             l.replay = Some(ReplayPlan { peer: name, peer_idx, req, sent: false });
+            l.copy_meter = None;
             l.set_state(LinkState::Recovering, why);
         }
-        None => {
+        Plan::Incremental { peer: peer_idx, .. }
+        | Plan::Full { peer: peer_idx }
+        | Plan::Rollback { peer: peer_idx, .. } => {
+            let kind = plan.copy_kind().expect("a copy plan");
+            let spec = &shared.links[peer_idx].spec;
+            let (name, addr) = (spec.name.clone(), spec.addr.clone());
+            // Live writes from the replica's next seq if it is resuming and
+            // the queue still has it; else from now (it copies the rest).
+            let live_from = match hello.copying {
+                Some((_, next)) => next.clamp(first, last + 1),
+                None => last + 1,
+            };
+            let rate_bytes_per_s = shared.recovery_rate_bytes_per_s.load(Ordering::Acquire);
+            let req = proto::CopyReq {
+                live_from,
+                rate_bytes_per_s,
+                last_seq: last,
+                kind,
+                addr,
+                history: shared.cfg.history.clone(),
+            };
             l.replay = None;
+            l.next_send_seq = live_from;
+            // Writes before live_from reach it through the copy, never on
+            // this link: they must not hold completions (§1b).
+            l.wire_seq = l.wire_seq.max(live_from - 1);
+            if hello.copying.is_none() || l.copy_meter.is_none() {
+                l.copy_meter = Some(Meter::new());
+            }
+            let since = match plan {
+                Plan::Incremental { since_seq, .. } | Plan::Rollback { since_seq, .. } => since_seq,
+                _ => 0,
+            };
+            let resumed = if hello.copying.is_some() { "resumed, " } else { "" };
+            let why = format!(
+                "{kind} recovery from {name} ({resumed}regions written after seq {since}); live writes from seq {live_from}"
+            );
+            l.copy = Some(CopyJob { kind, peer: name, peer_idx, req, sent: false });
+            l.set_state(LinkState::Recovering, why);
+        }
+        Plan::Quick => {
+            l.replay = None;
+            l.copy_meter = None;
             l.set_state(LinkState::Recovering, format!("quick recovery from seq {}", d + 1));
         }
     }
@@ -422,21 +498,45 @@ fn admit(shared: &Shared, link: &Link, hello: &HelloOk) -> Result<u64, String> {
     Ok(gen)
 }
 
-/// The up-to-date replica (other than `idx`, and not in `tried`) with the
-/// lowest RTT: the source of a replay. The lagging replica dials it
-/// itself, so a peer configured at a loopback address is only a candidate
-/// for a replica that is on loopback too. Returns (index, name, address).
-fn replay_peer(shared: &Shared, g: &super::Core, idx: usize, tried: u64) -> Option<(usize, String, String)> {
+/// The other replicas as recovery sources for replica `idx`, which misses
+/// the writes after `d`. The replica dials its source itself, so a peer
+/// configured at a loopback address is only a source for a replica that
+/// is on loopback too.
+fn recovery_peers(shared: &Shared, g: &super::Core, idx: usize, d: u64) -> Vec<starblk_recovery::Peer> {
     let local_only = is_loopback(&shared.links[idx].spec.addr);
-    let best = g
-        .links
+    let replay_failed = match &g.links[idx].replay_failed {
+        Some(f) if f.from == d + 1 => f.peers,
+        _ => 0,
+    };
+    let copy_failed = match g.links[idx].copy_failed {
+        Some((peers, at)) if at.elapsed() < COPY_FAILED_FOR => peers,
+        _ => 0,
+    };
+    g.links
         .iter()
         .enumerate()
-        .filter(|(i, l)| *i != idx && l.state == LinkState::UpToDate && tried & (1 << i) == 0)
-        .filter(|(i, _)| local_only || !is_loopback(&shared.links[*i].spec.addr))
-        .min_by_key(|(_, l)| l.srtt_us)?;
-    let spec = &shared.links[best.0].spec;
-    Some((best.0, spec.name.clone(), spec.addr.clone()))
+        .filter(|(i, _)| *i != idx)
+        .map(|(i, l)| starblk_recovery::Peer {
+            idx: i,
+            up_to_date: l.state == LinkState::UpToDate,
+            reachable: local_only || !is_loopback(&shared.links[i].spec.addr),
+            rtt_us: l.srtt_us,
+            log_first: l.log_first,
+            replay_failed: replay_failed & (1 << i) != 0,
+            copy_failed: copy_failed & (1 << i) != 0,
+        })
+        .collect()
+}
+
+/// The lowest-RTT up-to-date peer that can serve replica `idx` a replay
+/// of the writes after `d`: (index, name, address).
+fn replay_peer(shared: &Shared, g: &super::Core, idx: usize, d: u64) -> Option<(usize, String, String)> {
+    let best = recovery_peers(shared, g, idx, d)
+        .into_iter()
+        .filter(|p| p.up_to_date && p.reachable && !p.replay_failed)
+        .min_by_key(|p| p.rtt_us)?;
+    let spec = &shared.links[best.idx].spec;
+    Some((best.idx, spec.name.clone(), spec.addr.clone()))
 }
 
 /// Whether `HOST:PORT` names this host only (127.0.0.0/8, ::1, localhost).
@@ -458,9 +558,69 @@ fn take_replay_request(shared: &Shared, link: &Link, gen: u64) -> Option<proto::
     }
 }
 
+/// The Copy frame this session starts with, if it copies.
+fn take_copy_request(shared: &Shared, link: &Link, gen: u64) -> Option<proto::CopyReq> {
+    let mut g = shared.lock();
+    let l = &mut g.links[link.idx];
+    match &mut l.copy {
+        Some(job) if l.conn_gen == gen && !job.sent => {
+            job.sent = true;
+            Some(job.req.clone())
+        }
+        _ => None,
+    }
+}
+
 /// Whether this link's replica is running a replay we asked for.
 fn replay_running(shared: &Shared, link: &Link) -> bool {
-    shared.lock().links[link.idx].replay.as_ref().is_some_and(|p| p.sent)
+    let g = shared.lock();
+    let l = &g.links[link.idx];
+    l.replay.as_ref().is_some_and(|p| p.sent) || l.copy.as_ref().is_some_and(|c| c.sent)
+}
+
+/// Progress of the replica's copy.
+fn on_copy_progress(shared: &Shared, link: &Link, done: u64, total: u64) {
+    let mut g = shared.lock();
+    let l = &mut g.links[link.idx];
+    if l.copy.is_some() {
+        l.copy_meter.get_or_insert_with(Meter::new).update(done, total, Instant::now());
+    }
+}
+
+/// The replica's copy is complete at durable seq `durable`: it catches up
+/// from the write queue (it took live writes all along) and counts
+/// toward Q once it has every completed write.
+fn on_copy_done(shared: &Shared, link: &Link, durable: u64) {
+    let mut g = shared.lock();
+    let l = &mut g.links[link.idx];
+    let Some(job) = l.copy.take() else { return };
+    if let Some(m) = &mut l.copy_meter {
+        m.finish();
+    }
+    l.copy_failed = None;
+    // A rollback is complete: its data is the host's history up to durable.
+    l.diverged_after = None;
+    l.durable_seq = l.durable_seq.max(durable);
+    tracing::info!(replica = %link.spec.name, peer = %job.peer, kind = %job.kind, durable, "recovery copy done");
+    let why = format!("quick recovery from seq {} (after a {} copy from {})", durable + 1, job.kind, job.peer);
+    l.set_state(LinkState::Recovering, why);
+    shared.advance(&mut g);
+    drop(g);
+    link.wake();
+}
+
+/// A copy ended in an Error frame: that peer is passed over for a while;
+/// the next session resumes the copy from another one.
+fn on_copy_failed(shared: &Shared, link: &Link, why: &str) {
+    let mut g = shared.lock();
+    let l = &mut g.links[link.idx];
+    let Some(job) = l.copy.take() else { return };
+    tracing::warn!(replica = %link.spec.name, peer = %job.peer, "recovery copy failed: {why}");
+    let peers = match l.copy_failed {
+        Some((p, at)) if at.elapsed() < COPY_FAILED_FOR => p,
+        _ => 0,
+    };
+    l.copy_failed = Some((peers | 1 << job.peer_idx, Instant::now()));
 }
 
 /// The replica finished its replay: the write stream continues at `next`
@@ -480,7 +640,7 @@ fn on_replay_done(shared: &Shared, link: &Link, next: u64) {
         let peer = if g.links[plan.peer_idx].state == LinkState::UpToDate {
             Some((plan.peer_idx, plan.peer, plan.req.addr))
         } else {
-            replay_peer(shared, &g, link.idx, 0)
+            replay_peer(shared, &g, link.idx, next - 1)
         };
         let l = &mut g.links[link.idx];
         match peer {
@@ -522,7 +682,8 @@ fn on_diverged(shared: &Shared, link: &Link, after: u64, message: &str) {
     let l = &mut g.links[link.idx];
     l.conn_gen += 1;
     l.diverged_after = Some(after);
-    l.set_state(LinkState::Lagging, format!("diverged after seq {after}: {message}"));
+    tracing::warn!(replica = %link.spec.name, after, "replica refused this host's history: {message}");
+    l.set_lagging(LagReason::Diverged { after });
     shared.advance(&mut g);
 }
 
@@ -803,9 +964,17 @@ fn sender_loop<S: Sink>(shared: &Shared, link: &Link, gen: u64, mut w: S) -> Str
     // First the replica checks its log against this HE's history and
     // follows it (it refuses with Diverged otherwise); frames are handled
     // in order, so every write below comes after.
-    let adopt = proto::Adopt { last_seq: shared.lock().next_seq - 1, history: shared.cfg.history.clone() };
-    if let Err(e) = w.frame(FrameType::Adopt, &[&adopt.encode()], None).and_then(|()| w.flush()) {
-        return format!("adopt send failed: {e}");
+    // A replica that copies regions gets Copy instead, which carries the
+    // same history.
+    let first = match take_copy_request(shared, link, gen) {
+        Some(req) => (FrameType::Copy, req.encode()),
+        None => {
+            let adopt = proto::Adopt { last_seq: shared.lock().next_seq - 1, history: shared.cfg.history.clone() };
+            (FrameType::Adopt, adopt.encode())
+        }
+    };
+    if let Err(e) = w.frame(first.0, &[&first.1], None).and_then(|()| w.flush()) {
+        return format!("{:?} send failed: {e}", first.0);
     }
     loop {
         if shared.stopping.load(Ordering::Acquire) {
@@ -913,9 +1082,10 @@ fn receiver_loop<R: TimeoutRead>(shared: &Shared, link: &Link, mut reader: Frame
         };
         let res = match h.kind {
             FrameType::Ack => proto::decode_u64(h.kind, p).map(|seq| shared.on_durable(link.idx, seq)),
-            FrameType::HeartbeatReply => proto::decode_u64_pair(h.kind, p).map(|(nonce, durable)| {
-                let srtt = on_rtt(shared, link, nonce);
-                shared.on_durable(link.idx, durable);
+            FrameType::HeartbeatReply => proto::HeartbeatReply::decode(p).map(|r| {
+                let srtt = on_rtt(shared, link, r.nonce);
+                shared.lock().links[link.idx].log_first = Some(r.log_first);
+                shared.on_durable(link.idx, r.durable_seq);
                 let want = (Duration::from_micros(srtt) * 16).clamp(TIMEOUT_MIN, TIMEOUT_MAX);
                 if want.abs_diff(timeout) > timeout / 4 {
                     timeout = want;
@@ -926,6 +1096,10 @@ fn receiver_loop<R: TimeoutRead>(shared: &Shared, link: &Link, mut reader: Frame
                 proto::decode_read_reply(p).map(|(id, status, data)| on_read_reply(shared, link, id, status, data))
             }
             FrameType::ReplayDone => proto::decode_u64(h.kind, p).map(|next| on_replay_done(shared, link, next)),
+            FrameType::CopyProgress => {
+                proto::decode_u64_pair(h.kind, p).map(|(done, total)| on_copy_progress(shared, link, done, total))
+            }
+            FrameType::CopyDone => proto::decode_u64(h.kind, p).map(|durable| on_copy_done(shared, link, durable)),
             FrameType::Error => {
                 let why = match ErrorFrame::decode(p) {
                     Ok(frame) if frame.code == ErrorCode::Diverged => {
@@ -934,6 +1108,7 @@ fn receiver_loop<R: TimeoutRead>(shared: &Shared, link: &Link, mut reader: Frame
                     }
                     Ok(frame) => {
                         on_replay_failed(shared, link, &frame.message);
+                        on_copy_failed(shared, link, &frame.message);
                         ClientError::Rejected { addr: link.spec.addr.clone(), frame }.to_string()
                     }
                     Err(e) => format!("replica {}: malformed error frame: {e}", link.spec.addr),

@@ -492,7 +492,7 @@ impl Shared {
                 // replay ends; then it goes on from the queue or replays
                 // again (on_replay_done), so eviction does not cut it.
                 if l.state.is_connected() && l.replay.is_none() && l.next_send_seq <= seq {
-                    l.set_state(LinkState::Lagging, format!("fell out of the write queue at seq {seq}"));
+                    l.set_lagging(starblk_recovery::LagReason::FellOutOfQueue { seq });
                     self.links[i].cut("fell out of the write-queue window");
                 }
             }
@@ -572,7 +572,7 @@ impl Shared {
     fn advance(&self, g: &mut Core) {
         let completed = g.completed_seq;
         for l in g.links.iter_mut() {
-            if l.state == LinkState::Recovering && l.durable_seq >= completed {
+            if l.state == LinkState::Recovering && l.durable_seq >= completed && l.copy.is_none() {
                 l.set_state(LinkState::UpToDate, String::new());
             }
         }

@@ -22,6 +22,9 @@ pub struct ReplicaStatus {
     pub state: LinkState,
     /// Why it is in that state.
     pub reason: String,
+    /// Why it is lagging, for machines (`reason` has the same as text).
+    #[serde(default)]
+    pub lag_reason: Option<starblk_recovery::LagReason>,
     /// Set when the replica holds records past this seq from another
     /// history: it stays lagging until rolled back (`docs/design.md`).
     #[serde(default)]
@@ -42,10 +45,40 @@ pub struct ReplicaStatus {
     pub link: Option<NetsyncStatus>,
     /// Recovery progress in [0, 1] while recovering.
     pub recovery_progress: Option<f64>,
+    /// A recovery copy (incremental, full, rollback): bytes, rate, ETA.
+    #[serde(default)]
+    pub recovery: Option<RecoveryStatus>,
     /// Writes sent on this link since start.
     pub writes_sent: u64,
     /// Sessions opened since start.
     pub sessions: u64,
+}
+
+/// A replica's recovery copy, as status shows it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct RecoveryStatus {
+    /// incremental | full | rollback.
+    pub kind: String,
+    /// The source replica (empty once done).
+    pub peer: String,
+    /// Bytes, fraction (never decreasing, 1 at the end), rate and ETA.
+    #[serde(flatten)]
+    pub progress: starblk_recovery::ProgressView,
+}
+
+impl fmt::Display for RecoveryStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let p = &self.progress;
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        write!(f, "{} copy {:.1}/{:.1} MiB", self.kind, mib(p.done_bytes), mib(p.total_bytes))?;
+        if p.fraction < 1.0 {
+            write!(f, " at {}", crate::size::format_rate(p.rate_bytes_per_s * 8))?;
+            if let Some(eta) = p.eta_s {
+                write!(f, ", ETA {eta} s")?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Counters of a network-sync link.
@@ -173,16 +206,28 @@ pub(crate) fn snapshot(s: &Shared) -> VolumeStatus {
         .zip(&g.links)
         .map(|(l, c)| {
             let lag_bytes: u64 = g.queue.iter().filter(|e| e.seq > c.durable_seq).map(|e| e.data.len() as u64).sum();
-            let progress = (c.state == LinkState::Recovering).then(|| {
-                let span = last.saturating_sub(c.recovery_from_seq).max(1);
-                (c.durable_seq.saturating_sub(c.recovery_from_seq)) as f64 / span as f64
-            });
+            let recovery = match &c.copy_meter {
+                Some(m) if c.state != LinkState::UpToDate => Some(RecoveryStatus {
+                    kind: c.copy.as_ref().map_or("copy".into(), |j| j.kind.to_string()),
+                    peer: c.copy.as_ref().map_or(String::new(), |j| j.peer.clone()),
+                    progress: m.view(),
+                }),
+                _ => None,
+            };
+            let progress = match &recovery {
+                Some(r) => Some(r.progress.fraction),
+                None => (c.state == LinkState::Recovering).then(|| {
+                    let span = last.saturating_sub(c.recovery_from_seq).max(1);
+                    (c.durable_seq.saturating_sub(c.recovery_from_seq)) as f64 / span as f64
+                }),
+            };
             ReplicaStatus {
                 name: l.spec.name.clone(),
                 role: l.spec.role.to_string(),
                 addr: l.spec.addr.clone(),
                 state: c.state,
                 reason: c.reason.clone(),
+                lag_reason: c.lag.clone(),
                 diverged_after: c.diverged_after,
                 durable_seq: c.durable_seq,
                 lag_writes: last.saturating_sub(c.durable_seq),
@@ -196,6 +241,7 @@ pub(crate) fn snapshot(s: &Shared) -> VolumeStatus {
                 },
                 link: l.net_link().map(|nl| netsync_status(&nl.stats(), &g, c)),
                 recovery_progress: progress,
+                recovery,
                 writes_sent: l.counters.writes_sent.load(Ordering::Relaxed),
                 sessions: l.counters.reconnects.load(Ordering::Relaxed),
             }
@@ -294,9 +340,10 @@ impl fmt::Display for VolumeStatus {
             "NAME", "ROLE", "ADDR", "STATE", "DURABLE", "LAG", "LAG_BYTES", "RTT_US", "NETSYNC"
         )?;
         for r in &self.replicas {
-            let detail = match r.recovery_progress {
-                Some(p) => format!("{} {}", progress_bar(p), r.reason),
-                None => r.reason.clone(),
+            let detail = match (r.recovery_progress, &r.recovery) {
+                (Some(p), Some(rec)) => format!("{} {rec}; {}", progress_bar(p), r.reason),
+                (Some(p), None) => format!("{} {}", progress_bar(p), r.reason),
+                _ => r.reason.clone(),
             };
             writeln!(
                 f,
