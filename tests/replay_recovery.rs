@@ -27,15 +27,22 @@ fn write_random(v: &BlockingVolume, rng: &mut impl Rng, first: u64, n: u64) {
     }
 }
 
-#[test]
-fn replica_behind_the_write_queue_replays_from_a_peer() {
-    let mut c = Cluster::new(3, 2, SIZE, "write_queue = \"1MiB\"");
+/// Three replicas, Q = 2, `extra` in `[volume]`: 200 random writes, then r2
+/// is killed. The seed of the writes is printed.
+fn with_r2_killed(extra: &str) -> (Cluster, starblk::engine::blocking::BlockingVolume, rand::rngs::StdRng, u64) {
+    let mut c = Cluster::new(3, 2, SIZE, extra);
     let v = c.engine();
     let seed: u64 = rand::random();
     println!("seed {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     write_random(&v, &mut rng, 1, 200);
     c.replicas[2].kill();
+    (c, v, rng, seed)
+}
+
+#[test]
+fn replica_behind_the_write_queue_replays_from_a_peer() {
+    let (mut c, v, mut rng, seed) = with_r2_killed("write_queue = \"1MiB\"");
     // 8 MiB of writes: far more than the 1 MiB write queue, well within
     // the peers' 32 MiB logs.
     write_random(&v, &mut rng, 201, 2000);
@@ -119,13 +126,7 @@ fn replay_under_steady_writes_with_a_full_write_queue_completes_in_one_session()
     // not been sent. At 1 MB/s the 8 MiB replay takes 8 s: the writes that
     // go by meanwhile are more than the queue holds, so after it the
     // session replays again, a shorter range each time (writes are slower).
-    let mut c = Cluster::new(3, 2, SIZE, "write_queue = \"1MiB\"\nrecovery_rate = \"8Mbit\"");
-    let v = c.engine();
-    let seed: u64 = rand::random();
-    println!("seed {seed}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    write_random(&v, &mut rng, 1, 200);
-    c.replicas[2].kill();
+    let (mut c, v, mut rng, seed) = with_r2_killed("write_queue = \"1MiB\"\nrecovery_rate = \"8Mbit\"");
     write_random(&v, &mut rng, 201, 2000);
     wait_until(Duration::from_secs(10), "r2 seen down", || replica_status(&v, "r2").state == LinkState::Failed);
     let sessions = replica_status(&v, "r2").sessions;
