@@ -88,7 +88,8 @@ fn plausible_geometry(img: &mut [u8; SLOT_BYTES]) {
         let cursor = u64_at(img, 112) % (end + 1);
         put_u64(img, 112, cursor);
         // durable < live_from <= checkpoint + 1.
-        let durable = durable.min(u64::MAX - 2);
+        // Room for live_from below (durable + 1 + up to 999).
+        let durable = durable.min(u64::MAX - 1000);
         let live_from = durable + 1 + u64_at(img, 104) % 1000;
         put_u64(img, 104, live_from);
         put_u64(img, 64, cp.max(live_from - 1));
