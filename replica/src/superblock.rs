@@ -311,6 +311,11 @@ impl Superblock {
         if self.log_bytes < crate::log::LOG_MIN_BYTES || self.log_tail_offset >= self.log_bytes {
             return Err("log geometry out of range");
         }
+        // Recovery scans the log from checkpoint_seq + 1, which must fit
+        // (and the copy check below adds 1 to it).
+        if self.durable_seq == u64::MAX || self.checkpoint_seq == u64::MAX {
+            return Err("durable seq out of range");
+        }
         // While a copy runs, the log holds live writes from `live_from`
         // while the durable seq stays at what the replica held before.
         match &self.copy {
@@ -322,10 +327,6 @@ impl Superblock {
         }
         if !(crate::changes::REGION_SHIFT_MIN..=crate::changes::REGION_SHIFT_MAX).contains(&self.region_shift) {
             return Err("region size out of range");
-        }
-        // Recovery scans the log from checkpoint_seq + 1, which must fit.
-        if self.durable_seq == u64::MAX {
-            return Err("durable seq out of range");
         }
         Ok(())
     }
@@ -463,6 +464,17 @@ mod tests {
         let crc = crc32c::crc32c(&v2[..SLOT_BYTES - 4]);
         v2[SLOT_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(Superblock::decode(&v2), Ok(v3));
+    }
+
+    #[test]
+    fn a_checkpoint_seq_at_the_top_of_the_range_is_refused_not_overflowed() {
+        // Found by fuzz/superblock_decoder: checkpoint_seq + 1 overflowed in
+        // the copy-state check.
+        let mut sb = sample();
+        sb.checkpoint_seq = u64::MAX;
+        sb.durable_seq = u64::MAX - 1;
+        let img = sb.encode().unwrap();
+        assert_eq!(Superblock::decode(&img), Err("durable seq out of range"));
     }
 
     #[test]
