@@ -1,6 +1,6 @@
 //! The volume config file (TOML): parsing and validation.
 //!
-//! See DESIGN.md, "Config file (TOML)". Every rejection names the file, the
+//! See docs/operations.md for the keys. Every rejection names the file, the
 //! line and the key, and says what was expected, e.g.
 //! `vol.toml:5: [volume] quorum = 4: must be between 1 and the number of replicas (3)`.
 //!
@@ -137,7 +137,7 @@ pub struct LinkTuning {
     pub mtu_bytes: u32,
     /// `ack` (`"wire"`, the default, or `"local"`): whether completions
     /// wait until this link has a write and its repair packets on the wire
-    /// (DESIGN §1b). `"local"` gives that guarantee up; it exists for the
+    /// (docs/semantics.md §1b). `"local"` gives that guarantee up; it exists for the
     /// rolling-disaster contrast ("local-sync + FEC"), and `status` shows
     /// it as the link's network-sync mode.
     pub ack_on_wire: bool,
@@ -913,7 +913,7 @@ impl fmt::Display for FecConfig {
 mod tests {
     use super::*;
 
-    /// The example from DESIGN.md, "Config file (TOML)", verbatim.
+    /// The product specification's example config, verbatim.
     const EXAMPLE: &str = r#"[volume]
 name = "vol0"
 size = "8GiB"

@@ -2,7 +2,7 @@
 //! top of the engine. Each in-flight ublk request parks its `Completion` in
 //! a slot indexed by (queue, tag); the engine completes the slot's token.
 //! Submission never waits on the network (it may wait for write-queue
-//! space, which is the backpressure of DESIGN.md §7).
+//! space, which is the backpressure of docs/semantics.md §7).
 
 use std::sync::{Arc, Mutex};
 

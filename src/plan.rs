@@ -1,4 +1,4 @@
-//! `starblk plan`: StarFish's availability model (seeds/000, Section 4).
+//! `starblk plan`: StarFish's availability model (StarFish, see docs/semantics.md "Sources").
 //!
 //! With `a` the availability of one replica and `ρ = (1−a)/a` its load:
 //!

@@ -1,4 +1,4 @@
-//! History safety (DESIGN §8, epochs and takeover) with real replica
+//! History safety (docs/semantics.md §8, epochs and takeover) with real replica
 //! processes, written to the spec:
 //!
 //! - a replica that returns with an unacknowledged tail of an old host

@@ -1,4 +1,4 @@
-//! Incremental and full recovery (DESIGN §9) with real replica processes:
+//! Incremental and full recovery (docs/semantics.md §9) with real replica processes:
 //! a replica that neither the write queue nor a peer's log can bring up to
 //! date copies the regions written since its durable seq from an
 //! up-to-date peer, replica to replica, while I/O goes on; the copy

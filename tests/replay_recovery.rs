@@ -1,4 +1,4 @@
-//! Replay recovery (DESIGN §9): a replica that was down while more writes
+//! Replay recovery (docs/semantics.md §9): a replica that was down while more writes
 //! than the HE's write queue holds went by copies them from an up-to-date
 //! peer's log, replica to replica, then catches up from the write queue;
 //! when the peers' logs no longer hold them either, it copies the regions
@@ -157,7 +157,7 @@ fn writes_complete_while_a_network_sync_replica_replays() {
     // r2 is the network-sync replica. It is down while 8 MiB of writes
     // go by (far more than the write queue holds), so it comes back with
     // a replay, which at 1 MB/s takes about 8 s. Writes meanwhile must
-    // not wait for it: DESIGN §1b gates on links that receive the live
+    // not wait for it: docs/semantics.md §1b gates on links that receive the live
     // write stream. (r2 is down before the HE starts: killing a
     // network-sync replica under a running HE is another matter.) Not in
     // netsync_far.rs, whose other test's wire-seq check is sensitive to a

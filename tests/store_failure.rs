@@ -1,4 +1,4 @@
-//! A replica whose disk fails (DESIGN §3, §6, §12), with real processes:
+//! A replica whose disk fails (docs/semantics.md §3, §6, §12), with real processes:
 //! three replicas, Q=2, one started with `STARBLK_FAULT` so that the log
 //! write crossing 8 MiB fails with EIO after a stall (a failing disk is
 //! slow, and the HE keeps streaming writes to it meanwhile).

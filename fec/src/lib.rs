@@ -2,7 +2,7 @@
 //!
 //! Two schemes share one API ([`Encoder`], [`Decoder`], [`RepairPacket`]):
 //!
-//! - Maelstrom layered interleaving with XOR (SMFS, seeds/001): layer k
+//! - Maelstrom layered interleaving with XOR (SMFS; docs/semantics.md "Sources"): layer k
 //!   groups packets whose seq has the same residue modulo stride `I_k`, r at
 //!   a time, and sends the XOR of each group. Growing strides spread a burst
 //!   over many groups, each of which can then repair its single loss.

@@ -1,7 +1,7 @@
 //! The network-sync link: a reliable, ordered, FEC-protected message link
 //! over UDP that reports when each message, and the FEC repair packets
-//! covering it, are on the wire (DESIGN.md, "The network-sync link";
-//! SMFS/Maelstrom, seeds/001).
+//! covering it, are on the wire (netsync/README.md;
+//! SMFS/Maelstrom; docs/semantics.md "Sources").
 //!
 //! ```no_run
 //! use starblk_netsync::{Link, LinkConfig, LinkEvent, Listener};

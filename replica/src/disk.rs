@@ -1,4 +1,4 @@
-//! The store's files, with fault injection for tests (DESIGN §12 and
+//! The store's files, with fault injection for tests (docs/semantics.md §12 and
 //! "Testing": disk-full and read-error injection in the replica store).
 //!
 //! [`DiskFile`] wraps a [`File`] and checks a shared [`FaultPlan`] before

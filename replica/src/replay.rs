@@ -1,4 +1,4 @@
-//! Replay recovery, replica side (DESIGN §9): a lagging replica copies the
+//! Replay recovery, replica side (docs/semantics.md §9): a lagging replica copies the
 //! writes it misses from an up-to-date peer's log, replica to replica, so
 //! the data never passes through the HE.
 //!

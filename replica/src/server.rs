@@ -424,7 +424,7 @@ impl Server {
             return s.writer.send(FrameType::StatsReply, &[json.as_bytes()]).map_err(io_reject);
         }
         // A failed store takes no new sessions and no frame that needs it
-        // working; sessions end here, so the HE learns why (DESIGN §12).
+        // working; sessions end here, so the HE learns why (docs/semantics.md §12).
         if matches!(
             kind,
             FrameType::Hello

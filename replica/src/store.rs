@@ -715,7 +715,7 @@ impl Store {
     ///
     /// Nothing commits once the store failed: the failed batch is a hole in
     /// the log and the data file, and a later batch would publish a durable
-    /// seq past it (DESIGN §3). Commits are serialised by `committing`, and
+    /// seq past it (docs/semantics.md §3). Commits are serialised by `committing`, and
     /// a failing commit sets the failure before it clears `committing`, so
     /// this check under the lock sees every earlier failure.
     fn commit_locked(&self, mut g: MutexGuard<'_, Inner>) {

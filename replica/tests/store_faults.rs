@@ -1,4 +1,4 @@
-//! A failing disk under the store (DESIGN §3, §12), with the fault
+//! A failing disk under the store (docs/semantics.md §3, §12), with the fault
 //! injection of `starblk_replica::disk`.
 //!
 //! Once a group commit fails, no later batch may commit or publish a

@@ -18,7 +18,7 @@ pub enum Property {
     Converge,
     /// 4. A superseded host completes nothing on acks sent after the fence.
     FencedHostSilent,
-    /// 5. Two hosts never hold the same epoch (DESIGN §8).
+    /// 5. Two hosts never hold the same epoch (docs/semantics.md §8).
     UniqueEpoch,
     /// 6. A replica refuses frames below an epoch it has served (§8).
     OlderFramesRefused,

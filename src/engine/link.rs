@@ -104,7 +104,7 @@ pub struct ReplicaSpec {
     /// Network-sync link settings; `None` for a TCP replica.
     pub netsync: Option<LinkConfig>,
     /// Whether completions wait for this link's on-the-wire reports
-    /// (DESIGN §1b). Only the rolling-disaster contrast turns it off.
+    /// (docs/semantics.md §1b). Only the rolling-disaster contrast turns it off.
     pub wire_gate: bool,
     /// A network-sync link's bound on acknowledged writes its far replica
     /// has not confirmed (`exposure.rs`).
@@ -155,7 +155,7 @@ pub(crate) struct LinkCore {
     pub log_first: Option<u64>,
 }
 
-/// A recovery copy (DESIGN §9): the replica copies regions from the peer,
+/// A recovery copy (docs/semantics.md §9): the replica copies regions from the peer,
 /// replica to replica, while it takes live writes.
 #[derive(Debug, Clone)]
 pub(crate) struct CopyJob {
@@ -185,7 +185,7 @@ pub(crate) struct ReplayFailures {
     pub why: String,
 }
 
-/// A replay recovery (DESIGN §9): the replica copies `from..=to` from the
+/// A replay recovery (docs/semantics.md §9): the replica copies `from..=to` from the
 /// peer's log, replica to replica.
 #[derive(Debug, Clone)]
 pub(crate) struct ReplayPlan {

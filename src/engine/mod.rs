@@ -4,7 +4,7 @@
 //! Frontends (ublk, `bench`, tests) call [`Volume::submit`] with a token and
 //! are told the outcome through their [`Completer`]. Submission never waits
 //! on the network; it waits only when the write queue is full
-//! (backpressure, DESIGN.md §7).
+//! (backpressure, docs/semantics.md §7).
 //!
 //! Every write gets the next global seq and is appended to the bounded
 //! write queue. One sender thread per replica streams the queue in seq

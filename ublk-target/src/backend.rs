@@ -15,7 +15,7 @@ use crate::request::BlockRequest;
 ///   [`Completion::complete_read`]);
 /// - complete exactly once, from any thread, possibly inside `submit`.
 ///
-/// Back-pressure (DESIGN §7) is simply not completing: the kernel never
+/// Back-pressure (docs/semantics.md §7) is simply not completing: the kernel never
 /// has more than `queue_depth` requests per queue in flight.
 pub trait BlockBackend: Send + Sync + 'static {
     /// Starts one request. Must not block. `done` is completed exactly once.

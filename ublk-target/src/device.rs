@@ -1,6 +1,6 @@
 //! Device setup: create, recover, serve, stop and delete /dev/ublkbN.
 //!
-//! Devices are created with user recovery (DESIGN §11): when the daemon
+//! Devices are created with user recovery (docs/semantics.md §11): when the daemon
 //! dies, the kernel keeps /dev/ublkbN and holds its I/O (QUIESCED) until a
 //! new daemon reattaches with [`StartMode::Recover`] or [`StartMode::Auto`].
 
@@ -548,7 +548,7 @@ fn params(spec: &DeviceSpec, max_io_bytes: u32) -> sys::ublk_params {
         types: sys::UBLK_PARAM_TYPE_BASIC,
         basic: sys::ublk_param_basic {
             // A volatile cache plus FUA makes the kernel send FLUSH and FUA,
-            // which the engine needs to honour DESIGN §4.
+            // which the engine needs to honour docs/semantics.md §4.
             attrs: sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA,
             logical_bs_shift: shift(o.logical_block_size),
             physical_bs_shift: shift(o.physical_block_size),

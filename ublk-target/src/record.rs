@@ -1,5 +1,5 @@
 //! The run-directory record: what a restarted daemon needs to find and
-//! reattach to its device after a crash (DESIGN §11).
+//! reattach to its device after a crash (docs/semantics.md §11).
 //!
 //! One small JSON file per volume, `RUN_DIR/<volume>.ublk.json`, written
 //! atomically (temp file + rename) so a crash never leaves half a record.

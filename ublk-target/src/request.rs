@@ -26,7 +26,7 @@ pub enum BlockRequest<'a> {
         offset: u64,
         /// The payload.
         data: &'a [u8],
-        /// Forced unit access: complete only once durable (DESIGN §4).
+        /// Forced unit access: complete only once durable (docs/semantics.md §4).
         fua: bool,
     },
     /// Make every write completed before this one durable.
