@@ -310,6 +310,7 @@ mod tests {
                     data: Arc::new(vec![0; len]),
                     token: None,
                     cum_bytes: cum,
+                    submitted: Instant::now(),
                 }
             })
             .collect()
@@ -389,6 +390,7 @@ mod tests {
             started: Instant::now(),
             stopping: std::sync::atomic::AtomicBool::new(false),
             recovery_rate_bytes_per_s: std::sync::atomic::AtomicU64::new(0),
+            latency: crate::engine::latency::Latency::default(),
         };
         (shared, recorder)
     }

@@ -1139,6 +1139,7 @@ fn on_read_reply(shared: &Shared, link: &Link, req_id: u64, status: u16, data: &
         return;
     };
     if status == 0 && data.len() == r.len as usize {
+        shared.latency.read.record_since(r.submitted);
         shared.completer.complete(r.token, Ok(Some(data)));
         return;
     }

@@ -13,6 +13,7 @@
 
 pub mod blocking;
 mod exposure;
+pub mod latency;
 mod link;
 pub mod startup;
 pub mod status;
@@ -135,6 +136,8 @@ struct Entry {
     /// [`Entry::bytes`] of every write up to this one since the HE started
     /// (for the exposure bound).
     cum_bytes: u64,
+    /// When the frontend submitted it (latency histogram).
+    submitted: Instant,
 }
 
 impl Entry {
@@ -153,6 +156,8 @@ struct PendingRead {
     tried: u64,
     /// Seq the serving replica must have durable.
     need_seq: u64,
+    /// When the frontend submitted it (latency histogram).
+    submitted: Instant,
 }
 
 /// State behind the engine lock.
@@ -165,7 +170,8 @@ struct Core {
     /// Every write <= this is durable on Q replicas and completed.
     completed_seq: u64,
     region_seq: Vec<u64>,
-    flush_waiters: VecDeque<(u64, u64)>,
+    /// (target seq, token, submitted) of each waiting flush.
+    flush_waiters: VecDeque<(u64, u64, Instant)>,
     deferred_reads: Vec<PendingRead>,
     pool: Vec<Arc<Vec<u8>>>,
     links: Vec<link::LinkCore>,
@@ -186,6 +192,8 @@ pub(crate) struct Shared {
     /// Replay recovery rate limit, data bytes/s (0 = unlimited); starts at
     /// the config's and can be changed online.
     recovery_rate_bytes_per_s: AtomicU64,
+    /// Submit-to-completion latency per request kind.
+    latency: latency::Latency,
 }
 
 /// A running volume.
@@ -233,6 +241,7 @@ impl Volume {
             started: Instant::now(),
             stopping: AtomicBool::new(false),
             recovery_rate_bytes_per_s: AtomicU64::new(cfg.recovery_rate_bytes_per_s),
+            latency: latency::Latency::default(),
             cfg,
         });
         for l in &shared.links {
@@ -331,6 +340,11 @@ impl Volume {
         true
     }
 
+    /// Latency histograms so far (metrics, the recovery rate controller).
+    pub fn latency(&self) -> latency::LatencySnapshot {
+        self.shared.latency.snapshot()
+    }
+
     /// A snapshot for `status`.
     pub fn status(&self) -> status::VolumeStatus {
         status::snapshot(&self.shared)
@@ -390,6 +404,7 @@ impl Shared {
                 data: Arc::new(data),
                 token: None,
                 cum_bytes: 0,
+                submitted: Instant::now(),
             };
             g.queue_bytes += e.bytes();
             g.cum_bytes += e.bytes();
@@ -455,7 +470,8 @@ impl Shared {
         g.queue_bytes += need;
         g.cum_bytes += need;
         let (epoch, cum_bytes) = (self.cfg.epoch, g.cum_bytes);
-        g.queue.push_back(Entry { seq, offset, len, op, epoch, data: buf, token: Some(token), cum_bytes });
+        let submitted = Instant::now();
+        g.queue.push_back(Entry { seq, offset, len, op, epoch, data: buf, token: Some(token), cum_bytes, submitted });
         let (first, last) = ((offset >> REGION_SHIFT) as usize, ((offset + len as u64 - 1) >> REGION_SHIFT) as usize);
         for r in &mut g.region_seq[first..=last] {
             *r = seq;
@@ -506,14 +522,14 @@ impl Shared {
             drop(g);
             return self.completer.complete(token, Ok(None));
         }
-        g.flush_waiters.push_back((target, token));
+        g.flush_waiters.push_back((target, token, Instant::now()));
     }
 
     fn read(&self, token: u64, offset: u64, len: u32) {
         let mut g = self.lock();
         let (first, last) = ((offset >> REGION_SHIFT) as usize, ((offset + len as u64 - 1) >> REGION_SHIFT) as usize);
         let need_seq = g.region_seq[first..=last].iter().copied().max().unwrap_or(0);
-        let r = PendingRead { token, offset, len, tried: 0, need_seq };
+        let r = PendingRead { token, offset, len, tried: 0, need_seq, submitted: Instant::now() };
         self.route_read(&mut g, r);
     }
 
@@ -623,12 +639,14 @@ impl Shared {
         let end = (seq + 1 - first) as usize;
         for e in g.queue.range_mut(start..end.min(g.queue.len())) {
             if let Some(t) = e.token.take() {
+                self.latency.write.record_since(e.submitted);
                 self.completer.complete(t, Ok(None));
             }
         }
         g.completed_seq = seq;
-        while g.flush_waiters.front().is_some_and(|(s, _)| *s <= seq) {
-            let (_, t) = g.flush_waiters.pop_front().expect("front exists");
+        while g.flush_waiters.front().is_some_and(|(s, _, _)| *s <= seq) {
+            let (_, t, submitted) = g.flush_waiters.pop_front().expect("front exists");
+            self.latency.flush.record_since(submitted);
             self.completer.complete(t, Ok(None));
         }
     }
