@@ -770,7 +770,7 @@ fn quoted(s: &str) -> String {
 }
 
 /// Checks a volume or replica name: `[a-zA-Z0-9_.-]+`, at most 64 characters.
-fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), String> {
     let valid_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
     if name.is_empty() || name.len() > MAX_NAME_LEN || !valid_chars {
         return Err(format!("expected 1 to {MAX_NAME_LEN} characters from a-z, A-Z, 0-9, '_', '.', '-'"));
@@ -795,7 +795,7 @@ fn check_fec_param(v: i64, range: std::ops::RangeInclusive<u32>, what: &str) -> 
 }
 
 /// Checks `HOST:PORT` and returns a normalised form for duplicate detection.
-fn check_addr(addr: &str) -> Result<String, String> {
+pub fn check_addr(addr: &str) -> Result<String, String> {
     let expected = "expected HOST:PORT with a port from 1 to 65535, e.g. 192.0.2.10:7701 \
                     or [2001:db8::1]:7701";
     let (host, port) = addr.rsplit_once(':').ok_or_else(|| expected.to_string())?;

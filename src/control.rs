@@ -1,5 +1,5 @@
 //! The control socket of a running HE: one JSON request per line, one JSON
-//! reply per line. `status`, `down`, and (later) membership changes.
+//! reply per line: `status`, `down`, `recovery-rate` and membership changes.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::{FecConfig, Role};
+use crate::engine::membership::{AddReplica, MembershipError};
 use crate::engine::Volume;
 
 /// A request on the control socket.
@@ -19,9 +21,20 @@ pub enum ControlRequest {
     Status,
     /// Flush, stop serving, exit.
     Down,
-    /// Add a replica (not yet supported).
-    ReplicaAdd { name: String, addr: String },
-    /// Remove a replica (not yet supported).
+    /// Add a replica (`docs/design.md`, "Membership").
+    ReplicaAdd {
+        name: String,
+        addr: String,
+        /// local | near | far (default near).
+        #[serde(default)]
+        role: Option<String>,
+        #[serde(default)]
+        network_sync: bool,
+        /// `SCHEME:R:C`.
+        #[serde(default)]
+        fec: Option<String>,
+    },
+    /// Remove a replica.
     ReplicaRemove { name: String, force: bool },
     /// Set the replay recovery rate limit (data bytes/s, 0 = unlimited).
     RecoveryRate { bytes_per_s: u64 },
@@ -86,13 +99,42 @@ fn handle(conn: UnixStream, volume: &Volume, device: &Device, down_tx: &mpsc::Se
             let old = volume.set_recovery_rate(bytes_per_s);
             serde_json::json!({"ok": true, "previous_bytes_per_s": old})
         }
-        Ok(ControlRequest::ReplicaAdd { .. } | ControlRequest::ReplicaRemove { .. }) => {
-            serde_json::json!({"ok": false, "error": "online membership changes are not implemented in this build"})
+        Ok(ControlRequest::ReplicaAdd { name, addr, role, network_sync, fec }) => {
+            match add_request(name, addr, role, network_sync, fec) {
+                Ok(req) => membership_reply(volume.add_replica(req)),
+                Err(e) => serde_json::json!({"ok": false, "error": e}),
+            }
         }
+        Ok(ControlRequest::ReplicaRemove { name, force }) => membership_reply(volume.remove_replica(&name, force)),
         Err(e) => serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
     };
     let mut w = &conn;
     writeln!(w, "{reply}")
+}
+
+/// Checks and converts a `replica add` request.
+fn add_request(
+    name: String,
+    addr: String,
+    role: Option<String>,
+    network_sync: bool,
+    fec: Option<String>,
+) -> Result<AddReplica, String> {
+    let role: Role = role.as_deref().unwrap_or("near").parse().map_err(|e| format!("--role: {e}"))?;
+    let fec: Option<FecConfig> = fec.map(|f| f.parse()).transpose().map_err(|e| format!("--fec: {e}"))?;
+    if fec.is_some() && !network_sync {
+        return Err("--fec needs --network-sync".into());
+    }
+    crate::config::check_name(&name).map_err(|e| format!("--name {name:?}: {e}"))?;
+    crate::config::check_addr(&addr).map_err(|e| format!("--addr {addr:?}: {e}"))?;
+    Ok(AddReplica { name, addr, role, network_sync, fec })
+}
+
+fn membership_reply(r: Result<u64, MembershipError>) -> serde_json::Value {
+    match r {
+        Ok(version) => serde_json::json!({"ok": true, "version": version}),
+        Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
+    }
 }
 
 /// Sends one request and returns the reply's JSON (with `ok` checked).

@@ -138,10 +138,13 @@ enum ReplicaCmd {
         #[arg(long)]
         listen: String,
     },
-    /// Add a replica to a running volume.
+    /// Add a replica to a running volume (it joins by a full copy).
     Add {
         #[arg(long)]
         volume: String,
+        /// The running daemon's control socket (default /run/starblk/VOLUME.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
         #[arg(long)]
         name: String,
         #[arg(long)]
@@ -157,6 +160,9 @@ enum ReplicaCmd {
     Remove {
         #[arg(long)]
         volume: String,
+        /// The running daemon's control socket (default /run/starblk/VOLUME.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
         #[arg(long)]
         name: String,
         #[arg(long)]
@@ -369,14 +375,24 @@ fn replica_cmd(cmd: ReplicaCmd) -> Result<ExitCode> {
             h.wait();
             Ok(ExitCode::SUCCESS)
         }
-        ReplicaCmd::Add { volume, name, addr, .. } => {
-            let path = default_socket(&volume);
-            control::call(&path, &ControlRequest::ReplicaAdd { name, addr }, Duration::from_secs(30))?;
+        ReplicaCmd::Add { volume, socket, name, addr, role, network_sync, fec } => {
+            let path = socket.unwrap_or_else(|| default_socket(&volume));
+            let req = ControlRequest::ReplicaAdd { name: name.clone(), addr, role, network_sync, fec };
+            let v = control::call(&path, &req, Duration::from_secs(30))?;
+            println!(
+                "replica {name} added to volume {volume} (replica set version {}); it recovers by a full copy",
+                v["version"]
+            );
             Ok(ExitCode::SUCCESS)
         }
-        ReplicaCmd::Remove { volume, name, force } => {
-            let path = default_socket(&volume);
-            control::call(&path, &ControlRequest::ReplicaRemove { name, force }, Duration::from_secs(30))?;
+        ReplicaCmd::Remove { volume, socket, name, force } => {
+            let path = socket.unwrap_or_else(|| default_socket(&volume));
+            let v = control::call(
+                &path,
+                &ControlRequest::ReplicaRemove { name: name.clone(), force },
+                Duration::from_secs(30),
+            )?;
+            println!("replica {name} removed from volume {volume} (replica set version {})", v["version"]);
             Ok(ExitCode::SUCCESS)
         }
     }

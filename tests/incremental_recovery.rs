@@ -364,7 +364,11 @@ fn empty_replica_gets_a_full_copy_of_the_written_regions_only() {
         size_bytes: sb.size_bytes,
         block_size: sb.block_size,
         epoch: 1,
-        members_json: serde_json::to_vec(&sb.members).unwrap(),
+        members: starblk_replica::members::Membership {
+            epoch: sb.members_epoch,
+            version: sb.members_version,
+            members: sb.members.clone(),
+        },
     };
     client::stamp(&c.replicas[2].addr, &st, Duration::from_secs(5)).unwrap();
     // Writes go on before and during its copy.

@@ -1,5 +1,5 @@
-//! Fuzzes `Superblock::decode` with 4096-byte slot images (version 3, and
-//! version 2, which is still read), and the change map header decoder
+//! Fuzzes `Superblock::decode` with 4096-byte slot images (version 4, and
+//! versions 2 and 3, which are still read), and the change map header decoder
 //! (`changes::Header::decode`) with the same bytes.
 //!
 //! The first input byte picks fix-ups so the fuzzer gets past the cheap
@@ -9,12 +9,13 @@
 //! - bit 3 makes the geometry plausible (block size a power of two in
 //!   range, size a multiple of it, log at least `LOG_MIN_BYTES`, tail inside
 //!   the log, checkpoint <= durable), each from the fields' own bytes;
-//!   For version 3 also the region shift (12..=16) and, from byte 100, a
+//!   For versions 3 and 4 also the region shift (12..=16) and, from byte 100, a
 //!   copy state with a known kind, 1..=8 segments in order and the cursor
 //!   and live seq in range, or none;
 //! - bit 4 replaces the members text with a JSON member list built from the
 //!   image bytes, sometimes without the optional `network_sync` field;
-//! - bit 0 writes the right magic and version (version 2 if bit 5 is set);
+//! - bit 0 writes the right magic and version (version 2 if bit 5 is set,
+//!   else version 3 if bit 6 is set);
 //! - bit 1 sets the members length to the text where the members start
 //!   (up to a NUL);
 //! - bit 2 recomputes the crc (applied last).
@@ -32,13 +33,14 @@ use starblk_replica::changes;
 use starblk_replica::log::LOG_MIN_BYTES;
 use starblk_replica::superblock::{Member, Superblock, SuperblockError, SLOT_BYTES};
 
-/// Where the history starts: byte 352 in version 3, 96 in version 2; the
+/// Where the history starts: byte 368 in version 4, 352 in version 3, 96
+/// in version 2; the
 /// members follow 1024 bytes later.
 fn fixed_bytes(img: &[u8]) -> usize {
-    if u32::from_le_bytes(img[8..12].try_into().expect("4")) == 2 {
-        96
-    } else {
-        352
+    match u32::from_le_bytes(img[8..12].try_into().expect("4")) {
+        2 => 96,
+        3 => 352,
+        _ => 368,
     }
 }
 
@@ -111,6 +113,7 @@ fn structured_members(img: &mut [u8; SLOT_BYTES]) {
             addr: text(11 + i * 40),
             role: text(21 + i * 40),
             network_sync: seed[31 + i * 40] & 1 != 0,
+            fec: (seed[32 + i * 40] & 1 != 0).then(|| text(33 + i * 40)),
         })
         .collect();
     let mut json = serde_json::to_vec(&members).expect("members serialise");
@@ -141,10 +144,16 @@ fuzz_target!(|data: &[u8]| {
     }
     if mode & 1 != 0 {
         img[0..8].copy_from_slice(b"SBLKSUPR");
-        let version: u32 = if mode & 32 != 0 { 2 } else { 3 };
+        let version: u32 = if mode & 32 != 0 {
+            2
+        } else if mode & 64 != 0 {
+            3
+        } else {
+            4
+        };
         img[8..12].copy_from_slice(&version.to_le_bytes());
     }
-    if mode & 8 != 0 && fixed_bytes(&img) == 352 {
+    if mode & 8 != 0 && fixed_bytes(&img) >= 352 {
         plausible_geometry(&mut img);
     }
     if mode & 16 != 0 {
@@ -178,8 +187,8 @@ fuzz_target!(|data: &[u8]| {
         Err(e) => panic!("an accepted superblock must be writable again: {e}"),
     };
     assert_eq!(Superblock::decode(&again).as_ref(), Ok(&sb));
-    if fixed_bytes(&img) == 96 {
-        // Version 2 is written back as version 3 (one-way).
+    if fixed_bytes(&img) < 368 {
+        // Versions 2 and 3 are written back as version 4 (one-way).
         assert_eq!(again[12..88], img[12..88]);
         return;
     }
@@ -192,7 +201,7 @@ fuzz_target!(|data: &[u8]| {
     let at = members_at(&img);
     let padding_zero = img[92..96] == [0; 4]
         && copy_padding
-        && img[352..at].iter().all(|b| *b == 0)
+        && img[368..at].iter().all(|b| *b == 0)
         && img[at + members_len..SLOT_BYTES - 4].iter().all(|b| *b == 0);
     if canonical == img[at..at + members_len] && padding_zero {
         assert_eq!(again, img, "a canonical image must re-encode byte for byte");

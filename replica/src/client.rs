@@ -230,6 +230,15 @@ pub fn stamp(addr: &str, st: &Stamp, timeout: Duration) -> Result<u64, ClientErr
     proto::decode_u64(FrameType::Ack, &p).map_err(|source| ClientError::Protocol { addr: addr.to_string(), source })
 }
 
+/// Stores a new replica set on a replica, over a session of the host at
+/// `epoch` (`docs/design.md`, "Membership"); returns the stored version.
+pub fn set_members(addr: &str, volume: Uuid, req: &proto::SetMembers, timeout: Duration) -> Result<u64, ClientError> {
+    let mut s = connect(addr, Hello { volume, epoch: req.epoch, flags: 0 }, timeout)?;
+    let p = s.call(FrameType::SetMembers, &[&req.encode()], FrameType::MembersOk)?;
+    proto::decode_u64(FrameType::MembersOk, &p)
+        .map_err(|source| ClientError::Protocol { addr: addr.to_string(), source })
+}
+
 /// Fetches a replica's counters as JSON.
 pub fn stats(addr: &str, timeout: Duration) -> Result<serde_json::Value, ClientError> {
     let mut s = dial_session(addr, timeout)?;
@@ -251,6 +260,7 @@ fn dial_session(addr: &str, timeout: Duration) -> Result<Session, ClientError> {
         durable_seq: 0,
         history: crate::history::History::new(),
         copying: None,
+        members: Default::default(),
     };
     Ok(Session { reader, writer, hello, addr: addr.to_string() })
 }

@@ -10,6 +10,7 @@ pub mod copy;
 pub mod disk;
 pub mod history;
 pub mod log;
+pub mod members;
 pub mod netlink;
 pub mod proto;
 pub mod replay;

@@ -19,12 +19,13 @@
 use std::io::{self, IoSlice, Read, Write};
 
 use crate::history::{History, Position};
+use crate::members::{Member, Membership};
 use crate::superblock::CopyKind;
 
 /// "SBLK" read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"SBLK");
 /// The only protocol version this build speaks.
-pub const PROTOCOL_VERSION: u8 = 3;
+pub const PROTOCOL_VERSION: u8 = 4;
 /// Size of the fixed frame header.
 pub const HEADER_BYTES: usize = 32;
 /// Largest payload accepted: one max-sized I/O plus its sub-header.
@@ -146,6 +147,10 @@ pub enum FrameType {
     CopyProgress = 26,
     /// Replica → HE: the copy is complete; its durable seq (u64).
     CopyDone = 27,
+    /// HE → replica: persist a new replica set ([`SetMembers`]).
+    SetMembers = 28,
+    /// Replica → HE: the replica set version now stored (u64).
+    MembersOk = 29,
 }
 
 impl FrameType {
@@ -179,6 +184,8 @@ impl FrameType {
             25 => Copy,
             26 => CopyProgress,
             27 => CopyDone,
+            28 => SetMembers,
+            29 => MembersOk,
             _ => return None,
         })
     }
@@ -508,12 +515,17 @@ pub struct HelloOk {
     /// A copy the replica has in progress: its kind and the next live
     /// seq its log expects (resume it, sending live writes from there).
     pub copying: Option<(CopyKind, u64)>,
+    /// The replica set stored on the replica (authoritative over config
+    /// files; `docs/design.md`, "Membership").
+    pub members: Membership,
 }
 
 impl HelloOk {
-    /// Serialises the payload: fixed fields, then the history steps.
+    /// Serialises the payload: fixed fields, the replica set, then the
+    /// history steps.
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = vec![0u8; 60];
+        let members = serde_json::to_vec(&self.members.members).expect("members serialise");
+        let mut b = vec![0u8; 80];
         b[0..16].copy_from_slice(&self.volume);
         b[16..24].copy_from_slice(&self.epoch.to_le_bytes());
         b[24..32].copy_from_slice(&self.size_bytes.to_le_bytes());
@@ -523,6 +535,10 @@ impl HelloOk {
             b[44] = kind as u8;
             b[52..60].copy_from_slice(&next.to_le_bytes());
         }
+        b[60..68].copy_from_slice(&self.members.epoch.to_le_bytes());
+        b[68..76].copy_from_slice(&self.members.version.to_le_bytes());
+        b[76..80].copy_from_slice(&(members.len() as u32).to_le_bytes());
+        b.extend_from_slice(&members);
         b.extend_from_slice(&self.history.encode());
         b
     }
@@ -546,8 +562,15 @@ impl HelloOk {
             (k, n) if n > durable_seq => Some((CopyKind::from_u8(k).ok_or(bad("unknown copy kind"))?, n)),
             _ => return Err(bad("copy state")),
         };
+        let (members_epoch, version) = (c.u64()?, c.u64()?);
+        let members_len = c.u32()? as usize;
+        if members_len > crate::superblock::MEMBERS_MAX_BYTES {
+            return Err(bad("replica set longer than a superblock holds"));
+        }
+        let members = serde_json::from_slice(c.take(members_len)?).map_err(|_| bad("replica set not valid JSON"))?;
         let history = History::decode(c.b).map_err(|_| bad("history steps invalid"))?;
-        Ok(HelloOk { volume, epoch, size_bytes, block_size, durable_seq, history, copying })
+        let members = Membership { epoch: members_epoch, version, members };
+        Ok(HelloOk { volume, epoch, size_bytes, block_size, durable_seq, history, copying, members })
     }
 }
 
@@ -1030,33 +1053,67 @@ pub struct Stamp {
     pub size_bytes: u64,
     /// Logical block size.
     pub block_size: u32,
-    /// Initial epoch (1).
+    /// Initial epoch (1 for `volume create`; the host's for `replica add`).
     pub epoch: u64,
-    /// The replica set, as JSON (see `superblock::Member`).
-    pub members_json: Vec<u8>,
+    /// The replica set and its version (stored as made at `epoch`).
+    pub members: Membership,
 }
 
 impl Stamp {
     /// Serialises the payload.
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(36 + self.members_json.len());
+        let mut b = Vec::with_capacity(512);
         b.extend_from_slice(&self.volume);
         b.extend_from_slice(&self.size_bytes.to_le_bytes());
         b.extend_from_slice(&self.block_size.to_le_bytes());
         b.extend_from_slice(&self.epoch.to_le_bytes());
-        b.extend_from_slice(&self.members_json);
+        b.extend_from_slice(&self.members.version.to_le_bytes());
+        b.extend_from_slice(&serde_json::to_vec(&self.members.members).expect("members serialise"));
         b
     }
     /// Parses the payload.
     pub fn decode(p: &[u8]) -> Result<Stamp, FrameError> {
         let mut c = cur(FrameType::Stamp, p);
-        Ok(Stamp {
-            volume: c.uuid()?,
-            size_bytes: c.u64()?,
-            block_size: c.u32()?,
-            epoch: c.u64()?,
-            members_json: c.b.to_vec(),
-        })
+        let (volume, size_bytes, block_size, epoch, version) = (c.uuid()?, c.u64()?, c.u32()?, c.u64()?, c.u64()?);
+        let members = decode_members(FrameType::Stamp, c.b)?;
+        Ok(Stamp { volume, size_bytes, block_size, epoch, members: Membership { epoch, version, members } })
+    }
+}
+
+/// A member list in JSON, bounded by what a superblock holds.
+fn decode_members(kind: FrameType, b: &[u8]) -> Result<Vec<Member>, FrameError> {
+    let bad = |reason| FrameError::Malformed { kind, reason };
+    if b.len() > crate::superblock::MEMBERS_MAX_BYTES {
+        return Err(bad("replica set longer than a superblock holds"));
+    }
+    serde_json::from_slice(b).map_err(|_| bad("replica set not valid JSON"))
+}
+
+/// SetMembers: the host at `epoch` asks the replica to store a new
+/// replica set (`docs/design.md`, "Membership").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetMembers {
+    /// The host's epoch; must be the replica's.
+    pub epoch: u64,
+    /// The new set; its version is one above the one it replaces.
+    pub members: Membership,
+}
+
+impl SetMembers {
+    /// Serialises the payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(512);
+        b.extend_from_slice(&self.epoch.to_le_bytes());
+        b.extend_from_slice(&self.members.version.to_le_bytes());
+        b.extend_from_slice(&serde_json::to_vec(&self.members.members).expect("members serialise"));
+        b
+    }
+    /// Parses the payload.
+    pub fn decode(p: &[u8]) -> Result<SetMembers, FrameError> {
+        let mut c = cur(FrameType::SetMembers, p);
+        let (epoch, version) = (c.u64()?, c.u64()?);
+        let members = decode_members(FrameType::SetMembers, c.b)?;
+        Ok(SetMembers { epoch, members: Membership { epoch, version, members } })
     }
 }
 

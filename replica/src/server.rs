@@ -20,7 +20,6 @@ use crate::proto::{
     self, ErrorCode, ErrorFrame, FrameError, FrameReader, FrameType, Hello, HelloOk, ReadError, ReadReq, WriteHeader,
 };
 use crate::store::{AckSink, Store, StoreError};
-use crate::superblock::Member;
 
 /// A network-sync session ends after this long without a message. The HE
 /// sends a heartbeat every 100 ms on a live session, even while a replay
@@ -432,6 +431,7 @@ impl Server {
                 | FrameType::Replay
                 | FrameType::SetEpoch
                 | FrameType::Stamp
+                | FrameType::SetMembers
                 | FrameType::Heartbeat
                 | FrameType::Copy
                 | FrameType::Changes
@@ -466,6 +466,7 @@ impl Server {
             FrameType::SetEpoch => self.set_epoch(s, proto::decode_u64(kind, p).map_err(malformed)?),
             FrameType::Adopt => self.adopt(s, epoch, proto::Adopt::decode(p).map_err(malformed)?),
             FrameType::Stamp => self.stamp(s, p),
+            FrameType::SetMembers => self.set_members(s, epoch, proto::SetMembers::decode(p).map_err(malformed)?),
             FrameType::LogRead => self.log_read(s, proto::decode_u64_pair(kind, p).map_err(malformed)?),
             FrameType::Replay => self.replay(s, epoch, proto::Replay::decode(p).map_err(malformed)?),
             FrameType::Copy => self.copy(s, epoch, proto::CopyReq::decode(p).map_err(malformed)?),
@@ -530,6 +531,7 @@ impl Server {
             durable_seq: self.store.durable_seq(),
             history: self.store.follows(),
             copying: self.store.copy_next(),
+            members: self.store.membership(),
         }
     }
 
@@ -610,14 +612,28 @@ impl Server {
 
     fn stamp(&self, s: &mut Session, p: &[u8]) -> Result<(), Reject> {
         let st = proto::Stamp::decode(p).map_err(|e| reject("malformed", ErrorCode::Malformed, e.to_string(), true))?;
-        let members: Vec<Member> = serde_json::from_slice(&st.members_json)
-            .map_err(|e| reject("malformed", ErrorCode::Malformed, format!("replica set JSON: {e}"), true))?;
-        self.store.stamp(st.volume, st.size_bytes, st.block_size, st.epoch, members).map_err(|e| {
+        self.store.stamp(st.volume, st.size_bytes, st.block_size, st.epoch, st.members).map_err(|e| {
             let (reason, code) = store_reason(&e);
             reject(reason, code, e.to_string(), true)
         })?;
         s.epoch = Some(self.store.epoch());
         s.writer.send(FrameType::Ack, &[&proto::encode_u64(self.store.epoch())]).map_err(io_reject)
+    }
+
+    /// SetMembers: store a new replica set for the host at the session's
+    /// epoch (`Store::set_members` checks epoch and version).
+    fn set_members(&self, s: &mut Session, epoch: u64, req: proto::SetMembers) -> Result<(), Reject> {
+        if s.probe || req.epoch != epoch {
+            let msg = format!("replica set change for epoch {} on a session of epoch {epoch}", req.epoch);
+            return Err(reject("bad_members", ErrorCode::BadState, msg, true));
+        }
+        let version = req.members.version;
+        self.store.set_members(epoch, req.members).map_err(|e| {
+            let (reason, code) = store_reason(&e);
+            reject(reason, code, e.to_string(), true)
+        })?;
+        tracing::info!(peer = %s.peer, epoch, version, "replica set stored");
+        s.writer.send(FrameType::MembersOk, &[&proto::encode_u64(version)]).map_err(io_reject)
     }
 
     /// Starts a replay recovery on its own thread, so this session keeps
@@ -821,6 +837,7 @@ fn store_reason(e: &StoreError) -> (&'static str, ErrorCode) {
         StoreError::NotInLog { .. } => ("not_in_log", ErrorCode::OutOfRange),
         StoreError::Copy(_) => ("bad_copy", ErrorCode::BadState),
         StoreError::Timeout { .. } => ("timeout", ErrorCode::BadState),
+        StoreError::StaleMembers { .. } => ("stale_members", ErrorCode::BadState),
         _ => ("disk_error", ErrorCode::DiskError),
     }
 }

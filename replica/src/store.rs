@@ -21,8 +21,9 @@ use crate::changes::{self, ChangeMap};
 use crate::disk::{DiskFile, FaultPlan, FaultSpecError, FileIo, FileKind};
 use crate::history::{self as hist, AppendDecision, Standing};
 use crate::log::{self, Batch, Log, RecordHeader, LOG_MIN_BYTES, REC_HEADER_BYTES};
+use crate::members::Membership;
 use crate::proto::{RegionHeader, Uuid, WriteOp, MAX_IO_BYTES};
-use crate::superblock::{self, CopyKind, CopySegment, CopyState, Member, Superblock, COPY_SEGMENTS_MAX};
+use crate::superblock::{self, CopyKind, CopySegment, CopyState, Superblock, COPY_SEGMENTS_MAX};
 
 /// Default replica log size.
 pub const DEFAULT_LOG_BYTES: u64 = 1 << 30;
@@ -72,6 +73,9 @@ pub enum StoreError {
     #[error("replica diverged from the host's history after seq {after} (record seq {seq}, epoch {epoch})")]
     Diverged { after: u64, seq: u64, epoch: u64 },
     /// `STARBLK_FAULT` (fault injection, for tests) does not parse.
+    /// A replica set change older than (or conflicting with) the stored one.
+    #[error("replica set (epoch, version) {asked:?} is not accepted: the replica holds {mine:?}{}", if asked == mine { " with other members" } else { "" })]
+    StaleMembers { asked: (u64, u64), mine: (u64, u64) },
     #[error("STARBLK_FAULT: {0}")]
     FaultSpec(FaultSpecError),
     /// A recovery copy request that does not fit the replica's state.
@@ -159,6 +163,8 @@ pub fn init_with_regions(dir: &Path, size_bytes: u64, log_bytes: u64, region_shi
         log_tail_offset: 0,
         durable_seq: 0,
         members: Vec::new(),
+        members_version: 0,
+        members_epoch: 0,
         history: hist::History::new(),
         region_shift,
         copy: None,
@@ -655,7 +661,7 @@ impl Store {
         size_bytes: u64,
         block_size: u32,
         epoch: u64,
-        members: Vec<Member>,
+        members: Membership,
     ) -> Result<(), StoreError> {
         let mut g = lock(&self.sb);
         let (f, sb) = &mut *g;
@@ -677,16 +683,44 @@ impl Store {
             sb.size_bytes = size_bytes;
             sb.block_size = block_size;
             sb.epoch = sb.epoch.max(epoch);
-            sb.members = members;
+            sb.members = members.members;
+            sb.members_version = members.version;
+            sb.members_epoch = members.epoch;
         })
         .map_err(|source| StoreError::Superblock { dir: self.dir.clone(), source })?;
         self.epoch.store(sb.epoch, Ordering::Release);
         Ok(())
     }
 
-    /// Replaces the stored replica set (membership change).
-    pub fn set_members(&self, members: Vec<Member>) -> Result<(), StoreError> {
-        self.persist(|sb| sb.members = members)
+    /// Replaces the stored replica set (a membership change of the host at
+    /// `epoch`). Refused from a host that is not the replica's current
+    /// one, and for a version not above the stored one; the same version
+    /// with the same members again is accepted (a retried change).
+    pub fn set_members(&self, epoch: u64, next: Membership) -> Result<(), StoreError> {
+        let mut g = lock(&self.sb);
+        let (f, sb) = &mut *g;
+        if epoch != sb.epoch {
+            return Err(StoreError::StaleEpoch { asked: epoch, mine: sb.epoch });
+        }
+        let mine = (sb.members_epoch, sb.members_version);
+        if next.order() < mine || (next.order() == mine && next.members != sb.members) {
+            return Err(StoreError::StaleMembers { asked: next.order(), mine });
+        }
+        if next.order() == mine {
+            return Ok(());
+        }
+        sb.update(f, |sb| {
+            sb.members = next.members;
+            sb.members_version = next.version;
+            sb.members_epoch = next.epoch;
+        })
+        .map_err(|source| StoreError::Superblock { dir: self.dir.clone(), source })
+    }
+
+    /// The stored replica set.
+    pub fn membership(&self) -> Membership {
+        let sb = self.superblock();
+        Membership { epoch: sb.members_epoch, version: sb.members_version, members: sb.members }
     }
 
     /// Stops the committer after it drains pending records.

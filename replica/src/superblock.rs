@@ -15,13 +15,19 @@ use crate::proto::Uuid;
 /// Bytes per slot.
 pub const SLOT_BYTES: usize = 4096;
 const SB_MAGIC: u64 = u64::from_le_bytes(*b"SBLKSUPR");
-const SB_VERSION: u32 = 3;
-/// The previous version, still read (and rewritten as this one).
+const SB_VERSION: u32 = 4;
+/// Older versions, still read (and rewritten as this one).
+const SB_VERSION_3: u32 = 3;
 const SB_VERSION_2: u32 = 2;
 /// Fixed fields before the history and members blobs.
-const FIXED_BYTES: usize = 352;
+const FIXED_BYTES: usize = 368;
+/// Version 3 had no members version or epoch: 352 bytes.
+const FIXED_BYTES_V3: usize = 352;
 /// Version 2 had only the first 96 bytes of them.
 const FIXED_BYTES_V2: usize = 96;
+/// Where the members version and the epoch that made it live (version 4 on).
+const MEMBERS_VERSION_AT: usize = 352;
+const MEMBERS_EPOCH_AT: usize = 360;
 /// Most segments a copy plan keeps.
 pub const COPY_SEGMENTS_MAX: usize = 8;
 /// Room reserved for the history steps.
@@ -41,6 +47,10 @@ pub struct Member {
     /// Whether the link uses UDP + FEC.
     #[serde(default)]
     pub network_sync: bool,
+    /// The link's FEC code as `SCHEME:R:C` (network-sync members only;
+    /// `None` takes the default code).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fec: Option<String>,
 }
 
 /// The persistent state of a replica.
@@ -66,6 +76,11 @@ pub struct Superblock {
     pub durable_seq: u64,
     /// The replica set (authoritative over the config file).
     pub members: Vec<Member>,
+    /// Version of `members`: one above the set it replaced
+    /// (`crate::members`); 0 before any set was stamped.
+    pub members_version: u64,
+    /// Epoch of the host that stored `members`.
+    pub members_epoch: u64,
     /// The history this replica's log follows (`docs/design.md`,
     /// "History"): adopted from the host that admitted it, before that
     /// host's records are appended.
@@ -142,7 +157,7 @@ pub struct CopyState {
 }
 
 /// Bytes 96..352 of a slot: region shift, then the copy state.
-const COPY_BYTES: usize = FIXED_BYTES - FIXED_BYTES_V2;
+const COPY_BYTES: usize = FIXED_BYTES_V3 - FIXED_BYTES_V2;
 
 impl CopyState {
     /// `b`: the 256 bytes at offset 96 of a slot (the region shift is in
@@ -239,6 +254,8 @@ impl Superblock {
             debug_assert!(!c.segments.is_empty() && c.segments.len() <= COPY_SEGMENTS_MAX);
             c.encode(&mut b[96..96 + COPY_BYTES]);
         }
+        b[MEMBERS_VERSION_AT..MEMBERS_VERSION_AT + 8].copy_from_slice(&self.members_version.to_le_bytes());
+        b[MEMBERS_EPOCH_AT..MEMBERS_EPOCH_AT + 8].copy_from_slice(&self.members_epoch.to_le_bytes());
         b[FIXED_BYTES..FIXED_BYTES + history.len()].copy_from_slice(&history);
         let m = FIXED_BYTES + HISTORY_MAX_BYTES;
         b[m..m + members.len()].copy_from_slice(&members);
@@ -265,9 +282,12 @@ impl Superblock {
         }
         // Version 2 has no change map settings and no copy state: its
         // history and members start right after the first 96 bytes.
-        let (fixed, region_shift, copy) = match u32_at(8) {
-            SB_VERSION => (FIXED_BYTES, u32_at(96), CopyState::decode(&b[96..96 + COPY_BYTES])?),
-            SB_VERSION_2 => (FIXED_BYTES_V2, crate::changes::REGION_SHIFT_DEFAULT, None),
+        // Version 3 has no members version (its set counts as version 0).
+        let copy_at = || CopyState::decode(&b[96..96 + COPY_BYTES]);
+        let (fixed, region_shift, copy, members_order) = match u32_at(8) {
+            SB_VERSION => (FIXED_BYTES, u32_at(96), copy_at()?, (u64_at(MEMBERS_EPOCH_AT), u64_at(MEMBERS_VERSION_AT))),
+            SB_VERSION_3 => (FIXED_BYTES_V3, u32_at(96), copy_at()?, (0, 0)),
+            SB_VERSION_2 => (FIXED_BYTES_V2, crate::changes::REGION_SHIFT_DEFAULT, None, (0, 0)),
             _ => return Err("unsupported version"),
         };
         let members_len = u32_at(88) as usize;
@@ -292,6 +312,8 @@ impl Superblock {
             log_tail_offset: u64_at(72),
             durable_seq: u64_at(80),
             members,
+            members_epoch: members_order.0,
+            members_version: members_order.1,
             history,
             region_shift,
             copy,
@@ -408,7 +430,10 @@ mod tests {
                 addr: "127.0.0.1:1".into(),
                 role: "local".into(),
                 network_sync: false,
+                fec: None,
             }],
+            members_version: 2,
+            members_epoch: 3,
             history: History::new().branch(2, 0).branch(3, 10),
             region_shift: 16,
             copy: None,
@@ -454,7 +479,7 @@ mod tests {
         bad.durable_seq = 13;
         assert_eq!(Superblock::decode(&bad.encode().unwrap()), Err("copy state does not match the log"));
         // Version 2: history and members right after byte 96.
-        let v3 = sample();
+        let v3 = Superblock { members_version: 0, members_epoch: 0, ..sample() };
         let img = v3.encode().unwrap();
         let mut v2 = [0u8; SLOT_BYTES];
         v2[..FIXED_BYTES_V2].copy_from_slice(&img[..FIXED_BYTES_V2]);
@@ -463,7 +488,16 @@ mod tests {
             .copy_from_slice(&img[FIXED_BYTES..SLOT_BYTES - 4]);
         let crc = crc32c::crc32c(&v2[..SLOT_BYTES - 4]);
         v2[SLOT_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
-        assert_eq!(Superblock::decode(&v2), Ok(v3));
+        assert_eq!(Superblock::decode(&v2), Ok(v3.clone()));
+        // Version 3: the 352 fixed bytes, no members version.
+        let mut img3 = [0u8; SLOT_BYTES];
+        img3[..FIXED_BYTES_V3].copy_from_slice(&img[..FIXED_BYTES_V3]);
+        img3[8..12].copy_from_slice(&SB_VERSION_3.to_le_bytes());
+        img3[FIXED_BYTES_V3..SLOT_BYTES - 4 - (FIXED_BYTES - FIXED_BYTES_V3)]
+            .copy_from_slice(&img[FIXED_BYTES..SLOT_BYTES - 4]);
+        let crc = crc32c::crc32c(&img3[..SLOT_BYTES - 4]);
+        img3[SLOT_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(Superblock::decode(&img3), Ok(v3));
     }
 
     #[test]

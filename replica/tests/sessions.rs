@@ -25,7 +25,7 @@ fn serve() -> (tempfile::TempDir, ServerHandle) {
     let dir = tempfile::tempdir().unwrap();
     starblk_replica::store::init(dir.path(), 4 << 20, starblk_replica::log::LOG_MIN_BYTES).unwrap();
     let h = server::spawn(dir.path(), "127.0.0.1:0").unwrap();
-    h.server.store().stamp(VOLUME, 4 << 20, 4096, 1, Vec::new()).unwrap();
+    h.server.store().stamp(VOLUME, 4 << 20, 4096, 1, Default::default()).unwrap();
     (dir, h)
 }
 

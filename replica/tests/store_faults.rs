@@ -247,7 +247,7 @@ fn server_refuses_sessions_on_a_failed_store_but_answers_stats() {
     let handle = starblk_replica::server::spawn(dir.path(), "127.0.0.1:0").unwrap();
     let addr = handle.addr.to_string();
     let volume = [9u8; 16];
-    let st = proto::Stamp { volume, size_bytes: VOLUME, block_size: 4096, epoch: 1, members_json: b"[]".to_vec() };
+    let st = proto::Stamp { volume, size_bytes: VOLUME, block_size: 4096, epoch: 1, members: Default::default() };
     client::stamp(&addr, &st, Duration::from_secs(5)).unwrap();
     let store = handle.server.store().clone();
     store.faults().arm(Fault::new(FileKind::Log, FaultOp::Write, Trigger::Nth(2), Effect::Eio));

@@ -349,6 +349,7 @@ mod tests {
             start_seq: 0,
             history: starblk_replica::history::History::new(),
             recovery_rate_bytes_per_s: 0,
+            members: Default::default(),
         };
         let spec = |name: &str, netsync| ReplicaSpec {
             name: name.into(),
@@ -386,11 +387,14 @@ mod tests {
             core: std::sync::Mutex::new(core),
             space: std::sync::Condvar::new(),
             completer: recorder.clone(),
-            links: specs.into_iter().enumerate().map(|(i, s)| Arc::new(link::Link::new(i, s))).collect(),
+            links: crate::engine::links::LinkTable::new(
+                specs.into_iter().enumerate().map(|(i, s)| Arc::new(link::Link::new(i, s))).collect(),
+            ),
             started: Instant::now(),
             stopping: std::sync::atomic::AtomicBool::new(false),
             recovery_rate_bytes_per_s: std::sync::atomic::AtomicU64::new(0),
             latency: crate::engine::latency::Latency::default(),
+            members: crate::engine::membership::Members::new(Default::default()),
         };
         (shared, recorder)
     }

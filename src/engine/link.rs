@@ -264,6 +264,9 @@ pub(crate) struct Link {
     pub counters: LinkCounters,
     /// The recovery rate changed: tell a replaying replica.
     rate_changed: AtomicBool,
+    /// Removed from the replica set: the manager stops and never
+    /// reconnects (set before the state turns `Removed`, under the lock).
+    pub removed: AtomicBool,
 }
 
 impl Link {
@@ -280,6 +283,7 @@ impl Link {
             next_req_id: AtomicU64::new(1),
             counters: LinkCounters::default(),
             rate_changed: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
         }
     }
 
@@ -328,7 +332,7 @@ pub(crate) fn spawn_manager(shared: Arc<Shared>, link: Arc<Link>) {
 
 fn manager(shared: Arc<Shared>, link: Arc<Link>) {
     let mut backoff = BACKOFF_MIN;
-    while !shared.stopping.load(Ordering::Acquire) {
+    while !shared.stopping.load(Ordering::Acquire) && !link.removed.load(Ordering::Acquire) {
         let hello = Hello { volume: shared.cfg.volume, epoch: shared.cfg.epoch, flags: 0 };
         let opened = match &link.spec.netsync {
             None => client::connect(&link.spec.addr, hello, CONNECT_TIMEOUT)
@@ -402,6 +406,9 @@ fn mark_failed(shared: &Shared, link: &Link, reason: String) {
 fn admit(shared: &Shared, link: &Link, hello: &HelloOk) -> Result<u64, String> {
     let d = hello.durable_seq;
     let mut g = shared.lock();
+    if link.removed.load(Ordering::Acquire) {
+        return Err("removed from the replica set".into());
+    }
     let first = g.queue.front().map(|e| e.seq).unwrap_or(g.next_seq);
     let last = g.next_seq - 1;
     // Only a replica whose log is a prefix of this HE's history may join

@@ -15,6 +15,8 @@ pub mod blocking;
 mod exposure;
 pub mod latency;
 mod link;
+mod links;
+pub mod membership;
 pub mod startup;
 pub mod status;
 
@@ -119,6 +121,9 @@ pub struct EngineConfig {
     pub history: starblk_replica::history::History,
     /// Replay recovery rate limit per replica, bytes/s (0 = unlimited).
     pub recovery_rate_bytes_per_s: u64,
+    /// The replica set at startup, as stored on the replicas
+    /// (`docs/design.md`, "Membership").
+    pub members: starblk_replica::members::Membership,
 }
 
 /// A write held in the write queue.
@@ -148,7 +153,7 @@ impl Entry {
 
 /// A read waiting for, or sent to, a replica.
 #[derive(Debug, Clone, Copy)]
-struct PendingRead {
+pub(crate) struct PendingRead {
     token: u64,
     offset: u64,
     len: u32,
@@ -186,7 +191,7 @@ pub(crate) struct Shared {
     /// Signalled when queue space frees or the quorum changes.
     space: Condvar,
     completer: Arc<dyn Completer>,
-    links: Vec<Arc<link::Link>>,
+    links: links::LinkTable,
     started: Instant,
     stopping: AtomicBool,
     /// Replay recovery rate limit, data bytes/s (0 = unlimited); starts at
@@ -194,6 +199,8 @@ pub(crate) struct Shared {
     recovery_rate_bytes_per_s: AtomicU64,
     /// Submit-to-completion latency per request kind.
     latency: latency::Latency,
+    /// The replica set in effect, and the one-change-at-a-time lock.
+    members: membership::Members,
 }
 
 /// A running volume.
@@ -232,7 +239,9 @@ impl Volume {
             accepting: true,
             quorum_lost_since: Some(Instant::now()),
         };
-        let links = replicas.into_iter().enumerate().map(|(i, spec)| Arc::new(link::Link::new(i, spec))).collect();
+        let links = links::LinkTable::new(
+            replicas.into_iter().enumerate().map(|(i, spec)| Arc::new(link::Link::new(i, spec))).collect(),
+        );
         let shared = Arc::new(Shared {
             core: Mutex::new(core),
             space: Condvar::new(),
@@ -242,6 +251,7 @@ impl Volume {
             stopping: AtomicBool::new(false),
             recovery_rate_bytes_per_s: AtomicU64::new(cfg.recovery_rate_bytes_per_s),
             latency: latency::Latency::default(),
+            members: membership::Members::new(cfg.members.clone()),
             cfg,
         });
         for l in &shared.links {
@@ -270,10 +280,11 @@ impl Volume {
     /// saying hello does not let the first writes complete without it
     /// (§1(b) gates only connected links).
     pub fn wait_connected(&self, timeout: Duration) -> Vec<String> {
-        self.wait_for(timeout, |g| g.links.iter().all(|l| l.state.is_connected()));
+        let waiting = |l: &link::LinkCore| !l.state.is_connected() && l.state != LinkState::Removed;
+        self.wait_for(timeout, |g| !g.links.iter().any(waiting));
         let g = self.shared.lock();
         let names = self.shared.links.iter().map(|l| &l.spec.name);
-        g.links.iter().zip(names).filter(|(l, _)| !l.state.is_connected()).map(|(_, n)| n.clone()).collect()
+        g.links.iter().zip(names).filter(|(l, _)| waiting(l)).map(|(_, n)| n.clone()).collect()
     }
 
     /// Waits on the state condition variable until `done` or `timeout`.

@@ -11,8 +11,10 @@ use std::time::Duration;
 
 use starblk_replica::client::{self, ClientError, LogEntry};
 use starblk_replica::history::{self, Standing};
+use starblk_replica::members::{Member, Membership};
 use starblk_replica::proto::{self, HelloOk, Stamp, Uuid};
-use starblk_replica::superblock::Member;
+
+use super::membership::{member_of, replica_config_of};
 
 use super::{EngineConfig, ReplicaSpec};
 use crate::config::Config;
@@ -43,6 +45,9 @@ pub enum StartupError {
     /// A replica call failed.
     #[error("replica {name}: {source}")]
     Replica { name: String, source: ClientError },
+    /// The replica set stored on the replicas cannot be served.
+    #[error("the replica set stored on the replicas (version {version}) {why}")]
+    StoredSet { version: u64, why: String },
 }
 
 /// The outcome of fencing.
@@ -72,6 +77,8 @@ fn probe_all(cfg: &Config) -> Vec<Result<HelloOk, ClientError>> {
 /// Probes every replica, raises the epoch on a majority, and returns the
 /// settings the engine starts from.
 pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
+    let (cfg, members) = stored_set(cfg)?;
+    let cfg = &cfg;
     let n = cfg.replicas.len();
     let need = n / 2 + 1;
     let probes = probe_all(cfg);
@@ -122,6 +129,7 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
         start_seq,
         history: host_history.clone(),
         recovery_rate_bytes_per_s: cfg.volume.recovery_rate_bytes_per_s,
+        members,
     };
     // Fenced replicas whose logs are a prefix of the new history catch up
     // from it; the others hold another history's tail and stay out.
@@ -187,6 +195,62 @@ pub fn netsync_config(r: &crate::config::ReplicaConfig) -> starblk_netsync::Link
         window_bytes: r.link.window_bytes,
         ..Default::default()
     }
+}
+
+/// Most rounds of following stored sets to addresses not probed yet.
+const STORED_SET_ROUNDS_MAX: usize = 4;
+
+/// The replica set stored on the replicas, which is authoritative over the
+/// config file (`docs/design.md`, "Membership"): probes the configured
+/// replicas and every member the newest set they store names, and takes
+/// the newest set found. Returns the config with that set's replicas (and
+/// warns, naming each difference, when the file disagrees) and the set.
+/// Replicas stamped before sets had versions fall back to the file.
+fn stored_set(cfg: &Config) -> Result<(Config, Membership), StartupError> {
+    let from_file = Membership { epoch: 0, version: 0, members: cfg.replicas.iter().map(member_of).collect() };
+    let mut probed: Vec<String> = Vec::new();
+    let mut newest: Option<Membership> = None;
+    let mut to_probe: Vec<String> = cfg.replicas.iter().map(|r| r.addr.clone()).collect();
+    for _ in 0..STORED_SET_ROUNDS_MAX {
+        let found: Vec<Option<Membership>> = thread::scope(|s| {
+            let hs: Vec<_> = to_probe
+                .iter()
+                .map(|a| s.spawn(move || client::probe(a, PROBE_TIMEOUT).ok().map(|sess| sess.hello.members)))
+                .collect();
+            hs.into_iter().map(|h| h.join().expect("probe thread panicked")).collect()
+        });
+        probed.append(&mut to_probe);
+        for m in found.into_iter().flatten().filter(|m| m.version > 0) {
+            if newest.as_ref().is_none_or(|n| m.order() > n.order()) {
+                newest = Some(m);
+            }
+        }
+        let Some(n) = &newest else { break };
+        to_probe = n.members.iter().map(|m| m.addr.clone()).filter(|a| !probed.contains(a)).collect();
+        if to_probe.is_empty() {
+            break;
+        }
+    }
+    let Some(stored) = newest else { return Ok((cfg.clone(), from_file)) };
+    let diffs = stored.differences(&from_file);
+    if diffs.is_empty() {
+        return Ok((cfg.clone(), stored));
+    }
+    for d in &diffs {
+        tracing::warn!(volume = %cfg.volume.name, version = stored.version, "the config file disagrees with the replica set stored on the replicas, which wins: {d}");
+    }
+    let bad = |why: String| StartupError::StoredSet { version: stored.version, why };
+    if stored.members.len() < cfg.volume.quorum {
+        return Err(bad(format!("has {} members, fewer than quorum = {}", stored.members.len(), cfg.volume.quorum)));
+    }
+    let mut effective = cfg.clone();
+    effective.replicas = stored
+        .members
+        .iter()
+        .map(|m| replica_config_of(m, cfg.replicas.iter().find(|r| r.name == m.name)))
+        .collect::<Result<_, _>>()
+        .map_err(bad)?;
+    Ok((effective, stored))
 }
 
 /// Reads the writes (lowest fenced durable seq, branch point] from the
@@ -295,22 +359,13 @@ pub fn create_volume(cfg: &Config) -> Result<Uuid, StartupError> {
         }
     }
     let volume: Uuid = rand::random();
-    let members: Vec<Member> = cfg
-        .replicas
-        .iter()
-        .map(|r| Member {
-            name: r.name.clone(),
-            addr: r.addr.clone(),
-            role: r.role.to_string(),
-            network_sync: r.network_sync,
-        })
-        .collect();
+    let members: Vec<Member> = cfg.replicas.iter().map(member_of).collect();
     let st = Stamp {
         volume,
         size_bytes: cfg.volume.size_bytes,
         block_size: cfg.volume.block_size,
         epoch: 1,
-        members_json: serde_json::to_vec(&members).expect("members serialise"),
+        members: Membership { epoch: 1, version: 1, members },
     };
     for r in &cfg.replicas {
         client::stamp(&r.addr, &st, PROBE_TIMEOUT)

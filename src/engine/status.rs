@@ -193,6 +193,9 @@ pub struct VolumeStatus {
     /// Replay recovery rate limit, data bytes/s (0 = unlimited).
     #[serde(default)]
     pub recovery_rate_bytes_per_s: u64,
+    /// Version of the replica set in effect (`docs/design.md`, "Membership").
+    #[serde(default)]
+    pub replica_set_version: u64,
     /// Replicas.
     pub replicas: Vec<ReplicaStatus>,
 }
@@ -262,6 +265,7 @@ pub(crate) fn snapshot(s: &Shared) -> VolumeStatus {
         quorum_ok: g.quorum_lost_since.is_none(),
         on_quorum_loss: s.cfg.on_quorum_loss.to_string(),
         recovery_rate_bytes_per_s: s.recovery_rate_bytes_per_s.load(std::sync::atomic::Ordering::Acquire),
+        replica_set_version: s.members.current.lock().expect("members lock poisoned").version,
         replicas,
     }
 }
@@ -321,8 +325,8 @@ impl fmt::Display for VolumeStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "volume {} ({})  epoch {}  size {} B  block {} B  Q={}",
-            self.name, self.uuid, self.epoch, self.size_bytes, self.block_size, self.quorum
+            "volume {} ({})  epoch {}  size {} B  block {} B  Q={}  replica set v{}",
+            self.name, self.uuid, self.epoch, self.size_bytes, self.block_size, self.quorum, self.replica_set_version
         )?;
         let q = if self.quorum_ok { "ok".to_string() } else { format!("LOST ({})", self.on_quorum_loss) };
         let rate = match self.recovery_rate_bytes_per_s {
