@@ -171,6 +171,30 @@ fn the_stored_set_wins_over_a_stale_config_file() {
     let st: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status json");
     let live: Vec<&str> = st["replicas"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
     assert_eq!(live, ["r1", "r2", "r3"]);
+    // The CLI: remove r3, then add it back (it belongs to this volume, so
+    // it is taken as it is and recovers); a duplicate add is refused.
+    let cli = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).arg("--socket").arg(&sock).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out_text, err_text) = cli(&["replica", "remove", "--volume", "it", "--name", "r3"]);
+    assert_eq!(code, Some(0), "{out_text}{err_text}");
+    assert!(out_text.contains("replica r3 removed from volume it (replica set version 4)"), "{out_text}");
+    let add = ["replica", "add", "--volume", "it", "--name", "r3", "--addr", r3.addr.as_str(), "--role", "far"];
+    let (code, out_text, err_text) = cli(&add);
+    assert_eq!(code, Some(0), "{out_text}{err_text}");
+    assert!(out_text.contains("(replica set version 5)"), "{out_text}");
+    let (code, _, err_text) = cli(&add);
+    assert_ne!(code, Some(0));
+    assert!(err_text.contains("name r3 is already used by member r3"), "{err_text}");
+    let (code, _, err_text) =
+        cli(&["replica", "add", "--volume", "it", "--name", "x", "--addr", "127.0.0.1:1", "--role", "middle"]);
+    assert_ne!(code, Some(0));
+    assert!(err_text.contains("--role"), "{err_text}");
     let down = Command::new(BIN).args(["down", "--socket"]).arg(&sock).output().unwrap();
     assert!(
         down.status.success(),
