@@ -56,6 +56,10 @@ enum Cmd {
         at: VolumeRef,
         #[arg(long)]
         json: bool,
+        /// Redraw every second, with a progress bar per recovering
+        /// replica, until no replica is recovering.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
     },
     /// Set the replay recovery rate limit of a running volume (e.g.
     /// `200Mbit`; `0` or `unlimited` lifts it). Applies to replays already
@@ -318,7 +322,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Up(args) => up(args, false),
         Cmd::Takeover(args) => up(args, true),
-        Cmd::Status { at, json } => status(socket_path(at)?, json),
+        Cmd::Status { at, json, watch } => status(socket_path(at)?, json, watch),
         Cmd::Down { at } => down(at),
         Cmd::RecoveryRate { at, rate } => recovery_rate(socket_path(at)?, &rate),
         Cmd::Bench { config, pattern, bs, qd, seconds, verify, json, span, seed, rate, ack_log } => {
@@ -415,7 +419,7 @@ fn socket_path(VolumeRef { config, volume, socket }: VolumeRef) -> Result<PathBu
     }
 }
 
-fn status(path: PathBuf, json: bool) -> Result<ExitCode> {
+fn status(path: PathBuf, json: bool, watch: bool) -> Result<ExitCode> {
     let v = control::call(&path, &ControlRequest::Status, Duration::from_secs(10))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&v["status"])?);
@@ -426,7 +430,76 @@ fn status(path: PathBuf, json: bool) -> Result<ExitCode> {
         println!("device {dev}");
     }
     print!("{st}");
+    if watch {
+        watch_recoveries(&path)?;
+    } else if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        for (name, r) in recoveries(&st) {
+            let bar = recovery_bar(&name, &r, indicatif::ProgressDrawTarget::stdout());
+            bar.abandon();
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The replicas with a recovery copy to show.
+fn recoveries(st: &starblk::engine::status::VolumeStatus) -> Vec<(String, starblk::engine::status::RecoveryStatus)> {
+    st.replicas.iter().filter_map(|r| r.recovery.clone().map(|c| (r.name.clone(), c))).collect()
+}
+
+/// A progress bar for one replica's copy: bytes done of total, %, rate, ETA.
+fn recovery_bar(
+    name: &str,
+    r: &starblk::engine::status::RecoveryStatus,
+    target: indicatif::ProgressDrawTarget,
+) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(Some(r.progress.total_bytes.max(1)), target);
+    let style =
+        indicatif::ProgressStyle::with_template("{prefix:>10} [{bar:30}] {percent:>3}% {bytes}/{total_bytes} {msg}")
+            .expect("static template")
+            .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_prefix(name.to_string());
+    update_bar(&bar, r);
+    bar
+}
+
+fn update_bar(bar: &indicatif::ProgressBar, r: &starblk::engine::status::RecoveryStatus) {
+    let p = &r.progress;
+    bar.set_length(p.total_bytes.max(1));
+    bar.set_position(if p.fraction >= 1.0 { p.total_bytes.max(1) } else { p.done_bytes.min(p.total_bytes) });
+    let eta = p.eta_s.map_or(String::new(), |s| format!(", ETA {s} s"));
+    bar.set_message(format!(
+        "{} from {} at {}{eta}",
+        r.kind,
+        r.peer,
+        starblk::size::format_rate(p.rate_bytes_per_s * 8)
+    ));
+}
+
+/// `status --watch`: one bar per recovering replica, redrawn every second
+/// until none is recovering.
+fn watch_recoveries(path: &Path) -> Result<()> {
+    let multi = indicatif::MultiProgress::new();
+    let mut bars: std::collections::HashMap<String, indicatif::ProgressBar> = Default::default();
+    loop {
+        let v = control::call(path, &ControlRequest::Status, Duration::from_secs(10))?;
+        let st: starblk::engine::status::VolumeStatus = serde_json::from_value(v["status"].clone())?;
+        let now = recoveries(&st);
+        for (name, r) in &now {
+            let bar = bars
+                .entry(name.clone())
+                .or_insert_with(|| multi.add(recovery_bar(name, r, indicatif::ProgressDrawTarget::hidden())));
+            update_bar(bar, r);
+        }
+        let recovering = st.replicas.iter().any(|r| r.state == starblk::engine::LinkState::Recovering);
+        if !recovering {
+            for bar in bars.values() {
+                bar.finish();
+            }
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
 
 /// `recovery-rate`: changes the replay recovery rate limit online.
