@@ -190,11 +190,12 @@ fn he_and_replica_metrics_match_the_io_and_pass_promtool() {
     // and both ends count the refusals by reason.
     let v2 = c.engine();
     let stale = "starblk_replica_refusals_total{volume=\"it\",replica=\"r0\",reason=\"stale_epoch\"}";
-    wait_until(Duration::from_secs(20), "r0 refusing the fenced host, counted", || {
-        get(&samples(&http_get(&he_metrics, "/metrics").1), stale) >= 1.0
+    let failed = "starblk_replica_state{volume=\"it\",replica=\"r0\",state=\"failed\"}";
+    wait_until(Duration::from_secs(20), "r0 refusing the fenced host, counted, and failed", || {
+        let m = samples(&http_get(&he_metrics, "/metrics").1);
+        get(&m, stale) >= 1.0 && get(&m, failed) == 1.0
     });
     let m = samples(&http_get(&he_metrics, "/metrics").1);
-    assert_eq!(get(&m, "starblk_replica_state{volume=\"it\",replica=\"r0\",state=\"up-to-date\"}"), 0.0);
     assert_eq!(get(&m, "starblk_replica_refusals_total{volume=\"it\",replica=\"r0\",reason=\"disk_error\"}"), 0.0);
     let r = samples(&http_get(&replica_metrics, "/metrics").1);
     assert!(get(&r, "starblk_server_refusals_total{reason=\"stale_epoch\"}") >= 1.0, "{}", keys(&r));
