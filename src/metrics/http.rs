@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::request::{head_complete, route, Status};
+
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 4;
 /// Largest request head (request line and headers) read.
@@ -77,30 +79,6 @@ fn accept_loop(listener: TcpListener, render: Render) {
     }
 }
 
-/// The responses this server gives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Status {
-    Ok,
-    BadRequest,
-    NotFound,
-    MethodNotAllowed,
-    HeadTooLarge,
-    Busy,
-}
-
-impl Status {
-    fn line(self) -> &'static str {
-        match self {
-            Status::Ok => "200 OK",
-            Status::BadRequest => "400 Bad Request",
-            Status::NotFound => "404 Not Found",
-            Status::MethodNotAllowed => "405 Method Not Allowed",
-            Status::HeadTooLarge => "431 Request Header Fields Too Large",
-            Status::Busy => "503 Service Unavailable",
-        }
-    }
-}
-
 fn handle(stream: &TcpStream, render: &Render) -> io::Result<()> {
     stream.set_read_timeout(Some(READ_TIMEOUT))?;
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
@@ -150,36 +128,12 @@ fn read_head(mut stream: &TcpStream) -> io::Result<Option<Vec<u8>>> {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before the request ended"));
         }
         head.extend_from_slice(&buf[..n]);
-        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
+        if head_complete(&head) {
             return Ok(Some(head));
         }
         if head.len() > MAX_HEAD_BYTES {
             return Ok(None);
         }
-    }
-}
-
-/// What a request head asks for: the status to answer with and whether the
-/// method was HEAD (no body).
-fn route(head: &[u8]) -> (Status, bool) {
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-    let Ok(line) = std::str::from_utf8(line) else { return (Status::BadRequest, false) };
-    let mut parts = line.trim_end_matches('\r').split(' ');
-    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return (Status::BadRequest, false);
-    };
-    if !version.starts_with("HTTP/1.") {
-        return (Status::BadRequest, false);
-    }
-    let head_only = method == "HEAD";
-    if method != "GET" && !head_only {
-        return (Status::MethodNotAllowed, false);
-    }
-    let path = target.split('?').next().unwrap_or_default();
-    match path {
-        "/metrics" => (Status::Ok, head_only),
-        _ => (Status::NotFound, head_only),
     }
 }
 
@@ -202,18 +156,6 @@ fn respond(mut stream: &TcpStream, status: Status, body: &str, head_only: bool) 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn routes() {
-        assert_eq!(route(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"), (Status::Ok, false));
-        assert_eq!(route(b"GET /metrics?name[]=x HTTP/1.0\r\n\r\n"), (Status::Ok, false));
-        assert_eq!(route(b"HEAD /metrics HTTP/1.1\r\n\r\n"), (Status::Ok, true));
-        assert_eq!(route(b"GET / HTTP/1.1\r\n\r\n"), (Status::NotFound, false));
-        assert_eq!(route(b"POST /metrics HTTP/1.1\r\n\r\n"), (Status::MethodNotAllowed, false));
-        assert_eq!(route(b"GET /metrics\r\n\r\n"), (Status::BadRequest, false));
-        assert_eq!(route(b"GET /metrics SPDY/3\r\n\r\n"), (Status::BadRequest, false));
-        assert_eq!(route(b"\xff\xfe /metrics HTTP/1.1\r\n\r\n"), (Status::BadRequest, false));
-    }
 
     fn get(addr: SocketAddr, request: &[u8]) -> String {
         let mut s = TcpStream::connect(addr).unwrap();

@@ -10,6 +10,7 @@
 
 pub mod http;
 pub mod replica;
+pub mod request;
 pub mod volume;
 
 use std::fmt::Write as _;
