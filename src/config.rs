@@ -90,6 +90,9 @@ pub struct VolumeConfig {
     /// (resolved path). The default is applied by the caller; see
     /// [`Config::socket_path`].
     pub control_socket: Option<PathBuf>,
+    /// `metrics_listen` (`"127.0.0.1:9400"`): where the HE serves its
+    /// Prometheus metrics at `/metrics`; none when absent.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// `on_quorum_loss`: the volume's behaviour with fewer than Q replicas.
@@ -321,6 +324,7 @@ struct RawVolume {
     recovery_rate: Option<Spanned<String>>,
     key_file: Option<Spanned<String>>,
     control_socket: Option<Spanned<String>>,
+    metrics_listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -541,7 +545,23 @@ fn build_volume(src: &Source, v: &RawVolume, base: &Path) -> Result<VolumeConfig
         recovery_rate_bytes_per_s,
         key_file: path_value(src, v.key_file.as_ref(), "[volume] key_file", base)?,
         control_socket: path_value(src, v.control_socket.as_ref(), "[volume] control_socket", base)?,
+        metrics_listen: match &v.metrics_listen {
+            None => None,
+            Some(m) => Some(
+                parse_listen(m.get_ref())
+                    .map_err(|e| src.invalid(m, "[volume] metrics_listen", quoted(m.get_ref()), e))?,
+            ),
+        },
     })
+}
+
+/// Parses a listen address: an IP literal and a port from 1 to 65535 (no
+/// host names: what a name resolves to is not the config's to guess).
+pub fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    match s.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.port() != 0 => Ok(a),
+        _ => Err("expected IP:PORT with a port from 1 to 65535, e.g. 127.0.0.1:9400 or [::1]:9400".to_string()),
+    }
 }
 
 /// Parses a size key (string or integer) and checks it is a multiple of
@@ -1263,6 +1283,22 @@ fec = { scheme = "layered-xor", r = 8, c = 3 }   # or { scheme = "reed-solomon",
     fn bad_on_quorum_loss() {
         let msg = rejects(&edit("\"suspend\"", "\"readonly\""), 7, "[volume] on_quorum_loss");
         assert!(msg.contains("suspend, read-only"), "{msg}");
+    }
+
+    #[test]
+    fn metrics_listen_takes_an_ip_and_port() {
+        assert_eq!(parse(MINIMAL).unwrap().volume.metrics_listen, None);
+        let with = |v: &str| MINIMAL.replacen("[volume]\n", &format!("[volume]\nmetrics_listen = {v}\n"), 1);
+        let c = parse(&with("\"127.0.0.1:9400\"")).unwrap();
+        assert_eq!(c.volume.metrics_listen, Some("127.0.0.1:9400".parse().unwrap()));
+        let c = parse(&with("\"[::1]:9400\"")).unwrap();
+        assert_eq!(c.volume.metrics_listen, Some("[::1]:9400".parse().unwrap()));
+        for bad in ["\"localhost:9400\"", "\"127.0.0.1\"", "\"127.0.0.1:0\"", "\"127.0.0.1:70000\"", "\"\""] {
+            let msg = rejects(&with(bad), 2, "[volume] metrics_listen");
+            assert!(msg.contains("expected IP:PORT"), "{msg}");
+        }
+        let msg = rejects(&with("9400"), 2, "[volume] metrics_listen");
+        assert!(msg.contains("string"), "{msg}");
     }
 
     #[test]

@@ -92,8 +92,11 @@ fn handle(conn: UnixStream, volume: &Volume, device: &Device, down_tx: &mpsc::Se
             serde_json::json!({"ok": true, "status": volume.status(), "device": dev})
         }
         Ok(ControlRequest::Down) => {
+            // Answer first: once told, the daemon may finish and exit
+            // before this thread writes, and the caller would read EOF.
+            writeln!(&conn, "{}", serde_json::json!({"ok": true}))?;
             let _ = down_tx.send(());
-            serde_json::json!({"ok": true})
+            return Ok(());
         }
         Ok(ControlRequest::RecoveryRate { bytes_per_s }) => {
             let old = volume.set_recovery_rate(bytes_per_s);

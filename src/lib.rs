@@ -3,6 +3,8 @@ pub mod config;
 pub mod control;
 pub mod engine;
 pub mod frontend;
+pub mod metrics;
 pub mod nbd;
+pub mod notify;
 pub mod plan;
 pub mod size;

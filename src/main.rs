@@ -141,6 +141,9 @@ enum ReplicaCmd {
         dir: PathBuf,
         #[arg(long)]
         listen: String,
+        /// Serve Prometheus metrics at http://ADDR/metrics (IP:PORT).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
     },
     /// Add a replica to a running volume (it joins by a full copy).
     Add {
@@ -368,14 +371,26 @@ fn replica_cmd(cmd: ReplicaCmd) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        ReplicaCmd::Serve { dir, listen } => {
+        ReplicaCmd::Serve { dir, listen, metrics } => {
             use starblk_replica::{server::ServeError, store::StoreError};
+            // Bound first, so a bad or taken address fails before the store opens.
+            let metrics = metrics
+                .map(|m| {
+                    let addr = starblk::config::parse_listen(&m).map_err(|e| usage(format!("--metrics {m:?}: {e}")))?;
+                    Ok::<_, anyhow::Error>(starblk::metrics::http::bind(addr)?)
+                })
+                .transpose()?;
             let h = starblk_replica::server::spawn(&dir, &listen).map_err(|e| match e {
                 // A bad STARBLK_FAULT (tests) is a usage error, like a bad flag.
                 ServeError::Store(e @ StoreError::FaultSpec(_)) => usage(e.to_string()),
                 e => anyhow::Error::new(e).context(format!("serving replica {} on {listen}", dir.display())),
             })?;
+            if let Some(l) = metrics {
+                let server = h.server.clone();
+                starblk::metrics::http::serve(l, Arc::new(move || starblk::metrics::replica::render(&server)))?;
+            }
             println!("listening on {}", h.addr);
+            starblk::notify::ready_or_warn(&format!("serving replica {} on {}", dir.display(), h.addr));
             h.wait();
             Ok(ExitCode::SUCCESS)
         }
@@ -583,6 +598,8 @@ fn up(args: UpArgs, takeover: bool) -> Result<ExitCode> {
     // Before any thread exists, so every thread inherits the mask and only
     // the signal thread sees SIGTERM/SIGINT (they mean `down`).
     let signals = starblk_ublk::StopSignals::block();
+    // Bound before fencing, so a taken port fails before replicas are touched.
+    let metrics = cfg.volume.metrics_listen.map(starblk::metrics::http::bind).transpose()?;
     let fenced = startup::fence(&cfg)?;
     let device: control::Device = Default::default();
     let (down_tx, down_rx) = mpsc::channel();
@@ -595,17 +612,28 @@ fn up(args: UpArgs, takeover: bool) -> Result<ExitCode> {
     match serve {
         Serve::Engine => {
             let vol = Volume::start_fenced(fenced, Arc::new(NoFrontend));
+            serve_metrics(metrics, &vol)?;
             wait_quorum(&vol);
             control::serve(&sock, vol.clone(), device, down_tx)
                 .with_context(|| format!("control socket {}", sock.display()))?;
             println!("volume {} up (frontend none), control socket {}", cfg.volume.name, sock.display());
+            starblk::notify::ready_or_warn(&format!("volume {} up (frontend none)", cfg.volume.name));
             let _ = down_rx.recv();
             finish(&vol, &sock);
         }
-        Serve::Ublk(spec) => up_ublk(&cfg, fenced, spec, device, down_tx, down_rx)?,
-        Serve::Nbd(listen) => up_nbd(&cfg, fenced, &listen, device, down_tx, down_rx)?,
+        Serve::Ublk(spec) => up_ublk(&cfg, (fenced, metrics), spec, device, down_tx, down_rx)?,
+        Serve::Nbd(listen) => up_nbd(&cfg, (fenced, metrics), &listen, device, down_tx, down_rx)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Serves the HE's Prometheus metrics on `listener` (`metrics_listen`).
+fn serve_metrics(listener: Option<std::net::TcpListener>, vol: &Volume) -> Result<()> {
+    let Some(l) = listener else { return Ok(()) };
+    let vol = vol.clone();
+    let render = move || starblk::metrics::volume::render(&vol.status(), &vol.latency());
+    starblk::metrics::http::serve(l, Arc::new(render)).context("metrics")?;
+    Ok(())
 }
 
 /// Waits for Q up-to-date replicas (10 s), then briefly (3 s) for every
@@ -685,7 +713,7 @@ fn ublk_spec(cfg: &Config, args: &UpArgs) -> Result<starblk_ublk::DeviceSpec> {
 
 fn up_ublk(
     cfg: &Config,
-    fenced: startup::Fenced,
+    (fenced, metrics): (startup::Fenced, Option<std::net::TcpListener>),
     spec: starblk_ublk::DeviceSpec,
     device: control::Device,
     down_tx: mpsc::Sender<()>,
@@ -694,6 +722,7 @@ fn up_ublk(
     let o = &spec.options;
     let slots = Slots::new(o.nr_queues as usize, o.queue_depth as usize, spec.size);
     let vol = Volume::start_fenced(fenced, slots.clone());
+    serve_metrics(metrics, &vol)?;
     wait_quorum(&vol);
     let sock = cfg.socket_path();
     control::serve(&sock, vol.clone(), device.clone(), down_tx)
@@ -718,8 +747,9 @@ fn up_ublk(
         let how = if live.recovered { "reattached" } else { "created" };
         println!("{path}");
         tracing::info!(volume = %name, device = %path, "{how} device; serving");
-        *device.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
+        *device.lock().unwrap_or_else(|e| e.into_inner()) = Some(path.clone());
         let _ = stop_tx.send(live.stop);
+        starblk::notify::ready_or_warn(&format!("volume {name} serving on {path}"));
     })
     .map_err(|e| anyhow::anyhow!("ublk device for volume {}: {e}", cfg.volume.name))?;
     tracing::info!(?exit, "device no longer served");
@@ -732,7 +762,7 @@ fn up_ublk(
 /// their requests in flight, then flushes like the other frontends.
 fn up_nbd(
     cfg: &Config,
-    fenced: startup::Fenced,
+    (fenced, metrics): (startup::Fenced, Option<std::net::TcpListener>),
     listen: &ListenAddr,
     device: control::Device,
     down_tx: mpsc::Sender<()>,
@@ -741,6 +771,7 @@ fn up_nbd(
     let name = &cfg.volume.name;
     let router = starblk::nbd::Router::new();
     let vol = Volume::start_fenced(fenced, router.clone());
+    serve_metrics(metrics, &vol)?;
     wait_quorum(&vol);
     let mut server = starblk::nbd::Server::start(listen, vol.clone(), router)
         .with_context(|| format!("NBD frontend of volume {name}"))?;
@@ -751,6 +782,7 @@ fn up_nbd(
         .with_context(|| format!("control socket {}", sock.display()))?;
     println!("{uri}");
     tracing::info!(volume = %name, %uri, "serving over NBD");
+    starblk::notify::ready_or_warn(&format!("volume {name} serving on {uri}"));
     let _ = down_rx.recv();
     if !server.stop(Duration::from_secs(30)) {
         tracing::warn!("NBD connections still open after 30 s; closing anyway");
@@ -788,6 +820,9 @@ fn daemonize(cfg: &Config, args: &UpArgs, serve: &Serve) -> Result<ExitCode> {
     if let Some(g) = args.discard_granularity {
         cmd.args(["--discard-granularity", &g.to_string()]);
     }
+    // Under systemd (Type=notify) this process reports readiness for the
+    // daemon, naming it the service's main process.
+    cmd.env_remove(starblk::notify::NOTIFY_SOCKET);
     cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
     let mut child = cmd.spawn().context("starting the daemon")?;
     std::fs::write(dir.join(format!("{}.pid", cfg.volume.name)), child.id().to_string())?;
@@ -801,9 +836,11 @@ fn daemonize(cfg: &Config, args: &UpArgs, serve: &Serve) -> Result<ExitCode> {
             match v["device"].as_str() {
                 Some(dev) => {
                     println!("{dev}");
+                    daemon_ready(child.id(), dev);
                     return Ok(ExitCode::SUCCESS);
                 }
                 None if args.frontend == Frontend::None => {
+                    daemon_ready(child.id(), "frontend none");
                     println!(
                         "volume {} up (frontend none), pid {}, socket {}",
                         cfg.volume.name,
@@ -818,6 +855,14 @@ fn daemonize(cfg: &Config, args: &UpArgs, serve: &Serve) -> Result<ExitCode> {
         std::thread::sleep(Duration::from_millis(100));
     }
     bail!("daemon did not become ready within 60 s; see {}", log_path.display())
+}
+
+/// Tells a service manager that the daemon `pid` is ready and is the
+/// service's main process (this one exits next).
+fn daemon_ready(pid: u32, what: &str) {
+    if let Err(e) = starblk::notify::send(&format!("READY=1\nMAINPID={pid}\nSTATUS=serving {what}\n")) {
+        tracing::warn!("cannot notify the service manager: {e}");
+    }
 }
 
 /// Less common bench flags.

@@ -92,6 +92,21 @@ impl Rejected {
         *c += 1;
     }
 
+    /// Every counter with its reason's snake_case name (metrics labels).
+    pub fn by_reason(&self) -> [(&'static str, u64); 9] {
+        [
+            ("truncated", self.truncated),
+            ("bad_header", self.bad_header),
+            ("bad_crc", self.bad_crc),
+            ("bad_mac", self.bad_mac),
+            ("wrong_link_id", self.wrong_link_id),
+            ("seq_out_of_window", self.seq_out_of_window),
+            ("bad_repair", self.bad_repair),
+            ("nack_flood", self.nack_flood),
+            ("protocol", self.protocol),
+        ]
+    }
+
     /// Sum over all reasons.
     pub fn total(&self) -> u64 {
         self.truncated
@@ -306,6 +321,29 @@ mod tests {
             last = b;
             let low = Histogram::bucket_low(b);
             assert!(low <= us && us < low + low / 4 + 2, "{us} -> {b} -> {low}");
+        }
+    }
+
+    #[test]
+    fn rejected_by_reason_lists_every_counter_once() {
+        use super::{RejectReason as R, Rejected};
+        let all = [
+            R::Truncated,
+            R::BadHeader,
+            R::BadCrc,
+            R::BadMac,
+            R::WrongLinkId,
+            R::SeqOutOfWindow,
+            R::BadRepair,
+            R::NackFlood,
+            R::Protocol,
+        ];
+        for (i, reason) in all.iter().enumerate() {
+            let mut r = Rejected::default();
+            r.count(*reason);
+            let hits: Vec<_> = r.by_reason().iter().filter(|(_, n)| *n == 1).map(|(name, _)| *name).collect();
+            assert_eq!(hits.len(), 1, "{reason:?}");
+            assert_eq!(r.by_reason()[i].1, 1, "{reason:?} is at position {i}");
         }
     }
 

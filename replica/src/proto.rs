@@ -241,6 +241,34 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in wire order (metrics list each reason, even at 0).
+    pub const ALL: [ErrorCode; 9] = [
+        ErrorCode::Malformed,
+        ErrorCode::WrongVolume,
+        ErrorCode::StaleEpoch,
+        ErrorCode::OutOfRange,
+        ErrorCode::SeqGap,
+        ErrorCode::DiskError,
+        ErrorCode::BadState,
+        ErrorCode::BadVersion,
+        ErrorCode::Diverged,
+    ];
+
+    /// Short snake_case name, used as a metrics label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Malformed => "malformed",
+            ErrorCode::WrongVolume => "wrong_volume",
+            ErrorCode::StaleEpoch => "stale_epoch",
+            ErrorCode::OutOfRange => "out_of_range",
+            ErrorCode::SeqGap => "seq_gap",
+            ErrorCode::DiskError => "disk_error",
+            ErrorCode::BadState => "bad_state",
+            ErrorCode::BadVersion => "bad_version",
+            ErrorCode::Diverged => "diverged",
+        }
+    }
+
     /// Decodes a wire code; unknown codes map to `Malformed`.
     pub fn from_u16(v: u16) -> ErrorCode {
         use ErrorCode::*;
@@ -1151,6 +1179,18 @@ mod tests {
         let mut v = Vec::new();
         write_frame(&mut v, kind, 0, parts).unwrap();
         v
+    }
+
+    #[test]
+    fn error_code_list_is_complete_and_names_are_distinct() {
+        let mut names = std::collections::BTreeSet::new();
+        for (i, c) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(*c as u16, i as u16 + 1, "ALL is in wire order");
+            assert_eq!(ErrorCode::from_u16(*c as u16), *c);
+            assert!(names.insert(c.as_str()), "duplicate name {}", c.as_str());
+        }
+        // The first unused code decodes as Malformed, so ALL has them all.
+        assert_eq!(ErrorCode::from_u16(ErrorCode::ALL.len() as u16 + 1), ErrorCode::Malformed);
     }
 
     #[test]

@@ -110,6 +110,13 @@ pub struct ReplayControl {
     pub rate_bytes_per_s: AtomicU64,
 }
 
+impl ReplayControl {
+    /// Whether a replay runs now.
+    pub fn running(&self) -> bool {
+        self.busy.load(Ordering::Acquire)
+    }
+}
+
 /// Runs one replay to completion on the calling thread; returns the first
 /// seq not applied.
 pub fn run(

@@ -808,6 +808,27 @@ impl Server {
         .to_string()
     }
 
+    /// Sessions open now.
+    pub fn sessions_open(&self) -> usize {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Sessions accepted since start (TCP and network-sync).
+    pub fn sessions_total(&self) -> u64 {
+        self.next_session.load(Ordering::Relaxed) - 1
+    }
+
+    /// Whether a replay recovery runs on this replica now.
+    pub fn replaying(&self) -> bool {
+        self.replaying.running()
+    }
+
+    /// Recovery-copy region bytes this replica sent to peers and received
+    /// in its own copies, since start.
+    pub fn copy_bytes(&self) -> (u64, u64) {
+        (self.copying.served_bytes.load(Ordering::Relaxed), self.copying.received_bytes.load(Ordering::Relaxed))
+    }
+
     /// The store behind this server.
     pub fn store(&self) -> &Arc<Store> {
         &self.store

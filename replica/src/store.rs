@@ -295,6 +295,10 @@ pub struct Store {
     pub commits: AtomicU64,
     /// Writes committed (for stats).
     pub writes: AtomicU64,
+    /// Data bytes of the writes committed (for stats).
+    pub write_bytes: AtomicU64,
+    /// Time group commits spent writing and syncing the log, µs (for stats).
+    pub commit_us: AtomicU64,
 }
 
 impl Store {
@@ -366,6 +370,8 @@ impl Store {
             ack_sink: Mutex::new(None),
             commits: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            write_bytes: AtomicU64::new(0),
+            commit_us: AtomicU64::new(0),
         });
         // The tail stays where it was: the replayed records remain readable
         // for peers and a new HE (`read_log`) until a checkpoint needs room.
@@ -414,6 +420,13 @@ impl Store {
     /// The change map (last seq written per region).
     pub fn changes(&self) -> &ChangeMap<DiskFile> {
         &self.changes
+    }
+
+    /// Log bytes in use (records not yet released by a checkpoint) and
+    /// the log's size.
+    pub fn log_usage(&self) -> (u64, u64) {
+        let g = lock(&self.inner);
+        (g.log.used_bytes(), g.log.size_bytes())
     }
 
     /// Seq of the last record applied to the data file.
@@ -824,7 +837,9 @@ impl Store {
         if batch.records.is_empty() {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         batch.write_durable(&self.log_file).map_err(io_err("log write", &self.dir))?;
+        self.commit_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         for p in &batch.records {
             self.apply_record(&p.header, batch.data(p)).map_err(io_err("apply to data file", &self.dir))?;
         }
@@ -836,8 +851,7 @@ impl Store {
         if self.copying.load(Ordering::Acquire) {
             // Durable in the log and applied, but claimed only when the
             // copy ends (`finish_copy`).
-            self.commits.fetch_add(1, Ordering::Relaxed);
-            self.writes.fetch_add(batch.records.len() as u64, Ordering::Relaxed);
+            self.count_commit(batch);
             return Ok(());
         }
         // A batch that finished after another one failed must not publish
@@ -847,8 +861,7 @@ impl Store {
             return Ok(());
         };
         self.durable_seq.store(last, Ordering::Release);
-        self.commits.fetch_add(1, Ordering::Relaxed);
-        self.writes.fetch_add(batch.records.len() as u64, Ordering::Relaxed);
+        self.count_commit(batch);
         // Checked and sent under the sink's lock, which `set_epoch` holds
         // while it changes the epoch.
         if let Some(sink) = lock(&self.ack_sink).as_ref() {
@@ -857,6 +870,13 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    fn count_commit(&self, batch: &Batch) {
+        let bytes: u64 = batch.records.iter().map(|p| batch.data(p).len() as u64).sum();
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.writes.fetch_add(batch.records.len() as u64, Ordering::Relaxed);
+        self.write_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// Applies one committed record to the data file and marks its regions,

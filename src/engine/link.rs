@@ -248,6 +248,30 @@ pub(crate) struct LinkCounters {
     pub bytes_sent: AtomicU64,
     pub reads_sent: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Error frames the replica sent, by `ErrorCode` (index: wire code).
+    pub refusals: [AtomicU64; ErrorCode::ALL.len() + 1],
+}
+
+impl LinkCounters {
+    /// Counts an Error frame from the replica.
+    pub fn refused(&self, code: ErrorCode) {
+        self.refusals[code as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts `e` if it is the replica refusing (an Error frame).
+    pub fn note(&self, e: &ClientError) {
+        if let ClientError::Rejected { frame, .. } = e {
+            self.refused(frame.code);
+        }
+    }
+
+    /// Refusals so far, by reason (every reason, zeros included).
+    pub fn refusals(&self) -> std::collections::BTreeMap<String, u64> {
+        ErrorCode::ALL
+            .iter()
+            .map(|c| (c.as_str().to_string(), self.refusals[*c as usize].load(Ordering::Relaxed)))
+            .collect()
+    }
 }
 
 /// The shared handle of one replica link.
@@ -337,8 +361,11 @@ fn manager(shared: Arc<Shared>, link: Arc<Link>) {
         let opened = match &link.spec.netsync {
             None => client::connect(&link.spec.addr, hello, CONNECT_TIMEOUT)
                 .map(|s| (s.hello, Conn::Tcp { reader: s.reader, writer: s.writer }))
-                .map_err(|e| e.to_string()),
-            Some(cfg) => connect_net(&link.spec.addr, cfg, hello),
+                .map_err(|e| {
+                    link.counters.note(&e);
+                    e.to_string()
+                }),
+            Some(cfg) => connect_net(&link.spec.addr, cfg, hello, &link.counters),
         };
         let reason = match opened {
             Ok((hello_ok, conn)) => {
@@ -363,7 +390,7 @@ enum Conn {
 }
 
 /// Opens a network-sync link to the UDP port of `addr` and says Hello.
-fn connect_net(addr: &str, cfg: &LinkConfig, hello: Hello) -> Result<(HelloOk, Conn), String> {
+fn connect_net(addr: &str, cfg: &LinkConfig, hello: Hello, counters: &LinkCounters) -> Result<(HelloOk, Conn), String> {
     let err = |e: &dyn std::fmt::Display| format!("replica {addr} (network-sync): {e}");
     let remote = netlink::resolve(addr).map_err(|e| err(&e))?;
     let local = if remote.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
@@ -375,7 +402,10 @@ fn connect_net(addr: &str, cfg: &LinkConfig, hello: Hello) -> Result<(HelloOk, C
     let mut input = MsgReader::new(nl.clone(), closed.clone());
     input.set_timeout(Some(CONNECT_TIMEOUT));
     let mut reader = FrameReader::new(BufReader::new(input));
-    let p = client::expect(&mut reader, addr, FrameType::HelloOk).map_err(|e| e.to_string())?;
+    let p = client::expect(&mut reader, addr, FrameType::HelloOk).map_err(|e| {
+        counters.note(&e);
+        e.to_string()
+    })?;
     let hello_ok = HelloOk::decode(&p).map_err(|e| err(&e))?;
     Ok((hello_ok, Conn::Net { link: nl, closed, reader }))
 }
@@ -1108,7 +1138,11 @@ fn receiver_loop<R: TimeoutRead>(shared: &Shared, link: &Link, mut reader: Frame
             }
             FrameType::CopyDone => proto::decode_u64(h.kind, p).map(|durable| on_copy_done(shared, link, durable)),
             FrameType::Error => {
-                let why = match ErrorFrame::decode(p) {
+                let decoded = ErrorFrame::decode(p);
+                if let Ok(frame) = &decoded {
+                    link.counters.refused(frame.code);
+                }
+                let why = match decoded {
                     Ok(frame) if frame.code == ErrorCode::Diverged => {
                         on_diverged(shared, link, frame.seq, &frame.message);
                         ClientError::Rejected { addr: link.spec.addr.clone(), frame }.to_string()

@@ -52,6 +52,10 @@ pub struct ReplicaStatus {
     pub writes_sent: u64,
     /// Sessions opened since start.
     pub sessions: u64,
+    /// Error frames the replica answered with since start, by reason
+    /// (`stale_epoch`, `disk_error`, ...; zeros included).
+    #[serde(default)]
+    pub refusals: std::collections::BTreeMap<String, u64>,
 }
 
 /// A replica's recovery copy, as status shows it.
@@ -159,6 +163,10 @@ pub struct NetsyncStatus {
     /// link was degraded.
     #[serde(default)]
     pub degraded_waits: Waits,
+    /// Datagrams from the far end this end dropped in the current
+    /// session, by reason (`bad_crc`, `bad_repair`, ...; zeros included).
+    #[serde(default)]
+    pub rejected: std::collections::BTreeMap<String, u64>,
 }
 
 /// The whole volume.
@@ -247,6 +255,7 @@ pub(crate) fn snapshot(s: &Shared) -> VolumeStatus {
                 recovery,
                 writes_sent: l.counters.writes_sent.load(Ordering::Relaxed),
                 sessions: l.counters.reconnects.load(Ordering::Relaxed),
+                refusals: l.counters.refusals(),
             }
         })
         .collect();
@@ -414,6 +423,7 @@ fn netsync_status(st: &starblk_netsync::LinkStats, g: &super::Core, c: &super::l
         },
         exposure_waits,
         degraded_waits,
+        rejected: st.rejected.by_reason().iter().map(|(k, v)| (k.to_string(), *v)).collect(),
     }
 }
 
