@@ -376,10 +376,10 @@ mod tests {
             region_seq: vec![0; 1025],
             flush_waiters: VecDeque::new(),
             deferred_reads: Vec::new(),
-            pool: Vec::new(),
             links: cores,
             accepting: true,
             quorum_lost_since: None,
+            space_waiters: 0,
         };
         let recorder = Arc::new(Recorder::default());
         let shared = Shared {
@@ -394,6 +394,7 @@ mod tests {
             stopping: std::sync::atomic::AtomicBool::new(false),
             recovery_rate_bytes_per_s: std::sync::atomic::AtomicU64::new(0),
             latency: crate::engine::latency::Latency::default(),
+            pool: crossbeam::queue::ArrayQueue::new(16),
             members: crate::engine::membership::Members::new(Default::default()),
         };
         (shared, recorder)

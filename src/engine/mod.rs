@@ -178,10 +178,13 @@ struct Core {
     /// (target seq, token, submitted) of each waiting flush.
     flush_waiters: VecDeque<(u64, u64, Instant)>,
     deferred_reads: Vec<PendingRead>,
-    pool: Vec<Arc<Vec<u8>>>,
     links: Vec<link::LinkCore>,
     accepting: bool,
     quorum_lost_since: Option<Instant>,
+    /// Threads waiting on `Shared::space`: `advance` wakes only if one
+    /// does (std's condvar makes a futex call per notify otherwise, on
+    /// every ack).
+    space_waiters: u32,
 }
 
 /// State shared by the frontend, link threads and the control socket.
@@ -199,6 +202,9 @@ pub(crate) struct Shared {
     recovery_rate_bytes_per_s: AtomicU64,
     /// Submit-to-completion latency per request kind.
     latency: latency::Latency,
+    /// Spare write buffers: lock-free, so a write's payload is copied
+    /// before the engine lock is taken.
+    pool: crossbeam::queue::ArrayQueue<Arc<Vec<u8>>>,
     /// The replica set in effect, and the one-change-at-a-time lock.
     members: membership::Members,
 }
@@ -226,7 +232,6 @@ impl Volume {
             region_seq: vec![0; regions],
             flush_waiters: VecDeque::new(),
             deferred_reads: Vec::new(),
-            pool: Vec::new(),
             links: replicas
                 .iter()
                 .map(|r| {
@@ -238,6 +243,7 @@ impl Volume {
                 .collect(),
             accepting: true,
             quorum_lost_since: Some(Instant::now()),
+            space_waiters: 0,
         };
         let links = links::LinkTable::new(
             replicas.into_iter().enumerate().map(|(i, spec)| Arc::new(link::Link::new(i, spec))).collect(),
@@ -251,6 +257,7 @@ impl Volume {
             stopping: AtomicBool::new(false),
             recovery_rate_bytes_per_s: AtomicU64::new(cfg.recovery_rate_bytes_per_s),
             latency: latency::Latency::default(),
+            pool: crossbeam::queue::ArrayQueue::new(POOL_MAX),
             members: membership::Members::new(cfg.members.clone()),
             cfg,
         });
@@ -299,7 +306,7 @@ impl Volume {
             if now >= deadline {
                 return false;
             }
-            g = self.shared.space.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            g = self.shared.wait_space(g, deadline - now);
         }
     }
 
@@ -346,7 +353,7 @@ impl Volume {
             if now >= deadline {
                 return false;
             }
-            g = self.shared.space.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            g = self.shared.wait_space(g, deadline - now);
         }
         true
     }
@@ -379,11 +386,7 @@ impl Volume {
             if now >= deadline {
                 break false;
             }
-            g = s
-                .space
-                .wait_timeout(g, (deadline - now).min(Duration::from_millis(50)))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            g = s.wait_space(g, (deadline - now).min(Duration::from_millis(50)));
         };
         drop(g);
         s.stopping.store(true, Ordering::Release);
@@ -395,8 +398,19 @@ impl Volume {
 }
 
 impl Shared {
+    /// The engine lock. A thread that panicked holding it may have left
+    /// the queue or a link half updated: fail fast rather than go on.
     fn lock(&self) -> MutexGuard<'_, Core> {
-        self.core.lock().unwrap_or_else(|e| e.into_inner())
+        self.core.lock().expect("engine lock poisoned: a thread panicked holding it")
+    }
+
+    /// Waits on `space` for at most `timeout`, counted in `space_waiters`.
+    fn wait_space<'a>(&self, mut g: MutexGuard<'a, Core>, timeout: Duration) -> MutexGuard<'a, Core> {
+        g.space_waiters += 1;
+        let (mut g, _) =
+            self.space.wait_timeout(g, timeout).expect("engine lock poisoned: a thread panicked holding it");
+        g.space_waiters -= 1;
+        g
     }
 
     /// Puts already-completed history (seqs ending at the branch point) at
@@ -455,6 +469,12 @@ impl Shared {
     /// Sequences a write into the queue, waiting for space if it is full.
     fn write(&self, token: u64, offset: u64, len: u32, op: WriteOp, data: &[u8]) {
         let need = data.len() as u64 + 64;
+        // The copy happens before the lock: other submits and every ack
+        // need it, and a 1 MiB copy takes a while.
+        let mut buf = self.pool.pop().unwrap_or_default();
+        let b = Arc::get_mut(&mut buf).expect("pooled buffers are unique");
+        b.clear();
+        b.extend_from_slice(data);
         let mut g = self.lock();
         loop {
             if !g.accepting {
@@ -470,14 +490,10 @@ impl Shared {
             if g.queue_bytes + need <= self.cfg.write_queue_bytes || g.queue.is_empty() {
                 break;
             }
-            g = self.space.wait_timeout(g, Duration::from_millis(100)).unwrap_or_else(|e| e.into_inner()).0;
+            g = self.wait_space(g, Duration::from_millis(100));
         }
         let seq = g.next_seq;
         g.next_seq += 1;
-        let mut buf = g.pool.pop().unwrap_or_default();
-        let b = Arc::get_mut(&mut buf).expect("pooled buffers are unique");
-        b.clear();
-        b.extend_from_slice(data);
         g.queue_bytes += need;
         g.cum_bytes += need;
         let (epoch, cum_bytes) = (self.cfg.epoch, g.cum_bytes);
@@ -511,8 +527,9 @@ impl Shared {
             let e = g.queue.pop_front().expect("front exists");
             g.queue_bytes -= e.bytes();
             let mut data = e.data;
-            if Arc::get_mut(&mut data).is_some() && g.pool.len() < POOL_MAX {
-                g.pool.push(data);
+            if Arc::get_mut(&mut data).is_some() {
+                // A full pool drops the buffer.
+                let _ = self.pool.push(data);
             }
             for (i, l) in g.links.iter_mut().enumerate() {
                 // A replaying link takes nothing from the queue until its
@@ -627,7 +644,9 @@ impl Shared {
             }
         }
         self.retry_deferred(g);
-        self.space.notify_all();
+        if g.space_waiters > 0 {
+            self.space.notify_all();
+        }
     }
 
     fn update_quorum_flag(&self, g: &mut Core) {
