@@ -183,7 +183,10 @@ fn run(row: Row) -> Outcome {
             while watching.load(Ordering::Acquire) {
                 if let Ok(v) = control::call(&sock, &ControlRequest::Status, Duration::from_secs(1)) {
                     let link = &v["status"]["replicas"][1]["link"];
-                    degraded |= link["health"] == "degraded";
+                    // The health now, or the count of degradations so far:
+                    // a 50 ms sampler on a loaded machine can miss a short
+                    // degraded spell that the counter keeps.
+                    degraded |= link["health"] == "degraded" || link["degradations"].as_u64().unwrap_or(0) > 0;
                     max_exposure = max_exposure.max(link["exposure_bytes"].as_u64().unwrap_or(0));
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -204,6 +207,8 @@ fn run(row: Row) -> Outcome {
         }
     }
     std::thread::sleep(Duration::from_millis(500));
+    // Let the watcher take one more sample before the cut.
+    std::thread::sleep(Duration::from_millis(60));
     watching.store(false, Ordering::Release);
     let (saw_degraded, max_exposure_seen) = watcher.join().unwrap();
     // The disaster: the link is cut and the HE dies in the same instant.
