@@ -86,6 +86,9 @@ pub struct VolumeConfig {
     pub recovery_rate_bytes_per_s: u64,
     /// `key_file`: shared secret authenticating replica traffic (resolved path).
     pub key_file: Option<PathBuf>,
+    /// `encrypt`: encrypt the traffic of every replica (a replica's own
+    /// `encrypt` overrides it); needs `key_file`. Default false.
+    pub encrypt: bool,
     /// `control_socket`: overrides the default `/run/starblk/NAME.sock`
     /// (resolved path). The default is applied by the caller; see
     /// [`Config::socket_path`].
@@ -119,6 +122,9 @@ pub struct ReplicaConfig {
     /// `rate`, `window`, `mtu`, `ack`, `max_exposure`: network-sync link
     /// settings; only allowed with `network_sync = true`.
     pub link: LinkTuning,
+    /// `encrypt`: encrypt this replica's traffic (default: the volume's
+    /// `encrypt`); needs `key_file`.
+    pub encrypt: bool,
 }
 
 /// A network-sync link's pacing, window, MTU and exposure bound.
@@ -320,6 +326,7 @@ struct RawVolume {
     on_quorum_loss: Option<Spanned<String>>,
     recovery_rate: Option<Spanned<String>>,
     key_file: Option<Spanned<String>>,
+    encrypt: Option<Spanned<bool>>,
     control_socket: Option<Spanned<String>>,
 }
 
@@ -336,6 +343,7 @@ struct RawReplica {
     mtu: Option<Spanned<i64>>,
     ack: Option<Spanned<String>>,
     max_exposure: Option<Spanned<toml::Value>>,
+    encrypt: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -476,7 +484,7 @@ impl Config {
         let raw: RawConfig = toml::from_str(text).map_err(|e| src.syntax(&e))?;
         let base_dir = path.parent().unwrap_or(Path::new(""));
         let mut volume = build_volume(&src, raw.volume.get_ref(), base_dir)?;
-        let replicas = build_replicas(&src, &raw.replica)?;
+        let replicas = build_replicas(&src, &raw.replica, &volume, raw.volume.get_ref())?;
         volume.quorum = check_quorum(&src, &raw, replicas.len())?;
         Ok(Config { path: path.to_path_buf(), volume, replicas })
     }
@@ -540,6 +548,7 @@ fn build_volume(src: &Source, v: &RawVolume, base: &Path) -> Result<VolumeConfig
         on_quorum_loss,
         recovery_rate_bytes_per_s,
         key_file: path_value(src, v.key_file.as_ref(), "[volume] key_file", base)?,
+        encrypt: encrypt_value(src, v.encrypt.as_ref(), "[volume] encrypt", v.key_file.is_some())?.unwrap_or(false),
         control_socket: path_value(src, v.control_socket.as_ref(), "[volume] control_socket", base)?,
     })
 }
@@ -581,7 +590,28 @@ fn path_value(
 }
 
 /// Validates the `[[replica]]` tables, including duplicate names and addresses.
-fn build_replicas(src: &Source, raw: &[Spanned<RawReplica>]) -> Result<Vec<ReplicaConfig>, ConfigError> {
+/// An `encrypt` key: true needs a key file (the session keys come from
+/// the authentication handshake).
+fn encrypt_value(
+    src: &Source,
+    v: Option<&Spanned<bool>>,
+    key: &str,
+    has_key_file: bool,
+) -> Result<Option<bool>, ConfigError> {
+    let Some(v) = v else { return Ok(None) };
+    if *v.get_ref() && !has_key_file {
+        let e = "encryption needs [volume] key_file: its keys come from the authentication handshake";
+        return Err(src.invalid(v, key, "true", e));
+    }
+    Ok(Some(*v.get_ref()))
+}
+
+fn build_replicas(
+    src: &Source,
+    raw: &[Spanned<RawReplica>],
+    volume: &VolumeConfig,
+    raw_volume: &RawVolume,
+) -> Result<Vec<ReplicaConfig>, ConfigError> {
     let mut names: HashMap<&str, usize> = HashMap::new();
     let mut addrs: HashMap<String, usize> = HashMap::new();
     let mut out = Vec::with_capacity(raw.len());
@@ -610,7 +640,9 @@ fn build_replicas(src: &Source, raw: &[Spanned<RawReplica>]) -> Result<Vec<Repli
             Some(f) => Some(build_fec(src, f, network_sync, &key)?),
         };
         let link = build_link(src, r, network_sync, &key)?;
-        out.push(ReplicaConfig { name: name.clone(), addr: addr.clone(), role, network_sync, fec, link });
+        let has_key_file = raw_volume.key_file.is_some();
+        let encrypt = encrypt_value(src, r.encrypt.as_ref(), &key("encrypt"), has_key_file)?.unwrap_or(volume.encrypt);
+        out.push(ReplicaConfig { name: name.clone(), addr: addr.clone(), role, network_sync, fec, link, encrypt });
     }
     Ok(out)
 }

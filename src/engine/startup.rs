@@ -14,6 +14,11 @@ use starblk_replica::history::{self, Standing};
 use starblk_replica::proto::{self, HelloOk, Stamp, Uuid};
 use starblk_replica::superblock::Member;
 
+use std::sync::Arc;
+
+use starblk_replica::auth::Credentials;
+
+use super::keys::VolumeKeys;
 use super::{EngineConfig, ReplicaSpec};
 use crate::config::Config;
 
@@ -43,6 +48,14 @@ pub enum StartupError {
     /// A replica call failed.
     #[error("replica {name}: {source}")]
     Replica { name: String, source: ClientError },
+    /// The volume's key file was refused.
+    #[error(transparent)]
+    KeyFile(#[from] starblk_replica::auth::KeyFileError),
+}
+
+/// The volume's keys, if it has a key file.
+pub fn volume_keys(cfg: &Config) -> Result<Option<Arc<VolumeKeys>>, StartupError> {
+    Ok(cfg.volume.key_file.as_deref().map(VolumeKeys::load).transpose()?.map(Arc::new))
 }
 
 /// The outcome of fencing.
@@ -58,12 +71,20 @@ pub struct Fenced {
     pub seed: Vec<LogEntry>,
 }
 
-fn probe_all(cfg: &Config) -> Vec<Result<HelloOk, ClientError>> {
+/// What startup's sessions with replica `r` authenticate with.
+fn creds(keys: Option<&Arc<VolumeKeys>>, r: &crate::config::ReplicaConfig) -> Option<Credentials> {
+    keys.map(|k| k.creds(r.encrypt))
+}
+
+fn probe_all(cfg: &Config, keys: Option<&Arc<VolumeKeys>>) -> Vec<Result<HelloOk, ClientError>> {
     thread::scope(|s| {
         let hs: Vec<_> = cfg
             .replicas
             .iter()
-            .map(|r| s.spawn(move || client::probe(&r.addr, PROBE_TIMEOUT).map(|sess| sess.hello)))
+            .map(|r| {
+                let c = creds(keys, r);
+                s.spawn(move || client::probe_with(&r.addr, PROBE_TIMEOUT, c.as_ref()).map(|sess| sess.hello))
+            })
             .collect();
         hs.into_iter().map(|h| h.join().expect("probe thread panicked")).collect()
     })
@@ -74,7 +95,8 @@ fn probe_all(cfg: &Config) -> Vec<Result<HelloOk, ClientError>> {
 pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
     let n = cfg.replicas.len();
     let need = n / 2 + 1;
-    let probes = probe_all(cfg);
+    let keys = volume_keys(cfg)?;
+    let probes = probe_all(cfg, keys.as_ref());
     let volume = agree_on_volume(cfg, &probes)?;
     count_majority(cfg, &probes, need)?;
     let epoch = history::next_epoch(probes.iter().flatten().map(|h| h.epoch));
@@ -84,8 +106,9 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
             .iter()
             .zip(&probes)
             .map(|(r, p)| {
+                let c = creds(keys.as_ref(), r);
                 s.spawn(move || match p {
-                    Ok(_) => raise_epoch(&r.addr, epoch),
+                    Ok(_) => raise_epoch(&r.addr, epoch, c.as_ref()),
                     Err(e) => Err(clone_err(e)),
                 })
             })
@@ -122,6 +145,7 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
         start_seq,
         history: host_history.clone(),
         recovery_rate_bytes_per_s: cfg.volume.recovery_rate_bytes_per_s,
+        keys: keys.clone(),
     };
     // Fenced replicas whose logs are a prefix of the new history catch up
     // from it; the others hold another history's tail and stay out.
@@ -153,6 +177,7 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
             // "local-sync + FEC", only for the rolling-disaster contrast.
             wire_gate: r.link.ack_on_wire,
             max_exposure: r.link.max_exposure,
+            encrypt: r.encrypt,
         })
         .collect();
     let seed = seed_from_leader(cfg, &engine, &durables);
@@ -202,7 +227,8 @@ fn seed_from_leader(cfg: &Config, engine: &EngineConfig, durables: &[Option<u64>
     }
     let addr = &cfg.replicas[leader].addr;
     let hello = proto::Hello { volume: engine.volume, epoch: engine.epoch, flags: 0 };
-    let res = client::connect(addr, hello, PROBE_TIMEOUT)
+    let c = creds(engine.keys.as_ref(), &cfg.replicas[leader]);
+    let res = client::connect_with(addr, hello, PROBE_TIMEOUT, c.as_ref())
         .and_then(|mut s| s.read_log(low + 1, start, engine.write_queue_bytes / 2));
     match res {
         Ok((entries, next)) if next == start + 1 && entries.first().is_some_and(|e| e.0.seq == low + 1) => {
@@ -226,8 +252,8 @@ fn seed_from_leader(cfg: &Config, engine: &EngineConfig, durables: &[Option<u64>
 }
 
 /// Raises the epoch on one replica and returns its state after the fence.
-fn raise_epoch(addr: &str, epoch: u64) -> Result<HelloOk, ClientError> {
-    client::probe(addr, PROBE_TIMEOUT)?.set_epoch(epoch)
+fn raise_epoch(addr: &str, epoch: u64, creds: Option<&Credentials>) -> Result<HelloOk, ClientError> {
+    client::probe_with(addr, PROBE_TIMEOUT, creds)?.set_epoch(epoch)
 }
 
 /// "name: error" for each replica that failed.
@@ -286,7 +312,8 @@ fn agree_on_volume(cfg: &Config, probes: &[Result<HelloOk, ClientError>]) -> Res
 /// `volume create`: stamps a new UUID, the geometry, epoch 1 and the
 /// replica set on every replica. Every replica must be reachable and empty.
 pub fn create_volume(cfg: &Config) -> Result<Uuid, StartupError> {
-    let probes = probe_all(cfg);
+    let keys = volume_keys(cfg)?;
+    let probes = probe_all(cfg, keys.as_ref());
     for (r, p) in cfg.replicas.iter().zip(&probes) {
         let h = p.as_ref().map_err(|e| StartupError::Replica { name: r.name.clone(), source: clone_err(e) })?;
         if h.volume != [0; 16] {
@@ -313,7 +340,7 @@ pub fn create_volume(cfg: &Config) -> Result<Uuid, StartupError> {
         members_json: serde_json::to_vec(&members).expect("members serialise"),
     };
     for r in &cfg.replicas {
-        client::stamp(&r.addr, &st, PROBE_TIMEOUT)
+        client::stamp_with(&r.addr, &st, PROBE_TIMEOUT, creds(keys.as_ref(), r).as_ref())
             .map_err(|source| StartupError::Replica { name: r.name.clone(), source })?;
     }
     Ok(volume)

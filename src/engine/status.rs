@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::atomic::Ordering;
 
 use serde::Serialize;
+use starblk_replica::auth::AuthFailure;
 use starblk_replica::client::uuid_string;
 
 use super::exposure::{exposure_bytes, WaitCause};
@@ -52,6 +53,15 @@ pub struct ReplicaStatus {
     pub writes_sent: u64,
     /// Sessions opened since start.
     pub sessions: u64,
+    /// How its sessions are protected: "off", "mac" or "encrypted".
+    #[serde(default)]
+    pub auth: String,
+    /// The key id the current (or last) session authenticated with.
+    #[serde(default)]
+    pub auth_key: String,
+    /// Authentication failures by reason (`AuthFailure`).
+    #[serde(default)]
+    pub auth_failures: std::collections::BTreeMap<String, u64>,
 }
 
 /// A replica's recovery copy, as status shows it.
@@ -244,6 +254,20 @@ pub(crate) fn snapshot(s: &Shared) -> VolumeStatus {
                 recovery,
                 writes_sent: l.counters.writes_sent.load(Ordering::Relaxed),
                 sessions: l.counters.reconnects.load(Ordering::Relaxed),
+                auth: match (&s.cfg.keys, l.spec.encrypt) {
+                    (None, _) => "off".into(),
+                    (Some(_), false) => "mac".into(),
+                    (Some(_), true) => "encrypted".into(),
+                },
+                auth_key: match l.counters.session_key.load(Ordering::Relaxed) {
+                    0 => String::new(),
+                    id => starblk_replica::auth::KeyId(id).to_string(),
+                },
+                auth_failures: AuthFailure::ALL
+                    .iter()
+                    .zip(&l.counters.auth_failures)
+                    .map(|(a, n)| (a.reason().to_string(), n.load(Ordering::Relaxed)))
+                    .collect(),
             }
         })
         .collect();
@@ -361,6 +385,12 @@ impl fmt::Display for VolumeStatus {
             )?;
             if let Some(l) = &r.link {
                 writeln!(f, "  {l}")?;
+            }
+            if r.auth != "off" && !r.auth.is_empty() {
+                let failures: Vec<String> =
+                    r.auth_failures.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k} {n}")).collect();
+                let failures = if failures.is_empty() { "none".to_string() } else { failures.join(", ") };
+                writeln!(f, "  auth: {} with key {}; auth_failures: {failures}", r.auth, r.auth_key)?;
             }
         }
         Ok(())
