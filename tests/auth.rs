@@ -40,10 +40,11 @@ fn verified_io(v: &BlockingVolume, round: u64) {
         v.write(off, &block(off, round + 1, 4096)).unwrap();
         assert!(starblk::bench::check_stamp(&v.read(off, 4096).unwrap(), off, round + 1), "round {round}");
     }
-    let st = v.volume.status();
-    for (r, s) in st.replicas.iter().zip(sessions) {
-        assert_eq!(r.state, LinkState::UpToDate, "{}: {}", r.name, r.reason);
-        assert_eq!(r.sessions, s, "{}: the engine's session was dropped", r.name);
+    wait_until(T, "every replica up to date", || {
+        v.volume.status().replicas.iter().all(|r| r.state == LinkState::UpToDate)
+    });
+    for (r, s) in v.volume.status().replicas.iter().zip(sessions) {
+        assert_eq!(r.sessions, s, "{}: the engine's session was dropped ({})", r.name, r.reason);
     }
 }
 
@@ -309,4 +310,194 @@ fn unsafe_key_files_are_refused_with_exit_code_2() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("encrypt") && err.contains("key_file"), "{err}");
+}
+
+/// A UDP relay between the host and a far replica that records every
+/// datagram it forwards (both ways) and can inject datagrams towards the
+/// host from the replica's side.
+struct Relay {
+    /// Every datagram forwarded: (towards the replica, bytes).
+    captured: std::sync::Arc<std::sync::Mutex<Vec<(bool, Vec<u8>)>>>,
+    down: std::net::UdpSocket,
+    host: std::sync::Arc<std::sync::Mutex<Option<std::net::SocketAddr>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    fn start(listen: std::net::SocketAddr, upstream: std::net::SocketAddr) -> Relay {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let down = std::net::UdpSocket::bind(listen).unwrap();
+        let up = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for s in [&down, &up] {
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        }
+        let captured = Arc::new(Mutex::new(Vec::new()));
+        let host = Arc::new(Mutex::new(None));
+        let stop = Arc::new(AtomicBool::new(false));
+        let spawn = |from: std::net::UdpSocket, to: std::net::UdpSocket, towards_replica: bool| {
+            let (captured, host, stop) = (captured.clone(), host.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(Ordering::Acquire) {
+                    let Ok((n, src)) = from.recv_from(&mut buf) else { continue };
+                    captured.lock().unwrap().push((towards_replica, buf[..n].to_vec()));
+                    let dst = if towards_replica {
+                        *host.lock().unwrap() = Some(src);
+                        Some(upstream)
+                    } else {
+                        *host.lock().unwrap()
+                    };
+                    if let Some(dst) = dst {
+                        let _ = to.send_to(&buf[..n], dst);
+                    }
+                }
+            });
+        };
+        spawn(down.try_clone().unwrap(), up.try_clone().unwrap(), true);
+        spawn(up, down.try_clone().unwrap(), false);
+        Relay { captured, down, host, stop }
+    }
+
+    /// Whether any forwarded datagram contains `needle`.
+    fn saw(&self, needle: &[u8]) -> bool {
+        self.captured.lock().unwrap().iter().any(|(_, d)| d.windows(needle.len()).any(|w| w == needle))
+    }
+
+    /// The first captured datagram towards the host of this kind (1 data,
+    /// 2 repair, 3 ack, 4 nack, 5 hello).
+    fn captured_kind(&self, kind: u8) -> Option<Vec<u8>> {
+        let c = self.captured.lock().unwrap();
+        c.iter().find(|(to_replica, d)| !to_replica && d.len() > 48 && d[5] == kind).map(|(_, d)| d.clone())
+    }
+
+    /// Sends `bytes` to the host as if from the far replica.
+    fn inject(&self, bytes: &[u8]) {
+        let host = self.host.lock().unwrap().expect("the host has sent something");
+        self.down.send_to(bytes, host).unwrap();
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// A local TCP replica and a far network-sync one behind a recording
+/// relay, all keyed with KEY_A; `far_extra` goes into the far replica's
+/// table (e.g. `encrypt = true`). Q = 2: every write reaches the far one.
+fn far_cluster(
+    far_extra: &str,
+) -> (tempfile::TempDir, Vec<Replica>, Relay, starblk_wanem::TcpRelayHandle, BlockingVolume) {
+    use starblk::engine::blocking::Waiters;
+    use starblk::engine::{startup, Volume};
+    let root = tempfile::Builder::new().prefix("starblk-authfar").tempdir_in(tmp_base()).unwrap();
+    let key = root.path().join("key.hex");
+    write_key_file(&key, &[KEY_A]);
+    let mut local = Replica::init(root.path(), "local", "16MiB");
+    let mut far = Replica::init(root.path(), "far", "16MiB");
+    for r in [&mut local, &mut far] {
+        r.key_file = Some(key.clone());
+        r.start();
+    }
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{}", dual_port()).parse().unwrap();
+    let upstream = far.addr.parse().unwrap();
+    let relay = Relay::start(listen, upstream);
+    let tcp = starblk_wanem::TcpRelayConfig::new(listen, upstream).start().unwrap();
+    let config = root.path().join("vol.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[volume]\nname = \"af\"\nsize = \"16MiB\"\nquorum = 2\nwrite_queue = \"16MiB\"\nkey_file = \"{}\"\n\n\
+             [[replica]]\nname = \"local\"\naddr = \"{}\"\nrole = \"local\"\n\n\
+             [[replica]]\nname = \"far\"\naddr = \"{listen}\"\nrole = \"far\"\nnetwork_sync = true\n\
+             fec = {{ scheme = \"reed-solomon\", r = 8, c = 3 }}\n{far_extra}\n",
+            key.display(),
+            local.addr
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN).args(["volume", "create", "--config"]).arg(&config).output().unwrap();
+    assert!(out.status.success(), "volume create: {}", String::from_utf8_lossy(&out.stderr));
+    let fenced = startup::fence(&starblk::config::Config::load(&config).unwrap()).unwrap();
+    let waiters = std::sync::Arc::new(Waiters::default());
+    let v = BlockingVolume { volume: Volume::start_fenced(fenced, waiters.clone()), waiters };
+    assert!(v.volume.wait_quorum(Duration::from_secs(20)), "quorum");
+    (root, vec![local, far], relay, tcp, v)
+}
+
+/// A 4 KiB block of a recognisable text pattern.
+fn pattern_block(i: u64) -> Vec<u8> {
+    format!("KNOWN-PLAINTEXT-PATTERN-{i:08}-").into_bytes().into_iter().cycle().take(4096).collect()
+}
+
+#[test]
+fn encrypted_far_replica_sends_no_plaintext_and_unencrypted_does() {
+    for encrypt in [false, true] {
+        let extra = if encrypt { "encrypt = true" } else { "" };
+        let (_root, _replicas, relay, _tcp, v) = far_cluster(extra);
+        let far = replica_status(&v, "far");
+        assert_eq!(far.auth, if encrypt { "encrypted" } else { "mac" });
+        for i in 0..32u64 {
+            v.write(i * 4096, &pattern_block(i)).unwrap();
+        }
+        for i in 0..32u64 {
+            assert_eq!(v.read(i * 4096, 4096).unwrap(), pattern_block(i));
+        }
+        wait_until(Duration::from_secs(10), "far replica has every write", || {
+            let st = v.volume.status();
+            st.replicas[1].durable_seq >= st.last_seq
+        });
+        let needle = b"KNOWN-PLAINTEXT-PATTERN-00000007-";
+        let seen = relay.saw(needle);
+        let datagrams = relay.captured.lock().unwrap().len();
+        println!("encrypt = {encrypt}: {datagrams} datagrams captured, pattern seen: {seen}");
+        assert!(datagrams > 32, "the relay forwarded only {datagrams} datagrams");
+        assert_eq!(seen, !encrypt, "encrypt = {encrypt}: plaintext on the wire = {seen}");
+        assert!(v.volume.shutdown(Duration::from_secs(10)));
+    }
+}
+
+#[test]
+fn forged_and_replayed_network_sync_datagrams_are_refused_and_counted() {
+    use starblk_netsync::wire::{self, DatagramKey, Header, Kind};
+    let (_root, _replicas, relay, _tcp, v) = far_cluster("");
+    wait_until(Duration::from_secs(20), "far up to date", || replica_status(&v, "far").state == LinkState::UpToDate);
+    for i in 0..16u64 {
+        v.write(i * 4096, &block(i * 4096, 1, 4096)).unwrap();
+    }
+    let data = relay.captured_kind(1).expect("a data datagram from the far replica");
+    let link_id = u32::from_le_bytes(data[8..12].try_into().unwrap());
+    let count = |k: &str| replica_status(&v, "far").auth_failures.get(k).copied().unwrap_or(0);
+    let sessions = replica_status(&v, "far").sessions;
+    // Forged repair packets: with a MAC under a key nobody holds, and
+    // without a MAC at all. Each is refused and counted.
+    let before = count("bad_datagram_mac");
+    for i in 0..ATTEMPTS {
+        let mut b = Vec::new();
+        let h = Header::control(Kind::Repair, link_id, 1000 + i);
+        let key = (i % 2 == 0).then(|| DatagramKey::new([i as u8; 32]));
+        wire::encode_keyed(&h, &[0x5a; 200], &mut b, key.as_ref());
+        relay.inject(&b);
+    }
+    wait_until(T, "forged repairs counted", || count("bad_datagram_mac") >= before + ATTEMPTS);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(count("bad_datagram_mac"), before + ATTEMPTS);
+    // A replayed ack (a genuine one, sent again) is refused by its counter.
+    let ack = relay.captured_kind(3).expect("an ack from the far replica");
+    let before = count("replayed_datagram");
+    for _ in 0..ATTEMPTS {
+        relay.inject(&ack);
+    }
+    wait_until(T, "replayed acks counted", || count("replayed_datagram") >= before + ATTEMPTS);
+    // Verified I/O went on, on the same session.
+    for i in 0..16u64 {
+        v.write(i * 4096, &block(i * 4096, 2, 4096)).unwrap();
+        assert!(starblk::bench::check_stamp(&v.read(i * 4096, 4096).unwrap(), i * 4096, 2));
+    }
+    let far = replica_status(&v, "far");
+    assert_eq!((far.state, far.sessions), (LinkState::UpToDate, sessions), "{}", far.reason);
+    println!("far auth_failures: {:?}", far.auth_failures);
+    assert!(v.volume.shutdown(Duration::from_secs(10)));
 }

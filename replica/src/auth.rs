@@ -189,6 +189,11 @@ impl KeyRing {
         self.keys.get(1)
     }
 
+    /// Every key, current first.
+    pub fn keys(&self) -> &[Key] {
+        &self.keys
+    }
+
     /// The key with this id, if the file holds it.
     pub fn find(&self, id: KeyId) -> Option<&Key> {
         self.keys.iter().find(|k| k.id == id)

@@ -179,8 +179,20 @@ pub fn spawn_with(dir: &Path, listen: &str, opts: &ServeOptions) -> Result<Serve
         .spawn(move || s2.accept_loop(listener))
         .map_err(|e| ServeError::Bind(listen.to_string(), e))?;
     // Network-sync replicas are reached at the UDP port of the same address.
-    let udp = starblk_netsync::Listener::bind(addr, starblk_netsync::LinkConfig::default())
+    let mut link_cfg = starblk_netsync::LinkConfig::default();
+    let keyed = server.keys.is_some();
+    link_cfg.payload_bytes =
+        starblk_netsync::payload_bytes_for_mtu_keyed(starblk_netsync::DEFAULT_MTU_BYTES, link_cfg.fec.as_ref(), keyed);
+    let mut udp = starblk_netsync::Listener::bind(addr, link_cfg)
         .map_err(|e| ServeError::Bind(format!("{addr} (udp)"), io::Error::other(e.to_string())))?;
+    if keyed {
+        // Links authenticate every datagram under a key of the key file.
+        let s4 = server.clone();
+        udp.set_keys(starblk_netsync::KeysFn(Box::new(move || {
+            let ring = s4.keys.as_ref().map(KeySource::keys);
+            ring.iter().flat_map(|r| r.keys()).map(|k| starblk_netsync::LinkKey::new(*k.bytes())).collect()
+        })));
+    }
     let s3 = server.clone();
     std::thread::Builder::new()
         .name("accept-udp".into())

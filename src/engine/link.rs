@@ -395,7 +395,12 @@ fn connect_net(
     };
     let remote = netlink::resolve(addr).map_err(|e| err(&e))?;
     let local = if remote.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
-    let nl = NetLink::connect(local.parse().expect("literal address"), remote, cfg.clone()).map_err(|e| err(&e))?;
+    // The link authenticates every datagram under the same key.
+    let cfg = starblk_netsync::LinkConfig {
+        key: creds.map(|c| starblk_netsync::LinkKey::new(*c.key.bytes())),
+        ..cfg.clone()
+    };
+    let nl = NetLink::connect(local.parse().expect("literal address"), remote, cfg).map_err(|e| err(&e))?;
     nl.wait_established(CONNECT_TIMEOUT).map_err(|e| err(&e))?;
     let nl = Arc::new(nl);
     let closed = Arc::new(AtomicBool::new(false));

@@ -172,7 +172,7 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
             addr: r.addr.clone(),
             role: r.role,
             initial_durable_seq: d.unwrap_or(0),
-            netsync: r.network_sync.then(|| netsync_config(r)),
+            netsync: r.network_sync.then(|| netsync_config(r, cfg.volume.key_file.is_some())),
             // `ack = "local"` acks without waiting for the wire:
             // "local-sync + FEC", only for the rolling-disaster contrast.
             wire_gate: r.link.ack_on_wire,
@@ -187,7 +187,8 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
 /// The network-sync link settings of a replica: its FEC scheme (default
 /// layered XOR 8,3), pacing (a fixed rate, or the measured delivery rate),
 /// window and MTU over the link's defaults.
-pub fn netsync_config(r: &crate::config::ReplicaConfig) -> starblk_netsync::LinkConfig {
+/// `keyed`: the link carries a MAC trailer on every datagram (sized in).
+pub fn netsync_config(r: &crate::config::ReplicaConfig, keyed: bool) -> starblk_netsync::LinkConfig {
     use crate::config::FecScheme as S;
     let code = match &r.fec {
         Some(f) => match f.scheme {
@@ -199,7 +200,7 @@ pub fn netsync_config(r: &crate::config::ReplicaConfig) -> starblk_netsync::Link
     // Config validation holds r and c to what each scheme takes, so this
     // never drops FEC from a link silently.
     let fec = Some(code.expect("config checked the FEC code's r and c"));
-    let payload_bytes = starblk_netsync::payload_bytes_for_mtu(r.link.mtu_bytes as usize, fec.as_ref());
+    let payload_bytes = starblk_netsync::payload_bytes_for_mtu_keyed(r.link.mtu_bytes as usize, fec.as_ref(), keyed);
     let (auto_rate, rate_bits_per_s) = match r.link.rate {
         crate::config::LinkRate::Auto => (true, 0),
         crate::config::LinkRate::Fixed(bits) => (false, bits),

@@ -263,11 +263,7 @@ pub(crate) fn snapshot(s: &Shared) -> VolumeStatus {
                     0 => String::new(),
                     id => starblk_replica::auth::KeyId(id).to_string(),
                 },
-                auth_failures: AuthFailure::ALL
-                    .iter()
-                    .zip(&l.counters.auth_failures)
-                    .map(|(a, n)| (a.reason().to_string(), n.load(Ordering::Relaxed)))
-                    .collect(),
+                auth_failures: auth_failures(l),
             }
         })
         .collect();
@@ -441,6 +437,24 @@ fn netsync_status(st: &starblk_netsync::LinkStats, g: &super::Core, c: &super::l
         exposure_waits,
         degraded_waits,
     }
+}
+
+/// A link's authentication failures by reason: the session's, and on a
+/// network-sync link its current link's datagrams whose MAC failed
+/// (`bad_datagram_mac`) or whose control counter did not rise
+/// (`replayed_datagram`).
+fn auth_failures(l: &super::link::Link) -> std::collections::BTreeMap<String, u64> {
+    let mut m: std::collections::BTreeMap<String, u64> = AuthFailure::ALL
+        .iter()
+        .zip(&l.counters.auth_failures)
+        .map(|(a, n)| (a.reason().to_string(), n.load(Ordering::Relaxed)))
+        .collect();
+    if let Some(nl) = l.net_link() {
+        let r = nl.stats().rejected;
+        m.insert("bad_datagram_mac".into(), r.bad_mac);
+        m.insert("replayed_datagram".into(), r.replayed);
+    }
+    m
 }
 
 /// A 20-cell text progress bar.
