@@ -312,12 +312,15 @@ fn unsafe_key_files_are_refused_with_exit_code_2() {
     assert!(err.contains("encrypt") && err.contains("key_file"), "{err}");
 }
 
+/// Datagrams a relay forwarded: (towards the replica, bytes).
+type Captured = std::sync::Arc<std::sync::Mutex<Vec<(bool, Vec<u8>)>>>;
+
 /// A UDP relay between the host and a far replica that records every
 /// datagram it forwards (both ways) and can inject datagrams towards the
 /// host from the replica's side.
 struct Relay {
     /// Every datagram forwarded: (towards the replica, bytes).
-    captured: std::sync::Arc<std::sync::Mutex<Vec<(bool, Vec<u8>)>>>,
+    captured: Captured,
     down: std::net::UdpSocket,
     host: std::sync::Arc<std::sync::Mutex<Option<std::net::SocketAddr>>>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,

@@ -500,6 +500,7 @@ mod tests {
             max_message_bytes: 1 << 16,
             recv_window_seqs: 64,
             nonce: 1,
+            auth_nonce: None,
         });
         rx
     }

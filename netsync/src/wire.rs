@@ -3,16 +3,18 @@
 //!
 //! Every datagram is a 48-byte header followed by `payload_len` bytes. All
 //! integers are little-endian. (Version 1 had a 64-byte header with a
-//! 16-byte MAC field that was always zero; version 2 drops it, because
+//! 16-byte MAC field that was always zero; version 2 dropped it, because
 //! header bytes cost goodput on every data and repair datagram. On a keyed
 //! link every datagram carries a 16-byte MAC trailer after its payload,
 //! announced by flag bit 1: a keyed BLAKE3 hash over the header and payload
-//! (crc included) under the sender's direction key, see [`crate::keys`].)
+//! (crc included) under the sender's direction key, see [`crate::keys`].
+//! Version 3 added the trailer, the hello's authentication nonce and the
+//! control counter of acks and nacks.)
 //!
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 4 | magic `"SBns"` |
-//! | 4 | 1 | version `2` |
+//! | 4 | 1 | version `3` |
 //! | 5 | 1 | kind: 1 data, 2 repair, 3 ack, 4 nack, 5 hello |
 //! | 6 | 1 | flags: bit 0 = reply (hello only); bit 1 = MAC trailer follows the payload (keyed links); others zero |
 //! | 7 | 1 | reserved, zero |
@@ -43,7 +45,7 @@ use starblk_fec::{FecScheme, SchemeKind, MAX_LAYERS};
 /// First four bytes of every datagram.
 pub const MAGIC: [u8; 4] = *b"SBns";
 /// The format version this build speaks.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// Header size; the payload starts here.
 pub const HEADER_BYTES: usize = 48;
 /// Largest UDP payload over IPv4.
@@ -779,13 +781,14 @@ mod tests {
         assert_eq!(NackPayload::decode(&b), Ok(nack));
 
         for fec in [None, Some(FecScheme::layered_xor(8, 3).unwrap()), Some(FecScheme::reed_solomon(8, 3).unwrap())] {
+            let auth_nonce = fec.is_some().then_some([5; 32]);
             let hello = HelloPayload {
                 fec,
                 payload_bytes: 1200,
                 max_message_bytes: 1 << 21,
                 recv_window_seqs: 4096,
                 nonce: 77,
-                auth_nonce: fec.is_some().then_some([5; 32]),
+                auth_nonce,
             };
             b.clear();
             hello.encode_into(&mut b);
