@@ -998,6 +998,24 @@ fec = { scheme = "layered-xor", r = 8, c = 3 }   # or { scheme = "reed-solomon",
     }
 
     #[test]
+    fn encrypt_per_volume_or_replica_needs_a_key_file() {
+        let far = "fec = { scheme = \"layered-xor\", r = 8, c = 3 }   # or";
+        let c = parse(&edit(far, &format!("encrypt = true\n{far}"))).unwrap();
+        let enc: Vec<bool> = c.replicas.iter().map(|r| r.encrypt).collect();
+        assert_eq!((c.volume.encrypt, enc), (false, vec![false, false, true]));
+        let vol = "key_file = \"/etc/starblk/vol0.key\"";
+        let c = parse(&edit(vol, &format!("{vol}\nencrypt = true"))).unwrap();
+        assert!(c.volume.encrypt && c.replicas.iter().all(|r| r.encrypt));
+        let text = edit(vol, &format!("{vol}\nencrypt = true")).replacen(far, &format!("encrypt = false\n{far}"), 1);
+        let enc: Vec<bool> = parse(&text).unwrap().replicas.iter().map(|r| r.encrypt).collect();
+        assert_eq!(enc, [true, true, false], "a replica's encrypt overrides the volume's");
+        let no_key = EXAMPLE.lines().filter(|l| !l.starts_with("key_file")).collect::<Vec<_>>().join("\n");
+        let msg = rejects(&no_key.replacen(far, &format!("encrypt = true\n{far}"), 1), 24, "[[replica]] #3 encrypt");
+        assert!(msg.contains("key_file"), "{msg}");
+        rejects(&no_key.replacen("[volume]\n", "[volume]\nencrypt = true\n", 1), 2, "[volume] encrypt");
+    }
+
+    #[test]
     fn design_example_parses() {
         let c = parse(EXAMPLE).unwrap();
         assert_eq!(c.path, Path::new("vol.toml"));
