@@ -79,8 +79,10 @@ fn bad_keys_and_forged_frames_are_refused_counted_and_io_goes_on() {
     let c = Cluster::keyed(3, 2, "16MiB", "", "", &[KEY_A]);
     let v = c.engine();
     assert!(v.volume.wait_connected(T).is_empty());
-    wait_until(T, "every replica up to date", || {
-        v.volume.status().replicas.iter().all(|r| r.state == LinkState::UpToDate)
+    // (A session's counter rises just after its admission, which may
+    // already have made it up to date.)
+    wait_until(T, "every replica up to date on its first session", || {
+        v.volume.status().replicas.iter().all(|r| r.state == LinkState::UpToDate && r.sessions == 1)
     });
     let st = v.volume.status();
     let key_a = Key::from_hex(KEY_A).unwrap().id().to_string();
