@@ -86,6 +86,9 @@ pub struct VolumeConfig {
     pub recovery_rate_bytes_per_s: u64,
     /// `key_file`: shared secret authenticating replica traffic (resolved path).
     pub key_file: Option<PathBuf>,
+    /// `encrypt`: encrypt the traffic of every replica (a replica's own
+    /// `encrypt` overrides it); needs `key_file`. Default false.
+    pub encrypt: bool,
     /// `control_socket`: overrides the default `/run/starblk/NAME.sock`
     /// (resolved path). The default is applied by the caller; see
     /// [`Config::socket_path`].
@@ -122,6 +125,9 @@ pub struct ReplicaConfig {
     /// `rate`, `window`, `mtu`, `ack`, `max_exposure`: network-sync link
     /// settings; only allowed with `network_sync = true`.
     pub link: LinkTuning,
+    /// `encrypt`: encrypt this replica's traffic (default: the volume's
+    /// `encrypt`); needs `key_file`.
+    pub encrypt: bool,
 }
 
 /// A network-sync link's pacing, window, MTU and exposure bound.
@@ -323,6 +329,7 @@ struct RawVolume {
     on_quorum_loss: Option<Spanned<String>>,
     recovery_rate: Option<Spanned<String>>,
     key_file: Option<Spanned<String>>,
+    encrypt: Option<Spanned<bool>>,
     control_socket: Option<Spanned<String>>,
     metrics_listen: Option<Spanned<String>>,
 }
@@ -340,6 +347,7 @@ struct RawReplica {
     mtu: Option<Spanned<i64>>,
     ack: Option<Spanned<String>>,
     max_exposure: Option<Spanned<toml::Value>>,
+    encrypt: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -480,7 +488,7 @@ impl Config {
         let raw: RawConfig = toml::from_str(text).map_err(|e| src.syntax(&e))?;
         let base_dir = path.parent().unwrap_or(Path::new(""));
         let mut volume = build_volume(&src, raw.volume.get_ref(), base_dir)?;
-        let replicas = build_replicas(&src, &raw.replica)?;
+        let replicas = build_replicas(&src, &raw.replica, &volume, raw.volume.get_ref())?;
         volume.quorum = check_quorum(&src, &raw, replicas.len())?;
         Ok(Config { path: path.to_path_buf(), volume, replicas })
     }
@@ -544,6 +552,7 @@ fn build_volume(src: &Source, v: &RawVolume, base: &Path) -> Result<VolumeConfig
         on_quorum_loss,
         recovery_rate_bytes_per_s,
         key_file: path_value(src, v.key_file.as_ref(), "[volume] key_file", base)?,
+        encrypt: encrypt_value(src, v.encrypt.as_ref(), "[volume] encrypt", v.key_file.is_some())?.unwrap_or(false),
         control_socket: path_value(src, v.control_socket.as_ref(), "[volume] control_socket", base)?,
         metrics_listen: match &v.metrics_listen {
             None => None,
@@ -601,7 +610,28 @@ fn path_value(
 }
 
 /// Validates the `[[replica]]` tables, including duplicate names and addresses.
-fn build_replicas(src: &Source, raw: &[Spanned<RawReplica>]) -> Result<Vec<ReplicaConfig>, ConfigError> {
+/// An `encrypt` key: true needs a key file (the session keys come from
+/// the authentication handshake).
+fn encrypt_value(
+    src: &Source,
+    v: Option<&Spanned<bool>>,
+    key: &str,
+    has_key_file: bool,
+) -> Result<Option<bool>, ConfigError> {
+    let Some(v) = v else { return Ok(None) };
+    if *v.get_ref() && !has_key_file {
+        let e = "encryption needs [volume] key_file: its keys come from the authentication handshake";
+        return Err(src.invalid(v, key, "true", e));
+    }
+    Ok(Some(*v.get_ref()))
+}
+
+fn build_replicas(
+    src: &Source,
+    raw: &[Spanned<RawReplica>],
+    volume: &VolumeConfig,
+    raw_volume: &RawVolume,
+) -> Result<Vec<ReplicaConfig>, ConfigError> {
     let mut names: HashMap<&str, usize> = HashMap::new();
     let mut addrs: HashMap<String, usize> = HashMap::new();
     let mut out = Vec::with_capacity(raw.len());
@@ -630,7 +660,9 @@ fn build_replicas(src: &Source, raw: &[Spanned<RawReplica>]) -> Result<Vec<Repli
             Some(f) => Some(build_fec(src, f, network_sync, &key)?),
         };
         let link = build_link(src, r, network_sync, &key)?;
-        out.push(ReplicaConfig { name: name.clone(), addr: addr.clone(), role, network_sync, fec, link });
+        let has_key_file = raw_volume.key_file.is_some();
+        let encrypt = encrypt_value(src, r.encrypt.as_ref(), &key("encrypt"), has_key_file)?.unwrap_or(volume.encrypt);
+        out.push(ReplicaConfig { name: name.clone(), addr: addr.clone(), role, network_sync, fec, link, encrypt });
     }
     Ok(out)
 }
@@ -983,6 +1015,24 @@ fec = { scheme = "layered-xor", r = 8, c = 3 }   # or { scheme = "reed-solomon",
         assert!(msg.contains(key), "{msg:?} does not name {key:?}");
         assert_eq!(err.line(), Some(line));
         msg
+    }
+
+    #[test]
+    fn encrypt_per_volume_or_replica_needs_a_key_file() {
+        let far = "fec = { scheme = \"layered-xor\", r = 8, c = 3 }   # or";
+        let c = parse(&edit(far, &format!("encrypt = true\n{far}"))).unwrap();
+        let enc: Vec<bool> = c.replicas.iter().map(|r| r.encrypt).collect();
+        assert_eq!((c.volume.encrypt, enc), (false, vec![false, false, true]));
+        let vol = "key_file = \"/etc/starblk/vol0.key\"";
+        let c = parse(&edit(vol, &format!("{vol}\nencrypt = true"))).unwrap();
+        assert!(c.volume.encrypt && c.replicas.iter().all(|r| r.encrypt));
+        let text = edit(vol, &format!("{vol}\nencrypt = true")).replacen(far, &format!("encrypt = false\n{far}"), 1);
+        let enc: Vec<bool> = parse(&text).unwrap().replicas.iter().map(|r| r.encrypt).collect();
+        assert_eq!(enc, [true, true, false], "a replica's encrypt overrides the volume's");
+        let no_key = EXAMPLE.lines().filter(|l| !l.starts_with("key_file")).collect::<Vec<_>>().join("\n");
+        let msg = rejects(&no_key.replacen(far, &format!("encrypt = true\n{far}"), 1), 24, "[[replica]] #3 encrypt");
+        assert!(msg.contains("key_file"), "{msg}");
+        rejects(&no_key.replacen("[volume]\n", "[volume]\nencrypt = true\n", 1), 2, "[volume] encrypt");
     }
 
     #[test]

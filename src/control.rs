@@ -38,7 +38,13 @@ pub enum ControlRequest {
     ReplicaRemove { name: String, force: bool },
     /// Set the replay recovery rate limit (data bytes/s, 0 = unlimited).
     RecoveryRate { bytes_per_s: u64 },
+    /// Move every replica session to the key file's next key.
+    Rekey,
 }
+
+/// How long `rekey` waits for each re-established session to be up to
+/// date again before it moves on to the next replica.
+const REKEY_PER_REPLICA: Duration = Duration::from_secs(20);
 
 /// The served block device path, shared with the control socket.
 pub type Device = Arc<Mutex<Option<String>>>;
@@ -102,6 +108,10 @@ fn handle(conn: UnixStream, volume: &Volume, device: &Device, down_tx: &mpsc::Se
             let old = volume.set_recovery_rate(bytes_per_s);
             serde_json::json!({"ok": true, "previous_bytes_per_s": old})
         }
+        Ok(ControlRequest::Rekey) => match volume.rekey(REKEY_PER_REPLICA) {
+            Ok(report) => serde_json::json!({"ok": true, "rekey": report}),
+            Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
+        },
         Ok(ControlRequest::ReplicaAdd { name, addr, role, network_sync, fec }) => {
             match add_request(name, addr, role, network_sync, fec) {
                 Ok(req) => membership_reply(volume.add_replica(req)),

@@ -70,6 +70,12 @@ enum Cmd {
         /// The new limit: a rate such as 200Mbit or 1Gbit, or 0 / unlimited.
         rate: String,
     },
+    /// Move every replica session to the next key of the volume's key
+    /// file (docs/operations.md, "Keys and rotation").
+    Rekey {
+        #[command(flatten)]
+        at: VolumeRef,
+    },
     /// Flush, stop serving, remove the device.
     Down {
         #[command(flatten)]
@@ -144,6 +150,10 @@ enum ReplicaCmd {
         /// Serve Prometheus metrics at http://ADDR/metrics (IP:PORT).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
+        /// Require every session to authenticate with a key from this file
+        /// (mode 0600, owned by this user; one key per line, 64 hex digits).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
     /// Add a replica to a running volume (it joins by a full copy).
     Add {
@@ -292,19 +302,14 @@ fn load_config(path: &Path) -> Result<Config> {
 }
 
 /// Loads a config for a command that moves data (`volume create`, `up`,
-/// `takeover`, `bench`). `key_file` asks for authenticated replica
-/// traffic, which is not built yet: running without it would be
-/// silently weaker than what the operator configured, so refuse.
+/// `takeover`, `bench`). A `key_file` that cannot be used (missing,
+/// unsafe mode or owner, bad lines) is a configuration error (exit 2),
+/// found before any replica is contacted.
 fn load_config_for_io(path: &Path) -> Result<Config> {
     let cfg = load_config(path)?;
     if let Some(k) = &cfg.volume.key_file {
-        return Err(usage(format!(
-            "{}: [volume] key_file = {:?}: authentication of replica traffic is not implemented yet, and starblk \
-             will not run unauthenticated when the config asks for it; remove key_file to run without \
-             authentication",
-            path.display(),
-            k.display()
-        )));
+        starblk_replica::auth::KeyRing::load(k)
+            .map_err(|e| usage(format!("{}: [volume] key_file: {e}", path.display())))?;
     }
     Ok(cfg)
 }
@@ -327,6 +332,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Takeover(args) => up(args, true),
         Cmd::Status { at, json, watch } => status(socket_path(at)?, json, watch),
         Cmd::Down { at } => down(at),
+        Cmd::Rekey { at } => rekey(socket_path(at)?),
         Cmd::RecoveryRate { at, rate } => recovery_rate(socket_path(at)?, &rate),
         Cmd::Bench { config, pattern, bs, qd, seconds, verify, json, span, seed, rate, ack_log } => {
             let extra = BenchExtra { json, span, seed, rate, ack_log };
@@ -371,7 +377,7 @@ fn replica_cmd(cmd: ReplicaCmd) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        ReplicaCmd::Serve { dir, listen, metrics } => {
+        ReplicaCmd::Serve { dir, listen, metrics, key_file } => {
             use starblk_replica::{server::ServeError, store::StoreError};
             // Bound first, so a bad or taken address fails before the store opens.
             let metrics = metrics
@@ -380,9 +386,11 @@ fn replica_cmd(cmd: ReplicaCmd) -> Result<ExitCode> {
                     Ok::<_, anyhow::Error>(starblk::metrics::http::bind(addr)?)
                 })
                 .transpose()?;
-            let h = starblk_replica::server::spawn(&dir, &listen).map_err(|e| match e {
+            let opts = starblk_replica::server::ServeOptions { key_file };
+            let h = starblk_replica::server::spawn_with(&dir, &listen, &opts).map_err(|e| match e {
                 // A bad STARBLK_FAULT (tests) is a usage error, like a bad flag.
                 ServeError::Store(e @ StoreError::FaultSpec(_)) => usage(e.to_string()),
+                ServeError::KeyFile(e) => usage(format!("--key-file: {e}")),
                 e => anyhow::Error::new(e).context(format!("serving replica {} on {listen}", dir.display())),
             })?;
             if let Some(l) = metrics {
@@ -431,6 +439,29 @@ fn socket_path(VolumeRef { config, volume, socket }: VolumeRef) -> Result<PathBu
     match volume {
         Some(v) => Ok(default_socket(&v)),
         None => Err(usage("name the volume: give --volume NAME, --config FILE or --socket PATH")),
+    }
+}
+
+/// `rekey`: every replica session moves to the key file's next key.
+fn rekey(path: PathBuf) -> Result<ExitCode> {
+    let v = control::call(&path, &ControlRequest::Rekey, Duration::from_secs(600))?;
+    let r: starblk::engine::RekeyReport = serde_json::from_value(v["rekey"].clone())?;
+    println!("rekeyed from key {} to key {}", r.old_key, r.new_key);
+    println!("  re-established: {}", list_or_none(&r.moved));
+    if !r.not_connected.is_empty() {
+        println!("  not connected (their next session uses the new key): {}", r.not_connected.join(", "));
+    }
+    if !r.not_back.is_empty() {
+        println!("  not up to date again yet (they reconnect with the new key): {}", r.not_back.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn list_or_none(names: &[String]) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
     }
 }
 

@@ -70,7 +70,7 @@ fn unknown_key() {
 }
 
 #[test]
-fn key_file_is_refused_until_authentication_exists() {
+fn missing_key_file_is_a_usage_error() {
     for cmd in [
         &["up", "--frontend", "none", "--foreground"][..],
         &["volume", "create"],
@@ -82,7 +82,7 @@ fn key_file_is_refused_until_authentication_exists() {
         let out = Command::new(BIN).args(cmd).arg("--config").arg(&path).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{cmd:?}: {err}");
-        assert!(err.contains("key_file") && err.contains("not implemented"), "{cmd:?}: {err}");
+        assert!(err.contains("key_file") && err.contains("vol.key"), "{cmd:?}: {err}");
     }
 }
 

@@ -199,6 +199,12 @@ fn check_payload(p: &[u8]) {
         }
         let _ = format!("{e:?}");
     }
+    if let Ok(h) = proto::AuthHello::decode(p) {
+        assert_eq!(&h.encode()[..], p);
+    }
+    if let Ok(c) = proto::AuthChallenge::decode(p) {
+        assert_eq!(&c.encode()[..], p);
+    }
     if let Ok(s) = Stamp::decode(p) {
         assert_eq!(s.encode(), p);
     }
@@ -223,7 +229,7 @@ fn check_payload(p: &[u8]) {
 fn frame_error_is_clean(e: &FrameError) -> bool {
     // Formatting must not panic either (it ends up in logs and counters).
     let _ = (e.to_string(), e.reason());
-    matches!(e, FrameError::Closed)
+    matches!(e, FrameError::Closed) && !matches!(e, FrameError::BadMac { .. })
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -247,6 +253,15 @@ fuzz_target!(|data: &[u8]| {
     };
 
     let mut reader = FrameReader::new(Trickle { data: &stream, pos: 0, chunk, interrupt_every, calls: 0 });
+    // Raw bytes into an authenticated session (MAC-only or encrypting):
+    // every frame must fail its MAC cleanly, never panic.
+    let authed = mode & 1 == 0 && mode & 6 != 0;
+    if authed {
+        let key = starblk_replica::auth::Key::from_bytes([7; 32]);
+        let side = starblk_replica::auth::Side::Replica;
+        let (_, rx) = starblk_replica::auth::frame_keys(side, &key, b"fuzz", &[3; 32], mode & 4 != 0);
+        reader.set_auth(rx);
+    }
     let mut decoded = 0usize;
     let mut reencoded = Vec::new();
     let end = loop {
@@ -264,7 +279,7 @@ fuzz_target!(|data: &[u8]| {
         assert!(header.length <= MAX_PAYLOAD_BYTES);
         assert_eq!(decode_header(consumed), Ok(header));
         assert!(proto::verify_crc(consumed, &header, payload).is_ok());
-        if consumed[16..HEADER_BYTES].iter().all(|b| *b == 0) {
+        if !authed && consumed[16..HEADER_BYTES].iter().all(|b| *b == 0) {
             reencoded.clear();
             write_frame(&mut reencoded, header.kind, header.flags, &[payload]).expect("write to a Vec");
             assert_eq!(reencoded, consumed, "a frame with a zero MAC must re-encode to its bytes");

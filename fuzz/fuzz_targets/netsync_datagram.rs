@@ -34,6 +34,14 @@ use input::Input;
 
 /// (1) One datagram and its payload.
 fn raw(data: &[u8]) {
+    // A keyed end: only a datagram whose MAC verifies is accepted, and it
+    // re-encodes to its bytes.
+    let key = wire::DatagramKey::new([7; 32]);
+    if let Ok(d) = wire::decode_keyed(data, Some(&key)) {
+        let mut again = Vec::new();
+        wire::encode_keyed(&d.header, d.payload, &mut again, Some(&key));
+        assert_eq!(again, data, "an accepted keyed datagram must re-encode to its bytes");
+    }
     let Ok(d) = wire::decode(data) else {
         return;
     };
@@ -183,6 +191,7 @@ fuzz_target!(|data: &[u8]| {
         max_message_bytes: 64 << 10,
         recv_window_seqs: 256,
         nonce: 1,
+        auth_nonce: None,
     };
     let mut run = Run {
         tx: Sender::new(LINK_ID, payload_bytes, fec),

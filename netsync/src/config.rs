@@ -27,8 +27,16 @@ pub const IP_UDP_HEADER_BYTES: usize = 28;
 /// (its header included) and adds its own repair header and datagram
 /// header, so it is the larger one. Clamped to the allowed payload range.
 pub fn payload_bytes_for_mtu(mtu_bytes: usize, fec: Option<&FecScheme>) -> usize {
-    let repair_extra = fec.map_or(0, |f| HEADER_BYTES + f.repair_header_bytes_max());
-    let budget = mtu_bytes.saturating_sub(IP_UDP_HEADER_BYTES + HEADER_BYTES + repair_extra);
+    payload_bytes_for_mtu_keyed(mtu_bytes, fec, false)
+}
+
+/// [`payload_bytes_for_mtu`] for a keyed link (`keyed`): every datagram
+/// then carries a MAC trailer, and a repair datagram codes data datagrams
+/// with theirs.
+pub fn payload_bytes_for_mtu_keyed(mtu_bytes: usize, fec: Option<&FecScheme>, keyed: bool) -> usize {
+    let mac = if keyed { crate::wire::MAC_BYTES } else { 0 };
+    let repair_extra = fec.map_or(0, |f| HEADER_BYTES + f.repair_header_bytes_max() + 2 * mac);
+    let budget = mtu_bytes.saturating_sub(IP_UDP_HEADER_BYTES + HEADER_BYTES + mac + repair_extra);
     budget.clamp(MIN_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES)
 }
 
@@ -44,6 +52,10 @@ pub struct LinkConfig {
     /// Link id carried in every datagram; 0 picks a random one at connect.
     /// A listener takes the id from the peer's hello.
     pub link_id: u32,
+    /// Authenticate every datagram with a key shared with the peer
+    /// ([`crate::keys`]); the peer must hold it too. A listener takes the
+    /// key whose hello verified (`Listener::set_keys`).
+    pub key: Option<crate::keys::LinkKey>,
     /// Message bytes per data datagram. [`payload_bytes_for_mtu`] gives the
     /// largest value whose repair datagrams are not fragmented.
     pub payload_bytes: usize,
@@ -124,6 +136,7 @@ impl Default for LinkConfig {
         let fec = FecScheme::layered_xor(8, 3).ok();
         LinkConfig {
             link_id: 0,
+            key: None,
             payload_bytes: payload_bytes_for_mtu(DEFAULT_MTU_BYTES, fec.as_ref()),
             fec,
             window_bytes: 16 << 20,

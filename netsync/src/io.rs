@@ -14,6 +14,7 @@ use socket2::Socket;
 use crate::auto_rate::AutoRate;
 use crate::config::LinkConfig;
 use crate::health::{fec_capacity, Health, HealthConfig, HealthMonitor};
+use crate::keys::{self, LinkKey, AUTH_NONCE_BYTES};
 use crate::pacer::{Pacer, RateLimit};
 use crate::rx::{Rx, RxLimits};
 use crate::shared::{lock, LinkEvent, Shared};
@@ -21,7 +22,9 @@ use crate::stamps::{Covers, WireTracker};
 use crate::stats::{LinkStats, RejectReason, Rejected, TxStats, WireMode};
 use crate::sys::{self, Stamp};
 use crate::tx::{OutMsg, Pending, Tx};
-use crate::wire::{self, AckPayload, DatagramError, Header, HelloPayload, Kind, NackPayload, PeerCounters, FLAG_REPLY};
+use crate::wire::{
+    self, AckPayload, DatagramError, DatagramKey, Header, HelloPayload, Kind, NackPayload, PeerCounters, FLAG_REPLY,
+};
 
 /// Datagrams sent per loop turn before looking at the socket again...
 const TX_BATCH: usize = 64;
@@ -164,6 +167,34 @@ impl Rtt {
     }
 }
 
+/// A keyed link end's authentication state (`crate::keys`).
+struct Auth {
+    key: LinkKey,
+    /// This end's fresh nonce.
+    nonce: [u8; AUTH_NONCE_BYTES],
+    /// Keys of the hellos this end sends and takes.
+    hello_tx: Option<DatagramKey>,
+    hello_rx: DatagramKey,
+    /// Direction keys, once both nonces are known.
+    tx: Option<DatagramKey>,
+    rx: Option<DatagramKey>,
+    /// Control counter of the last ack or nack sent, and taken.
+    ctl_sent: u64,
+    ctl_seen: u64,
+}
+
+impl Auth {
+    fn new(key: LinkKey, role: Role) -> Auth {
+        let nonce = keys::fresh_nonce();
+        let (hello_tx, hello_rx) = match role {
+            Role::Initiator => (Some(key.hello()), key.reply(&nonce)),
+            // The reply key needs the initiator's nonce (`establish`).
+            Role::Responder => (None, key.hello()),
+        };
+        Auth { key, nonce, hello_tx, hello_rx, tx: None, rx: None, ctl_sent: 0, ctl_seen: 0 }
+    }
+}
+
 /// See the module docs.
 pub(crate) struct Io {
     shared: Arc<Shared>,
@@ -206,6 +237,8 @@ pub(crate) struct Io {
     last_publish: Instant,
     buf: Vec<u8>,
     scratch: Vec<u8>,
+    /// Keyed links: nonces and keys.
+    auth: Option<Auth>,
 }
 
 /// How a link end starts.
@@ -273,6 +306,7 @@ impl Io {
             last_publish: now,
             buf: vec![0; RX_BUFFER_BYTES],
             scratch: Vec::with_capacity(2048),
+            auth: cfg.key.clone().map(|k| Auth::new(k, start.role)),
             shared,
             cfg,
         }
@@ -370,6 +404,7 @@ impl Io {
             max_message_bytes: self.cfg.max_message_bytes as u32,
             recv_window_seqs: self.cfg.recv_window_seqs.min(u64::from(u32::MAX)) as u32,
             nonce: self.nonce,
+            auth_nonce: self.auth.as_ref().map(|a| a.nonce),
         };
         let mut header = Header::control(Kind::Hello, self.link_id, 0);
         if self.role == Role::Responder {
@@ -378,7 +413,8 @@ impl Io {
         let mut payload = Vec::new();
         hello.encode_into(&mut payload);
         self.scratch.clear();
-        wire::encode_into(&header, &payload, &mut self.scratch);
+        let key = self.auth.as_ref().and_then(|a| a.hello_tx.as_ref());
+        wire::encode_keyed(&header, &payload, &mut self.scratch, key);
         // While the wire mode is undecided, each hello is the stamp probe.
         let covers = (self.net.tracker.mode() == WireMode::Probing).then_some(Covers::Probe);
         let _ = self.net.send(&self.scratch, covers, now);
@@ -501,8 +537,16 @@ impl Io {
         let mut payload = std::mem::take(&mut self.scratch);
         payload.clear();
         encode(&mut payload);
-        let mut bytes = Vec::with_capacity(wire::HEADER_BYTES + payload.len());
-        wire::encode_into(&Header::control(kind, self.link_id, 0), &payload, &mut bytes);
+        let mut bytes = Vec::with_capacity(wire::HEADER_BYTES + payload.len() + wire::MAC_BYTES);
+        // Keyed links number acks and nacks, so a replayed one is refused.
+        let (counter, key) = match &mut self.auth {
+            Some(a) => {
+                a.ctl_sent += 1;
+                (a.ctl_sent, a.tx.as_ref())
+            }
+            None => (0, None),
+        };
+        wire::encode_keyed(&Header::control(kind, self.link_id, counter), &payload, &mut bytes, key);
         self.scratch = payload;
         let _ = self.net.send(&bytes, None, now);
     }
@@ -697,12 +741,27 @@ impl Io {
     }
 
     fn on_datagram(&mut self, bytes: &[u8], now: Instant) {
-        let d = match wire::decode(bytes) {
+        let key = match &self.auth {
+            None => None,
+            Some(a) if wire::peek_kind(bytes) == Some(Kind::Hello) => Some(&a.hello_rx),
+            Some(a) => match &a.rx {
+                Some(k) => Some(k),
+                // Keyed, and the peer's nonce is not known yet.
+                None => return self.reject(RejectReason::Protocol),
+            },
+        };
+        let d = match wire::decode_keyed(bytes, key) {
             Ok(d) => d,
             Err(e) => return self.reject(reason_of(&e)),
         };
         if d.header.link_id != self.link_id {
             return self.reject(RejectReason::WrongLinkId);
+        }
+        if let (Some(a), Kind::Ack | Kind::Nack) = (&mut self.auth, d.header.kind) {
+            if d.header.seq <= a.ctl_seen {
+                return self.reject(RejectReason::Replayed);
+            }
+            a.ctl_seen = d.header.seq;
         }
         self.heard_from_peer(now);
         let result = match d.header.kind {
@@ -762,7 +821,32 @@ impl Io {
         }
     }
 
+    /// Keyed links: takes the peer's nonce from its hello and derives the
+    /// direction keys. Returns false if the hello carries none.
+    fn key_link(&mut self, hello: &HelloPayload) -> bool {
+        let Some(a) = &mut self.auth else { return true };
+        let Some(peer) = hello.auth_nonce else { return false };
+        let (i2r, r2i) = match self.role {
+            Role::Initiator => a.key.directions(self.link_id, &a.nonce, &peer),
+            Role::Responder => {
+                a.hello_tx = Some(a.key.reply(&peer));
+                a.key.directions(self.link_id, &peer, &a.nonce)
+            }
+        };
+        let (tx, rx) = if self.role == Role::Initiator { (i2r, r2i) } else { (r2i, i2r) };
+        self.tx.set_key(tx.clone());
+        self.rx.set_key(rx.clone());
+        a.tx = Some(tx);
+        a.rx = Some(rx);
+        true
+    }
+
     fn establish(&mut self, hello: &HelloPayload) {
+        if !self.key_link(hello) {
+            tracing::warn!("netsync link {:#x}: the peer's hello has no authentication nonce", self.link_id);
+            self.rejected.count(RejectReason::BadMac);
+            return;
+        }
         // Both ends take their own max_message_bytes as the limit of what
         // they accept: send no more than the peer does.
         let peer_max = hello.max_message_bytes as usize;
@@ -969,7 +1053,7 @@ fn reason_of(e: &DatagramError) -> RejectReason {
         RejectReason::Truncated
     } else if e.is_bad_crc() {
         RejectReason::BadCrc
-    } else if *e == DatagramError::BadMac {
+    } else if matches!(e, DatagramError::BadMac | DatagramError::MissingMac) {
         RejectReason::BadMac
     } else {
         RejectReason::BadHeader

@@ -30,6 +30,7 @@ mod error;
 pub mod fuzzing;
 pub mod health;
 mod io;
+pub mod keys;
 mod link;
 mod pacer;
 mod rx;
@@ -41,12 +42,13 @@ mod tx;
 pub mod wire;
 
 pub use config::{
-    payload_bytes_for_mtu, LinkConfig, DEFAULT_MTU_BYTES, IP_UDP_HEADER_BYTES, MAX_MESSAGE_BYTES, MAX_PAYLOAD_BYTES,
-    MESSAGE_OVERHEAD_BYTES, MIN_PAYLOAD_BYTES,
+    payload_bytes_for_mtu, payload_bytes_for_mtu_keyed, LinkConfig, DEFAULT_MTU_BYTES, IP_UDP_HEADER_BYTES,
+    MAX_MESSAGE_BYTES, MAX_PAYLOAD_BYTES, MESSAGE_OVERHEAD_BYTES, MIN_PAYLOAD_BYTES,
 };
 pub use error::LinkError;
 pub use health::{fec_capacity, Health};
-pub use link::{Link, Listener};
+pub use keys::LinkKey;
+pub use link::{KeysFn, Link, Listener};
 pub use shared::{LinkEvent, MsgId};
 pub use starblk_fec::FecScheme;
 pub use stats::{LinkStats, RejectReason, Rejected, RxStats, TxStats, WireMode};

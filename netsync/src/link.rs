@@ -15,6 +15,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::config::{LinkConfig, MESSAGE_OVERHEAD_BYTES};
 use crate::error::LinkError;
 use crate::io::{Io, Role, Start};
+use crate::keys::LinkKey;
 use crate::shared::{lock, LinkEvent, MsgId, Progress, Shared};
 use crate::stats::{LinkStats, RejectReason, Rejected};
 use crate::sys;
@@ -363,12 +364,30 @@ pub struct Listener {
     /// link's own socket existed is not accepted twice.
     recent: VecDeque<(u32, u64)>,
     rejected: Rejected,
+    /// Keyed listeners: the keys a hello may verify under (asked at every
+    /// hello, so a key file re-read takes effect for new links).
+    keys: Option<KeysFn>,
+}
+
+/// Where a keyed listener gets its keys.
+pub struct KeysFn(pub Box<dyn Fn() -> Vec<LinkKey> + Send>);
+
+impl std::fmt::Debug for KeysFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeysFn(..)")
+    }
 }
 
 /// Accepts remembered to ignore duplicate hellos.
 const RECENT_ACCEPTS: usize = 256;
 
 impl Listener {
+    /// Accepts only links whose hellos verify under one of the keys
+    /// `keys` returns; each accepted link is keyed with the one that did.
+    pub fn set_keys(&mut self, keys: KeysFn) {
+        self.keys = Some(keys);
+    }
+
     /// Binds `addr` (port 0 picks one). `cfg` applies to every accepted
     /// link (its `link_id` is ignored: the peer's is used).
     pub fn bind(addr: SocketAddr, cfg: LinkConfig) -> Result<Listener, LinkError> {
@@ -376,7 +395,7 @@ impl Listener {
         let sock = open_socket(addr, true, cfg.socket_buffer_bytes).map_err(LinkError::io("bind"))?;
         let sock: UdpSocket = sock.into();
         let local_addr = sock.local_addr().map_err(LinkError::io("local_addr"))?;
-        Ok(Listener { sock, cfg, local_addr, recent: VecDeque::new(), rejected: Rejected::default() })
+        Ok(Listener { sock, cfg, local_addr, recent: VecDeque::new(), rejected: Rejected::default(), keys: None })
     }
 
     /// The bound address.
@@ -414,22 +433,24 @@ impl Listener {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(LinkError::Io { context: "recv_from", source: e }),
             };
-            if let Some((link_id, hello)) = self.check_hello(&buf[..n]) {
-                let link = self.accept_from(peer, link_id, hello)?;
+            if let Some((link_id, hello, key)) = self.check_hello(&buf[..n]) {
+                let link = self.accept_from(peer, link_id, hello, key)?;
                 return Ok(Some(link));
             }
         }
     }
 
     /// A new peer's hello, or None (counted) for anything else.
-    fn check_hello(&mut self, bytes: &[u8]) -> Option<(u32, HelloPayload)> {
-        let d = match wire::decode(bytes) {
+    fn check_hello(&mut self, bytes: &[u8]) -> Option<(u32, HelloPayload, Option<LinkKey>)> {
+        let (d, key) = match self.verify_hello(bytes) {
             Ok(d) => d,
             Err(e) => {
                 self.rejected.count(if e.is_truncated() {
                     RejectReason::Truncated
                 } else if e.is_bad_crc() {
                     RejectReason::BadCrc
+                } else if matches!(e, wire::DatagramError::BadMac | wire::DatagramError::MissingMac) {
+                    RejectReason::BadMac
                 } else {
                     RejectReason::BadHeader
                 });
@@ -445,20 +466,44 @@ impl Listener {
             self.rejected.count(RejectReason::BadHeader);
             return None;
         };
+        if key.is_some() && hello.auth_nonce.is_none() {
+            self.rejected.count(RejectReason::BadMac);
+            return None;
+        }
         if self.recent.contains(&(d.header.link_id, hello.nonce)) {
             return None;
         }
-        Some((d.header.link_id, hello))
+        Some((d.header.link_id, hello, key))
     }
 
-    fn accept_from(&mut self, peer: SocketAddr, link_id: u32, hello: HelloPayload) -> Result<Link, LinkError> {
+    /// Decodes a datagram, keyed: under the first key its MAC verifies
+    /// with (a key file holds at most two).
+    fn verify_hello<'a>(&self, bytes: &'a [u8]) -> Result<(wire::Datagram<'a>, Option<LinkKey>), wire::DatagramError> {
+        let Some(keys) = &self.keys else { return wire::decode(bytes).map(|d| (d, None)) };
+        let mut err = wire::DatagramError::BadMac;
+        for k in (keys.0)() {
+            match wire::decode_keyed(bytes, Some(&k.hello())) {
+                Ok(d) => return Ok((d, Some(k))),
+                Err(e) => err = e,
+            }
+        }
+        Err(err)
+    }
+
+    fn accept_from(
+        &mut self,
+        peer: SocketAddr,
+        link_id: u32,
+        hello: HelloPayload,
+        key: Option<LinkKey>,
+    ) -> Result<Link, LinkError> {
         let sock = open_socket(self.local_addr, true, self.cfg.socket_buffer_bytes).map_err(LinkError::io("bind"))?;
         sock.connect(&peer.into()).map_err(LinkError::io("connect"))?;
         if self.recent.len() == RECENT_ACCEPTS {
             self.recent.pop_front();
         }
         self.recent.push_back((link_id, hello.nonce));
-        let cfg = LinkConfig { link_id, ..self.cfg.clone() };
+        let cfg = LinkConfig { link_id, key, ..self.cfg.clone() };
         tracing::info!("netsync: accepted link {link_id:#x} from {peer}");
         Link::start(sock, cfg, Role::Responder, Some(hello))
     }

@@ -67,6 +67,10 @@ pub(crate) struct RxLimits {
 #[derive(Debug)]
 pub(crate) struct Rx {
     link_id: u32,
+    /// Keyed links: the key of the peer's datagrams (rebuilt ones are
+    /// checked with it), and the MAC trailer's size (0 unkeyed).
+    key: Option<wire::DatagramKey>,
+    trailer_bytes: usize,
     limits: RxLimits,
     peer: Option<Peer>,
     decoder: Option<Decoder>,
@@ -94,6 +98,8 @@ impl Rx {
     pub(crate) fn new(link_id: u32, limits: RxLimits, now: Instant) -> Rx {
         Rx {
             link_id,
+            key: None,
+            trailer_bytes: 0,
             limits,
             peer: None,
             decoder: None,
@@ -114,11 +120,17 @@ impl Rx {
         }
     }
 
+    /// Keys the link: the peer's datagrams carry MACs under `key`.
+    pub(crate) fn set_key(&mut self, key: wire::DatagramKey) {
+        self.key = Some(key);
+        self.trailer_bytes = wire::MAC_BYTES;
+    }
+
     /// Takes the peer's hello: builds the decoder for its scheme.
     pub(crate) fn set_peer(&mut self, hello: &HelloPayload) {
         let span = hello.fec.as_ref().map_or(1, |s| s.group_span_seqs());
         self.decoder = hello.fec.as_ref().map(Decoder::new);
-        let datagram_bytes = hello.payload_bytes as usize + wire::HEADER_BYTES;
+        let datagram_bytes = hello.payload_bytes as usize + wire::HEADER_BYTES + self.trailer_bytes;
         self.peer = Some(Peer { datagram_bytes, span, scheme: hello.fec.clone() });
     }
 
@@ -257,7 +269,7 @@ impl Rx {
     fn take_recovered(&mut self, now: Instant) -> bool {
         let mut ok = true;
         for rec in std::mem::take(&mut self.recovered) {
-            let header = match wire::decode(&rec.payload) {
+            let header = match wire::decode_keyed(&rec.payload, self.key.as_ref()) {
                 Ok(d) if d.header.kind == Kind::Data && d.header.seq == rec.seq && d.header.link_id == self.link_id => {
                     d.header
                 }
@@ -331,7 +343,7 @@ impl Rx {
                 break;
             }
             let (header, bytes) = entry.get();
-            let payload_len = bytes.len() - wire::HEADER_BYTES;
+            let payload_len = bytes.len() - wire::HEADER_BYTES - self.trailer_bytes;
             let assembled = self.assembly.as_ref().map_or(0, |a| a.buf.len());
             if inbox.bytes > 0 && inbox.bytes + assembled + payload_len > self.limits.buffer_bytes {
                 inbox.wake_on_read = true;
@@ -340,7 +352,8 @@ impl Rx {
             let header = *header;
             let (_, bytes) = entry.remove();
             self.store_bytes -= bytes.len();
-            if let Err(reason) = self.append(&header, &bytes[wire::HEADER_BYTES..], inbox, &mut delivered) {
+            let payload = &bytes[wire::HEADER_BYTES..bytes.len() - self.trailer_bytes];
+            if let Err(reason) = self.append(&header, payload, inbox, &mut delivered) {
                 // Not the fragment the stream needs: drop it and nack the
                 // seq (a forged datagram with a valid crc looks like this).
                 self.missing.insert(header.seq, Missing { since: Instant::now(), nacked_at: None });
@@ -487,6 +500,7 @@ mod tests {
             max_message_bytes: 1 << 16,
             recv_window_seqs: 64,
             nonce: 1,
+            auth_nonce: None,
         });
         rx
     }

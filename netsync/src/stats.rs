@@ -37,8 +37,13 @@ pub enum RejectReason {
     BadHeader,
     /// crc32c mismatch.
     BadCrc,
-    /// Non-zero MAC field.
+    /// A MAC that does not verify (forged, corrupted, another link
+    /// instance's or the other direction's), a MAC where no key is
+    /// configured, or none on a keyed link.
     BadMac,
+    /// Keyed links: an ack or nack whose control counter did not rise
+    /// (replayed or reordered).
+    Replayed,
     /// Another link's id.
     WrongLinkId,
     /// A seq (or ack) far outside the window.
@@ -74,6 +79,8 @@ pub struct Rejected {
     pub nack_flood: u64,
     /// See [`RejectReason::Protocol`].
     pub protocol: u64,
+    /// See [`RejectReason::Replayed`].
+    pub replayed: u64,
 }
 
 impl Rejected {
@@ -88,6 +95,7 @@ impl Rejected {
             RejectReason::BadRepair => &mut self.bad_repair,
             RejectReason::NackFlood => &mut self.nack_flood,
             RejectReason::Protocol => &mut self.protocol,
+            RejectReason::Replayed => &mut self.replayed,
         };
         *c += 1;
     }
@@ -118,6 +126,7 @@ impl Rejected {
             + self.bad_repair
             + self.nack_flood
             + self.protocol
+            + self.replayed
     }
 }
 

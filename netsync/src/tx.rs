@@ -91,6 +91,8 @@ pub(crate) struct Released {
 #[derive(Debug)]
 pub(crate) struct Tx {
     link_id: u32,
+    /// Keyed links: the key of the datagrams this end sends.
+    key: Option<wire::DatagramKey>,
     payload_bytes: usize,
     next_seq: u64,
     acked_seq: u64,
@@ -136,6 +138,7 @@ impl Tx {
     pub(crate) fn new(link_id: u32, payload_bytes: usize, fec: Option<FecScheme>, now: Instant) -> Tx {
         Tx {
             link_id,
+            key: None,
             payload_bytes,
             next_seq: 1,
             acked_seq: 1,
@@ -161,6 +164,11 @@ impl Tx {
             idle_epoch: 0,
             first_sent_idle: 0,
         }
+    }
+
+    /// Keys every datagram built from now on (the link's send direction).
+    pub(crate) fn set_key(&mut self, key: wire::DatagramKey) {
+        self.key = Some(key);
     }
 
     /// The next data seq to build (every seq below was built).
@@ -292,7 +300,7 @@ impl Tx {
             // max_message_bytes <= 64 MiB fits u32.
             msg_len_bytes: f.msg.data.len() as u32,
         };
-        wire::encode_into(&header, &f.msg.data[start..end], &mut out);
+        wire::encode_keyed(&header, &f.msg.data[start..end], &mut out, self.key.as_ref());
         f.next_frag += 1;
         Some((out, f.msg.id, f.next_frag == f.frag_count))
     }
@@ -334,9 +342,9 @@ impl Tx {
             let mut payload = self.spare.pop().unwrap_or_default();
             payload.clear();
             repair.encode_into(&mut payload);
-            let mut bytes = Vec::with_capacity(wire::HEADER_BYTES + payload.len());
+            let mut bytes = Vec::with_capacity(wire::HEADER_BYTES + payload.len() + wire::MAC_BYTES);
             let header = Header::control(Kind::Repair, self.link_id, self.repair_counter);
-            wire::encode_into(&header, &payload, &mut bytes);
+            wire::encode_keyed(&header, &payload, &mut bytes, self.key.as_ref());
             self.recycle(payload);
             let seqs = repair.seqs().to_vec();
             if let Some(enc) = &mut self.encoder {

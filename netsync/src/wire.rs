@@ -3,21 +3,25 @@
 //!
 //! Every datagram is a 48-byte header followed by `payload_len` bytes. All
 //! integers are little-endian. (Version 1 had a 64-byte header with a
-//! 16-byte MAC field that was always zero; version 2 drops it, because
-//! header bytes cost goodput on every data and repair datagram. A MAC, when
-//! authentication comes, is a 16-byte trailer announced by flag bit 1.)
+//! 16-byte MAC field that was always zero; version 2 dropped it, because
+//! header bytes cost goodput on every data and repair datagram. On a keyed
+//! link every datagram carries a 16-byte MAC trailer after its payload,
+//! announced by flag bit 1: a keyed BLAKE3 hash over the header and payload
+//! (crc included) under the sender's direction key, see [`crate::keys`].
+//! Version 3 added the trailer, the hello's authentication nonce and the
+//! control counter of acks and nacks.)
 //!
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 4 | magic `"SBns"` |
-//! | 4 | 1 | version `2` |
+//! | 4 | 1 | version `3` |
 //! | 5 | 1 | kind: 1 data, 2 repair, 3 ack, 4 nack, 5 hello |
-//! | 6 | 1 | flags: bit 0 = reply (hello only); bit 1 = MAC trailer (refused while no key exists); others zero |
+//! | 6 | 1 | flags: bit 0 = reply (hello only); bit 1 = MAC trailer follows the payload (keyed links); others zero |
 //! | 7 | 1 | reserved, zero |
 //! | 8 | 4 | link id |
-//! | 12 | 2 | payload length in bytes; must equal datagram length − 48 |
+//! | 12 | 2 | payload length in bytes; must equal datagram length − 48 (− 16 with a MAC trailer) |
 //! | 14 | 2 | reserved, zero |
-//! | 16 | 8 | seq: data seq (data), repair counter (repair), 0 otherwise |
+//! | 16 | 8 | seq: data seq (data), repair counter (repair), on keyed links the control counter (ack, nack; must rise), 0 otherwise |
 //! | 24 | 8 | message id (data; 0 otherwise) |
 //! | 32 | 4 | fragment index (data; 0 otherwise), `< fragment count` |
 //! | 36 | 4 | fragment count (data, `>= 1`; 0 otherwise) |
@@ -41,7 +45,7 @@ use starblk_fec::{FecScheme, SchemeKind, MAX_LAYERS};
 /// First four bytes of every datagram.
 pub const MAGIC: [u8; 4] = *b"SBns";
 /// The format version this build speaks.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// Header size; the payload starts here.
 pub const HEADER_BYTES: usize = 48;
 /// Largest UDP payload over IPv4.
@@ -50,9 +54,11 @@ pub const MAX_DATAGRAM_BYTES: usize = 65_507;
 pub const MAX_PAYLOAD_BYTES: usize = MAX_DATAGRAM_BYTES - HEADER_BYTES;
 /// Hello flag: this hello answers the peer's.
 pub const FLAG_REPLY: u8 = 1;
-/// Flag: a MAC trailer follows the payload. Reserved for authentication;
-/// refused as [`DatagramError::BadMac`] until a key can be configured.
+/// Flag: a MAC trailer follows the payload (keyed links). Without a key
+/// it is refused as [`DatagramError::BadMac`].
 pub const FLAG_MAC: u8 = 2;
+/// Bytes of the MAC trailer.
+pub const MAC_BYTES: usize = 16;
 /// Size of an ack payload.
 pub const ACK_PAYLOAD_BYTES: usize = 88;
 /// Most ranges one nack carries (keeps a nack under 1300 bytes).
@@ -176,9 +182,13 @@ pub enum DatagramError {
         /// The crc computed over the datagram.
         computed: u32,
     },
-    /// The datagram says it carries a MAC, but no key is configured.
-    #[error("datagram carries a MAC but no key is configured")]
+    /// The datagram's MAC does not verify, or it carries one while this
+    /// end has no key.
+    #[error("datagram MAC does not verify (or no key is configured for it)")]
     BadMac,
+    /// This end is keyed, but the datagram carries no MAC.
+    #[error("datagram carries no MAC, but this link is keyed")]
+    MissingMac,
     /// A header or payload field is out of range or inconsistent.
     #[error("field `{field}` has invalid value {value}")]
     BadField {
@@ -234,11 +244,17 @@ fn datagram_crc(buf: &[u8]) -> u32 {
 ///
 /// Panics only on a caller bug: a payload over [`MAX_PAYLOAD_BYTES`].
 pub fn encode_into(header: &Header, payload: &[u8], out: &mut Vec<u8>) {
+    encode_keyed(header, payload, out, None);
+}
+
+/// [`encode_into`], with a MAC trailer under `key` if given.
+pub fn encode_keyed(header: &Header, payload: &[u8], out: &mut Vec<u8>, key: Option<&DatagramKey>) {
     assert!(payload.len() <= MAX_PAYLOAD_BYTES, "payload of {} bytes", payload.len());
     let start = out.len();
-    out.reserve(HEADER_BYTES + payload.len());
+    out.reserve(HEADER_BYTES + payload.len() + MAC_BYTES);
+    let flags = if key.is_some() { header.flags | FLAG_MAC } else { header.flags };
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&[VERSION, header.kind.wire_id(), header.flags, 0]);
+    out.extend_from_slice(&[VERSION, header.kind.wire_id(), flags, 0]);
     out.extend_from_slice(&header.link_id.to_le_bytes());
     // Checked above: fits u16.
     out.extend_from_slice(&(payload.len() as u16).to_le_bytes());
@@ -252,12 +268,54 @@ pub fn encode_into(header: &Header, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
     let crc = datagram_crc(&out[start..]);
     out[start + CRC_AT..start + CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
+    if let Some(k) = key {
+        let mac = k.mac(&out[start..]);
+        out.extend_from_slice(&mac);
+    }
+}
+
+/// The kind of a datagram, if its header is long enough and names one
+/// (to choose the key that checks it before [`decode_keyed`]).
+pub fn peek_kind(buf: &[u8]) -> Option<Kind> {
+    buf.get(5).and_then(|id| Kind::from_wire_id(*id))
+}
+
+/// A direction's datagram key (derived per link, [`crate::keys`]).
+#[derive(Clone)]
+pub struct DatagramKey([u8; 32]);
+
+impl std::fmt::Debug for DatagramKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatagramKey(..)")
+    }
+}
+
+impl DatagramKey {
+    /// A key from derived bytes.
+    pub fn new(bytes: [u8; 32]) -> DatagramKey {
+        DatagramKey(bytes)
+    }
+
+    fn mac(&self, bytes: &[u8]) -> [u8; MAC_BYTES] {
+        blake3::keyed_hash(&self.0, bytes).as_bytes()[..MAC_BYTES].try_into().expect("16 bytes")
+    }
+
+    fn verify(&self, bytes: &[u8], mac: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        self.mac(bytes).ct_eq(mac).into()
+    }
 }
 
 /// Decodes and checks one datagram: lengths, magic, version, kind, crc,
 /// MAC, reserved bytes and the header fields' ranges. Kind-specific payload
 /// layouts are checked by [`AckPayload::decode`] and friends.
 pub fn decode(buf: &[u8]) -> Result<Datagram<'_>, DatagramError> {
+    decode_keyed(buf, None)
+}
+
+/// [`decode`] for a keyed link end: the datagram must carry a MAC trailer
+/// that verifies under `key`. Without a key, a MAC trailer is refused.
+pub fn decode_keyed<'a>(buf: &'a [u8], key: Option<&DatagramKey>) -> Result<Datagram<'a>, DatagramError> {
     if buf.len() < HEADER_BYTES {
         return Err(DatagramError::Truncated { have_bytes: buf.len(), need_bytes: HEADER_BYTES });
     }
@@ -268,25 +326,31 @@ pub fn decode(buf: &[u8]) -> Result<Datagram<'_>, DatagramError> {
     if buf[4] != VERSION {
         return Err(DatagramError::BadVersion(buf[4]));
     }
-    let need = HEADER_BYTES + usize::from(u16_at(buf, 12));
+    let has_mac = buf[6] & FLAG_MAC != 0;
+    let body = HEADER_BYTES + usize::from(u16_at(buf, 12));
+    let need = body + if has_mac { MAC_BYTES } else { 0 };
     if buf.len() < need {
         return Err(DatagramError::Truncated { have_bytes: buf.len(), need_bytes: need });
     }
     if buf.len() > need {
         return Err(DatagramError::TrailingBytes { extra_bytes: buf.len() - need });
     }
+    let (buf, mac) = buf.split_at(body);
     let stored = u32_at(buf, CRC_AT);
     let computed = datagram_crc(buf);
     if stored != computed {
         return Err(DatagramError::BadCrc { stored, computed });
     }
-    if buf[6] & FLAG_MAC != 0 {
-        return Err(DatagramError::BadMac);
+    match key {
+        None if has_mac => return Err(DatagramError::BadMac),
+        Some(_) if !has_mac => return Err(DatagramError::MissingMac),
+        Some(k) if !k.verify(buf, mac) => return Err(DatagramError::BadMac),
+        _ => {}
     }
     let kind = Kind::from_wire_id(buf[5]).ok_or(DatagramError::BadKind(buf[5]))?;
     let header = Header {
         kind,
-        flags: buf[6],
+        flags: buf[6] & !FLAG_MAC,
         link_id: u32_at(buf, 8),
         seq: u64_at(buf, 16),
         msg_id: u64_at(buf, 24),
@@ -516,7 +580,7 @@ impl NackPayload {
 /// Layout: fec scheme id (1: 0 none, 1 layered XOR, 2 Reed-Solomon), r (1),
 /// c (1), reserved (1, zero), payload_bytes (4), max_message_bytes (4),
 /// recv_window_seqs (4), session nonce (8), then for layered XOR c strides
-/// (8 each).
+/// (8 each), then on keyed links the authentication nonce (32).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HelloPayload {
     /// The scheme this end codes its data with, if any.
@@ -530,6 +594,8 @@ pub struct HelloPayload {
     /// Random per link instance; a hello with another nonce is another
     /// instance of the link.
     pub nonce: u64,
+    /// Keyed links: this end's fresh nonce for the direction keys.
+    pub auth_nonce: Option<[u8; crate::keys::AUTH_NONCE_BYTES]>,
 }
 
 impl HelloPayload {
@@ -550,6 +616,9 @@ impl HelloPayload {
                 out.extend_from_slice(&s.to_le_bytes());
             }
         }
+        if let Some(n) = &self.auth_nonce {
+            out.extend_from_slice(n);
+        }
     }
 
     /// Decodes a hello payload; the scheme is validated by `starblk-fec`.
@@ -563,16 +632,21 @@ impl HelloPayload {
             return Err(DatagramError::BadField { field: "hello.reserved", value: p[3].into() });
         }
         let strides_len = if id == 1 { c.min(MAX_LAYERS + 1) * 8 } else { 0 };
-        if p.len() != HELLO_FIXED_BYTES + strides_len {
-            return Err(bad_len);
-        }
-        let fec = hello_scheme(id, r, c, &p[HELLO_FIXED_BYTES..])?;
+        let base = HELLO_FIXED_BYTES + strides_len;
+        let auth_nonce = match p.len() - base.min(p.len()) {
+            _ if p.len() < base => return Err(bad_len),
+            0 => None,
+            crate::keys::AUTH_NONCE_BYTES => Some(p[base..].try_into().expect("nonce bytes")),
+            _ => return Err(bad_len),
+        };
+        let fec = hello_scheme(id, r, c, &p[HELLO_FIXED_BYTES..base])?;
         let hello = HelloPayload {
             fec,
             payload_bytes: u32_at(p, 4),
             max_message_bytes: u32_at(p, 8),
             recv_window_seqs: u32_at(p, 12),
             nonce: u64_at(p, 16),
+            auth_nonce,
         };
         if hello.payload_bytes == 0 || hello.payload_bytes as usize > MAX_PAYLOAD_BYTES {
             return Err(DatagramError::BadField { field: "hello.payload_bytes", value: hello.payload_bytes.into() });
@@ -646,12 +720,31 @@ mod tests {
 
     #[test]
     fn mac_flag_is_refused_without_a_key() {
-        let mut h = data_header();
-        h.flags = FLAG_MAC;
+        let key = DatagramKey::new([9; 32]);
         let mut buf = Vec::new();
-        encode_into(&h, b"hello", &mut buf);
+        encode_keyed(&data_header(), b"hello", &mut buf, Some(&key));
         assert_eq!(decode(&buf), Err(DatagramError::BadMac));
-        assert_eq!(HEADER_BYTES + 5, buf.len(), "no trailer is written while no key exists");
+        assert_eq!(HEADER_BYTES + 5 + MAC_BYTES, buf.len());
+    }
+
+    #[test]
+    fn keyed_datagrams_verify_only_under_their_key() {
+        let key = DatagramKey::new([9; 32]);
+        let mut buf = Vec::new();
+        encode_keyed(&data_header(), b"hello", &mut buf, Some(&key));
+        let d = decode_keyed(&buf, Some(&key)).unwrap();
+        assert_eq!((d.header, d.payload), (data_header(), &b"hello"[..]));
+        assert_eq!(decode_keyed(&buf, Some(&DatagramKey::new([8; 32]))), Err(DatagramError::BadMac));
+        // Every bit flip is refused, in the MAC too.
+        for i in 0..buf.len() * 8 {
+            let mut b = buf.clone();
+            b[i / 8] ^= 1 << (i % 8);
+            assert!(decode_keyed(&b, Some(&key)).is_err(), "bit {i}");
+        }
+        // An unkeyed datagram is refused by a keyed end.
+        let mut plain = Vec::new();
+        encode_into(&data_header(), b"hello", &mut plain);
+        assert_eq!(decode_keyed(&plain, Some(&key)), Err(DatagramError::MissingMac));
     }
 
     #[test]
@@ -688,12 +781,14 @@ mod tests {
         assert_eq!(NackPayload::decode(&b), Ok(nack));
 
         for fec in [None, Some(FecScheme::layered_xor(8, 3).unwrap()), Some(FecScheme::reed_solomon(8, 3).unwrap())] {
+            let auth_nonce = fec.is_some().then_some([5; 32]);
             let hello = HelloPayload {
                 fec,
                 payload_bytes: 1200,
                 max_message_bytes: 1 << 21,
                 recv_window_seqs: 4096,
                 nonce: 77,
+                auth_nonce,
             };
             b.clear();
             hello.encode_into(&mut b);

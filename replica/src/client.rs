@@ -5,9 +5,10 @@ use std::io::{self, BufReader};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
+use crate::auth::{self, AuthFailure, Credentials, Side};
 use crate::proto::{
-    self, Changes, ChangesReply, ErrorFrame, FrameError, FrameReader, FrameType, Hello, HelloOk, ReadError,
-    RegionHeader, RegionRead, Stamp, Uuid, WriteHeader,
+    self, AuthChallenge, AuthHello, Changes, ChangesReply, ErrorCode, ErrorFrame, FrameError, FrameReader, FrameType,
+    Hello, HelloOk, ReadError, RegionHeader, RegionRead, Seal, Stamp, Uuid, WriteHeader,
 };
 
 /// One log record as read from a replica.
@@ -28,6 +29,22 @@ pub enum ClientError {
     /// The replica answered with an unexpected frame type.
     #[error("replica {addr}: unexpected {kind:?} frame")]
     Unexpected { addr: String, kind: FrameType },
+    /// Authentication failed (either side refused).
+    #[error("replica {addr}: authentication failed: {failure}: {detail}")]
+    Auth { addr: String, failure: AuthFailure, detail: String },
+}
+
+impl ClientError {
+    /// The authentication failure this error is, if any: a handshake
+    /// refusal, or a frame that failed its MAC.
+    pub fn auth_failure(&self) -> Option<AuthFailure> {
+        match self {
+            ClientError::Auth { failure, .. } => Some(*failure),
+            ClientError::Protocol { source: FrameError::BadMac { .. }, .. } => Some(AuthFailure::BadMac),
+            ClientError::Rejected { frame, .. } if frame.code == ErrorCode::Auth => Some(AuthFailure::Refused),
+            _ => None,
+        }
+    }
 }
 
 /// An open session: the read half (buffered) and the write half.
@@ -36,6 +53,8 @@ pub struct Session {
     pub reader: FrameReader<BufReader<TcpStream>>,
     /// Write half (Nagle off).
     pub writer: TcpStream,
+    /// Seals frames sent on `writer` once the session authenticated.
+    pub seal: Seal,
     /// The replica's answer to Hello.
     pub hello: HelloOk,
     /// The address dialled.
@@ -55,20 +74,62 @@ pub fn dial(addr: &str, timeout: Duration) -> Result<TcpStream, ClientError> {
     Ok(s)
 }
 
-/// Connects and performs the Hello handshake.
+/// Connects and performs the Hello handshake (no authentication).
 pub fn connect(addr: &str, hello: Hello, timeout: Duration) -> Result<Session, ClientError> {
-    let stream = dial(addr, timeout)?;
+    connect_with(addr, hello, timeout, None)
+}
+
+/// Connects, authenticates with `creds` if given (the replica must then
+/// hold the key), and performs the Hello handshake.
+pub fn connect_with(
+    addr: &str,
+    hello: Hello,
+    timeout: Duration,
+    creds: Option<&Credentials>,
+) -> Result<Session, ClientError> {
+    let mut s = dial_session(addr, timeout, creds)?;
     let err = |source| ClientError::Io { addr: addr.to_string(), source };
-    stream.set_read_timeout(Some(timeout)).map_err(err)?;
-    let mut writer = stream.try_clone().map_err(err)?;
-    let mut reader = FrameReader::new(BufReader::with_capacity(1 << 18, stream));
-    proto::write_frame(&mut writer, FrameType::Hello, 0, &[&hello.encode()]).map_err(err)?;
+    s.send(FrameType::Hello, &[&hello.encode()])?;
     let hello_ok = {
-        let p = expect(&mut reader, addr, FrameType::HelloOk)?;
+        let p = expect(&mut s.reader, addr, FrameType::HelloOk)?;
         HelloOk::decode(&p).map_err(|source| ClientError::Protocol { addr: addr.to_string(), source })?
     };
-    reader.get_ref().get_ref().set_read_timeout(None).map_err(err)?;
-    Ok(Session { reader, writer, hello: hello_ok, addr: addr.to_string() })
+    s.reader.get_ref().get_ref().set_read_timeout(None).map_err(err)?;
+    s.hello = hello_ok;
+    Ok(s)
+}
+
+/// The client half of the authentication handshake, over any transport:
+/// sends AuthHello through `send`, checks the replica's proof, and keys
+/// `reader`; returns the key to seal sent frames with. The replica learns
+/// that this side holds the key from its first sealed frame.
+pub fn authenticate<R: std::io::Read>(
+    reader: &mut FrameReader<R>,
+    send: impl FnOnce(FrameType, &[&[u8]]) -> std::io::Result<()>,
+    creds: &Credentials,
+    addr: &str,
+) -> Result<auth::FrameKey, ClientError> {
+    let io = |source| ClientError::Io { addr: addr.to_string(), source };
+    let flags = if creds.encrypt { auth::AUTH_ENCRYPT } else { 0 };
+    let hello = AuthHello { key_id: creds.key.id(), flags, nonce: auth::fresh_nonce().map_err(io)? };
+    let hello_bytes = hello.encode();
+    send(FrameType::AuthHello, &[&hello_bytes]).map_err(io)?;
+    let fail = |failure, detail: String| ClientError::Auth { addr: addr.to_string(), failure, detail };
+    let p = match expect(reader, addr, FrameType::AuthChallenge) {
+        Ok(p) => p,
+        Err(ClientError::Rejected { frame, .. }) if frame.code == ErrorCode::Auth => {
+            return Err(fail(AuthFailure::Refused, frame.message));
+        }
+        Err(e) => return Err(e),
+    };
+    let ch = AuthChallenge::decode(&p).map_err(|source| ClientError::Protocol { addr: addr.to_string(), source })?;
+    if !auth::proof_ok(&creds.key, &hello_bytes, &ch.nonce, &ch.proof) {
+        let detail = format!("its proof does not verify under key {}", creds.key.id());
+        return Err(fail(AuthFailure::BadProof, detail));
+    }
+    let (tx, rx) = auth::frame_keys(Side::Client, &creds.key, &hello_bytes, &ch.nonce, creds.encrypt);
+    reader.set_auth(rx);
+    Ok(tx)
 }
 
 /// Reads one frame and insists on `kind`; Error frames become `Rejected`.
@@ -97,9 +158,10 @@ pub fn read_err(addr: &str, e: ReadError) -> ClientError {
 }
 
 impl Session {
-    /// Sends one frame.
+    /// Sends one frame (sealed once the session authenticated).
     pub fn send(&mut self, kind: FrameType, parts: &[&[u8]]) -> Result<(), ClientError> {
-        proto::write_frame(&mut self.writer, kind, 0, parts)
+        self.seal
+            .write_frame(&mut self.writer, kind, 0, parts)
             .map_err(|source| ClientError::Io { addr: self.addr.clone(), source })
     }
 
@@ -220,20 +282,36 @@ impl Session {
 
 /// Opens a probe session (no volume or epoch checks) to read replica state.
 pub fn probe(addr: &str, timeout: Duration) -> Result<Session, ClientError> {
-    connect(addr, Hello { volume: [0; 16], epoch: 0, flags: proto::HELLO_PROBE }, timeout)
+    probe_with(addr, timeout, None)
+}
+
+/// [`probe`], authenticated with `creds` if given.
+pub fn probe_with(addr: &str, timeout: Duration, creds: Option<&Credentials>) -> Result<Session, ClientError> {
+    connect_with(addr, Hello { volume: [0; 16], epoch: 0, flags: proto::HELLO_PROBE }, timeout, creds)
 }
 
 /// Stamps volume identity on a replica (`volume create`).
 pub fn stamp(addr: &str, st: &Stamp, timeout: Duration) -> Result<u64, ClientError> {
-    let mut s = probe(addr, timeout)?;
+    stamp_with(addr, st, timeout, None)
+}
+
+/// [`stamp`], authenticated with `creds` if given.
+pub fn stamp_with(addr: &str, st: &Stamp, timeout: Duration, creds: Option<&Credentials>) -> Result<u64, ClientError> {
+    let mut s = probe_with(addr, timeout, creds)?;
     let p = s.call(FrameType::Stamp, &[&st.encode()], FrameType::Ack)?;
     proto::decode_u64(FrameType::Ack, &p).map_err(|source| ClientError::Protocol { addr: addr.to_string(), source })
 }
 
 /// Stores a new replica set on a replica, over a session of the host at
 /// `epoch` (`docs/design.md`, "Membership"); returns the stored version.
-pub fn set_members(addr: &str, volume: Uuid, req: &proto::SetMembers, timeout: Duration) -> Result<u64, ClientError> {
-    let mut s = connect(addr, Hello { volume, epoch: req.epoch, flags: 0 }, timeout)?;
+pub fn set_members(
+    addr: &str,
+    volume: Uuid,
+    req: &proto::SetMembers,
+    timeout: Duration,
+    creds: Option<&Credentials>,
+) -> Result<u64, ClientError> {
+    let mut s = connect_with(addr, Hello { volume, epoch: req.epoch, flags: 0 }, timeout, creds)?;
     let p = s.call(FrameType::SetMembers, &[&req.encode()], FrameType::MembersOk)?;
     proto::decode_u64(FrameType::MembersOk, &p)
         .map_err(|source| ClientError::Protocol { addr: addr.to_string(), source })
@@ -241,17 +319,34 @@ pub fn set_members(addr: &str, volume: Uuid, req: &proto::SetMembers, timeout: D
 
 /// Fetches a replica's counters as JSON.
 pub fn stats(addr: &str, timeout: Duration) -> Result<serde_json::Value, ClientError> {
-    let mut s = dial_session(addr, timeout)?;
+    stats_with(addr, timeout, None)
+}
+
+/// [`stats`], authenticated with `creds` if given (a replica with a key
+/// file answers nothing else).
+pub fn stats_with(
+    addr: &str,
+    timeout: Duration,
+    creds: Option<&Credentials>,
+) -> Result<serde_json::Value, ClientError> {
+    let mut s = dial_session(addr, timeout, creds)?;
     let p = s.call(FrameType::Stats, &[], FrameType::StatsReply)?;
     serde_json::from_slice(&p).map_err(|e| ClientError::Io { addr: addr.to_string(), source: e.into() })
 }
 
-fn dial_session(addr: &str, timeout: Duration) -> Result<Session, ClientError> {
+/// Dials, and authenticates if `creds` are given; the session has no
+/// Hello yet (its `hello` is empty). Reads time out after `timeout`.
+pub fn dial_session(addr: &str, timeout: Duration, creds: Option<&Credentials>) -> Result<Session, ClientError> {
     let stream = dial(addr, timeout)?;
     let err = |source| ClientError::Io { addr: addr.to_string(), source };
     stream.set_read_timeout(Some(timeout)).map_err(err)?;
-    let writer = stream.try_clone().map_err(err)?;
-    let reader = FrameReader::new(BufReader::new(stream));
+    let mut writer = stream.try_clone().map_err(err)?;
+    let mut reader = FrameReader::new(BufReader::with_capacity(1 << 18, stream));
+    let mut seal = Seal::default();
+    if let Some(c) = creds {
+        let send = |kind, parts: &[&[u8]]| proto::write_frame(&mut writer, kind, 0, parts);
+        seal = Seal::new(Some(authenticate(&mut reader, send, c, addr)?));
+    }
     let hello = HelloOk {
         volume: [0; 16],
         epoch: 0,
@@ -262,7 +357,7 @@ fn dial_session(addr: &str, timeout: Duration) -> Result<Session, ClientError> {
         copying: None,
         members: Default::default(),
     };
-    Ok(Session { reader, writer, hello, addr: addr.to_string() })
+    Ok(Session { reader, writer, seal, hello, addr: addr.to_string() })
 }
 
 /// Formats a UUID in the usual 8-4-4-4-12 form.

@@ -158,9 +158,11 @@ pub fn run(
     ctl: &CopyControl,
     cancel: &AtomicBool,
     report: &dyn CopyReport,
+    creds: Option<&crate::auth::Credentials>,
 ) -> Result<u64, CopyError> {
     let peer = |source| CopyError::Peer { addr: addr.to_string(), source };
-    let session = client::connect(addr, Hello { volume, epoch, flags: 0 }, CONNECT_TIMEOUT).map_err(peer)?;
+    let hello = Hello { volume, epoch, flags: 0 };
+    let session = client::connect_with(addr, hello, CONNECT_TIMEOUT, creds).map_err(peer)?;
     // A source that stops answering must not stall the copy for ever: the
     // error ends this session's copy and the host resumes it elsewhere.
     session

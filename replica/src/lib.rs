@@ -4,6 +4,7 @@
 //! Nothing here knows about ublk; the host engine and the recovery crate
 //! build on these types.
 
+pub mod auth;
 pub mod changes;
 pub mod client;
 pub mod copy;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use starblk_netsync::{Link, LinkError};
 
-use crate::proto::{self, FrameType};
+use crate::proto::{FrameType, Seal};
 use crate::server::FrameOut;
 
 /// How often a blocked reader checks whether its session was closed.
@@ -74,21 +74,24 @@ impl Read for MsgReader {
 pub struct NetOut {
     link: Arc<Link>,
     closed: Arc<AtomicBool>,
-    buf: Mutex<Vec<u8>>,
+    /// The message being built, and the session's seal (one lock, so
+    /// frames are sealed in the order they are sent).
+    buf: Mutex<(Vec<u8>, Seal)>,
 }
 
 impl NetOut {
     /// A frame sender over `link`; `close` sets `closed`.
     pub fn new(link: Arc<Link>, closed: Arc<AtomicBool>) -> NetOut {
-        NetOut { link, closed, buf: Mutex::new(Vec::new()) }
+        NetOut { link, closed, buf: Mutex::new((Vec::new(), Seal::default())) }
     }
 
     /// Sends one frame and returns its message id (for on-the-wire tracking).
     pub fn send_msg(&self, kind: FrameType, parts: &[&[u8]]) -> io::Result<u64> {
-        let mut b = self.buf.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.buf.lock().unwrap_or_else(|e| e.into_inner());
+        let (b, seal) = &mut *g;
         b.clear();
-        proto::write_frame(&mut *b, kind, 0, parts)?;
-        self.link.send(&b).map_err(|e| io::Error::other(e.to_string()))
+        seal.write_frame(b, kind, 0, parts)?;
+        self.link.send(b).map_err(|e| io::Error::other(e.to_string()))
     }
 }
 
@@ -98,6 +101,9 @@ impl FrameOut for NetOut {
     }
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
+    }
+    fn set_seal(&self, seal: Seal) {
+        self.buf.lock().unwrap_or_else(|e| e.into_inner()).1 = seal;
     }
 }
 

@@ -10,7 +10,8 @@
 //!  6 flags   u16  per type (WriteOp for Write frames)
 //!  8 length  u32  payload bytes, <= MAX_PAYLOAD_BYTES
 //! 12 crc32c  u32  over bytes 0..12, 16..32 and the payload
-//! 16 mac     [u8; 16]  zero until authentication lands
+//! 16 mac     [u8; 16]  zero, or once a session authenticated, the
+//!                      frame's MAC or AEAD tag (`crate::auth`)
 //! ```
 //!
 //! Decoding never trusts a length: the header is validated before any
@@ -18,6 +19,7 @@
 
 use std::io::{self, IoSlice, Read, Write};
 
+use crate::auth::{FrameKey, KeyId, NONCE_BYTES};
 use crate::history::{History, Position};
 use crate::members::{Member, Membership};
 use crate::superblock::CopyKind;
@@ -25,7 +27,7 @@ use crate::superblock::CopyKind;
 /// "SBLK" read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"SBLK");
 /// The only protocol version this build speaks.
-pub const PROTOCOL_VERSION: u8 = 4;
+pub const PROTOCOL_VERSION: u8 = 5;
 /// Size of the fixed frame header.
 pub const HEADER_BYTES: usize = 32;
 /// Largest payload accepted: one max-sized I/O plus its sub-header.
@@ -65,6 +67,13 @@ pub enum FrameError {
     /// The payload is the wrong size or shape for its type.
     #[error("malformed {kind:?} payload: {reason}")]
     Malformed { kind: FrameType, reason: &'static str },
+    /// The frame's MAC (or AEAD tag) does not verify at this place in the
+    /// session: forged, corrupted, replayed, reordered or another
+    /// session's.
+    #[error(
+        "{kind:?} frame failed authentication at frame seq {seq} (forged, corrupted, replayed or from another session)"
+    )]
+    BadMac { kind: FrameType, seq: u64 },
 }
 
 impl FrameError {
@@ -79,6 +88,7 @@ impl FrameError {
             FrameError::TooLong(_) => "too_long",
             FrameError::BadCrc { .. } => "bad_crc",
             FrameError::Malformed { .. } => "malformed",
+            FrameError::BadMac { .. } => "bad_mac",
         }
     }
 }
@@ -151,6 +161,10 @@ pub enum FrameType {
     SetMembers = 28,
     /// Replica → HE: the replica set version now stored (u64).
     MembersOk = 29,
+    /// Client → replica: start an authenticated session ([`AuthHello`]).
+    AuthHello = 31,
+    /// Replica → client: its nonce and proof ([`AuthChallenge`]).
+    AuthChallenge = 32,
 }
 
 impl FrameType {
@@ -186,6 +200,8 @@ impl FrameType {
             27 => CopyDone,
             28 => SetMembers,
             29 => MembersOk,
+            31 => AuthHello,
+            32 => AuthChallenge,
             _ => return None,
         })
     }
@@ -238,11 +254,13 @@ pub enum ErrorCode {
     /// The replica's log holds records from another history past the
     /// host's; it needs a rollback before it can serve this host.
     Diverged = 9,
+    /// Authentication failed or is missing (`crate::auth::AuthFailure`).
+    Auth = 10,
 }
 
 impl ErrorCode {
     /// Every code, in wire order (metrics list each reason, even at 0).
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 10] = [
         ErrorCode::Malformed,
         ErrorCode::WrongVolume,
         ErrorCode::StaleEpoch,
@@ -252,6 +270,7 @@ impl ErrorCode {
         ErrorCode::BadState,
         ErrorCode::BadVersion,
         ErrorCode::Diverged,
+        ErrorCode::Auth,
     ];
 
     /// Short snake_case name, used as a metrics label value.
@@ -266,6 +285,7 @@ impl ErrorCode {
             ErrorCode::BadState => "bad_state",
             ErrorCode::BadVersion => "bad_version",
             ErrorCode::Diverged => "diverged",
+            ErrorCode::Auth => "auth",
         }
     }
 
@@ -281,6 +301,7 @@ impl ErrorCode {
             7 => BadState,
             8 => BadVersion,
             9 => Diverged,
+            10 => Auth,
             _ => Malformed,
         }
     }
@@ -356,18 +377,89 @@ pub fn verify_crc(hbytes: &[u8], header: &Header, payload: &[u8]) -> Result<(), 
     Ok(())
 }
 
+/// Recomputes the crc of a whole encoded frame (header and payload) in
+/// place, for tools and tests that edit a frame's bytes and want the edit
+/// to reach the MAC check rather than fail the crc.
+pub fn recompute_crc(frame: &mut [u8]) {
+    if frame.len() < HEADER_BYTES {
+        return;
+    }
+    let (hb, payload) = frame.split_at_mut(HEADER_BYTES);
+    let h: &mut [u8; HEADER_BYTES] = hb.try_into().expect("header bytes");
+    let crc = frame_crc(h, &[payload]);
+    h[12..16].copy_from_slice(&crc.to_le_bytes());
+}
+
 /// Writes a frame whose payload is the concatenation of `parts`, with one
 /// vectored write where possible (no copy of large data parts).
 pub fn write_frame<W: Write>(w: &mut W, kind: FrameType, flags: u16, parts: &[&[u8]]) -> io::Result<()> {
-    let len: usize = parts.iter().map(|p| p.len()).sum();
-    let len32 = u32::try_from(len)
-        .ok()
-        .filter(|l| *l <= MAX_PAYLOAD_BYTES)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "frame payload too large"))?;
+    let len32 = payload_len(parts)?;
     let mut h = header_bytes(kind, flags, len32);
     let crc = frame_crc(&h, parts);
     h[12..16].copy_from_slice(&crc.to_le_bytes());
-    let mut slices: [IoSlice<'_>; 4] = [IoSlice::new(&h), IoSlice::new(&[]), IoSlice::new(&[]), IoSlice::new(&[])];
+    write_header_and_parts(w, &h, parts)
+}
+
+/// Checks a payload's total size against the protocol maximum.
+fn payload_len(parts: &[&[u8]]) -> io::Result<u32> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    u32::try_from(len)
+        .ok()
+        .filter(|l| *l <= MAX_PAYLOAD_BYTES)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "frame payload too large"))
+}
+
+/// The sending half of a session's frame protection: nothing before (or
+/// without) authentication, else the session's send key. Frames must go
+/// out in the order they are sealed (callers hold it under the same lock
+/// as the writer).
+#[derive(Debug, Default)]
+pub struct Seal {
+    key: Option<FrameKey>,
+    /// Encrypting sessions build the payload here.
+    scratch: Vec<u8>,
+}
+
+impl Seal {
+    /// A seal: plain frames with `None`, else frames sealed with `key`.
+    pub fn new(key: Option<FrameKey>) -> Seal {
+        Seal { key, scratch: Vec::new() }
+    }
+
+    /// Whether frames are sealed.
+    pub fn is_keyed(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// Writes one frame whose payload is the concatenation of `parts`:
+    /// with a MAC over the header, payload and frame seq (no copy of the
+    /// payload), or encrypted (one copy) with the AEAD tag in the MAC field.
+    pub fn write_frame<W: Write>(&mut self, w: &mut W, kind: FrameType, flags: u16, parts: &[&[u8]]) -> io::Result<()> {
+        let Some(key) = &mut self.key else { return write_frame(w, kind, flags, parts) };
+        let len32 = payload_len(parts)?;
+        let mut h = header_bytes(kind, flags, len32);
+        if key.encrypts() {
+            self.scratch.clear();
+            for p in parts {
+                self.scratch.extend_from_slice(p);
+            }
+            let tag = key.seal_in_place(&h[0..12], &mut self.scratch);
+            h[16..32].copy_from_slice(&tag);
+            let crc = frame_crc(&h, &[&self.scratch]);
+            h[12..16].copy_from_slice(&crc.to_le_bytes());
+            return write_header_and_parts(w, &h, &[&self.scratch]);
+        }
+        let mac = key.seal_parts(&h[0..12], parts);
+        h[16..32].copy_from_slice(&mac);
+        let crc = frame_crc(&h, parts);
+        h[12..16].copy_from_slice(&crc.to_le_bytes());
+        write_header_and_parts(w, &h, parts)
+    }
+}
+
+/// One vectored write of a header and up to three payload parts.
+fn write_header_and_parts<W: Write>(w: &mut W, h: &[u8; HEADER_BYTES], parts: &[&[u8]]) -> io::Result<()> {
+    let mut slices: [IoSlice<'_>; 4] = [IoSlice::new(h), IoSlice::new(&[]), IoSlice::new(&[]), IoSlice::new(&[])];
     debug_assert!(parts.len() <= 3, "at most three payload parts");
     for (i, p) in parts.iter().take(3).enumerate() {
         slices[i + 1] = IoSlice::new(p);
@@ -394,12 +486,26 @@ pub struct FrameReader<R> {
     inner: R,
     header: [u8; HEADER_BYTES],
     payload: Vec<u8>,
+    /// The session's receive key once it authenticated: every frame
+    /// after that must verify (and is decrypted) at its place in order.
+    auth: Option<FrameKey>,
 }
 
 impl<R: Read> FrameReader<R> {
     /// Wraps a reader (use a `BufReader` around sockets).
     pub fn new(inner: R) -> Self {
-        FrameReader { inner, header: [0; HEADER_BYTES], payload: Vec::new() }
+        FrameReader { inner, header: [0; HEADER_BYTES], payload: Vec::new(), auth: None }
+    }
+
+    /// From now on every frame must verify under `key` (the session
+    /// authenticated).
+    pub fn set_auth(&mut self, key: FrameKey) {
+        self.auth = Some(key);
+    }
+
+    /// Whether frames are verified.
+    pub fn is_authenticated(&self) -> bool {
+        self.auth.is_some()
     }
 
     /// Access to the wrapped reader.
@@ -421,6 +527,11 @@ impl<R: Read> FrameReader<R> {
         self.payload.resize(len, 0);
         read_exact_or(&mut self.inner, &mut self.payload, false)?;
         verify_crc(&self.header, &header, &self.payload).map_err(ReadError::Frame)?;
+        if let Some(key) = &mut self.auth {
+            let (head, mac) = (&self.header[0..12], &self.header[16..32]);
+            key.open_in_place(head, mac, &mut self.payload)
+                .map_err(|e| ReadError::Frame(FrameError::BadMac { kind: header.kind, seq: e.seq }))?;
+        }
         Ok((header, &self.payload))
     }
 }
@@ -493,6 +604,75 @@ impl<'a> Cur<'a> {
 
 fn cur(kind: FrameType, b: &[u8]) -> Cur<'_> {
     Cur { b, kind }
+}
+
+/// AuthHello: the client names its key and sends a fresh nonce; flags
+/// ask for encryption ([`crate::auth::AUTH_ENCRYPT`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthHello {
+    /// Which key the client holds.
+    pub key_id: KeyId,
+    /// `AUTH_*` flags.
+    pub flags: u32,
+    /// The client's fresh random nonce.
+    pub nonce: [u8; NONCE_BYTES],
+}
+
+/// Bytes of an AuthHello payload.
+pub const AUTH_HELLO_BYTES: usize = 16 + NONCE_BYTES;
+
+impl AuthHello {
+    /// Serialises the payload: key id u64, flags u32, pad u32, nonce.
+    pub fn encode(&self) -> [u8; AUTH_HELLO_BYTES] {
+        let mut b = [0u8; AUTH_HELLO_BYTES];
+        b[0..8].copy_from_slice(&self.key_id.0.to_le_bytes());
+        b[8..12].copy_from_slice(&self.flags.to_le_bytes());
+        b[16..].copy_from_slice(&self.nonce);
+        b
+    }
+    /// Parses the payload: known flags only, zero padding, exact length.
+    pub fn decode(p: &[u8]) -> Result<AuthHello, FrameError> {
+        let bad = |reason| FrameError::Malformed { kind: FrameType::AuthHello, reason };
+        let mut c = cur(FrameType::AuthHello, p);
+        let (key_id, flags, pad) = (KeyId(c.u64()?), c.u32()?, c.u32()?);
+        let nonce = c.take(NONCE_BYTES)?.try_into().expect("nonce bytes");
+        c.end()?;
+        if flags & !crate::auth::AUTH_ENCRYPT != 0 {
+            return Err(bad("unknown flags"));
+        }
+        if pad != 0 {
+            return Err(bad("non-zero padding"));
+        }
+        Ok(AuthHello { key_id, flags, nonce })
+    }
+}
+
+/// AuthChallenge: the replica's fresh nonce and its proof that it holds
+/// the key the client named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthChallenge {
+    /// The replica's fresh random nonce.
+    pub nonce: [u8; NONCE_BYTES],
+    /// Keyed hash over the AuthHello payload and `nonce`.
+    pub proof: [u8; 32],
+}
+
+impl AuthChallenge {
+    /// Serialises the payload: nonce, proof.
+    pub fn encode(&self) -> [u8; NONCE_BYTES + 32] {
+        let mut b = [0u8; NONCE_BYTES + 32];
+        b[..NONCE_BYTES].copy_from_slice(&self.nonce);
+        b[NONCE_BYTES..].copy_from_slice(&self.proof);
+        b
+    }
+    /// Parses the payload (exact length).
+    pub fn decode(p: &[u8]) -> Result<AuthChallenge, FrameError> {
+        let mut c = cur(FrameType::AuthChallenge, p);
+        let nonce = c.take(NONCE_BYTES)?.try_into().expect("nonce bytes");
+        let proof = c.take(32)?.try_into().expect("proof bytes");
+        c.end()?;
+        Ok(AuthChallenge { nonce, proof })
+    }
 }
 
 /// Hello: open a session.

@@ -125,19 +125,28 @@ pub fn run(
     epoch: u64,
     req: &Replay,
     ctl: &ReplayControl,
+    creds: Option<&crate::auth::Credentials>,
 ) -> Result<u64, ReplayError> {
     if ctl.busy.swap(true, Ordering::AcqRel) {
         return Err(ReplayError::Busy);
     }
     ctl.rate_bytes_per_s.store(req.rate_bytes_per_s, Ordering::Relaxed);
-    let res = copy(store, volume, epoch, req, &ctl.rate_bytes_per_s);
+    let res = copy(store, volume, epoch, req, &ctl.rate_bytes_per_s, creds);
     ctl.busy.store(false, Ordering::Release);
     res
 }
 
-fn copy(store: &Arc<Store>, volume: Uuid, epoch: u64, req: &Replay, rate: &AtomicU64) -> Result<u64, ReplayError> {
+fn copy(
+    store: &Arc<Store>,
+    volume: Uuid,
+    epoch: u64,
+    req: &Replay,
+    rate: &AtomicU64,
+    creds: Option<&crate::auth::Credentials>,
+) -> Result<u64, ReplayError> {
     let peer = |source| ReplayError::Peer { addr: req.addr.clone(), source };
-    let mut session = client::connect(&req.addr, Hello { volume, epoch, flags: 0 }, CONNECT_TIMEOUT).map_err(peer)?;
+    let hello = Hello { volume, epoch, flags: 0 };
+    let mut session = client::connect_with(&req.addr, hello, CONNECT_TIMEOUT, creds).map_err(peer)?;
     // Records this replica already has are skipped by the store.
     let from = req.from.max(store.durable_seq() + 1);
     if from > req.to {

@@ -8,16 +8,18 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufReader, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::auth::{self, AuthFailure, Credentials, KeyRing, Side};
 use crate::history::{self, HelloDecision};
 use crate::log::RecordHeader;
 use crate::proto::{
-    self, ErrorCode, ErrorFrame, FrameError, FrameReader, FrameType, Hello, HelloOk, ReadError, ReadReq, WriteHeader,
+    self, AuthChallenge, AuthHello, ErrorCode, ErrorFrame, FrameError, FrameReader, FrameType, Hello, HelloOk,
+    ReadError, ReadReq, Seal, WriteHeader,
 };
 use crate::store::{AckSink, Store, StoreError};
 
@@ -69,6 +71,39 @@ pub struct Server {
     netsync_silence_ms: AtomicU64,
     /// Recovery copies: at most one at a time, and byte counters.
     copying: Arc<crate::copy::CopyControl>,
+    /// The key file, when sessions must authenticate (`--key-file`).
+    keys: Option<KeySource>,
+}
+
+/// Options of [`spawn_with`].
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// Require every session to authenticate with a key from this file.
+    pub key_file: Option<PathBuf>,
+}
+
+/// The replica's key file, re-read at every handshake so that a key
+/// written for a rotation is accepted without a restart; a file that
+/// turned unreadable or unsafe keeps the last good keys (and says so).
+struct KeySource {
+    path: PathBuf,
+    ring: Mutex<KeyRing>,
+}
+
+impl KeySource {
+    fn keys(&self) -> KeyRing {
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        match KeyRing::load(&self.path) {
+            Ok(r) => {
+                if r != *ring {
+                    tracing::info!(keys = %r.ids(), "key file re-read");
+                    *ring = r;
+                }
+            }
+            Err(e) => tracing::warn!("{e}; keeping the keys read before ({})", ring.ids()),
+        }
+        ring.clone()
+    }
 }
 
 /// A running server (for in-process tests and the CLI).
@@ -110,6 +145,19 @@ impl ServerHandle {
 
 /// Opens the store in `dir` and serves it on `listen`.
 pub fn spawn(dir: &Path, listen: &str) -> Result<ServerHandle, ServeError> {
+    spawn_with(dir, listen, &ServeOptions::default())
+}
+
+/// [`spawn`] with options (a key file).
+pub fn spawn_with(dir: &Path, listen: &str, opts: &ServeOptions) -> Result<ServerHandle, ServeError> {
+    let keys = match &opts.key_file {
+        Some(path) => {
+            let ring = KeyRing::load(path)?;
+            tracing::info!(keys = %ring.ids(), file = %path.display(), "sessions must authenticate");
+            Some(KeySource { path: path.clone(), ring: Mutex::new(ring) })
+        }
+        None => None,
+    };
     let (store, committer) = Store::open(dir)?;
     let listener = TcpListener::bind(listen).map_err(|e| ServeError::Bind(listen.to_string(), e))?;
     let addr = listener.local_addr().map_err(|e| ServeError::Bind(listen.to_string(), e))?;
@@ -122,6 +170,7 @@ pub fn spawn(dir: &Path, listen: &str) -> Result<ServerHandle, ServeError> {
         replaying: Arc::new(crate::replay::ReplayControl::default()),
         netsync_silence_ms: AtomicU64::new(NETSYNC_SILENCE_TIMEOUT.as_millis() as u64),
         copying: Arc::new(crate::copy::CopyControl::default()),
+        keys,
     });
     let s2 = server.clone();
     let accept = std::thread::Builder::new()
@@ -129,8 +178,20 @@ pub fn spawn(dir: &Path, listen: &str) -> Result<ServerHandle, ServeError> {
         .spawn(move || s2.accept_loop(listener))
         .map_err(|e| ServeError::Bind(listen.to_string(), e))?;
     // Network-sync replicas are reached at the UDP port of the same address.
-    let udp = starblk_netsync::Listener::bind(addr, starblk_netsync::LinkConfig::default())
+    let mut link_cfg = starblk_netsync::LinkConfig::default();
+    let keyed = server.keys.is_some();
+    link_cfg.payload_bytes =
+        starblk_netsync::payload_bytes_for_mtu_keyed(starblk_netsync::DEFAULT_MTU_BYTES, link_cfg.fec.as_ref(), keyed);
+    let mut udp = starblk_netsync::Listener::bind(addr, link_cfg)
         .map_err(|e| ServeError::Bind(format!("{addr} (udp)"), io::Error::other(e.to_string())))?;
+    if keyed {
+        // Links authenticate every datagram under a key of the key file.
+        let s4 = server.clone();
+        udp.set_keys(starblk_netsync::KeysFn(Box::new(move || {
+            let ring = s4.keys.as_ref().map(KeySource::keys);
+            ring.iter().flat_map(|r| r.keys()).map(|k| starblk_netsync::LinkKey::new(*k.bytes())).collect()
+        })));
+    }
     let s3 = server.clone();
     std::thread::Builder::new()
         .name("accept-udp".into())
@@ -149,6 +210,9 @@ pub enum ServeError {
     /// The listen address could not be bound.
     #[error("cannot listen on {0}: {1}")]
     Bind(String, io::Error),
+    /// The key file was refused.
+    #[error(transparent)]
+    KeyFile(#[from] auth::KeyFileError),
 }
 
 /// Where a session's replies go: a TCP stream, or a network-sync link.
@@ -157,6 +221,8 @@ pub trait FrameOut: Send + Sync {
     fn send_frame(&self, kind: FrameType, parts: &[&[u8]]) -> io::Result<()>;
     /// Ends the session's transport (unblocks its reader).
     fn close(&self);
+    /// Seals every later frame (the session authenticated).
+    fn set_seal(&self, seal: Seal);
 }
 
 /// How `stop` ends an open session: shut its socket down, or set its
@@ -208,16 +274,21 @@ impl AcceptErrors {
     }
 }
 
-/// Replies over TCP; the mutex keeps frames from interleaving.
-struct TcpOut(Mutex<TcpStream>);
+/// Replies over TCP; the mutex keeps frames from interleaving (and
+/// their seal order the send order).
+struct TcpOut(Mutex<(TcpStream, Seal)>);
 
 impl FrameOut for TcpOut {
     fn send_frame(&self, kind: FrameType, parts: &[&[u8]]) -> io::Result<()> {
-        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        proto::write_frame(&mut *s, kind, 0, parts)
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (s, seal) = &mut *g;
+        seal.write_frame(s, kind, 0, parts)
     }
     fn close(&self) {
-        let _ = self.0.lock().unwrap_or_else(|e| e.into_inner()).shutdown(Shutdown::Both);
+        let _ = self.0.lock().unwrap_or_else(|e| e.into_inner()).0.shutdown(Shutdown::Both);
+    }
+    fn set_seal(&self, seal: Seal) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).1 = seal;
     }
 }
 
@@ -267,6 +338,9 @@ struct Session {
     /// Set when the session ends: stops a copy it started (which saves
     /// its progress for the next session to resume).
     copy_cancel: Option<Arc<AtomicBool>>,
+    /// What this replica authenticates to peers with when this session
+    /// has it dial one (replay, copy): the session's key and encryption.
+    creds: Option<Credentials>,
 }
 
 /// A rejection: which counter, which error code, and whether to close.
@@ -356,7 +430,7 @@ impl Server {
         let Ok(peer) = stream.peer_addr() else { return };
         let _ = stream.set_nodelay(true);
         let Ok(wstream) = stream.try_clone() else { return };
-        let out = Box::new(TcpOut(Mutex::new(wstream)));
+        let out = Box::new(TcpOut(Mutex::new((wstream, Seal::default()))));
         self.run_session(stream, out, peer);
     }
 
@@ -372,8 +446,20 @@ impl Server {
             is_ack_sink: false,
             read_buf: Vec::new(),
             copy_cancel: None,
+            creds: None,
         };
         let mut reader = FrameReader::new(BufReader::with_capacity(1 << 18, input));
+        if let Some(keys) = &self.keys {
+            match self.authenticate(keys, &mut reader, &sess.writer) {
+                Ok(creds) => sess.creds = Some(creds),
+                Err(r) => {
+                    self.rejections.count(r.reason, peer, &r.message);
+                    sess.writer.send_error(r.code, r.seq, r.offset, r.message);
+                    sess.writer.out.close();
+                    return;
+                }
+            }
+        }
         loop {
             let res = match reader.next_frame() {
                 Ok((h, payload)) => {
@@ -443,6 +529,11 @@ impl Server {
         }
         if kind == FrameType::Hello {
             return self.hello(s, Hello::decode(p).map_err(malformed)?);
+        }
+        if kind == FrameType::AuthHello {
+            // (A replica with a key file authenticates before this loop.)
+            let msg = "this replica has no key file (`replica serve --key-file`): it cannot authenticate".into();
+            return Err(reject(AuthFailure::NotConfigured.reason(), ErrorCode::Auth, msg, true));
         }
         let Some(epoch) = s.epoch else {
             return Err(reject("no_hello", ErrorCode::BadState, format!("{kind:?} before Hello"), true));
@@ -648,10 +739,11 @@ impl Server {
             s.is_ack_sink = true;
         }
         let (store, writer, ctl) = (self.store.clone(), s.writer.clone(), self.replaying.clone());
+        let creds = s.creds.clone();
         let volume = self.store.superblock().volume;
         tracing::info!(peer = %req.addr, from = req.from, to = req.to, "replay recovery starting");
         let spawned = std::thread::Builder::new().name("replay".into()).spawn(move || {
-            match crate::replay::run(&store, volume, epoch, &req, &ctl) {
+            match crate::replay::run(&store, volume, epoch, &req, &ctl, creds.as_ref()) {
                 Ok(next) => {
                     tracing::info!(peer = %req.addr, next, "replay recovery done");
                     let _ = writer.send(FrameType::ReplayDone, &[&proto::encode_u64(next)]);
@@ -697,9 +789,10 @@ impl Server {
         let (store, writer, ctl, rates) =
             (self.store.clone(), s.writer.clone(), self.copying.clone(), self.replaying.clone());
         let volume = self.store.superblock().volume;
+        let creds = s.creds.clone();
         let spawned = std::thread::Builder::new().name("copy".into()).spawn(move || {
-            let res =
-                crate::copy::run(&store, volume, epoch, &req.addr, &rates.rate_bytes_per_s, &ctl, &cancel, &*writer);
+            let rate = &rates.rate_bytes_per_s;
+            let res = crate::copy::run(&store, volume, epoch, &req.addr, rate, &ctl, &cancel, &*writer, creds.as_ref());
             ctl.release();
             match res {
                 Ok(durable) => {
@@ -794,6 +887,7 @@ impl Server {
             "writes": self.store.writes.load(Ordering::Relaxed),
             "failure": self.store.failure(),
             "rejected": self.rejections.snapshot(),
+            "auth_failures": self.auth_failures(),
             "log_first": self.store.log_first(),
             "copy": sb.copy.as_ref().map(|c| serde_json::json!({
                 "kind": c.kind.to_string(),
@@ -827,6 +921,54 @@ impl Server {
     /// in its own copies, since start.
     pub fn copy_bytes(&self) -> (u64, u64) {
         (self.copying.served_bytes.load(Ordering::Relaxed), self.copying.received_bytes.load(Ordering::Relaxed))
+    }
+
+    /// Authentication failures by reason (a view of the rejections).
+    pub fn auth_failures(&self) -> BTreeMap<&'static str, u64> {
+        let all = self.rejections.snapshot();
+        AuthFailure::ALL.iter().map(|a| (a.reason(), all.get(a.reason()).copied().unwrap_or(0))).collect()
+    }
+
+    /// The replica half of the authentication handshake: the first frame
+    /// must be an AuthHello naming a key in the key file; answers with a
+    /// fresh nonce and the proof, then keys both directions. The client's
+    /// first sealed frame proves it holds the key (or fails as bad_mac).
+    fn authenticate<R: Read>(
+        &self,
+        keys: &KeySource,
+        reader: &mut FrameReader<R>,
+        writer: &SessionWriter,
+    ) -> Result<Credentials, Reject> {
+        let fail = |a: AuthFailure, message: String| reject(a.reason(), ErrorCode::Auth, message, true);
+        let (h, p) = match reader.next_frame() {
+            Ok(f) => f,
+            Err(ReadError::Frame(e)) => return Err(reject(e.reason(), ErrorCode::Malformed, e.to_string(), true)),
+            Err(ReadError::Io(e)) => return Err(reject("closed", ErrorCode::BadState, e.to_string(), true)),
+        };
+        if h.kind != FrameType::AuthHello {
+            let msg = format!("this replica requires authentication (key file); the peer sent {:?} first", h.kind);
+            return Err(fail(AuthFailure::NoAuth, msg));
+        }
+        let hello = AuthHello::decode(p).map_err(|e| reject("malformed", ErrorCode::Malformed, e.to_string(), true))?;
+        let hello_bytes = hello.encode();
+        let ring = keys.keys();
+        let Some(key) = ring.find(hello.key_id) else {
+            let msg = format!(
+                "key {} is not in this replica's key file {} (it holds {})",
+                hello.key_id,
+                ring.path().display(),
+                ring.ids()
+            );
+            return Err(fail(AuthFailure::UnknownKey, msg));
+        };
+        let nonce = auth::fresh_nonce().map_err(io_reject)?;
+        let proof = auth::replica_proof(key, &hello_bytes, &nonce);
+        writer.send(FrameType::AuthChallenge, &[&AuthChallenge { nonce, proof }.encode()]).map_err(io_reject)?;
+        let encrypt = hello.flags & auth::AUTH_ENCRYPT != 0;
+        let (tx, rx) = auth::frame_keys(Side::Replica, key, &hello_bytes, &nonce, encrypt);
+        writer.out.set_seal(Seal::new(Some(tx)));
+        reader.set_auth(rx);
+        Ok(Credentials { key: key.clone(), encrypt })
     }
 
     /// The store behind this server.

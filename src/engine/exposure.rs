@@ -350,6 +350,8 @@ mod tests {
             history: starblk_replica::history::History::new(),
             recovery_rate_bytes_per_s: 0,
             members: Default::default(),
+            encrypt: false,
+            keys: None,
         };
         let spec = |name: &str, netsync| ReplicaSpec {
             name: name.into(),
@@ -359,6 +361,7 @@ mod tests {
             netsync,
             wire_gate: true,
             max_exposure: max,
+            encrypt: false,
         };
         let specs = [spec("local", None), spec("far", Some(starblk_netsync::LinkConfig::default()))];
         let mut cores: Vec<link::LinkCore> = specs.iter().map(|_| link::LinkCore::new(0)).collect();

@@ -21,11 +21,12 @@ use crossbeam::queue::SegQueue;
 use serde::Serialize;
 use starblk_netsync::{Link as NetLink, LinkConfig, LinkEvent};
 use starblk_recovery::{LagReason, Meter, Plan};
+use starblk_replica::auth::{AuthFailure, Credentials};
 use starblk_replica::client::{self, ClientError};
 use starblk_replica::history::{self, Standing};
 use starblk_replica::netlink::{self, MsgReader, NetOut};
 use starblk_replica::proto::{
-    self, ErrorCode, ErrorFrame, FrameReader, FrameType, Hello, HelloOk, ReadReq, WriteHeader,
+    self, ErrorCode, ErrorFrame, FrameError, FrameReader, FrameType, Hello, HelloOk, ReadReq, Seal, WriteHeader,
 };
 use starblk_replica::server::FrameOut;
 use starblk_replica::superblock::CopyKind;
@@ -109,6 +110,8 @@ pub struct ReplicaSpec {
     /// A network-sync link's bound on acknowledged writes its far replica
     /// has not confirmed (`exposure.rs`).
     pub max_exposure: MaxExposure,
+    /// Encrypt this replica's sessions (needs the volume's keys).
+    pub encrypt: bool,
 }
 
 /// Link state kept under the engine lock.
@@ -250,6 +253,10 @@ pub(crate) struct LinkCounters {
     pub reconnects: AtomicU64,
     /// Error frames the replica sent, by `ErrorCode` (index: wire code).
     pub refusals: [AtomicU64; ErrorCode::ALL.len() + 1],
+    /// Authentication failures, indexed like [`AuthFailure::ALL`].
+    pub auth_failures: [AtomicU64; AuthFailure::ALL.len()],
+    /// Id of the key the current (or last) session authenticated with.
+    pub session_key: AtomicU64,
 }
 
 impl LinkCounters {
@@ -271,6 +278,13 @@ impl LinkCounters {
             .iter()
             .map(|c| (c.as_str().to_string(), self.refusals[*c as usize].load(Ordering::Relaxed)))
             .collect()
+    }
+
+    /// Counts one authentication failure.
+    pub fn auth_failed(&self, replica: &str, f: AuthFailure, detail: &dyn fmt::Display) {
+        let i = AuthFailure::ALL.iter().position(|a| *a == f).expect("every failure is listed");
+        self.auth_failures[i].fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%replica, reason = f.reason(), "authentication failed: {detail}");
     }
 }
 
@@ -358,21 +372,26 @@ fn manager(shared: Arc<Shared>, link: Arc<Link>) {
     let mut backoff = BACKOFF_MIN;
     while !shared.stopping.load(Ordering::Acquire) && !link.removed.load(Ordering::Acquire) {
         let hello = Hello { volume: shared.cfg.volume, epoch: shared.cfg.epoch, flags: 0 };
+        let creds = shared.cfg.keys.as_ref().map(|k| k.creds(link.spec.encrypt));
         let opened = match &link.spec.netsync {
-            None => client::connect(&link.spec.addr, hello, CONNECT_TIMEOUT)
-                .map(|s| (s.hello, Conn::Tcp { reader: s.reader, writer: s.writer }))
-                .map_err(|e| {
-                    link.counters.note(&e);
-                    e.to_string()
-                }),
-            Some(cfg) => connect_net(&link.spec.addr, cfg, hello, &link.counters),
+            None => client::connect_with(&link.spec.addr, hello, CONNECT_TIMEOUT, creds.as_ref())
+                .map(|s| (s.hello, Conn::Tcp { reader: s.reader, writer: s.writer, seal: s.seal })),
+            Some(cfg) => connect_net(&link.spec.addr, cfg, hello, creds.as_ref()),
         };
         let reason = match opened {
             Ok((hello_ok, conn)) => {
                 backoff = BACKOFF_MIN;
+                let key = creds.as_ref().map_or(0, |c| c.key.id().0);
+                link.counters.session_key.store(key, Ordering::Relaxed);
                 run_session(&shared, &link, &hello_ok, conn)
             }
-            Err(e) => e,
+            Err(e) => {
+                link.counters.note(&e);
+                if let Some(f) = e.auth_failure() {
+                    link.counters.auth_failed(&link.spec.name, f, &e);
+                }
+                e.to_string()
+            }
         };
         if shared.stopping.load(Ordering::Acquire) {
             break;
@@ -385,29 +404,48 @@ fn manager(shared: Arc<Shared>, link: Arc<Link>) {
 
 /// An open session's two halves.
 enum Conn {
-    Tcp { reader: FrameReader<BufReader<TcpStream>>, writer: TcpStream },
-    Net { link: Arc<NetLink>, closed: Arc<AtomicBool>, reader: FrameReader<BufReader<MsgReader>> },
+    Tcp { reader: FrameReader<BufReader<TcpStream>>, writer: TcpStream, seal: Seal },
+    Net { link: Arc<NetLink>, closed: Arc<AtomicBool>, reader: FrameReader<BufReader<MsgReader>>, seal: Seal },
 }
 
-/// Opens a network-sync link to the UDP port of `addr` and says Hello.
-fn connect_net(addr: &str, cfg: &LinkConfig, hello: Hello, counters: &LinkCounters) -> Result<(HelloOk, Conn), String> {
-    let err = |e: &dyn std::fmt::Display| format!("replica {addr} (network-sync): {e}");
+/// Opens a network-sync link to the UDP port of `addr`, authenticates
+/// if `creds` are given, and says Hello.
+fn connect_net(
+    addr: &str,
+    cfg: &LinkConfig,
+    hello: Hello,
+    creds: Option<&Credentials>,
+) -> Result<(HelloOk, Conn), ClientError> {
+    let err = |e: &dyn std::fmt::Display| ClientError::Io {
+        addr: addr.to_string(),
+        source: io::Error::other(format!("network-sync: {e}")),
+    };
     let remote = netlink::resolve(addr).map_err(|e| err(&e))?;
     let local = if remote.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
-    let nl = NetLink::connect(local.parse().expect("literal address"), remote, cfg.clone()).map_err(|e| err(&e))?;
+    // The link authenticates every datagram under the same key.
+    let cfg = starblk_netsync::LinkConfig {
+        key: creds.map(|c| starblk_netsync::LinkKey::new(*c.key.bytes())),
+        ..cfg.clone()
+    };
+    let nl = NetLink::connect(local.parse().expect("literal address"), remote, cfg).map_err(|e| err(&e))?;
     nl.wait_established(CONNECT_TIMEOUT).map_err(|e| err(&e))?;
     let nl = Arc::new(nl);
     let closed = Arc::new(AtomicBool::new(false));
-    NetOut::new(nl.clone(), closed.clone()).send_frame(FrameType::Hello, &[&hello.encode()]).map_err(|e| err(&e))?;
+    let out = NetOut::new(nl.clone(), closed.clone());
     let mut input = MsgReader::new(nl.clone(), closed.clone());
     input.set_timeout(Some(CONNECT_TIMEOUT));
     let mut reader = FrameReader::new(BufReader::new(input));
-    let p = client::expect(&mut reader, addr, FrameType::HelloOk).map_err(|e| {
-        counters.note(&e);
-        e.to_string()
-    })?;
+    let mut seal = Seal::default();
+    if let Some(c) = creds {
+        let key = client::authenticate(&mut reader, |kind, parts| out.send_frame(kind, parts), c, addr)?;
+        seal = Seal::new(Some(key));
+    }
+    let mut hello_frame = Vec::new();
+    seal.write_frame(&mut hello_frame, FrameType::Hello, 0, &[&hello.encode()]).map_err(|e| err(&e))?;
+    nl.send(&hello_frame).map_err(|e| err(&e))?;
+    let p = client::expect(&mut reader, addr, FrameType::HelloOk)?;
     let hello_ok = HelloOk::decode(&p).map_err(|e| err(&e))?;
-    Ok((hello_ok, Conn::Net { link: nl, closed, reader }))
+    Ok((hello_ok, Conn::Net { link: nl, closed, reader, seal }))
 }
 
 /// Marks the link failed unless it is lagging (which says more), and
@@ -748,14 +786,14 @@ fn run_session(shared: &Arc<Shared>, link: &Arc<Link>, hello: &HelloOk, conn: Co
     };
     link.counters.reconnects.fetch_add(1, Ordering::Relaxed);
     let why = match conn {
-        Conn::Tcp { reader, writer } => {
+        Conn::Tcp { reader, writer, seal } => {
             if let Ok(s) = writer.try_clone() {
                 *lock(&link.socket) = Some(s);
             }
-            let sink = BufWriter::with_capacity(64 * 1024, writer);
+            let sink = TcpSink { w: BufWriter::with_capacity(64 * 1024, writer), seal };
             drive(shared, link, gen, sink, reader)
         }
-        Conn::Net { link: nl, closed, reader } => {
+        Conn::Net { link: nl, closed, reader, seal } => {
             *lock(&link.net) = Some((nl.clone(), closed.clone()));
             let ids = Arc::new(Mutex::new(VecDeque::new()));
             let sink = NetSink {
@@ -766,6 +804,7 @@ fn run_session(shared: &Arc<Shared>, link: &Arc<Link>, hello: &HelloOk, conn: Co
                 pending: Vec::with_capacity(NET_MSG_BYTES_MAX),
                 pending_seq: None,
                 closed: closed.clone(),
+                seal,
             };
             let watcher = spawn_wire_watcher(shared.clone(), link.idx, nl, ids, closed);
             let why = drive(shared, link, gen, sink, reader);
@@ -812,12 +851,18 @@ trait Sink: Send {
     }
 }
 
-impl Sink for BufWriter<TcpStream> {
+/// Frames to a TCP socket, sealed once the session authenticated.
+struct TcpSink {
+    w: BufWriter<TcpStream>,
+    seal: Seal,
+}
+
+impl Sink for TcpSink {
     fn frame(&mut self, kind: FrameType, parts: &[&[u8]], _seq: Option<u64>) -> io::Result<()> {
-        proto::write_frame(self, kind, 0, parts)
+        self.seal.write_frame(&mut self.w, kind, 0, parts)
     }
     fn flush(&mut self) -> io::Result<()> {
-        Write::flush(self)
+        Write::flush(&mut self.w)
     }
 }
 
@@ -838,6 +883,8 @@ struct NetSink {
     pending_seq: Option<u64>,
     /// Set when the session is cut.
     closed: Arc<AtomicBool>,
+    /// Seals frames once the session authenticated.
+    seal: Seal,
 }
 
 impl NetSink {
@@ -887,7 +934,7 @@ impl Sink for NetSink {
         if self.pending.len() + len > NET_MSG_BYTES_MAX {
             self.send_pending()?;
         }
-        proto::write_frame(&mut self.pending, kind, 0, parts)?;
+        self.seal.write_frame(&mut self.pending, kind, 0, parts)?;
         match seq {
             Some(seq) => self.pending_seq = Some(seq),
             // Reads and heartbeats do not wait for the batch to end.
@@ -1115,7 +1162,13 @@ fn receiver_loop<R: TimeoutRead>(shared: &Shared, link: &Link, mut reader: Frame
     loop {
         let (h, p) = match reader.next_frame() {
             Ok(f) => f,
-            Err(e) => return client::read_err(&link.spec.addr, e).to_string(),
+            Err(e) => {
+                let e = client::read_err(&link.spec.addr, e);
+                if let ClientError::Protocol { source: FrameError::BadMac { .. }, .. } = &e {
+                    link.counters.auth_failed(&link.spec.name, AuthFailure::BadMac, &e);
+                }
+                return e.to_string();
+            }
         };
         let res = match h.kind {
             FrameType::Ack => proto::decode_u64(h.kind, p).map(|seq| shared.on_durable(link.idx, seq)),
@@ -1146,6 +1199,11 @@ fn receiver_loop<R: TimeoutRead>(shared: &Shared, link: &Link, mut reader: Frame
                     Ok(frame) if frame.code == ErrorCode::Diverged => {
                         on_diverged(shared, link, frame.seq, &frame.message);
                         ClientError::Rejected { addr: link.spec.addr.clone(), frame }.to_string()
+                    }
+                    Ok(frame) if frame.code == ErrorCode::Auth => {
+                        let e = ClientError::Rejected { addr: link.spec.addr.clone(), frame };
+                        link.counters.auth_failed(&link.spec.name, AuthFailure::Refused, &e);
+                        e.to_string()
                     }
                     Ok(frame) => {
                         on_replay_failed(shared, link, &frame.message);

@@ -129,17 +129,27 @@ pub fn member_of(r: &ReplicaConfig) -> Member {
     }
 }
 
-/// The replica config a stored member stands for. Link tuning that the
-/// set does not store comes from `like` (the config file's entry of the
-/// same name), else the defaults.
-pub fn replica_config_of(m: &Member, like: Option<&ReplicaConfig>) -> Result<ReplicaConfig, String> {
+/// The replica config a stored member stands for. Link tuning and
+/// `encrypt`, which the set does not store, come from `like` (the config
+/// file's entry of the same name), else the defaults (`encrypt`: the
+/// volume's).
+pub fn replica_config_of(m: &Member, like: Option<&ReplicaConfig>, encrypt: bool) -> Result<ReplicaConfig, String> {
     let role: Role = m.role.parse().map_err(|e| format!("stored member {}: {e}", m.name))?;
     let fec = match &m.fec {
         Some(f) => Some(f.parse::<FecConfig>().map_err(|e| format!("stored member {}: {e}", m.name))?),
         None => None,
     };
     let link = like.filter(|c| c.network_sync == m.network_sync).map_or(LinkTuning::default(), |c| c.link);
-    Ok(ReplicaConfig { name: m.name.clone(), addr: m.addr.clone(), role, network_sync: m.network_sync, fec, link })
+    let encrypt = like.map_or(encrypt, |c| c.encrypt);
+    Ok(ReplicaConfig {
+        name: m.name.clone(),
+        addr: m.addr.clone(),
+        role,
+        network_sync: m.network_sync,
+        fec,
+        link,
+        encrypt,
+    })
 }
 
 impl Volume {
@@ -167,6 +177,7 @@ impl Volume {
             network_sync: req.network_sync,
             fec: req.fec,
             link: LinkTuning::default(),
+            encrypt: s.cfg.encrypt,
         };
         let member = member_of(&cfg);
         let mut next = Membership { epoch: s.cfg.epoch, version: old.version + 1, members: old.members.clone() };
@@ -178,7 +189,8 @@ impl Volume {
             addr: cfg.addr.clone(),
             role: cfg.role,
             initial_durable_seq: 0,
-            netsync: cfg.network_sync.then(|| super::startup::netsync_config(&cfg)),
+            netsync: cfg.network_sync.then(|| super::startup::netsync_config(&cfg, s.cfg.keys.is_some())),
+            encrypt: cfg.encrypt,
             wire_gate: cfg.link.ack_on_wire,
             max_exposure: cfg.link.max_exposure,
         };
@@ -194,7 +206,8 @@ impl Volume {
     fn prepare_new_replica(&self, req: &AddReplica, next: &Membership) -> Result<(), MembershipError> {
         let cfg = &self.shared.cfg;
         let fail = |source| MembershipError::Replica { name: req.name.clone(), addr: req.addr.clone(), source };
-        let hello = client::probe(&req.addr, CALL_TIMEOUT).map_err(fail)?.hello;
+        let creds = self.shared.creds(cfg.encrypt);
+        let hello = client::probe_with(&req.addr, CALL_TIMEOUT, creds.as_ref()).map_err(fail)?.hello;
         if hello.volume != [0; 16] && hello.volume != cfg.volume {
             return Err(MembershipError::OtherVolume {
                 name: req.name.clone(),
@@ -223,7 +236,7 @@ impl Volume {
                 epoch: cfg.epoch,
                 members: Membership { epoch: cfg.epoch, version: 0, members: next.members.clone() },
             };
-            client::stamp(&req.addr, &st, CALL_TIMEOUT).map_err(fail)?;
+            client::stamp_with(&req.addr, &st, CALL_TIMEOUT, creds.as_ref()).map_err(fail)?;
         }
         Ok(())
     }
@@ -334,12 +347,13 @@ fn store_everywhere(s: &Shared, a: &Membership, next: &Membership) -> (Vec<Strin
     targets.extend(next.members.iter().filter(|m| a.get(&m.name).is_none()));
     let req = SetMembers { epoch: s.cfg.epoch, members: next.clone() };
     let volume = s.cfg.volume;
+    let creds = s.creds(s.cfg.encrypt);
     let results: Vec<(String, Result<u64, ClientError>)> = thread::scope(|sc| {
         let hs: Vec<_> = targets
             .iter()
             .map(|m| {
-                let req = &req;
-                sc.spawn(move || (m.name.clone(), client::set_members(&m.addr, volume, req, CALL_TIMEOUT)))
+                let (req, creds) = (&req, creds.as_ref());
+                sc.spawn(move || (m.name.clone(), client::set_members(&m.addr, volume, req, CALL_TIMEOUT, creds)))
             })
             .collect();
         hs.into_iter().map(|h| h.join().expect("membership thread panicked")).collect()
@@ -351,6 +365,11 @@ fn store_everywhere(s: &Shared, a: &Membership, next: &Membership) -> (Vec<Strin
 }
 
 impl Shared {
+    /// What this host's sessions authenticate with (None: no key file).
+    fn creds(&self, encrypt: bool) -> Option<starblk_replica::auth::Credentials> {
+        self.cfg.keys.as_ref().map(|k| k.creds(encrypt))
+    }
+
     /// Appends a link for a new member and starts its manager.
     fn add_link(self: &Arc<Self>, spec: ReplicaSpec) {
         let mut g = self.lock();

@@ -13,6 +13,7 @@
 
 pub mod blocking;
 mod exposure;
+pub mod keys;
 pub mod latency;
 mod link;
 mod links;
@@ -124,6 +125,27 @@ pub struct EngineConfig {
     /// The replica set at startup, as stored on the replicas
     /// (`docs/design.md`, "Membership").
     pub members: starblk_replica::members::Membership,
+    /// The volume's `encrypt`: the default for replicas added online.
+    pub encrypt: bool,
+    /// The key replica sessions authenticate with (`key_file`); None runs
+    /// unauthenticated.
+    pub keys: Option<Arc<keys::VolumeKeys>>,
+}
+
+/// What `rekey` did.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct RekeyReport {
+    /// The key sessions used before.
+    pub old_key: String,
+    /// The key they use now.
+    pub new_key: String,
+    /// Replicas whose session was re-established with the new key.
+    pub moved: Vec<String>,
+    /// Replicas that were not connected (their next session uses it).
+    pub not_connected: Vec<String>,
+    /// Replicas cut for the rekey that were not up to date again in time
+    /// (they reconnect with the new key by themselves).
+    pub not_back: Vec<String>,
 }
 
 /// A write held in the write queue.
@@ -318,6 +340,52 @@ impl Volume {
             l.recovery_rate_changed();
         }
         old
+    }
+
+    /// Moves every replica session to the key file's next key
+    /// (docs/operations.md, "Keys and rotation"): new sessions use it at
+    /// once; each connected session is then cut and re-established, one
+    /// replica at a time, waiting up to `per_replica` for it to be up to
+    /// date again before the next, so at most one replica is away at any
+    /// moment. Writes go on meanwhile (a cut session catches up from the
+    /// write queue); no write is dropped.
+    pub fn rekey(&self, per_replica: Duration) -> Result<RekeyReport, keys::RekeyError> {
+        let keys = self.shared.cfg.keys.as_ref().ok_or(keys::RekeyError::NoKeyFile)?;
+        let (old, new) = keys.rekey()?;
+        tracing::info!(old_key = %old, new_key = %new, "rekey: new sessions use the next key");
+        let mut report = RekeyReport { old_key: old.to_string(), new_key: new.to_string(), ..Default::default() };
+        for link in &self.shared.links {
+            let (connected, gen) = {
+                let g = self.shared.lock();
+                (g.links[link.idx].state.is_connected(), g.links[link.idx].conn_gen)
+            };
+            if !connected {
+                // Its next session authenticates with the new key.
+                report.not_connected.push(link.spec.name.clone());
+                continue;
+            }
+            link.cut("rekey: re-authenticating with the next key");
+            let deadline = Instant::now() + per_replica;
+            let back = loop {
+                {
+                    let g = self.shared.lock();
+                    let l = &g.links[link.idx];
+                    if l.conn_gen > gen && l.state == LinkState::UpToDate {
+                        break true;
+                    }
+                }
+                if Instant::now() >= deadline {
+                    break false;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            if back {
+                report.moved.push(link.spec.name.clone());
+            } else {
+                report.not_back.push(link.spec.name.clone());
+            }
+        }
+        Ok(report)
     }
 
     /// Volume settings.

@@ -16,6 +16,11 @@ use starblk_replica::proto::{self, HelloOk, Stamp, Uuid};
 
 use super::membership::{member_of, replica_config_of};
 
+use std::sync::Arc;
+
+use starblk_replica::auth::Credentials;
+
+use super::keys::VolumeKeys;
 use super::{EngineConfig, ReplicaSpec};
 use crate::config::Config;
 
@@ -48,6 +53,14 @@ pub enum StartupError {
     /// The replica set stored on the replicas cannot be served.
     #[error("the replica set stored on the replicas (version {version}) {why}")]
     StoredSet { version: u64, why: String },
+    /// The volume's key file was refused.
+    #[error(transparent)]
+    KeyFile(#[from] starblk_replica::auth::KeyFileError),
+}
+
+/// The volume's keys, if it has a key file.
+pub fn volume_keys(cfg: &Config) -> Result<Option<Arc<VolumeKeys>>, StartupError> {
+    Ok(cfg.volume.key_file.as_deref().map(VolumeKeys::load).transpose()?.map(Arc::new))
 }
 
 /// The outcome of fencing.
@@ -63,12 +76,20 @@ pub struct Fenced {
     pub seed: Vec<LogEntry>,
 }
 
-fn probe_all(cfg: &Config) -> Vec<Result<HelloOk, ClientError>> {
+/// What startup's sessions with replica `r` authenticate with.
+fn creds(keys: Option<&Arc<VolumeKeys>>, r: &crate::config::ReplicaConfig) -> Option<Credentials> {
+    keys.map(|k| k.creds(r.encrypt))
+}
+
+fn probe_all(cfg: &Config, keys: Option<&Arc<VolumeKeys>>) -> Vec<Result<HelloOk, ClientError>> {
     thread::scope(|s| {
         let hs: Vec<_> = cfg
             .replicas
             .iter()
-            .map(|r| s.spawn(move || client::probe(&r.addr, PROBE_TIMEOUT).map(|sess| sess.hello)))
+            .map(|r| {
+                let c = creds(keys, r);
+                s.spawn(move || client::probe_with(&r.addr, PROBE_TIMEOUT, c.as_ref()).map(|sess| sess.hello))
+            })
             .collect();
         hs.into_iter().map(|h| h.join().expect("probe thread panicked")).collect()
     })
@@ -81,7 +102,8 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
     let cfg = &cfg;
     let n = cfg.replicas.len();
     let need = n / 2 + 1;
-    let probes = probe_all(cfg);
+    let keys = volume_keys(cfg)?;
+    let probes = probe_all(cfg, keys.as_ref());
     let volume = agree_on_volume(cfg, &probes)?;
     count_majority(cfg, &probes, need)?;
     let epoch = history::next_epoch(probes.iter().flatten().map(|h| h.epoch));
@@ -91,8 +113,9 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
             .iter()
             .zip(&probes)
             .map(|(r, p)| {
+                let c = creds(keys.as_ref(), r);
                 s.spawn(move || match p {
-                    Ok(_) => raise_epoch(&r.addr, epoch),
+                    Ok(_) => raise_epoch(&r.addr, epoch, c.as_ref()),
                     Err(e) => Err(clone_err(e)),
                 })
             })
@@ -130,6 +153,8 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
         history: host_history.clone(),
         recovery_rate_bytes_per_s: cfg.volume.recovery_rate_bytes_per_s,
         members,
+        encrypt: cfg.volume.encrypt,
+        keys: keys.clone(),
     };
     // Fenced replicas whose logs are a prefix of the new history catch up
     // from it; the others hold another history's tail and stay out.
@@ -156,11 +181,12 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
             addr: r.addr.clone(),
             role: r.role,
             initial_durable_seq: d.unwrap_or(0),
-            netsync: r.network_sync.then(|| netsync_config(r)),
+            netsync: r.network_sync.then(|| netsync_config(r, cfg.volume.key_file.is_some())),
             // `ack = "local"` acks without waiting for the wire:
             // "local-sync + FEC", only for the rolling-disaster contrast.
             wire_gate: r.link.ack_on_wire,
             max_exposure: r.link.max_exposure,
+            encrypt: r.encrypt,
         })
         .collect();
     let seed = seed_from_leader(cfg, &engine, &durables);
@@ -170,7 +196,8 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
 /// The network-sync link settings of a replica: its FEC scheme (default
 /// layered XOR 8,3), pacing (a fixed rate, or the measured delivery rate),
 /// window and MTU over the link's defaults.
-pub fn netsync_config(r: &crate::config::ReplicaConfig) -> starblk_netsync::LinkConfig {
+/// `keyed`: the link carries a MAC trailer on every datagram (sized in).
+pub fn netsync_config(r: &crate::config::ReplicaConfig, keyed: bool) -> starblk_netsync::LinkConfig {
     use crate::config::FecScheme as S;
     let code = match &r.fec {
         Some(f) => match f.scheme {
@@ -182,7 +209,7 @@ pub fn netsync_config(r: &crate::config::ReplicaConfig) -> starblk_netsync::Link
     // Config validation holds r and c to what each scheme takes, so this
     // never drops FEC from a link silently.
     let fec = Some(code.expect("config checked the FEC code's r and c"));
-    let payload_bytes = starblk_netsync::payload_bytes_for_mtu(r.link.mtu_bytes as usize, fec.as_ref());
+    let payload_bytes = starblk_netsync::payload_bytes_for_mtu_keyed(r.link.mtu_bytes as usize, fec.as_ref(), keyed);
     let (auto_rate, rate_bits_per_s) = match r.link.rate {
         crate::config::LinkRate::Auto => (true, 0),
         crate::config::LinkRate::Fixed(bits) => (false, bits),
@@ -207,6 +234,8 @@ const STORED_SET_ROUNDS_MAX: usize = 4;
 /// warns, naming each difference, when the file disagrees) and the set.
 /// Replicas stamped before sets had versions fall back to the file.
 fn stored_set(cfg: &Config) -> Result<(Config, Membership), StartupError> {
+    let keys = volume_keys(cfg)?;
+    let c = keys.map(|k| k.creds(cfg.volume.encrypt));
     let from_file = Membership { epoch: 0, version: 0, members: cfg.replicas.iter().map(member_of).collect() };
     let mut probed: Vec<String> = Vec::new();
     let mut newest: Option<Membership> = None;
@@ -215,7 +244,10 @@ fn stored_set(cfg: &Config) -> Result<(Config, Membership), StartupError> {
         let found: Vec<Option<Membership>> = thread::scope(|s| {
             let hs: Vec<_> = to_probe
                 .iter()
-                .map(|a| s.spawn(move || client::probe(a, PROBE_TIMEOUT).ok().map(|sess| sess.hello.members)))
+                .map(|a| {
+                    let c = c.as_ref();
+                    s.spawn(move || client::probe_with(a, PROBE_TIMEOUT, c).ok().map(|sess| sess.hello.members))
+                })
                 .collect();
             hs.into_iter().map(|h| h.join().expect("probe thread panicked")).collect()
         });
@@ -247,7 +279,7 @@ fn stored_set(cfg: &Config) -> Result<(Config, Membership), StartupError> {
     effective.replicas = stored
         .members
         .iter()
-        .map(|m| replica_config_of(m, cfg.replicas.iter().find(|r| r.name == m.name)))
+        .map(|m| replica_config_of(m, cfg.replicas.iter().find(|r| r.name == m.name), cfg.volume.encrypt))
         .collect::<Result<_, _>>()
         .map_err(bad)?;
     Ok((effective, stored))
@@ -266,7 +298,8 @@ fn seed_from_leader(cfg: &Config, engine: &EngineConfig, durables: &[Option<u64>
     }
     let addr = &cfg.replicas[leader].addr;
     let hello = proto::Hello { volume: engine.volume, epoch: engine.epoch, flags: 0 };
-    let res = client::connect(addr, hello, PROBE_TIMEOUT)
+    let c = creds(engine.keys.as_ref(), &cfg.replicas[leader]);
+    let res = client::connect_with(addr, hello, PROBE_TIMEOUT, c.as_ref())
         .and_then(|mut s| s.read_log(low + 1, start, engine.write_queue_bytes / 2));
     match res {
         Ok((entries, next)) if next == start + 1 && entries.first().is_some_and(|e| e.0.seq == low + 1) => {
@@ -290,8 +323,8 @@ fn seed_from_leader(cfg: &Config, engine: &EngineConfig, durables: &[Option<u64>
 }
 
 /// Raises the epoch on one replica and returns its state after the fence.
-fn raise_epoch(addr: &str, epoch: u64) -> Result<HelloOk, ClientError> {
-    client::probe(addr, PROBE_TIMEOUT)?.set_epoch(epoch)
+fn raise_epoch(addr: &str, epoch: u64, creds: Option<&Credentials>) -> Result<HelloOk, ClientError> {
+    client::probe_with(addr, PROBE_TIMEOUT, creds)?.set_epoch(epoch)
 }
 
 /// "name: error" for each replica that failed.
@@ -350,7 +383,8 @@ fn agree_on_volume(cfg: &Config, probes: &[Result<HelloOk, ClientError>]) -> Res
 /// `volume create`: stamps a new UUID, the geometry, epoch 1 and the
 /// replica set on every replica. Every replica must be reachable and empty.
 pub fn create_volume(cfg: &Config) -> Result<Uuid, StartupError> {
-    let probes = probe_all(cfg);
+    let keys = volume_keys(cfg)?;
+    let probes = probe_all(cfg, keys.as_ref());
     for (r, p) in cfg.replicas.iter().zip(&probes) {
         let h = p.as_ref().map_err(|e| StartupError::Replica { name: r.name.clone(), source: clone_err(e) })?;
         if h.volume != [0; 16] {
@@ -368,7 +402,7 @@ pub fn create_volume(cfg: &Config) -> Result<Uuid, StartupError> {
         members: Membership { epoch: 1, version: 1, members },
     };
     for r in &cfg.replicas {
-        client::stamp(&r.addr, &st, PROBE_TIMEOUT)
+        client::stamp_with(&r.addr, &st, PROBE_TIMEOUT, creds(keys.as_ref(), r).as_ref())
             .map_err(|source| StartupError::Replica { name: r.name.clone(), source })?;
     }
     Ok(volume)

@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::atomic::Ordering;
 
 use serde::Serialize;
+use starblk_replica::auth::AuthFailure;
 use starblk_replica::client::uuid_string;
 
 use super::exposure::{exposure_bytes, WaitCause};
@@ -56,6 +57,15 @@ pub struct ReplicaStatus {
     /// (`stale_epoch`, `disk_error`, ...; zeros included).
     #[serde(default)]
     pub refusals: std::collections::BTreeMap<String, u64>,
+    /// How its sessions are protected: "off", "mac" or "encrypted".
+    #[serde(default)]
+    pub auth: String,
+    /// The key id the current (or last) session authenticated with.
+    #[serde(default)]
+    pub auth_key: String,
+    /// Authentication failures by reason (`AuthFailure`).
+    #[serde(default)]
+    pub auth_failures: std::collections::BTreeMap<String, u64>,
 }
 
 /// A replica's recovery copy, as status shows it.
@@ -256,6 +266,16 @@ pub(crate) fn snapshot(s: &Shared) -> VolumeStatus {
                 writes_sent: l.counters.writes_sent.load(Ordering::Relaxed),
                 sessions: l.counters.reconnects.load(Ordering::Relaxed),
                 refusals: l.counters.refusals(),
+                auth: match (&s.cfg.keys, l.spec.encrypt) {
+                    (None, _) => "off".into(),
+                    (Some(_), false) => "mac".into(),
+                    (Some(_), true) => "encrypted".into(),
+                },
+                auth_key: match l.counters.session_key.load(Ordering::Relaxed) {
+                    0 => String::new(),
+                    id => starblk_replica::auth::KeyId(id).to_string(),
+                },
+                auth_failures: auth_failures(l),
             }
         })
         .collect();
@@ -375,6 +395,12 @@ impl fmt::Display for VolumeStatus {
             if let Some(l) = &r.link {
                 writeln!(f, "  {l}")?;
             }
+            if r.auth != "off" && !r.auth.is_empty() {
+                let failures: Vec<String> =
+                    r.auth_failures.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k} {n}")).collect();
+                let failures = if failures.is_empty() { "none".to_string() } else { failures.join(", ") };
+                writeln!(f, "  auth: {} with key {}; auth_failures: {failures}", r.auth, r.auth_key)?;
+            }
         }
         Ok(())
     }
@@ -425,6 +451,24 @@ fn netsync_status(st: &starblk_netsync::LinkStats, g: &super::Core, c: &super::l
         degraded_waits,
         rejected: st.rejected.by_reason().iter().map(|(k, v)| (k.to_string(), *v)).collect(),
     }
+}
+
+/// A link's authentication failures by reason: the session's, and on a
+/// network-sync link its current link's datagrams whose MAC failed
+/// (`bad_datagram_mac`) or whose control counter did not rise
+/// (`replayed_datagram`).
+fn auth_failures(l: &super::link::Link) -> std::collections::BTreeMap<String, u64> {
+    let mut m: std::collections::BTreeMap<String, u64> = AuthFailure::ALL
+        .iter()
+        .zip(&l.counters.auth_failures)
+        .map(|(a, n)| (a.reason().to_string(), n.load(Ordering::Relaxed)))
+        .collect();
+    if let Some(nl) = l.net_link() {
+        let r = nl.stats().rejected;
+        m.insert("bad_datagram_mac".into(), r.bad_mac);
+        m.insert("replayed_datagram".into(), r.replayed);
+    }
+    m
 }
 
 /// A 20-cell text progress bar.

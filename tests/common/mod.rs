@@ -59,6 +59,8 @@ pub struct Replica {
     /// Extra environment for `replica serve`, e.g. `STARBLK_FAULT` (fault
     /// injection, see docs/operations.md). Used at the next `start`.
     pub env: Vec<(String, String)>,
+    /// `--key-file` for `replica serve` (used at the next `start`).
+    pub key_file: Option<PathBuf>,
 }
 
 impl Replica {
@@ -72,7 +74,7 @@ impl Replica {
             .unwrap();
         assert!(out.status.success(), "replica init failed: {}", String::from_utf8_lossy(&out.stderr));
         let addr = format!("127.0.0.1:{}", free_port());
-        Replica { name: name.into(), dir, addr, child: None, env: Vec::new() }
+        Replica { name: name.into(), dir, addr, child: None, env: Vec::new(), key_file: None }
     }
 
     pub fn start(&mut self) {
@@ -82,6 +84,7 @@ impl Replica {
             .args(["replica", "serve", "--dir"])
             .arg(&self.dir)
             .args(["--listen", &self.addr])
+            .args(self.key_file.iter().flat_map(|k| [std::ffi::OsStr::new("--key-file"), k.as_os_str()]))
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
@@ -148,9 +151,37 @@ impl Cluster {
     /// As `new`, with `last_extra` appended to the last replica's table
     /// (e.g. `network_sync = true`).
     pub fn with_last(n: usize, quorum: usize, size: &str, extra_volume: &str, last_extra: &str) -> Cluster {
+        Cluster::build(n, quorum, size, extra_volume, last_extra, None)
+    }
+
+    /// As `with_last`, with every replica and the volume using the key
+    /// file `key.hex` (mode 0600) in the cluster's directory holding `keys`
+    /// (one per line, 64 hex digits).
+    pub fn keyed(n: usize, quorum: usize, size: &str, extra_volume: &str, last_extra: &str, keys: &[&str]) -> Cluster {
+        Cluster::build(n, quorum, size, extra_volume, last_extra, Some(keys))
+    }
+
+    fn build(
+        n: usize,
+        quorum: usize,
+        size: &str,
+        extra_volume: &str,
+        last_extra: &str,
+        keys: Option<&[&str]>,
+    ) -> Cluster {
         let root = tempfile::Builder::new().prefix("starblk-it").tempdir_in(tmp_base()).unwrap();
         let roles = ["local", "near", "far"];
         let mut replicas: Vec<Replica> = (0..n).map(|i| Replica::init(root.path(), &format!("r{i}"), size)).collect();
+        let mut extra_volume = extra_volume.to_string();
+        if let Some(keys) = keys {
+            let key_file = root.path().join("key.hex");
+            write_key_file(&key_file, keys);
+            extra_volume += &format!("\nkey_file = \"{}\"\n", key_file.display());
+            for r in &mut replicas {
+                r.key_file = Some(key_file.clone());
+            }
+        }
+        let extra_volume = extra_volume.as_str();
         let mut toml = format!(
             "[volume]\nname = \"it\"\nsize = \"{size}\"\nquorum = {quorum}\n{}control_socket = \"{}\"\n{extra_volume}\n",
             if extra_volume.contains("write_queue") { "" } else { "write_queue = \"16MiB\"\n" },
@@ -200,6 +231,20 @@ impl Cluster {
         BlockingVolume { volume, waiters }
     }
 }
+
+/// Writes a key file with mode 0600 holding `keys`, one per line.
+pub fn write_key_file(path: &Path, keys: &[&str]) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, keys.iter().map(|k| format!("{k}\n")).collect::<String>()).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Test keys (64 hex digits each).
+pub const KEY_A: &str = "6b6579206f6e65206b6579206f6e65206b6579206f6e65206b6579206f6e6521";
+pub const KEY_B: &str = "6b65792074776f206b65792074776f206b65792074776f206b65792074776f21";
+pub const KEY_C: &str = "6b6579207468726565206b6579207468726565206b6579207468726565212121";
 
 /// One replica's status line, by name.
 pub fn replica_status(v: &BlockingVolume, name: &str) -> starblk::engine::status::ReplicaStatus {
