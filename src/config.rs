@@ -84,6 +84,10 @@ pub struct VolumeConfig {
     /// per recovering replica, in bytes of data per second; 0 (the
     /// default) is unlimited.
     pub recovery_rate_bytes_per_s: u64,
+    /// `recovery_rate = "auto"`: a controller chooses the cap, keeping the
+    /// foreground p99 write latency within +20 % of its level without
+    /// recovery (`docs/design.md`); `recovery_rate_bytes_per_s` is then 0.
+    pub recovery_rate_auto: bool,
     /// `key_file`: shared secret authenticating replica traffic (resolved path).
     pub key_file: Option<PathBuf>,
     /// `control_socket`: overrides the default `/run/starblk/NAME.sock`
@@ -525,10 +529,12 @@ fn build_volume(src: &Source, v: &RawVolume, base: &Path) -> Result<VolumeConfig
             src.invalid(s, "[volume] on_quorum_loss", quoted(s.get_ref()), format!("expected {}", e.expected))
         })?,
     };
+    let recovery_rate_auto = v.recovery_rate.as_ref().is_some_and(|r| r.get_ref() == "auto");
     let recovery_rate_bytes_per_s = match &v.recovery_rate {
         None => 0,
+        Some(_) if recovery_rate_auto => 0,
         Some(r) => crate::size::parse_rate(r.get_ref())
-            .map_err(|e| src.invalid(r, "[volume] recovery_rate", quoted(r.get_ref()), e))?
+            .map_err(|e| src.invalid(r, "[volume] recovery_rate", quoted(r.get_ref()), format!("{e}, or \"auto\"")))?
             .div_ceil(8),
     };
     Ok(VolumeConfig {
@@ -539,6 +545,7 @@ fn build_volume(src: &Source, v: &RawVolume, base: &Path) -> Result<VolumeConfig
         write_queue_bytes,
         on_quorum_loss,
         recovery_rate_bytes_per_s,
+        recovery_rate_auto,
         key_file: path_value(src, v.key_file.as_ref(), "[volume] key_file", base)?,
         control_socket: path_value(src, v.control_socket.as_ref(), "[volume] control_socket", base)?,
     })

@@ -23,8 +23,13 @@ pub enum ControlRequest {
     ReplicaAdd { name: String, addr: String },
     /// Remove a replica (not yet supported).
     ReplicaRemove { name: String, force: bool },
-    /// Set the replay recovery rate limit (data bytes/s, 0 = unlimited).
-    RecoveryRate { bytes_per_s: u64 },
+    /// Set the recovery rate limit (data bytes/s, 0 = unlimited), or with
+    /// `auto` let the controller choose it.
+    RecoveryRate {
+        bytes_per_s: u64,
+        #[serde(default)]
+        auto: bool,
+    },
 }
 
 /// The served block device path, shared with the control socket.
@@ -82,8 +87,8 @@ fn handle(conn: UnixStream, volume: &Volume, device: &Device, down_tx: &mpsc::Se
             let _ = down_tx.send(());
             serde_json::json!({"ok": true})
         }
-        Ok(ControlRequest::RecoveryRate { bytes_per_s }) => {
-            let old = volume.set_recovery_rate(bytes_per_s);
+        Ok(ControlRequest::RecoveryRate { bytes_per_s, auto }) => {
+            let old = if auto { volume.set_recovery_rate_auto() } else { volume.set_recovery_rate(bytes_per_s) };
             serde_json::json!({"ok": true, "previous_bytes_per_s": old})
         }
         Ok(ControlRequest::ReplicaAdd { .. } | ControlRequest::ReplicaRemove { .. }) => {

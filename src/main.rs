@@ -57,13 +57,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Set the replay recovery rate limit of a running volume (e.g.
-    /// `200Mbit`; `0` or `unlimited` lifts it). Applies to replays already
-    /// running too.
+    /// Set the recovery rate limit of a running volume (e.g. `200Mbit`;
+    /// `0` or `unlimited` lifts it; `auto` lets a controller choose it).
+    /// Applies to replays and copies already running too.
     RecoveryRate {
         #[command(flatten)]
         at: VolumeRef,
-        /// The new limit: a rate such as 200Mbit or 1Gbit, or 0 / unlimited.
+        /// The new limit: a rate such as 200Mbit or 1Gbit, 0 / unlimited, or auto.
         rate: String,
     },
     /// Flush, stop serving, remove the device.
@@ -415,18 +415,20 @@ fn status(path: PathBuf, json: bool) -> Result<ExitCode> {
 
 /// `recovery-rate`: changes the replay recovery rate limit online.
 fn recovery_rate(path: PathBuf, rate: &str) -> Result<ExitCode> {
+    let auto = rate.trim() == "auto";
     let bits = match rate.trim() {
-        "0" | "unlimited" => 0,
-        r => starblk::size::parse_rate(r).map_err(|e| usage(format!("recovery rate {r:?}: {e}")))?,
+        "0" | "unlimited" | "auto" => 0,
+        r => starblk::size::parse_rate(r).map_err(|e| usage(format!("recovery rate {r:?}: {e}, or auto")))?,
     };
-    let req = ControlRequest::RecoveryRate { bytes_per_s: bits.div_ceil(8) };
+    let req = ControlRequest::RecoveryRate { bytes_per_s: bits.div_ceil(8), auto };
     let v = control::call(&path, &req, Duration::from_secs(10))?;
     let show = |bytes_per_s: u64| match bytes_per_s {
         0 => "unlimited".to_string(),
         b => starblk::size::format_rate(b * 8),
     };
     let old = v["previous_bytes_per_s"].as_u64().unwrap_or(0);
-    println!("recovery rate {} (was {})", show(bits.div_ceil(8)), show(old));
+    let new = if auto { "auto".to_string() } else { show(bits.div_ceil(8)) };
+    println!("recovery rate {new} (was {})", show(old));
     Ok(ExitCode::SUCCESS)
 }
 

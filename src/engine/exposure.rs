@@ -349,6 +349,7 @@ mod tests {
             start_seq: 0,
             history: starblk_replica::history::History::new(),
             recovery_rate_bytes_per_s: 0,
+            recovery_rate_auto: false,
         };
         let spec = |name: &str, netsync| ReplicaSpec {
             name: name.into(),
@@ -391,6 +392,7 @@ mod tests {
             stopping: std::sync::atomic::AtomicBool::new(false),
             recovery_rate_bytes_per_s: std::sync::atomic::AtomicU64::new(0),
             latency: crate::engine::latency::Latency::default(),
+            autorate: Default::default(),
         };
         (shared, recorder)
     }

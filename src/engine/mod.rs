@@ -11,6 +11,7 @@
 //! order; one receiver thread per replica reads cumulative durable acks.
 //! A write completes once Q up-to-date replicas report it durable (§1a).
 
+mod autorate;
 pub mod blocking;
 mod exposure;
 pub mod latency;
@@ -119,6 +120,8 @@ pub struct EngineConfig {
     pub history: starblk_replica::history::History,
     /// Replay recovery rate limit per replica, bytes/s (0 = unlimited).
     pub recovery_rate_bytes_per_s: u64,
+    /// `recovery_rate = "auto"`: a controller sets the limit (`autorate.rs`).
+    pub recovery_rate_auto: bool,
 }
 
 /// A write held in the write queue.
@@ -194,6 +197,8 @@ pub(crate) struct Shared {
     recovery_rate_bytes_per_s: AtomicU64,
     /// Submit-to-completion latency per request kind.
     latency: latency::Latency,
+    /// The `recovery_rate = "auto"` controller, when on.
+    autorate: autorate::AutoRate,
 }
 
 /// A running volume.
@@ -242,8 +247,12 @@ impl Volume {
             stopping: AtomicBool::new(false),
             recovery_rate_bytes_per_s: AtomicU64::new(cfg.recovery_rate_bytes_per_s),
             latency: latency::Latency::default(),
+            autorate: autorate::AutoRate::default(),
             cfg,
         });
+        if shared.cfg.recovery_rate_auto {
+            autorate::enable(&shared);
+        }
         for l in &shared.links {
             link::spawn_manager(shared.clone(), l.clone());
         }
@@ -290,16 +299,6 @@ impl Volume {
             }
             g = self.shared.space.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
-    }
-
-    /// Sets the replay recovery rate limit (data bytes/s, 0 = unlimited),
-    /// also for replays already running; returns the previous limit.
-    pub fn set_recovery_rate(&self, bytes_per_s: u64) -> u64 {
-        let old = self.shared.recovery_rate_bytes_per_s.swap(bytes_per_s, Ordering::AcqRel);
-        for l in &self.shared.links {
-            l.recovery_rate_changed();
-        }
-        old
     }
 
     /// Volume settings.

@@ -122,6 +122,7 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
         start_seq,
         history: host_history.clone(),
         recovery_rate_bytes_per_s: cfg.volume.recovery_rate_bytes_per_s,
+        recovery_rate_auto: cfg.volume.recovery_rate_auto,
     };
     // Fenced replicas whose logs are a prefix of the new history catch up
     // from it; the others hold another history's tail and stay out.
