@@ -98,6 +98,10 @@ enum Cmd {
         /// Print `ack OFFSET ID` on stdout for every completed write.
         #[arg(long)]
         ack_log: bool,
+        /// Write each timed request's completion time and latency (µs) to
+        /// this file.
+        #[arg(long)]
+        latency_log: Option<PathBuf>,
     },
     /// Availability of a replica layout (StarFish Eq. 1 / Eq. 2).
     Plan {
@@ -315,8 +319,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Status { at, json } => status(socket_path(at)?, json),
         Cmd::Down { at } => down(at),
         Cmd::RecoveryRate { at, rate } => recovery_rate(socket_path(at)?, &rate),
-        Cmd::Bench { config, pattern, bs, qd, seconds, verify, json, span, seed, rate, ack_log } => {
-            let extra = BenchExtra { json, span, seed, rate, ack_log };
+        Cmd::Bench { config, pattern, bs, qd, seconds, verify, json, span, seed, rate, ack_log, latency_log } => {
+            let extra = BenchExtra { json, span, seed, rate, ack_log, latency_log };
             bench(&config, pattern, bs, qd, seconds, verify, extra)
         }
         Cmd::Plan { replicas, quorum, availability, he_availability, read_only, json } => {
@@ -740,6 +744,7 @@ struct BenchExtra {
     seed: u64,
     rate: Option<f64>,
     ack_log: bool,
+    latency_log: Option<PathBuf>,
 }
 
 fn bench(
@@ -751,7 +756,7 @@ fn bench(
     verify: bool,
     x: BenchExtra,
 ) -> Result<ExitCode> {
-    let BenchExtra { json, span, seed, rate, ack_log } = x;
+    let BenchExtra { json, span, seed, rate, ack_log, latency_log } = x;
     if rate.is_some_and(|r| !(r > 0.0 && r <= 1e7)) {
         return Err(usage("--rate: must be between 0 and 10000000 requests per second"));
     }
@@ -788,8 +793,18 @@ fn bench(
             .map_err(|e| eprintln!("warning: control socket {}: {e}; status is not served", sock.display()))
             .is_ok()
     });
-    let opts =
-        BenchOptions { pattern, bs: bs as u32, qd, seconds, verify, span_bytes: span, seed, rate_iops: rate, ack_log };
+    let opts = BenchOptions {
+        pattern,
+        bs: bs as u32,
+        qd,
+        seconds,
+        verify,
+        span_bytes: span,
+        seed,
+        rate_iops: rate,
+        ack_log,
+        latency_log,
+    };
     let report = Bench::new(&vol, completer, rx, opts).run();
     vol.shutdown(Duration::from_secs(30));
     if let Some(sock) = sock {
