@@ -1024,6 +1024,19 @@ fec = { scheme = "layered-xor", r = 8, c = 3 }   # or { scheme = "reed-solomon",
     }
 
     #[test]
+    fn recovery_rate_auto_or_fixed() {
+        let auto = parse(&MINIMAL.replacen("quorum = 1", "quorum = 1\nrecovery_rate = \"auto\"", 1)).unwrap();
+        assert!(auto.volume.recovery_rate_auto);
+        assert_eq!(auto.volume.recovery_rate_bytes_per_s, 0);
+        let fixed = parse(&MINIMAL.replacen("quorum = 1", "quorum = 1\nrecovery_rate = \"80Mbit\"", 1)).unwrap();
+        assert!(!fixed.volume.recovery_rate_auto);
+        assert_eq!(fixed.volume.recovery_rate_bytes_per_s, 10_000_000);
+        let msg =
+            rejects(&MINIMAL.replacen("quorum = 1", "quorum = 1\nrecovery_rate = \"fast\"", 1), 5, "recovery_rate");
+        assert!(msg.contains("or \"auto\""), "{msg}");
+    }
+
+    #[test]
     fn unknown_key_in_volume() {
         let text = edit("quorum = 2", "quorum = 2\nquorom = 3");
         let msg = rejects(&text, 6, "quorom");
