@@ -96,8 +96,10 @@ pub struct BenchReport {
     pub seed: u64,
 }
 
-/// Completion events: (slot token, outcome).
-pub type Completions = Receiver<(u64, Result<(), IoError>)>;
+/// Completion events: (slot token, outcome, when it completed). The time
+/// is taken in the completer: the bench loop may receive it later (it
+/// sleeps to pace requests with `--rate`).
+pub type Completions = Receiver<(u64, Result<(), IoError>, Instant)>;
 
 /// Per-slot buffer the completer copies read data into.
 struct Slot {
@@ -107,7 +109,7 @@ struct Slot {
 /// Completer for the bench: copies read data into the slot and signals.
 pub struct BenchCompleter {
     slots: Vec<Slot>,
-    tx: Sender<(u64, Result<(), IoError>)>,
+    tx: Sender<(u64, Result<(), IoError>, Instant)>,
 }
 
 impl Completer for BenchCompleter {
@@ -119,7 +121,7 @@ impl Completer for BenchCompleter {
                 b.extend_from_slice(d);
             }
         });
-        let _ = self.tx.send((token, r));
+        let _ = self.tx.send((token, r, Instant::now()));
     }
 }
 
@@ -238,10 +240,10 @@ impl<'a> Bench<'a> {
         }
         let mut ops = 0u64;
         while slots.iter().any(|s| s.is_some()) {
-            let (slot, res) = self.rx.recv().expect("completer alive");
+            let (slot, res, done) = self.rx.recv().expect("completer alive");
             let f = self.finish(slot as usize, &mut slots, res);
             let us = |d: Duration| d.as_micros().min(u32::MAX as u128) as u32;
-            lat.push((us(start.elapsed()), us(f.started.elapsed())));
+            lat.push((us(done.saturating_duration_since(start)), us(done.saturating_duration_since(f.started))));
             ops += 1;
             if Instant::now() < deadline {
                 self.pace(start, issued);
@@ -378,7 +380,7 @@ impl<'a> Bench<'a> {
             if free.len() == self.opts.qd {
                 continue;
             }
-            let (slot, res) = self.rx.recv().expect("completer alive");
+            let (slot, res, _) = self.rx.recv().expect("completer alive");
             self.finish(slot as usize, &mut slots, res);
             free.push(slot as usize);
         }

@@ -402,6 +402,11 @@ impl Controller {
         self.at_rate_mean_us += weight * (us - self.at_rate_mean_us);
         let mean = self.at_rate_mean_us;
         let used = achieved.map_or(self.rate, |a| a.min(self.rate));
+        if mean > limit && self.rate <= self.p.min_bytes_per_s && self.at_rate_n >= self.p.mean_windows {
+            // Over the limit for a while at the minimum rate: the
+            // foreground got slower for another reason. Measure again.
+            return self.start_probe(Some(self.rate));
+        }
         if mean > limit || us > limit * self.p.alarm_ratio {
             self.last_hurt = Some(self.rate.min(used.saturating_mul(2)));
             let factor = (base * self.p.setpoint_ratio / mean.max(us)).clamp(0.5, 0.85);
@@ -579,6 +584,29 @@ mod tests {
         assert_eq!(c.view().baseline_p99_us, Some(1000), "the window right after the drop is discarded");
         assert_eq!(c.view().phase, Phase::SlowStart);
         assert_eq!(c.rate_bytes_per_s(), 8 * MIB);
+    }
+
+    #[test]
+    fn over_the_limit_at_the_minimum_rate_measures_the_baseline_again() {
+        let mut c = learned();
+        let min = Params::default().min_bytes_per_s;
+        // The foreground slows down for another reason: backing off does
+        // not help...
+        let mut ticks = 0;
+        while c.view().phase != Phase::Probe {
+            c.tick(&busy(3000, true));
+            ticks += 1;
+            assert!(ticks < 40, "still not probing at {}", c.rate_bytes_per_s());
+        }
+        // ...so the baseline is measured again, and the ramp goes on.
+        for _ in 0..5 {
+            c.tick(&busy(3000, true));
+        }
+        assert_eq!(c.view().baseline_p99_us, Some(3000));
+        for _ in 0..4 {
+            c.tick(&busy(3000, true));
+        }
+        assert!(c.rate_bytes_per_s() > min, "it raises again from the minimum");
     }
 
     #[test]
