@@ -50,6 +50,10 @@ pub struct BenchOptions {
     /// Print `ack OFFSET ID` on stdout as each write completes, so a
     /// process outside this one keeps a record that survives a kill -9.
     pub ack_log: bool,
+    /// Write every timed request's completion time and latency here, so
+    /// that a script can take percentiles over part of the run (e.g.
+    /// while a recovery ran: `scripts/bench-recovery`).
+    pub latency_log: Option<std::path::PathBuf>,
 }
 
 /// Latency percentiles in µs.
@@ -92,8 +96,10 @@ pub struct BenchReport {
     pub seed: u64,
 }
 
-/// Completion events: (slot token, outcome).
-pub type Completions = Receiver<(u64, Result<(), IoError>)>;
+/// Completion events: (slot token, outcome, when it completed). The time
+/// is taken in the completer: the bench loop may receive it later (it
+/// sleeps to pace requests with `--rate`).
+pub type Completions = Receiver<(u64, Result<(), IoError>, Instant)>;
 
 /// Per-slot buffer the completer copies read data into.
 struct Slot {
@@ -103,7 +109,7 @@ struct Slot {
 /// Completer for the bench: copies read data into the slot and signals.
 pub struct BenchCompleter {
     slots: Vec<Slot>,
-    tx: Sender<(u64, Result<(), IoError>)>,
+    tx: Sender<(u64, Result<(), IoError>, Instant)>,
 }
 
 impl Completer for BenchCompleter {
@@ -115,7 +121,7 @@ impl Completer for BenchCompleter {
                 b.extend_from_slice(d);
             }
         });
-        let _ = self.tx.send((token, r));
+        let _ = self.tx.send((token, r, Instant::now()));
     }
 }
 
@@ -184,7 +190,14 @@ impl<'a> Bench<'a> {
         if self.opts.verify && reads {
             self.sweep(false);
         }
-        let (ops, elapsed, mut lat) = self.timed();
+        let (ops, elapsed, lat, started) = self.timed();
+        if let Some(path) = &self.opts.latency_log {
+            if let Err(e) = write_latency_log(path, started, &lat) {
+                tracing::error!(path = %path.display(), "latency log not written: {e}");
+                self.io_errors += 1;
+            }
+        }
+        let mut lat: Vec<u32> = lat.into_iter().map(|(_, l)| l).collect();
         if self.opts.verify {
             self.sweep(true);
         }
@@ -210,12 +223,14 @@ impl<'a> Bench<'a> {
     }
 
     /// The timed phase: keeps `qd` requests in flight for `seconds`.
-    fn timed(&mut self) -> (u64, Duration, Vec<u32>) {
+    /// Returns (ops, elapsed, (completion µs since start, latency µs) per
+    /// op, when it started).
+    fn timed(&mut self) -> (u64, Duration, Vec<(u32, u32)>, std::time::SystemTime) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(self.opts.seed);
         let mut slots: Vec<Option<InFlight>> = vec![None; self.opts.qd];
         let mut lat = Vec::with_capacity(1 << 20);
         let mut seq_cursor = 0u64;
-        let start = Instant::now();
+        let (start, started) = (Instant::now(), std::time::SystemTime::now());
         let deadline = start + Duration::from_secs_f64(self.opts.seconds);
         let mut issued = 0u64;
         for slot in 0..self.opts.qd {
@@ -225,9 +240,10 @@ impl<'a> Bench<'a> {
         }
         let mut ops = 0u64;
         while slots.iter().any(|s| s.is_some()) {
-            let (slot, res) = self.rx.recv().expect("completer alive");
+            let (slot, res, done) = self.rx.recv().expect("completer alive");
             let f = self.finish(slot as usize, &mut slots, res);
-            lat.push(f.started.elapsed().as_micros().min(u32::MAX as u128) as u32);
+            let us = |d: Duration| d.as_micros().min(u32::MAX as u128) as u32;
+            lat.push((us(done.saturating_duration_since(start)), us(done.saturating_duration_since(f.started))));
             ops += 1;
             if Instant::now() < deadline {
                 self.pace(start, issued);
@@ -235,7 +251,7 @@ impl<'a> Bench<'a> {
                 issued += 1;
             }
         }
-        (ops, start.elapsed(), lat)
+        (ops, start.elapsed(), lat, started)
     }
 
     /// With `--rate`, waits until request number `issued` is due.
@@ -364,11 +380,28 @@ impl<'a> Bench<'a> {
             if free.len() == self.opts.qd {
                 continue;
             }
-            let (slot, res) = self.rx.recv().expect("completer alive");
+            let (slot, res, _) = self.rx.recv().expect("completer alive");
             self.finish(slot as usize, &mut slots, res);
             free.push(slot as usize);
         }
     }
+}
+
+/// The `--latency-log` file: `start_unix_us T`, then `completed_us
+/// latency_us` per request (completion time from T).
+fn write_latency_log(
+    path: &std::path::Path,
+    started: std::time::SystemTime,
+    lat: &[(u32, u32)],
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut w = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let t0 = started.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros());
+    writeln!(w, "start_unix_us {t0}")?;
+    for (at, l) in lat {
+        writeln!(w, "{at} {l}")?;
+    }
+    w.flush()
 }
 
 /// Fills `buf` with one stamp per block: offset, id, and a derived pattern.

@@ -84,6 +84,10 @@ pub struct VolumeConfig {
     /// per recovering replica, in bytes of data per second; 0 (the
     /// default) is unlimited.
     pub recovery_rate_bytes_per_s: u64,
+    /// `recovery_rate = "auto"`: a controller chooses the cap, keeping the
+    /// foreground p99 write latency within +20 % of its level without
+    /// recovery (`docs/design.md`); `recovery_rate_bytes_per_s` is then 0.
+    pub recovery_rate_auto: bool,
     /// `key_file`: shared secret authenticating replica traffic (resolved path).
     pub key_file: Option<PathBuf>,
     /// `encrypt`: encrypt the traffic of every replica (a replica's own
@@ -537,10 +541,12 @@ fn build_volume(src: &Source, v: &RawVolume, base: &Path) -> Result<VolumeConfig
             src.invalid(s, "[volume] on_quorum_loss", quoted(s.get_ref()), format!("expected {}", e.expected))
         })?,
     };
+    let recovery_rate_auto = v.recovery_rate.as_ref().is_some_and(|r| r.get_ref() == "auto");
     let recovery_rate_bytes_per_s = match &v.recovery_rate {
         None => 0,
+        Some(_) if recovery_rate_auto => 0,
         Some(r) => crate::size::parse_rate(r.get_ref())
-            .map_err(|e| src.invalid(r, "[volume] recovery_rate", quoted(r.get_ref()), e))?
+            .map_err(|e| src.invalid(r, "[volume] recovery_rate", quoted(r.get_ref()), format!("{e}, or \"auto\"")))?
             .div_ceil(8),
     };
     Ok(VolumeConfig {
@@ -551,6 +557,7 @@ fn build_volume(src: &Source, v: &RawVolume, base: &Path) -> Result<VolumeConfig
         write_queue_bytes,
         on_quorum_loss,
         recovery_rate_bytes_per_s,
+        recovery_rate_auto,
         key_file: path_value(src, v.key_file.as_ref(), "[volume] key_file", base)?,
         encrypt: encrypt_value(src, v.encrypt.as_ref(), "[volume] encrypt", v.key_file.is_some())?.unwrap_or(false),
         control_socket: path_value(src, v.control_socket.as_ref(), "[volume] control_socket", base)?,
@@ -1084,6 +1091,19 @@ fec = { scheme = "layered-xor", r = 8, c = 3 }   # or { scheme = "reed-solomon",
         assert_eq!(key, Some(Path::new("/etc/starblk/keys/vol0.key")));
         assert_eq!(c.socket_path(), Path::new("/etc/starblk/ctl.sock"));
         assert_eq!(c.default_socket_path(), Path::new("/run/starblk/vol0.sock"));
+    }
+
+    #[test]
+    fn recovery_rate_auto_or_fixed() {
+        let auto = parse(&MINIMAL.replacen("quorum = 1", "quorum = 1\nrecovery_rate = \"auto\"", 1)).unwrap();
+        assert!(auto.volume.recovery_rate_auto);
+        assert_eq!(auto.volume.recovery_rate_bytes_per_s, 0);
+        let fixed = parse(&MINIMAL.replacen("quorum = 1", "quorum = 1\nrecovery_rate = \"80Mbit\"", 1)).unwrap();
+        assert!(!fixed.volume.recovery_rate_auto);
+        assert_eq!(fixed.volume.recovery_rate_bytes_per_s, 10_000_000);
+        let msg =
+            rejects(&MINIMAL.replacen("quorum = 1", "quorum = 1\nrecovery_rate = \"fast\"", 1), 5, "recovery_rate");
+        assert!(msg.contains("or \"auto\""), "{msg}");
     }
 
     #[test]

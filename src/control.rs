@@ -36,8 +36,13 @@ pub enum ControlRequest {
     },
     /// Remove a replica.
     ReplicaRemove { name: String, force: bool },
-    /// Set the replay recovery rate limit (data bytes/s, 0 = unlimited).
-    RecoveryRate { bytes_per_s: u64 },
+    /// Set the recovery rate limit (data bytes/s, 0 = unlimited), or with
+    /// `auto` let the controller choose it.
+    RecoveryRate {
+        bytes_per_s: u64,
+        #[serde(default)]
+        auto: bool,
+    },
     /// Move every replica session to the key file's next key.
     Rekey,
 }
@@ -104,8 +109,8 @@ fn handle(conn: UnixStream, volume: &Volume, device: &Device, down_tx: &mpsc::Se
             let _ = down_tx.send(());
             return Ok(());
         }
-        Ok(ControlRequest::RecoveryRate { bytes_per_s }) => {
-            let old = volume.set_recovery_rate(bytes_per_s);
+        Ok(ControlRequest::RecoveryRate { bytes_per_s, auto }) => {
+            let old = if auto { volume.set_recovery_rate_auto() } else { volume.set_recovery_rate(bytes_per_s) };
             serde_json::json!({"ok": true, "previous_bytes_per_s": old})
         }
         Ok(ControlRequest::Rekey) => match volume.rekey(REKEY_PER_REPLICA) {

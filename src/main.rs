@@ -61,13 +61,13 @@ enum Cmd {
         #[arg(long, conflicts_with = "json")]
         watch: bool,
     },
-    /// Set the replay recovery rate limit of a running volume (e.g.
-    /// `200Mbit`; `0` or `unlimited` lifts it). Applies to replays already
-    /// running too.
+    /// Set the recovery rate limit of a running volume (e.g. `200Mbit`;
+    /// `0` or `unlimited` lifts it; `auto` lets a controller choose it).
+    /// Applies to replays and copies already running too.
     RecoveryRate {
         #[command(flatten)]
         at: VolumeRef,
-        /// The new limit: a rate such as 200Mbit or 1Gbit, or 0 / unlimited.
+        /// The new limit: a rate such as 200Mbit or 1Gbit, 0 / unlimited, or auto.
         rate: String,
     },
     /// Move every replica session to the next key of the volume's key
@@ -108,6 +108,10 @@ enum Cmd {
         /// Print `ack OFFSET ID` on stdout for every completed write.
         #[arg(long)]
         ack_log: bool,
+        /// Write each timed request's completion time and latency (µs) to
+        /// this file.
+        #[arg(long)]
+        latency_log: Option<PathBuf>,
     },
     /// Availability of a replica layout (StarFish Eq. 1 / Eq. 2).
     Plan {
@@ -334,8 +338,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Down { at } => down(at),
         Cmd::Rekey { at } => rekey(socket_path(at)?),
         Cmd::RecoveryRate { at, rate } => recovery_rate(socket_path(at)?, &rate),
-        Cmd::Bench { config, pattern, bs, qd, seconds, verify, json, span, seed, rate, ack_log } => {
-            let extra = BenchExtra { json, span, seed, rate, ack_log };
+        Cmd::Bench { config, pattern, bs, qd, seconds, verify, json, span, seed, rate, ack_log, latency_log } => {
+            let extra = BenchExtra { json, span, seed, rate, ack_log, latency_log };
             bench(&config, pattern, bs, qd, seconds, verify, extra)
         }
         Cmd::Plan { replicas, quorum, availability, he_availability, read_only, json } => {
@@ -550,18 +554,20 @@ fn watch_recoveries(path: &Path) -> Result<()> {
 
 /// `recovery-rate`: changes the replay recovery rate limit online.
 fn recovery_rate(path: PathBuf, rate: &str) -> Result<ExitCode> {
+    let auto = rate.trim() == "auto";
     let bits = match rate.trim() {
-        "0" | "unlimited" => 0,
-        r => starblk::size::parse_rate(r).map_err(|e| usage(format!("recovery rate {r:?}: {e}")))?,
+        "0" | "unlimited" | "auto" => 0,
+        r => starblk::size::parse_rate(r).map_err(|e| usage(format!("recovery rate {r:?}: {e}, or auto")))?,
     };
-    let req = ControlRequest::RecoveryRate { bytes_per_s: bits.div_ceil(8) };
+    let req = ControlRequest::RecoveryRate { bytes_per_s: bits.div_ceil(8), auto };
     let v = control::call(&path, &req, Duration::from_secs(10))?;
     let show = |bytes_per_s: u64| match bytes_per_s {
         0 => "unlimited".to_string(),
         b => starblk::size::format_rate(b * 8),
     };
     let old = v["previous_bytes_per_s"].as_u64().unwrap_or(0);
-    println!("recovery rate {} (was {})", show(bits.div_ceil(8)), show(old));
+    let new = if auto { "auto".to_string() } else { show(bits.div_ceil(8)) };
+    println!("recovery rate {new} (was {})", show(old));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -903,6 +909,7 @@ struct BenchExtra {
     seed: u64,
     rate: Option<f64>,
     ack_log: bool,
+    latency_log: Option<PathBuf>,
 }
 
 fn bench(
@@ -914,7 +921,7 @@ fn bench(
     verify: bool,
     x: BenchExtra,
 ) -> Result<ExitCode> {
-    let BenchExtra { json, span, seed, rate, ack_log } = x;
+    let BenchExtra { json, span, seed, rate, ack_log, latency_log } = x;
     if rate.is_some_and(|r| !(r > 0.0 && r <= 1e7)) {
         return Err(usage("--rate: must be between 0 and 10000000 requests per second"));
     }
@@ -951,8 +958,18 @@ fn bench(
             .map_err(|e| eprintln!("warning: control socket {}: {e}; status is not served", sock.display()))
             .is_ok()
     });
-    let opts =
-        BenchOptions { pattern, bs: bs as u32, qd, seconds, verify, span_bytes: span, seed, rate_iops: rate, ack_log };
+    let opts = BenchOptions {
+        pattern,
+        bs: bs as u32,
+        qd,
+        seconds,
+        verify,
+        span_bytes: span,
+        seed,
+        rate_iops: rate,
+        ack_log,
+        latency_log,
+    };
     let report = Bench::new(&vol, completer, rx, opts).run();
     vol.shutdown(Duration::from_secs(30));
     if let Some(sock) = sock {

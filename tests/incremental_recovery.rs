@@ -18,6 +18,7 @@ use common::*;
 use rand::{Rng, SeedableRng};
 use starblk::engine::blocking::BlockingVolume;
 use starblk::engine::LinkState;
+use starblk_recovery::{RateParams, RatePhase};
 use starblk_replica::client;
 
 const REGION: u64 = 64 << 10;
@@ -387,4 +388,59 @@ fn empty_replica_gets_a_full_copy_of_the_written_regions_only() {
     assert!(received <= written_bytes + written_bytes / 10, "a full copy must skip regions never written");
     assert!(v.volume.shutdown(Duration::from_secs(30)));
     c.kill_all_and_assert_identical("full copy");
+}
+
+#[test]
+fn auto_rate_steers_an_incremental_recovery_and_status_shows_it() {
+    let (mut c, v, _) = away_then_back(1024, "auto");
+    // Foreground writes go on during the copy: the controller guards
+    // their latency.
+    let stop = Arc::new(AtomicBool::new(false));
+    let fg = {
+        let (v, stop) = (v.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let off = (i % 64) * REGION;
+                v.write(off, &block(off, 10 + i, 4096)).unwrap_or_else(|e| panic!("foreground write {i}: {e}"));
+                i += 1;
+            }
+        })
+    };
+    let (min, max) = (RateParams::default().min_bytes_per_s, RateParams::default().max_bytes_per_s);
+    let mut seen = Vec::new();
+    wait_or_dump(&c, &v, Duration::from_secs(60), "r2 up to date under recovery_rate = \"auto\"", || {
+        let st = v.volume.status();
+        let auto = st.recovery_rate_auto.expect("status shows the auto mode");
+        let r2 = st.replicas.iter().find(|r| r.name == "r2").unwrap();
+        if r2.recovery.is_some() && r2.state != LinkState::UpToDate {
+            seen.push((auto.phase, st.recovery_rate_bytes_per_s));
+        }
+        r2.state == LinkState::UpToDate
+    });
+    println!(
+        "auto rate while r2 copied (phase, bytes/s), {} samples: {:?}",
+        seen.len(),
+        seen.iter().step_by(10).collect::<Vec<_>>()
+    );
+    assert!(!seen.is_empty(), "status never showed r2 copying");
+    assert!(seen.iter().all(|&(_, r)| (min..=max).contains(&r)), "a chosen rate out of bounds: {seen:?}");
+    assert!(seen.iter().any(|&(p, _)| p != RatePhase::Idle), "the controller never saw the recovery: {seen:?}");
+    assert!(c.replicas[2].log().contains("recovery copy complete"), "r2 did not recover by copy");
+    // Once the copy is done the controller goes idle; status says auto.
+    wait_until(Duration::from_secs(5), "the controller idle after the copy", || {
+        v.volume.status().recovery_rate_auto.is_some_and(|a| a.phase == RatePhase::Idle)
+    });
+    let text = v.volume.status().to_string();
+    assert!(text.contains("recovery rate auto"), "status text does not show the auto mode:\n{text}");
+    // A fixed rate turns the mode off; auto turns it back on.
+    v.volume.set_recovery_rate(1 << 20);
+    let st = v.volume.status();
+    assert_eq!((st.recovery_rate_auto, st.recovery_rate_bytes_per_s), (None, 1 << 20));
+    v.volume.set_recovery_rate_auto();
+    assert!(v.volume.status().recovery_rate_auto.is_some());
+    stop.store(true, Ordering::Relaxed);
+    fg.join().unwrap();
+    assert!(v.volume.shutdown(Duration::from_secs(30)));
+    c.kill_all_and_assert_identical("auto rate");
 }

@@ -12,6 +12,10 @@
 
 pub mod plan;
 pub mod progress;
+pub mod rate;
 
 pub use plan::{plan, LagReason, Peer, Plan, Queue, Returning};
 pub use progress::{Meter, ProgressView};
+pub use rate::{
+    AutoRateView, Controller as RateController, Params as RateParams, Phase as RatePhase, Sample as RateSample,
+};

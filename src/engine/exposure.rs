@@ -352,6 +352,7 @@ mod tests {
             members: Default::default(),
             encrypt: false,
             keys: None,
+            recovery_rate_auto: false,
         };
         let spec = |name: &str, netsync| ReplicaSpec {
             name: name.into(),
@@ -399,6 +400,7 @@ mod tests {
             latency: crate::engine::latency::Latency::default(),
             pool: crossbeam::queue::ArrayQueue::new(16),
             members: crate::engine::membership::Members::new(Default::default()),
+            autorate: Default::default(),
         };
         (shared, recorder)
     }

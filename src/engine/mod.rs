@@ -11,6 +11,7 @@
 //! order; one receiver thread per replica reads cumulative durable acks.
 //! A write completes once Q up-to-date replicas report it durable (§1a).
 
+mod autorate;
 pub mod blocking;
 mod exposure;
 pub mod keys;
@@ -130,6 +131,8 @@ pub struct EngineConfig {
     /// The key replica sessions authenticate with (`key_file`); None runs
     /// unauthenticated.
     pub keys: Option<Arc<keys::VolumeKeys>>,
+    /// `recovery_rate = "auto"`: a controller sets the limit (`autorate.rs`).
+    pub recovery_rate_auto: bool,
 }
 
 /// What `rekey` did.
@@ -146,6 +149,8 @@ pub struct RekeyReport {
     /// Replicas cut for the rekey that were not up to date again in time
     /// (they reconnect with the new key by themselves).
     pub not_back: Vec<String>,
+    /// `recovery_rate = "auto"`: a controller sets the limit (`autorate.rs`).
+    pub recovery_rate_auto: bool,
 }
 
 /// A write held in the write queue.
@@ -229,6 +234,8 @@ pub(crate) struct Shared {
     pool: crossbeam::queue::ArrayQueue<Arc<Vec<u8>>>,
     /// The replica set in effect, and the one-change-at-a-time lock.
     members: membership::Members,
+    /// The `recovery_rate = "auto"` controller, when on.
+    autorate: autorate::AutoRate,
 }
 
 /// A running volume.
@@ -281,8 +288,12 @@ impl Volume {
             latency: latency::Latency::default(),
             pool: crossbeam::queue::ArrayQueue::new(POOL_MAX),
             members: membership::Members::new(cfg.members.clone()),
+            autorate: autorate::AutoRate::default(),
             cfg,
         });
+        if shared.cfg.recovery_rate_auto {
+            autorate::enable(&shared);
+        }
         for l in &shared.links {
             link::spawn_manager(shared.clone(), l.clone());
         }
@@ -330,16 +341,6 @@ impl Volume {
             }
             g = self.shared.wait_space(g, deadline - now);
         }
-    }
-
-    /// Sets the replay recovery rate limit (data bytes/s, 0 = unlimited),
-    /// also for replays already running; returns the previous limit.
-    pub fn set_recovery_rate(&self, bytes_per_s: u64) -> u64 {
-        let old = self.shared.recovery_rate_bytes_per_s.swap(bytes_per_s, Ordering::AcqRel);
-        for l in &self.shared.links {
-            l.recovery_rate_changed();
-        }
-        old
     }
 
     /// Moves every replica session to the key file's next key

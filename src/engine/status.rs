@@ -214,6 +214,10 @@ pub struct VolumeStatus {
     /// Version of the replica set in effect (`docs/design.md`, "Membership").
     #[serde(default)]
     pub replica_set_version: u64,
+    /// `recovery_rate = "auto"`: the controller's state (its chosen rate
+    /// is `recovery_rate_bytes_per_s`); None with a fixed rate.
+    #[serde(default)]
+    pub recovery_rate_auto: Option<starblk_recovery::AutoRateView>,
     /// Replicas.
     pub replicas: Vec<ReplicaStatus>,
 }
@@ -295,6 +299,7 @@ pub(crate) fn snapshot(s: &Shared) -> VolumeStatus {
         on_quorum_loss: s.cfg.on_quorum_loss.to_string(),
         recovery_rate_bytes_per_s: s.recovery_rate_bytes_per_s.load(std::sync::atomic::Ordering::Acquire),
         replica_set_version: s.members.current.lock().expect("members lock poisoned").version,
+        recovery_rate_auto: s.autorate.view(),
         replicas,
     }
 }
@@ -358,10 +363,19 @@ impl fmt::Display for VolumeStatus {
             self.name, self.uuid, self.epoch, self.size_bytes, self.block_size, self.quorum, self.replica_set_version
         )?;
         let q = if self.quorum_ok { "ok".to_string() } else { format!("LOST ({})", self.on_quorum_loss) };
-        let rate = match self.recovery_rate_bytes_per_s {
+        let mut rate = match self.recovery_rate_bytes_per_s {
             0 => "unlimited".to_string(),
             b => crate::size::format_rate(b * 8),
         };
+        if let Some(a) = &self.recovery_rate_auto {
+            let us = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{v} us"));
+            rate = format!(
+                "auto {rate} ({}, write p99 {} against {} without recovery)",
+                a.phase,
+                us(a.last_p99_us),
+                us(a.baseline_p99_us)
+            );
+        }
         writeln!(
             f,
             "seq {} (completed {})  write queue {}/{} B  quorum {}  recovery rate {rate}",
