@@ -498,9 +498,12 @@ impl Replica {
         }
         self.serve_waiting(ctx);
         if copying {
+            self.copy_applied_more(ctx);
             // Durable in the log and applied, but claimed only when the
             // copy ends (`Store::commit`).
-            return self.copy_applied_more(ctx);
+            if !ctx.rules.acks_during_copy() {
+                return;
+            }
         }
         self.durable = durable;
         let Some(sid) = self.sink else { return };

@@ -23,9 +23,9 @@ pub const DEFECTS: [&str; 12] = [
     "publish_durable ignores failed_before (publishes past a failed batch)",
     "hello_decision joins a higher epoch without raising (older sessions not fenced)",
     "a copied region overwrites newer live writes (higher seq does not win)",
-    "a recovering replica counts toward Q before its copy is done",
-    "a membership change commits on a majority of the new set only",
-    "a membership change commits on a majority of the old set only",
+    "a copying replica claims and acks its live writes, and the host promotes it before its copy is done",
+    "a membership change commits on a majority of the new set only (benign for one-member changes)",
+    "a membership change commits once any one member of the new set stored it (--force without cause)",
     "a resumed copy goes on at its cursor without re-copying regions written meanwhile",
     "admit keeps a diverged replica's own durable seq (link.rs before the simulator found it)",
 ];
@@ -114,19 +114,27 @@ impl Rules {
     }
 
     /// `Shared::advance`: a recovering link is promoted once it has every
-    /// completed write and no copy runs. Defect 8 forgets the copy.
+    /// completed write and no copy runs. Defect 8 forgets the copy (and
+    /// the store acks live writes during a copy, see `acks_during_copy`).
     pub fn promotes(&self, durable: u64, completed: u64, copying: bool) -> bool {
         durable >= completed && (!copying || self.is(8))
     }
 
-    /// See [`Membership::change_committed`]; defects 9 and 10 count one set.
+    /// `Store::commit`: a copying replica neither publishes nor acks its
+    /// live writes until the copy ends. Defect 8 does.
+    pub fn acks_during_copy(&self) -> bool {
+        self.is(8)
+    }
+
+    /// See [`Membership::change_committed`]; defect 9 counts the new set
+    /// only, defect 10 takes any one member of the new set.
     pub fn change_committed(&self, old: &Membership, next: &Membership, persisted: &[String]) -> bool {
         let count = |s: &Membership| s.members.iter().filter(|m| persisted.contains(&m.name)).count();
         if self.is(9) {
             return count(next) >= members::majority(next.members.len());
         }
         if self.is(10) {
-            return count(old) >= members::majority(old.members.len());
+            return count(next) >= 1;
         }
         old.change_committed(next, persisted)
     }
