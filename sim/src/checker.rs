@@ -26,15 +26,13 @@ pub enum Property {
     UniqueEpoch,
     /// 6. A replica refuses frames below an epoch it has served (§8).
     OlderFramesRefused,
-    /// 7. A replica that ends a copy holds exactly the history up to the
-    /// durable seq it then claims.
+    /// 7. A finished copy holds exactly the history up to its durable seq.
     CopyExact,
     /// 8. Copy progress never goes backwards and ends at 100%.
     ProgressForward,
     /// 9. No two different sets committed with one (epoch, version).
     MembersAgree,
-    /// 10. A host never fences with a set older than one committed before
-    /// it started.
+    /// 10. A host fences with no set older than one committed before.
     NewestSetFound,
     /// 11. Only members of the set in effect count toward Q.
     RemovedNotCounted,
