@@ -32,6 +32,46 @@ pub fn majority(n: usize) -> usize {
     n / 2 + 1
 }
 
+/// Why a replica refuses a replica set (`accept_members`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MembersRefusal {
+    /// The change comes from a host that is not the replica's current one.
+    StaleEpoch {
+        /// The session's epoch.
+        asked: u64,
+        /// The replica's epoch.
+        mine: u64,
+    },
+    /// Older than the stored set, or the same (epoch, version) with other
+    /// members.
+    StaleMembers {
+        /// The offered set's (epoch, version).
+        asked: (u64, u64),
+        /// The stored set's.
+        mine: (u64, u64),
+    },
+}
+
+/// Whether a replica at `store_epoch` holding `stored` takes `next` from
+/// a host session of `session_epoch`: `Ok(true)` to persist it,
+/// `Ok(false)` when it already holds it (a retried change), else why not.
+/// Only the replica's current host changes the set, and only forwards.
+pub fn accept_members(
+    stored: &Membership,
+    store_epoch: u64,
+    session_epoch: u64,
+    next: &Membership,
+) -> Result<bool, MembersRefusal> {
+    if session_epoch != store_epoch {
+        return Err(MembersRefusal::StaleEpoch { asked: session_epoch, mine: store_epoch });
+    }
+    let mine = stored.order();
+    if next.order() < mine || (next.order() == mine && next.members != stored.members) {
+        return Err(MembersRefusal::StaleMembers { asked: next.order(), mine });
+    }
+    Ok(next.order() != mine)
+}
+
 impl Membership {
     /// The order of sets: (epoch, version).
     pub fn order(&self) -> (u64, u64) {

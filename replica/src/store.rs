@@ -21,7 +21,7 @@ use crate::changes::{self, ChangeMap};
 use crate::disk::{DiskFile, FaultPlan, FaultSpecError, FileIo, FileKind};
 use crate::history::{self as hist, AppendDecision, Standing};
 use crate::log::{self, Batch, Log, RecordHeader, LOG_MIN_BYTES, REC_HEADER_BYTES};
-use crate::members::Membership;
+use crate::members::{MembersRefusal, Membership};
 use crate::proto::{RegionHeader, Uuid, WriteOp, MAX_IO_BYTES};
 use crate::superblock::{self, CopyKind, CopySegment, CopyState, Superblock, COPY_SEGMENTS_MAX};
 
@@ -712,15 +712,12 @@ impl Store {
     pub fn set_members(&self, epoch: u64, next: Membership) -> Result<(), StoreError> {
         let mut g = lock(&self.sb);
         let (f, sb) = &mut *g;
-        if epoch != sb.epoch {
-            return Err(StoreError::StaleEpoch { asked: epoch, mine: sb.epoch });
-        }
-        let mine = (sb.members_epoch, sb.members_version);
-        if next.order() < mine || (next.order() == mine && next.members != sb.members) {
-            return Err(StoreError::StaleMembers { asked: next.order(), mine });
-        }
-        if next.order() == mine {
-            return Ok(());
+        let stored = Membership { epoch: sb.members_epoch, version: sb.members_version, members: sb.members.clone() };
+        match crate::members::accept_members(&stored, sb.epoch, epoch, &next) {
+            Ok(true) => {}
+            Ok(false) => return Ok(()),
+            Err(MembersRefusal::StaleEpoch { asked, mine }) => return Err(StoreError::StaleEpoch { asked, mine }),
+            Err(MembersRefusal::StaleMembers { asked, mine }) => return Err(StoreError::StaleMembers { asked, mine }),
         }
         sb.update(f, |sb| {
             sb.members = next.members;
@@ -1078,41 +1075,19 @@ impl Store {
             return Err(StoreError::Copy(format!("live writes from {live_from} past the host's last seq {host_last}")));
         }
         let last = g.last_seq;
-        // The last seq this replica's data shares with the host's history.
-        let common = hist::History::common_prefix(host, host_last, &g.follows, last);
-        let diverged = common < last;
-        let keep = common.min(last).min(live_from - 1);
         let prev = lock(&self.sb).1.copy.clone();
-        let regions = self.regions();
-        if let Some(st) = prev.as_ref().filter(|_| !diverged && live_from <= last + 1) {
-            // Same history, and the host goes on at or before where the log
-            // ends (what it resends is dropped as retransmissions): the copy
-            // goes on as it was.
-            if g.follows != *host {
-                self.persist(|sb| sb.history = host.clone())?;
-                g.follows = host.clone();
+        let setup = copy_setup(prev.as_ref(), host, host_last, &g.follows, last, live_from, kind, self.regions());
+        let (st, keep) = match setup {
+            CopySetup::Resume(st) => {
+                if g.follows != *host {
+                    self.persist(|sb| sb.history = host.clone())?;
+                    g.follows = host.clone();
+                }
+                tracing::info!(dir = %self.dir.display(), kind = %st.kind, cursor = st.cursor, next = last + 1, "recovery copy resumed");
+                return Ok(st);
             }
-            tracing::info!(dir = %self.dir.display(), kind = %st.kind, cursor = st.cursor, next = last + 1, "recovery copy resumed");
-            return Ok(st.clone());
-        }
-        let mut st = match prev {
-            // Regions below the cursor are as of `last`; those the host
-            // wrote since `keep`, or this replica did (a diverged tail),
-            // are copied again.
-            Some(st) => CopyState { segments: rewind(&st, keep), cursor: 0, ..st },
-            None => CopyState {
-                kind: if diverged { CopyKind::Rollback } else { kind },
-                live_from,
-                cursor: 0,
-                done_bytes: 0,
-                total_bytes: 0,
-                segments: vec![CopySegment { end: regions, since_peer: keep, since_local: keep }],
-            },
+            CopySetup::Begin { state, keep } => (state, keep),
         };
-        if diverged {
-            st.kind = CopyKind::Rollback;
-        }
-        st.live_from = live_from;
         let base = self.durable_seq().min(keep);
         // The records about to leave the log: their marks must be on disk
         // (a rollback copies the regions they touched).
@@ -1345,6 +1320,69 @@ impl Store {
         self.wait_applied(min_seq, timeout, None)?;
         self.changes.changed(from, to.min(self.regions()), since, max).map_err(io_err("read change map", &self.dir))
     }
+}
+
+/// What [`Store::begin_copy`] does with a copy request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CopySetup {
+    /// The copy in progress goes on as it was.
+    Resume(CopyState),
+    /// A copy (new, or rewound) from cursor 0 of `state`'s plan; the
+    /// replica then claims no more than `keep` (the last seq its data
+    /// shares with the host's history, below the first live write).
+    Begin {
+        /// The plan to persist.
+        state: CopyState,
+        /// The durable seq cap.
+        keep: u64,
+    },
+}
+
+/// Decides how a copy starts (pure, so the fault simulator runs the same
+/// decision): `prev` is the copy in progress, `follows`/`last` this
+/// replica's history and last seq, `host`/`host_last` the host's, and the
+/// host sends live writes from `live_from`. The caller checked
+/// `1 <= live_from <= host_last + 1`.
+#[allow(clippy::too_many_arguments)]
+pub fn copy_setup(
+    prev: Option<&CopyState>,
+    host: &hist::History,
+    host_last: u64,
+    follows: &hist::History,
+    last: u64,
+    live_from: u64,
+    kind: CopyKind,
+    regions: u64,
+) -> CopySetup {
+    // The last seq this replica's data shares with the host's history.
+    let common = hist::History::common_prefix(host, host_last, follows, last);
+    let diverged = common < last;
+    let keep = common.min(last).min(live_from - 1);
+    if let Some(st) = prev.filter(|_| !diverged && live_from <= last + 1) {
+        // Same history, and the host goes on at or before where the log
+        // ends (what it resends is dropped as retransmissions): the copy
+        // goes on as it was.
+        return CopySetup::Resume(st.clone());
+    }
+    let mut st = match prev {
+        // Regions below the cursor are as of `last`; those the host
+        // wrote since `keep`, or this replica did (a diverged tail),
+        // are copied again.
+        Some(st) => CopyState { segments: rewind(st, keep), cursor: 0, ..st.clone() },
+        None => CopyState {
+            kind: if diverged { CopyKind::Rollback } else { kind },
+            live_from,
+            cursor: 0,
+            done_bytes: 0,
+            total_bytes: 0,
+            segments: vec![CopySegment { end: regions, since_peer: keep, since_local: keep }],
+        },
+    };
+    if diverged {
+        st.kind = CopyKind::Rollback;
+    }
+    st.live_from = live_from;
+    CopySetup::Begin { state: st, keep }
 }
 
 /// The plan after the replica's state moved under a copy: the host resumes

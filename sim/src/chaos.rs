@@ -3,9 +3,27 @@
 //! hosts every few milliseconds; some partition the newcomer from a
 //! minority while it fences, so stale replicas come back later.
 
+use starblk_replica::members::{Member, Membership};
+
+use crate::members::ChangeKind;
 use crate::model::Time;
 use crate::rng::Rng;
 use crate::world::{Event, World};
+
+/// Replica slot `i` as a member of the set.
+pub fn member(i: usize) -> Member {
+    Member { name: format!("r{i}"), addr: format!("r{i}:1"), role: "near".into(), network_sync: false, fec: None }
+}
+
+/// The slot of the member called `name`.
+pub fn slot_of(name: &str) -> Option<usize> {
+    name.strip_prefix('r')?.parse().ok()
+}
+
+/// The set `volume create` stamps: replicas 0..n, version 1 at epoch 1.
+pub fn initial_set(n: usize) -> Membership {
+    Membership { epoch: 1, version: 1, members: (0..n).map(member).collect() }
+}
 
 /// The chaos actions, in the order of [`Params::weights`].
 #[derive(Debug, Clone, Copy)]
@@ -18,9 +36,11 @@ enum Action {
     Takeover,
     DualTakeover,
     IsolatedTakeover,
+    AddReplica,
+    RemoveReplica,
 }
 
-const ACTIONS: [Action; 8] = [
+const ACTIONS: [Action; 10] = [
     Action::CrashReplica,
     Action::BreakSession,
     Action::PartitionReplica,
@@ -29,6 +49,8 @@ const ACTIONS: [Action; 8] = [
     Action::Takeover,
     Action::DualTakeover,
     Action::IsolatedTakeover,
+    Action::AddReplica,
+    Action::RemoveReplica,
 ];
 
 /// Most hosts alive at once (fencing or running).
@@ -60,7 +82,15 @@ pub struct Params {
     pub read_gap: Time,
     pub chaos_gap: Time,
     /// Weights of the chaos actions (0: never).
-    pub weights: [u64; 8],
+    pub weights: [u64; 10],
+    /// Replica slots beyond the first set, empty until added.
+    pub spares: usize,
+    /// Log records a replica keeps for replay.
+    pub log_cap: usize,
+    /// Live records a copying replica remembers (higher-seq-wins).
+    pub recent_cap: usize,
+    /// Regions copied between persisted cursors.
+    pub persist_every: u64,
     /// Per-commit EIO chance (per mille) and how many disks may fail.
     pub eio_per_mille: u64,
     pub eio_budget: usize,
@@ -79,10 +109,14 @@ impl Params {
             _ => 3 + rng.chance(300) as usize,
         };
         let commit_min = rng.range(50, 300);
-        let mut weights = [0; 8];
+        let mut weights = [0; 10];
         for w in &mut weights {
             *w = if rng.chance(750) { rng.range(1, 10) } else { 0 };
         }
+        let spares = rng.range(0, 2) as usize;
+        let log_cap = if rng.chance(500) { rng.range(2, 24) } else { rng.range(24, 400) } as usize;
+        let recent_cap = rng.range(1, 32) as usize;
+        let persist_every = rng.range(1, 4);
         Params {
             n,
             quorum,
@@ -102,7 +136,16 @@ impl Params {
             eio_budget: n - (n / 2 + 1),
             dup_per_mille: if rng.chance(500) { rng.range(1, 50) } else { 0 },
             run_us: rng.range(300_000, 600_000),
+            spares,
+            log_cap,
+            recent_cap,
+            persist_every,
         }
+    }
+
+    /// Replica slots: the first set and the spares.
+    pub fn slots(&self) -> usize {
+        self.n + self.spares
     }
 
     /// One frame's delay; now and then a long one (a congested path).
@@ -198,6 +241,30 @@ impl World {
             Action::Takeover => self.takeover(1, false),
             Action::DualTakeover => self.takeover(2, false),
             Action::IsolatedTakeover => self.takeover(1, true),
+            Action::AddReplica | Action::RemoveReplica => self.membership_change_of(matches!(a, Action::AddReplica)),
+        }
+    }
+
+    /// The operator asks a running host to add a replica that is not a
+    /// member (an empty spare, or one removed earlier) or to remove one.
+    /// The operator keeps Q a majority of the set (adds stop at 2Q - 1
+    /// members) unless `--grow-past-quorum`.
+    fn membership_change_of(&mut self, add: bool) {
+        let running: Vec<usize> = (0..self.hosts.len()).filter(|&h| self.hosts[h].is_running()).collect();
+        let Some(k) = self.rng.index(running.len()) else { return };
+        let h = running[k];
+        let members: Vec<usize> = (0..self.p.slots()).filter(|&i| self.hosts[h].is_member(i)).collect();
+        let pool: Vec<usize> = (0..self.p.slots()).filter(|&i| self.hosts[h].is_member(i) != add).collect();
+        if add && 2 * self.p.quorum <= members.len() + 1 && !self.grow_past_quorum() {
+            return;
+        }
+        let Some(j) = self.rng.index(pool.len()) else { return };
+        let kind = if add { ChangeKind::Add(pool[j]) } else { ChangeKind::Remove(pool[j]) };
+        self.fault(if add { "replica add" } else { "replica remove" });
+        let mut res = Ok(());
+        self.with_host(h, |host, ctx| res = host.change_members(kind, ctx));
+        if let Err(why) = res {
+            self.out.notes.entry(refusal_note(why)).and_modify(|n| *n += 1).or_insert(1);
         }
     }
 
@@ -275,5 +342,16 @@ impl World {
             }
             self.spawn_host(false);
         }
+    }
+}
+
+fn refusal_note(r: crate::members::Refused) -> &'static str {
+    use crate::members::Refused;
+    match r {
+        Refused::Busy => "membership change refused: another in progress",
+        Refused::NotApplicable => "membership change refused: not applicable",
+        Refused::SmallerThanQuorum => "replica remove refused: fewer than Q members",
+        Refused::BelowQuorum => "replica remove refused: fewer than Q up to date",
+        Refused::NoMajority => "replica remove refused: no majority connected",
     }
 }

@@ -5,7 +5,11 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::model::{Record, WriteId};
+use starblk_replica::history::History;
+use starblk_replica::members::Membership;
+
+use crate::chaos::slot_of;
+use crate::model::{Record, Time, WriteId};
 
 /// The properties checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -22,12 +26,22 @@ pub enum Property {
     UniqueEpoch,
     /// 6. A replica refuses frames below an epoch it has served (§8).
     OlderFramesRefused,
+    /// 7. A finished copy holds exactly the history up to its durable seq.
+    CopyExact,
+    /// 8. Copy progress never goes backwards and ends at 100%.
+    ProgressForward,
+    /// 9. No two different sets committed with one (epoch, version).
+    MembersAgree,
+    /// 10. A host fences with no set older than one committed before.
+    NewestSetFound,
+    /// 11. Only members of the set in effect count toward Q.
+    RemovedNotCounted,
 }
 
 impl Property {
     /// Properties 1-4 are about data; 5-6 about the fencing protocol.
     pub fn is_data(self) -> bool {
-        matches!(self, Property::NoLostWrite | Property::ReadFresh | Property::Converge | Property::FencedHostSilent)
+        !matches!(self, Property::UniqueEpoch | Property::OlderFramesRefused)
     }
 
     /// Its number in `docs/simulator.md`.
@@ -45,6 +59,11 @@ impl fmt::Display for Property {
             Property::FencedHostSilent => "superseded host completes nothing after the fence",
             Property::UniqueEpoch => "epochs are unique",
             Property::OlderFramesRefused => "replicas refuse older epochs",
+            Property::CopyExact => "a finished copy holds exactly its history",
+            Property::ProgressForward => "copy progress never goes backwards and ends at 100%",
+            Property::MembersAgree => "committed replica sets never conflict",
+            Property::NewestSetFound => "a host fences the newest committed set",
+            Property::RemovedNotCounted => "a removed replica never counts toward Q",
         };
         write!(f, "P{} ({name})", self.number())
     }
@@ -72,6 +91,14 @@ pub struct Checker {
     served: Vec<u64>,
     /// Whether properties 5 and 6 are checked.
     protocol_checks: bool,
+    /// Every write by its history position (epoch, seq).
+    by_pos: BTreeMap<(u64, u64), (WriteId, u32)>,
+    /// Per (host, replica, meter): the last view (fraction, done bytes).
+    progress: BTreeMap<(usize, usize, u64), (f64, u64)>,
+    /// Committed sets by (epoch, version), with when they took effect.
+    committed: BTreeMap<(u64, u64), (Membership, Time)>,
+    /// Per host, the slots of the set in effect.
+    sets: BTreeMap<usize, Vec<usize>>,
 }
 
 impl Checker {
@@ -83,12 +110,146 @@ impl Checker {
             epochs: BTreeMap::new(),
             served: vec![0; replicas],
             protocol_checks,
+            by_pos: BTreeMap::new(),
+            progress: BTreeMap::new(),
+            committed: BTreeMap::new(),
+            sets: BTreeMap::new(),
         }
     }
 
     /// A write was issued.
     pub fn issued(&mut self, r: Record) {
         self.blocks_of.insert(r.id, r.block);
+        self.by_pos.entry((r.id.epoch, r.id.seq)).or_insert((r.id, r.block));
+    }
+
+    /// What every block holds after the writes of `history` up to `seq`.
+    pub fn state_at(&self, history: &History, seq: u64, blocks: usize) -> Vec<Option<WriteId>> {
+        let mut out = vec![None; blocks];
+        for s in 1..=seq {
+            let Some(e) = history.epoch_at(s) else { continue };
+            if let Some(&(id, b)) = self.by_pos.get(&(e, s)) {
+                if let Some(v) = out.get_mut(b as usize) {
+                    *v = Some(id);
+                }
+            }
+        }
+        out
+    }
+
+    /// Property 7: `replica` ended a copy claiming `durable` of `history`.
+    pub fn copy_finished(
+        &self,
+        replica: usize,
+        durable: u64,
+        history: &History,
+        data: &[Option<WriteId>],
+    ) -> Result<(), Violation> {
+        let want = self.state_at(history, durable, data.len());
+        match (0..data.len()).find(|&b| data[b] != want[b]) {
+            None => Ok(()),
+            Some(b) => Err(Violation {
+                property: Property::CopyExact,
+                message: format!(
+                    "replica {replica} ended its copy at durable {durable} with block {b} = {}, but its history \
+                     holds {} there",
+                    show(data[b]),
+                    show(want[b])
+                ),
+            }),
+        }
+    }
+
+    /// Property 8: a host's progress view of a copy to `replica`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn progress(
+        &mut self,
+        host: usize,
+        replica: usize,
+        meter: u64,
+        fraction: f64,
+        done: u64,
+        total: u64,
+        finished: bool,
+    ) -> Result<(), Violation> {
+        let prev = self.progress.insert((host, replica, meter), (fraction, done)).unwrap_or((0.0, 0));
+        let bad = if fraction < prev.0 || done < prev.1 {
+            Some(format!("went from {:.3} ({} bytes) back to {fraction:.3} ({done} bytes)", prev.0, prev.1))
+        } else if !(0.0..=1.0).contains(&fraction) || done > total {
+            Some(format!("shows {fraction:.3}, {done} of {total} bytes"))
+        } else if finished && (fraction != 1.0 || done != total) {
+            Some(format!("ended at {fraction:.3}, {done} of {total} bytes"))
+        } else {
+            None
+        };
+        match bad {
+            None => Ok(()),
+            Some(what) => Err(Violation {
+                property: Property::ProgressForward,
+                message: format!("host {host}'s progress of the copy to replica {replica} {what}"),
+            }),
+        }
+    }
+
+    /// Properties 9 and 11: `host` put `set` in effect at `now`.
+    pub fn members_in_effect(
+        &mut self,
+        host: usize,
+        set: Membership,
+        committed: bool,
+        now: Time,
+    ) -> Result<(), Violation> {
+        self.sets.insert(host, set.members.iter().filter_map(|m| slot_of(&m.name)).collect());
+        if !committed {
+            return Ok(());
+        }
+        let order = set.order();
+        match self.committed.get(&order) {
+            Some((other, _)) if other.members != set.members => Err(Violation {
+                property: Property::MembersAgree,
+                message: format!(
+                    "two sets committed as (epoch, version) {order:?}: {:?} and {:?}",
+                    names(other),
+                    names(&set)
+                ),
+            }),
+            Some(_) => Ok(()),
+            None => {
+                self.committed.insert(order, (set, now));
+                Ok(())
+            }
+        }
+    }
+
+    /// Property 10: `host` fenced with `set`, having started at `started`.
+    pub fn fenced_set(&mut self, host: usize, set: &Membership, started: Time) -> Result<(), Violation> {
+        self.sets.insert(host, set.members.iter().filter_map(|m| slot_of(&m.name)).collect());
+        let newest =
+            self.committed.iter().filter(|(_, (_, t))| *t < started).map(|(o, (m, _))| (*o, m)).max_by_key(|x| x.0);
+        match newest {
+            Some((o, m)) if set.order() < o => Err(Violation {
+                property: Property::NewestSetFound,
+                message: format!(
+                    "host {host} fenced with set {:?} {:?}, but set {o:?} {:?} was committed before it started",
+                    set.order(),
+                    names(set),
+                    names(m)
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Property 11: the replicas whose durable seqs completed `id`.
+    pub fn counted(&self, host: usize, id: WriteId, counted: &[usize]) -> Result<(), Violation> {
+        let Some(set) = self.sets.get(&host) else { return Ok(()) };
+        match counted.iter().find(|r| !set.contains(r)) {
+            None => Ok(()),
+            Some(r) => Err(Violation {
+                property: Property::RemovedNotCounted,
+                message: format!("host {host} counted replica {r}, not a member of its set {set:?}, for {id}"),
+            }),
+        }
     }
 
     /// The newest completed write to `block` among epochs up to `epoch`
@@ -214,4 +375,8 @@ impl Checker {
 
 fn show(v: Option<WriteId>) -> String {
     v.map_or_else(|| "nothing".to_string(), |w| w.to_string())
+}
+
+fn names(m: &Membership) -> Vec<&str> {
+    m.members.iter().map(|m| m.name.as_str()).collect()
 }

@@ -4,7 +4,9 @@
 //! with what the fenced replicas behind the branch point miss.
 
 use starblk_replica::history::Standing;
+use starblk_replica::members::{majority, Membership};
 
+use crate::chaos::{initial_set, slot_of};
 use crate::host::{Host, Phase};
 use crate::model::{Ctx, Effect, HostTimer, Msg, Record, Sid, Time};
 
@@ -13,6 +15,8 @@ const STAGE_TIMEOUT_US: Time = 8_000;
 const PROBE: u8 = 0;
 const RAISE: u8 = 1;
 const SEED: u8 = 2;
+/// Most rounds of following stored sets (`STORED_SET_ROUNDS_MAX`).
+const STORED_SET_ROUNDS_MAX: usize = 4;
 
 /// One replica's answer to the current stage.
 #[derive(Debug, Clone)]
@@ -39,29 +43,79 @@ pub(crate) struct Fence {
     initial: Vec<Option<u64>>,
     seed_from: Option<usize>,
     low: u64,
+    /// Replicas probed so far (the config file's, then the stored set's).
+    probed: Vec<bool>,
+    rounds: usize,
+    /// The set it fences (the newest stored one found).
+    set: Membership,
+    started: crate::model::Time,
 }
 
 impl Host {
-    /// Starts fencing: a probe to every replica.
+    /// Starts fencing: a probe to every replica the config file names
+    /// (the volume's first set; `stored_set` follows the newer ones).
     pub fn start(&mut self, ctx: &mut Ctx) {
-        let n = self.params.n;
-        let ctrl: Vec<Option<Sid>> = (0..n).map(|i| Some(ctx.open(self.idx, i))).collect();
+        let (n, slots) = (self.params.n, self.params.slots);
+        let ctrl: Vec<Option<Sid>> = (0..slots).map(|i| (i < n).then(|| ctx.open(self.idx, i))).collect();
         for sid in ctrl.iter().flatten() {
             ctx.send(*sid, true, Msg::Probe);
         }
         self.fence = Some(Fence {
             stage: PROBE,
             ctrl,
-            answers: vec![Answer::Waiting; n],
-            probe_replied: vec![false; n],
+            answers: (0..slots).map(|i| if i < n { Answer::Waiting } else { Answer::Failed }).collect(),
+            probe_replied: vec![false; slots],
             epoch: 0,
             start: 0,
             history: Default::default(),
-            initial: vec![None; n],
+            initial: vec![None; slots],
             seed_from: None,
             low: 0,
+            probed: (0..slots).map(|i| i < n).collect(),
+            rounds: 1,
+            set: Membership::default(),
+            started: ctx.now,
         });
         self.arm_stage(PROBE, ctx);
+    }
+
+    /// `stored_set`: the newest set among the answers; if it names
+    /// replicas not probed yet, probes them (a few rounds). Returns true
+    /// when resolved, with the set in the fence.
+    fn resolve_set(&mut self, ctx: &mut Ctx) -> bool {
+        let n = self.params.n;
+        let idx = self.idx;
+        let Some(f) = self.fence.as_mut() else { return false };
+        let mut newest: Option<Membership> = None;
+        for a in &f.answers {
+            if let Answer::Got(info) = a {
+                if info.members.version > 0 && newest.as_ref().is_none_or(|m| info.members.order() > m.order()) {
+                    newest = Some(info.members.clone());
+                }
+            }
+        }
+        if let Some(set) = &newest {
+            let fresh: Vec<usize> =
+                set.members.iter().filter_map(|m| slot_of(&m.name)).filter(|&s| !f.probed[s]).collect();
+            if !fresh.is_empty() && f.rounds < STORED_SET_ROUNDS_MAX {
+                f.rounds += 1;
+                for s in fresh {
+                    f.probed[s] = true;
+                    let sid = ctx.open(idx, s);
+                    ctx.send(sid, true, Msg::Probe);
+                    f.ctrl[s] = Some(sid);
+                    f.answers[s] = Answer::Waiting;
+                }
+                self.arm_stage(PROBE, ctx);
+                return false;
+            }
+        }
+        f.set = newest.unwrap_or_else(|| Membership { version: 0, ..initial_set(n) });
+        true
+    }
+
+    fn in_set(&self, i: usize) -> bool {
+        self.fence.as_ref().is_some_and(|f| f.set.members.iter().any(|m| slot_of(&m.name) == Some(i)))
     }
 
     fn arm_stage(&mut self, stage: u8, ctx: &mut Ctx) {
@@ -131,17 +185,25 @@ impl Host {
     }
 
     fn need(&self) -> usize {
-        self.params.n / 2 + 1
+        majority(self.fence.as_ref().map_or(self.params.n, |f| f.set.members.len()))
     }
 
+    /// The answers of members of the set.
     fn got(&self) -> Vec<(usize, crate::model::ReplicaInfo)> {
         let Some(f) = self.fence.as_ref() else { return Vec::new() };
-        let got = f.answers.iter().enumerate();
+        let got = f.answers.iter().enumerate().filter(|(i, _)| self.in_set(*i));
         got.filter_map(|(i, a)| if let Answer::Got(h) = a { Some((i, h.clone())) } else { None }).collect()
     }
 
     /// Epoch strictly above every epoch seen, asked of every probed replica.
     fn after_probe(&mut self, ctx: &mut Ctx) {
+        if !self.resolve_set(ctx) {
+            return;
+        }
+        let q = self.params.quorum;
+        if self.fence.as_ref().is_some_and(|f| f.set.members.len() < q) {
+            return self.fence_failed(format!("the stored set has fewer members than Q = {q}"), ctx);
+        }
         let got = self.got();
         if got.len() < self.need() {
             return self.fence_failed(format!("only {} replicas reachable, {} needed", got.len(), self.need()), ctx);
@@ -151,9 +213,13 @@ impl Host {
         let Some(f) = self.fence.as_mut() else { return };
         f.epoch = epoch;
         f.stage = RAISE;
-        f.answers = vec![Answer::Failed; f.ctrl.len()];
         f.probe_replied = vec![false; f.ctrl.len()];
         // As `raise_epoch` does: a fresh probe session, then SetEpoch on it.
+        for (i, a) in f.answers.iter_mut().enumerate() {
+            if !got.iter().any(|(g, _)| *g == i) {
+                *a = Answer::Failed;
+            }
+        }
         for (i, _) in &got {
             if let Some(old) = f.ctrl[*i].take() {
                 ctx.effects.push(Effect::Close { sid: old, by_replica: false });
@@ -191,7 +257,7 @@ impl Host {
         }
         let start = lh.durable;
         let history = lh.history.branch(epoch, start);
-        let mut initial = vec![None; self.params.n];
+        let mut initial = vec![None; self.params.slots];
         for (i, h) in &fenced {
             match ctx.rules.standing(&history, start, &h.history, h.durable) {
                 Standing::Prefix => initial[*i] = Some(h.durable),
@@ -241,8 +307,9 @@ impl Host {
             ctx.effects.push(Effect::Close { sid: *sid, by_replica: false });
         }
         self.epoch = f.epoch;
-        self.go_running(f.start, f.history, &f.initial, seed);
-        ctx.effects.push(Effect::Fenced { host: self.idx, epoch: f.epoch });
+        let set = f.set.clone();
+        self.go_running(f.start, f.history, &f.initial, seed, set.clone());
+        ctx.effects.push(Effect::Fenced { host: self.idx, epoch: f.epoch, set, started: f.started });
         self.start_links(ctx);
     }
 

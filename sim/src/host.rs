@@ -5,11 +5,19 @@
 //! startup) is in `fence.rs`.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
 
-use starblk_replica::history::{History, Standing};
+use starblk_recovery::{Meter, Peer, Plan, Queue, Returning};
+use starblk_replica::history::History;
+use starblk_replica::members::Membership;
 
+use crate::chaos::slot_of;
 use crate::fence::Fence;
+use crate::members::Change;
 use crate::model::{Ctx, Effect, HostTimer, Msg, Record, Refusal, ReplicaInfo, Sid, Time, WriteId};
+
+/// A copy source that failed is passed over this long (production: 5 s).
+const COPY_FAILED_FOR_US: Time = 5_000;
 
 /// Heartbeat period (production: 100 ms; scaled down with everything else).
 const HEARTBEAT_US: Time = 1_000;
@@ -20,8 +28,10 @@ const BACKOFF_MAX_US: Time = 10_000;
 /// What a host is given.
 #[derive(Debug, Clone)]
 pub struct HostParams {
-    /// Replicas in the set.
+    /// Replicas in the configured set (the config file names 0..n).
     pub n: usize,
+    /// Replica slots in the world (members and spares).
+    pub slots: usize,
     /// Durable acks a write needs.
     pub quorum: usize,
     /// Blocks in the volume.
@@ -48,6 +58,8 @@ pub enum LinkState {
     Lagging,
     /// Not connected.
     Failed,
+    /// Not a member of the set in effect (removed, or never added).
+    Removed,
 }
 
 impl LinkState {
@@ -70,12 +82,24 @@ pub(crate) struct Link {
     greeting: bool,
     backoff: Time,
     reconnect_armed: bool,
+    /// A replay this session asked for: its source; live writes wait.
+    replay: Option<usize>,
+    /// A copy this session asked for: its source.
+    copy: Option<usize>,
+    /// First seq the replica's log can serve (heartbeat replies).
+    log_first: Option<u64>,
+    /// Replay sources that failed for this first seq (bitmask).
+    replay_failed: Option<(u64, u64)>,
+    /// Copy sources that failed recently (bitmask, when).
+    copy_failed: Option<(u64, Time)>,
+    /// Copy progress as status shows it, kept across sessions; numbered.
+    meter: Option<(u64, Meter)>,
 }
 
 impl Link {
-    pub fn new(durable: u64) -> Link {
+    pub fn new(durable: u64, member: bool) -> Link {
         Link {
-            state: LinkState::Failed,
+            state: if member { LinkState::Failed } else { LinkState::Removed },
             durable,
             clean_durable: durable,
             next_send: durable + 1,
@@ -83,6 +107,12 @@ impl Link {
             greeting: false,
             backoff: BACKOFF_MIN_US,
             reconnect_armed: false,
+            replay: None,
+            copy: None,
+            log_first: None,
+            replay_failed: None,
+            copy_failed: None,
+            meter: None,
         }
     }
 }
@@ -143,6 +173,13 @@ pub struct Host {
     pub(crate) queue: VecDeque<Entry>,
     pub(crate) links: Vec<Link>,
     pub(crate) fence: Option<Fence>,
+    /// The replica set in effect.
+    pub members: Membership,
+    /// A membership change in progress.
+    pub(crate) change: Option<Change>,
+    /// Time zero of the progress meters (they take `Instant`s).
+    base: Instant,
+    meters: u64,
     region_seq: Vec<u64>,
     reads: BTreeMap<u64, PendingRead>,
     deferred: Vec<PendingRead>,
@@ -152,7 +189,7 @@ pub struct Host {
 impl Host {
     /// A host about to fence.
     pub fn new(idx: usize, params: HostParams) -> Host {
-        let (n, blocks) = (params.n, params.blocks);
+        let (slots, blocks) = (params.slots, params.blocks);
         Host {
             idx,
             params,
@@ -163,8 +200,12 @@ impl Host {
             completed_seq: 0,
             why_dead: String::new(),
             queue: VecDeque::new(),
-            links: (0..n).map(|_| Link::new(0)).collect(),
+            links: (0..slots).map(|_| Link::new(0, false)).collect(),
             fence: None,
+            members: Membership::default(),
+            change: None,
+            base: Instant::now(),
+            meters: 0,
             region_seq: vec![0; blocks],
             reads: BTreeMap::new(),
             deferred: Vec::new(),
@@ -205,6 +246,9 @@ impl Host {
         if let Some(f) = self.fence.take() {
             sids.extend(f.ctrl.iter().flatten());
         }
+        if let Some(c) = self.change.take() {
+            sids.extend(c.sessions.keys());
+        }
         sids
     }
 
@@ -213,16 +257,26 @@ impl Host {
         if self.phase == Phase::Fencing {
             return self.on_fence_msg(sid, msg, ctx);
         }
+        if self.change.as_ref().is_some_and(|c| c.sessions.contains_key(&sid)) {
+            return self.on_change_msg(sid, msg, ctx);
+        }
         let Some(i) = self.link_of(sid) else { return };
         match msg {
             Msg::Info(info) if self.links[i].greeting => self.admit(i, info, ctx),
-            Msg::Durable { seq, sender_epoch } => self.on_durable(i, seq, sender_epoch, ctx),
+            Msg::Durable { seq, sender_epoch, log_first } => {
+                self.links[i].log_first = Some(log_first);
+                self.on_durable(i, seq, sender_epoch, ctx)
+            }
             Msg::ReadReply { req, value } => self.on_read_reply(i, req, value, ctx),
             Msg::Refused(Refusal::Diverged) => {
                 // Lagging, never failed: a reconnect would only diverge again.
                 self.links[i].state = LinkState::Lagging;
                 self.advance(ctx);
             }
+            Msg::ReplayDone { next } => self.on_replay_done(i, next, ctx),
+            Msg::RecoveryFailed { copy } => self.on_recovery_failed(i, copy, ctx),
+            Msg::CopyProgress { done, total } => self.on_copy_progress(i, done, total, ctx),
+            Msg::CopyDone { durable } => self.on_copy_done(i, durable, ctx),
             _ => {}
         }
     }
@@ -231,6 +285,9 @@ impl Host {
     pub fn on_closed(&mut self, sid: Sid, ctx: &mut Ctx) {
         if self.phase == Phase::Fencing {
             return self.on_fence_closed(sid, ctx);
+        }
+        if self.change.as_ref().is_some_and(|c| c.sessions.contains_key(&sid)) {
+            return self.on_change_closed(sid, ctx);
         }
         if let Some(i) = self.link_of(sid) {
             self.links[i].session = None;
@@ -244,11 +301,13 @@ impl Host {
             HostTimer::FenceStage(stage) => self.on_fence_timeout(stage, ctx),
             HostTimer::Reconnect(i) if self.is_running() => {
                 self.links[i].reconnect_armed = false;
-                if self.links[i].session.is_none() {
+                // A removed replica's manager stops for good.
+                if self.links[i].session.is_none() && self.links[i].state != LinkState::Removed {
                     self.connect(i, ctx);
                 }
             }
             HostTimer::Heartbeat if self.is_running() => self.heartbeat(ctx),
+            HostTimer::Change(stage) if self.is_running() => self.on_change_timeout(stage, ctx),
             _ => {}
         }
     }
@@ -260,7 +319,9 @@ impl Host {
     /// Starts serving after the fence: links to every replica.
     pub(crate) fn start_links(&mut self, ctx: &mut Ctx) {
         for i in 0..self.links.len() {
-            self.connect(i, ctx);
+            if self.links[i].state != LinkState::Removed {
+                self.connect(i, ctx);
+            }
         }
         ctx.effects.push(Effect::Timer { host: self.idx, at: ctx.now + HEARTBEAT_US, timer: HostTimer::Heartbeat });
     }
@@ -282,33 +343,198 @@ impl Host {
         ctx.effects.push(Effect::Timer { host: self.idx, at: ctx.now + HEARTBEAT_US, timer: HostTimer::Heartbeat });
     }
 
-    /// `link::admit`: only a replica whose log is a prefix of this host's
-    /// history joins; then Adopt goes first and the queue follows.
+    /// `link::admit`: `starblk_recovery::plan` decides how the replica
+    /// catches up (quick, replay, a copy) or why it lags; only a replica
+    /// whose log is a prefix of this host's history joins as it is, and a
+    /// copying one counts only once its copy is done.
     fn admit(&mut self, i: usize, info: ReplicaInfo, ctx: &mut Ctx) {
         let d = info.durable;
         let first = self.queue.front().map_or(self.next_seq, |e| e.rec.id.seq);
         let last = self.next_seq - 1;
+        let now = ctx.now;
+        if self.links[i].state == LinkState::Removed {
+            return self.cut(i, ctx);
+        }
         let l = &mut self.links[i];
         l.greeting = false;
         l.durable = d;
         l.clean_durable = if info.epoch <= self.epoch { d } else { l.clean_durable.min(d) };
+        l.replay = None;
+        l.copy = None;
         let standing = ctx.rules.standing(&self.history, last, &info.history, d);
-        if let Standing::Diverged { after } = standing {
-            ctx.trace(|| format!("host {} link {i}: diverged after seq {after} (durable {d}); lagging", self.idx));
-            return self.lag_and_cut(i, ctx);
-        }
-        if d + 1 < first {
-            ctx.trace(|| {
-                format!("host {} link {i}: needs {}..{} which left the queue; lagging", self.idx, d + 1, first)
-            });
-            return self.lag_and_cut(i, ctx);
-        }
+        self.links[i].durable = ctx.rules.admitted_durable(standing, d);
+        let returning = Returning { durable_seq: d, standing, copying: info.copying.map(|c| c.0) };
+        let peers = self.recovery_peers(i, d, now);
+        let plan = match ctx.rules.plan(&returning, &Queue { first, last }, &peers) {
+            Ok(p) => p,
+            Err(why) => {
+                ctx.trace(|| format!("host {} link {i}: lagging: {why}", self.idx));
+                return self.lag_and_cut(i, ctx);
+            }
+        };
+        ctx.trace(|| format!("host {} link {i}: {standing}, durable {d}: {plan:?}", self.idx));
+        let history = self.history.clone();
         let l = &mut self.links[i];
         let Some(sid) = l.session else { return };
         l.state = LinkState::Recovering;
         l.next_send = d + 1;
         l.backoff = BACKOFF_MIN_US;
-        ctx.send(sid, true, Msg::Adopt { history: self.history.clone(), last });
+        match plan {
+            Plan::Quick => {
+                l.meter = None;
+                ctx.send(sid, true, Msg::Adopt { history, last });
+            }
+            Plan::Replay { peer } => {
+                l.meter = None;
+                l.replay = Some(peer);
+                ctx.send(sid, true, Msg::Adopt { history, last });
+                ctx.send(sid, true, Msg::Replay { from: d + 1, to: last, src: peer });
+            }
+            Plan::Incremental { peer, .. } | Plan::Full { peer } | Plan::Rollback { peer, .. } => {
+                let kind = plan.copy_kind().expect("a copy plan");
+                // Live writes from where a resuming replica's log ends if
+                // the queue still has it; else from now.
+                let live_from = match info.copying {
+                    Some((_, next)) => next.clamp(first, last + 1),
+                    None => last + 1,
+                };
+                l.copy = Some(peer);
+                l.next_send = live_from;
+                if info.copying.is_none() || l.meter.is_none() {
+                    self.meters += 1;
+                    l.meter = Some((self.meters, Meter::new()));
+                }
+                ctx.send(sid, true, Msg::Copy { live_from, last, kind, history, src: peer });
+            }
+        }
+        self.pump(i, ctx);
+        self.advance(ctx);
+    }
+
+    /// `recovery_peers`: the other members as sources.
+    fn recovery_peers(&self, i: usize, d: u64, now: Time) -> Vec<Peer> {
+        let replay_failed = match self.links[i].replay_failed {
+            Some((from, mask)) if from == d + 1 => mask,
+            _ => 0,
+        };
+        let copy_failed = match self.links[i].copy_failed {
+            Some((mask, at)) if now < at + COPY_FAILED_FOR_US => mask,
+            _ => 0,
+        };
+        (0..self.links.len())
+            .filter(|&k| k != i && self.links[k].state != LinkState::Removed)
+            .map(|k| Peer {
+                idx: k,
+                up_to_date: self.links[k].state == LinkState::UpToDate,
+                reachable: true,
+                rtt_us: self.params.rtt[k],
+                log_first: self.links[k].log_first,
+                replay_failed: replay_failed & (1 << k) != 0,
+                copy_failed: copy_failed & (1 << k) != 0,
+            })
+            .collect()
+    }
+
+    /// `on_replay_done`: live writes go on from `next` if the queue still
+    /// holds it; else another replay round, or lagging.
+    fn on_replay_done(&mut self, i: usize, next: u64, ctx: &mut Ctx) {
+        let first = self.queue.front().map_or(self.next_seq, |e| e.rec.id.seq);
+        let last = self.next_seq - 1;
+        let Some(peer) = self.links[i].replay.take() else { return };
+        let next = next.max(self.links[i].durable + 1);
+        if next < first {
+            let d = next - 1;
+            let now = ctx.now;
+            let src = if self.links[peer].state == LinkState::UpToDate {
+                Some(peer)
+            } else {
+                let peers = self.recovery_peers(i, d, now);
+                let ok = peers.iter().filter(|p| p.up_to_date && !p.replay_failed);
+                ok.min_by_key(|p| p.rtt_us).map(|p| p.idx)
+            };
+            let Some(sid) = self.links[i].session else { return };
+            return match src {
+                Some(src) => {
+                    self.links[i].replay = Some(src);
+                    ctx.send(sid, true, Msg::Replay { from: next, to: last, src });
+                }
+                None => self.lag_and_cut(i, ctx),
+            };
+        }
+        self.links[i].next_send = next;
+        self.pump(i, ctx);
+        self.advance(ctx);
+    }
+
+    /// A replay or a copy ended on an error: the source is passed over and
+    /// the next session plans again (the copy resumes at its cursor).
+    fn on_recovery_failed(&mut self, i: usize, copy: bool, ctx: &mut Ctx) {
+        let now = ctx.now;
+        let l = &mut self.links[i];
+        if copy {
+            let Some(peer) = l.copy.take() else { return };
+            let mask = match l.copy_failed {
+                Some((m, at)) if now < at + COPY_FAILED_FOR_US => m,
+                _ => 0,
+            };
+            l.copy_failed = Some((mask | 1 << peer, now));
+        } else {
+            let Some(peer) = l.replay.take() else { return };
+            let from = l.durable + 1;
+            let mask = match l.replay_failed {
+                Some((f, m)) if f == from => m,
+                _ => 0,
+            };
+            l.replay_failed = Some((from, mask | 1 << peer));
+        }
+        self.cut(i, ctx);
+        self.mark_failed(i, ctx);
+    }
+
+    fn on_copy_progress(&mut self, i: usize, done: u64, total: u64, ctx: &mut Ctx) {
+        let at = self.base + Duration::from_micros(ctx.now);
+        let (idx, l) = (self.idx, &mut self.links[i]);
+        if l.copy.is_none() {
+            return;
+        }
+        let Some((id, m)) = l.meter.as_mut() else { return };
+        m.update(done, total, at);
+        let v = m.view();
+        let (fraction, done, total) = (v.fraction, v.done_bytes, v.total_bytes);
+        ctx.effects.push(Effect::Progress {
+            host: idx,
+            replica: i,
+            meter: *id,
+            fraction,
+            done,
+            total,
+            finished: false,
+        });
+    }
+
+    /// `on_copy_done`: it catches up from the write queue (it took live
+    /// writes all along) and counts once it has every completed write.
+    fn on_copy_done(&mut self, i: usize, durable: u64, ctx: &mut Ctx) {
+        let (idx, l) = (self.idx, &mut self.links[i]);
+        if l.copy.take().is_none() {
+            return;
+        }
+        l.copy_failed = None;
+        l.durable = l.durable.max(durable);
+        if let Some((id, m)) = l.meter.as_mut() {
+            m.finish();
+            let v = m.view();
+            let (fraction, done, total) = (v.fraction, v.done_bytes, v.total_bytes);
+            ctx.effects.push(Effect::Progress {
+                host: idx,
+                replica: i,
+                meter: *id,
+                fraction,
+                done,
+                total,
+                finished: true,
+            });
+        }
         self.pump(i, ctx);
         self.advance(ctx);
     }
@@ -334,6 +560,8 @@ impl Host {
     fn mark_failed(&mut self, i: usize, ctx: &mut Ctx) {
         let l = &mut self.links[i];
         l.greeting = false;
+        l.replay = None;
+        l.copy = None;
         if l.state.is_connected() {
             l.state = LinkState::Failed;
         }
@@ -345,7 +573,7 @@ impl Host {
     fn arm_reconnect(&mut self, i: usize, ctx: &mut Ctx) {
         let running = self.is_running();
         let l = &mut self.links[i];
-        if l.reconnect_armed || !running {
+        if l.reconnect_armed || !running || l.state == LinkState::Removed {
             return;
         }
         l.reconnect_armed = true;
@@ -358,7 +586,9 @@ impl Host {
     fn pump(&mut self, i: usize, ctx: &mut Ctx) {
         let first = self.queue.front().map_or(self.next_seq, |e| e.rec.id.seq);
         let l = &self.links[i];
-        let Some(sid) = l.session.filter(|_| !l.greeting && l.state.is_connected()) else { return };
+        let Some(sid) = l.session.filter(|_| !l.greeting && l.state.is_connected() && l.replay.is_none()) else {
+            return;
+        };
         if l.next_send < first {
             return self.lag_and_cut(i, ctx);
         }
@@ -386,7 +616,7 @@ impl Host {
     fn advance(&mut self, ctx: &mut Ctx) {
         let completed = self.completed_seq;
         for l in self.links.iter_mut() {
-            if l.state == LinkState::Recovering && l.durable >= completed {
+            if l.state == LinkState::Recovering && ctx.rules.promotes(l.durable, completed, l.copy.is_some()) {
                 l.state = LinkState::UpToDate;
             }
         }
@@ -413,7 +643,10 @@ impl Host {
                 let id = e.rec.id;
                 let clean_support =
                     self.links.iter().filter(|l| l.state == LinkState::UpToDate && l.clean_durable >= id.seq).count();
-                ctx.effects.push(Effect::Completed { host: self.idx, id, clean_support });
+                let counted = (0..self.links.len())
+                    .filter(|&r| self.links[r].state == LinkState::UpToDate && self.links[r].durable >= id.seq)
+                    .collect();
+                ctx.effects.push(Effect::Completed { host: self.idx, id, clean_support, counted });
             }
         }
         self.completed_seq = seq;
@@ -448,7 +681,7 @@ impl Host {
             self.queue.pop_front();
             for i in 0..self.links.len() {
                 let l = &self.links[i];
-                if l.state.is_connected() && l.next_send <= seq {
+                if l.state.is_connected() && l.replay.is_none() && l.next_send <= seq {
                     ctx.trace(|| format!("host {} link {i} fell out of the write queue at seq {seq}", self.idx));
                     self.lag_and_cut(i, ctx);
                 }
@@ -518,12 +751,39 @@ impl Host {
 
     /// Ends the fence: serve from `start` with the leader's records that
     /// some replicas miss in the queue.
-    pub(crate) fn go_running(&mut self, start: u64, history: History, initial: &[Option<u64>], seed: Vec<Record>) {
+    pub(crate) fn go_running(
+        &mut self,
+        start: u64,
+        history: History,
+        initial: &[Option<u64>],
+        seed: Vec<Record>,
+        members: Membership,
+    ) {
         self.phase = Phase::Running;
         self.history = history;
         self.completed_seq = start;
         self.next_seq = start + 1;
         self.queue = seed.into_iter().map(|rec| Entry { rec, mine: false }).collect();
-        self.links = initial.iter().map(|d| Link::new(d.unwrap_or(0))).collect();
+        let member = |i: usize| members.members.iter().any(|m| slot_of(&m.name) == Some(i));
+        self.links = initial.iter().enumerate().map(|(i, d)| Link::new(d.unwrap_or(0), member(i))).collect();
+        self.members = members;
+    }
+
+    /// Whether replica slot `i` is a member of the set in effect.
+    pub fn is_member(&self, i: usize) -> bool {
+        self.links.get(i).is_some_and(|l| l.state != LinkState::Removed)
+    }
+
+    /// A link starts (a replica was added).
+    pub(crate) fn add_link(&mut self, i: usize, ctx: &mut Ctx) {
+        self.links[i] = Link::new(0, true);
+        self.connect(i, ctx);
+    }
+
+    /// A link stops for good (a replica was removed): it never counts again.
+    pub(crate) fn remove_link(&mut self, i: usize, ctx: &mut Ctx) {
+        self.links[i].state = LinkState::Removed;
+        self.cut(i, ctx);
+        self.advance(ctx);
     }
 }

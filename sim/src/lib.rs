@@ -8,6 +8,7 @@ mod chaos;
 pub mod checker;
 mod fence;
 pub mod host;
+pub mod members;
 pub mod model;
 pub mod net;
 pub mod replica;

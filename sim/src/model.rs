@@ -8,6 +8,8 @@
 use std::fmt;
 
 use starblk_replica::history::{History, Position};
+use starblk_replica::members::Membership;
+use starblk_replica::superblock::CopyKind;
 
 use crate::rules::Rules;
 
@@ -53,6 +55,12 @@ pub struct ReplicaInfo {
     pub durable: u64,
     /// The history its log follows.
     pub history: History,
+    /// A copy in progress: its kind and the next live seq its log expects.
+    pub copying: Option<(CopyKind, u64)>,
+    /// The replica set it stores (version 0: none).
+    pub members: Membership,
+    /// It belongs to the volume (stamped); a spare replica does not yet.
+    pub stamped: bool,
 }
 
 impl ReplicaInfo {
@@ -101,7 +109,30 @@ pub enum Msg {
     /// Replica: cumulative durable seq (ack, heartbeat reply, adopt reply).
     /// `sender_epoch` is ghost state for the checker: the epoch the
     /// replica had persisted when it sent this.
-    Durable { seq: u64, sender_epoch: u64 },
+    /// `log_first`: the first seq its log can still serve (u64::MAX
+    /// while it copies), as heartbeat replies carry it.
+    Durable { seq: u64, sender_epoch: u64, log_first: u64 },
+    /// Host: the first frame of a session that recovers by a copy
+    /// (instead of Adopt): live writes come from `live_from`; regions
+    /// come from replica `src`.
+    Copy { live_from: u64, last: u64, kind: CopyKind, history: History, src: usize },
+    /// Host: replay seqs `from..=to` from replica `src`'s log.
+    Replay { from: u64, to: u64, src: usize },
+    /// Host: store this replica set (a session of the host's epoch).
+    SetMembers(Membership),
+    /// Host, on a probe session: stamp this empty replica with the host's
+    /// epoch and this set (`replica add` of an empty replica).
+    Stamp { epoch: u64, members: Membership },
+    /// Replica: the replay appended everything up to `next - 1`.
+    ReplayDone { next: u64 },
+    /// Replica: the replay or the copy stopped on an error (its source).
+    RecoveryFailed { copy: bool },
+    /// Replica: copy progress, bytes.
+    CopyProgress { done: u64, total: u64 },
+    /// Replica: the copy is complete; it holds every write up to `durable`.
+    CopyDone { durable: u64 },
+    /// Replica: the set is stored / the replica is stamped.
+    MembersOk,
     /// Replica: the frame was refused; the session ends.
     Refused(Refusal),
     /// Replica: a block's value.
@@ -119,6 +150,49 @@ pub enum HostTimer {
     Reconnect(usize),
     /// Send heartbeats.
     Heartbeat,
+    /// A stage of a membership change ran out of time (its number).
+    Change(u64),
+}
+
+/// Frames between two replicas (a recovery pulling from its source).
+#[derive(Debug, Clone)]
+pub enum PeerMsg {
+    /// Count the regions in `from..to` marked after `since`.
+    Count {
+        from: u64,
+        to: u64,
+        since: u64,
+        min_seq: u64,
+    },
+    /// List them.
+    Changes {
+        from: u64,
+        to: u64,
+        since: u64,
+        min_seq: u64,
+    },
+    /// Read one region once `min_seq` is applied.
+    Read {
+        region: u64,
+        min_seq: u64,
+    },
+    /// Durable log records `from..=to`.
+    LogRead {
+        from: u64,
+        to: u64,
+    },
+    /// Replies.
+    Counted(u64),
+    Listed(Vec<u64>),
+    Region {
+        region: u64,
+        value: Option<WriteId>,
+        mark: u64,
+        as_of: u64,
+    },
+    Log(Vec<Record>),
+    /// The source cannot serve it (it copies itself, or its log moved on).
+    Refused,
 }
 
 /// What a node asks the world to do.
@@ -143,12 +217,14 @@ pub enum Effect {
     /// A host completed its write `id` (acknowledged to its client).
     /// `clean_support` counts up-to-date links whose durable seq covers it
     /// through reports sent before the replica persisted a higher epoch.
-    Completed { host: usize, id: WriteId, clean_support: usize },
+    /// `counted`: the replicas whose durable seqs made the quorum.
+    Completed { host: usize, id: WriteId, clean_support: usize, counted: Vec<usize> },
     /// A host's read returned; `floor` is ghost state: the newest write to
     /// the block completed when the read was issued.
     ReadDone { host: usize, block: u32, value: Option<WriteId>, floor: Option<WriteId> },
-    /// A host finished fencing at `epoch` and runs.
-    Fenced { host: usize, epoch: u64 },
+    /// A host finished fencing at `epoch` and runs with `set`;
+    /// `started`: when it began probing.
+    Fenced { host: usize, epoch: u64, set: Membership, started: Time },
     /// A replica joined a (non-probe) session of `epoch`.
     Joined { replica: usize, epoch: u64 },
     /// A replica accepted a frame of a session of `epoch`.
@@ -156,6 +232,24 @@ pub enum Effect {
     /// Something worth counting that is not a fault nor a violation (a
     /// liveness finding, say).
     Note(&'static str),
+    /// A replica opened peer channel `chan` to replica `src`, speaking
+    /// for a host session of `epoch`.
+    PeerOpen { chan: u64, dst: usize, src: usize, epoch: u64 },
+    /// The recovering replica ends a peer channel.
+    PeerClose { chan: u64 },
+    /// A frame on a peer channel.
+    PeerSend { chan: u64, to_src: bool, msg: PeerMsg },
+    /// A replica wants its timer `token` to fire at `at`.
+    ReplicaTimer { replica: usize, at: Time, token: u64 },
+    /// Ghost: a copy ended on `replica`, which now claims `durable` of
+    /// `history` and holds `data`.
+    CopyFinished { replica: usize, durable: u64, history: History, data: Vec<Option<WriteId>> },
+    /// Ghost: a host's copy progress meter for `replica` (`meter` numbers
+    /// the meters, which restart at 0 for a new copy).
+    Progress { host: usize, replica: usize, meter: u64, fraction: f64, done: u64, total: u64, finished: bool },
+    /// Ghost: a host put `set` in effect; `committed`: by a change that
+    /// a majority of the old and the new set stored.
+    MembersInEffect { host: usize, set: Membership, committed: bool },
     /// A line for `--verbose`.
     Trace(String),
 }
@@ -171,12 +265,21 @@ pub struct Ctx<'a> {
     /// The effects, in order.
     pub effects: Vec<Effect>,
     next_sid: Sid,
+    next_chan: u64,
 }
 
 impl<'a> Ctx<'a> {
     /// A context at `now` whose new sessions are numbered from `next_sid`.
-    pub fn new(now: Time, rules: &'a Rules, verbose: bool, next_sid: Sid) -> Ctx<'a> {
-        Ctx { now, rules, verbose, effects: Vec::new(), next_sid }
+    pub fn new(now: Time, rules: &'a Rules, verbose: bool, next_sid: Sid, next_chan: u64) -> Ctx<'a> {
+        Ctx { now, rules, verbose, effects: Vec::new(), next_sid, next_chan }
+    }
+
+    /// Opens a peer channel from replica `dst` to its source `src`.
+    pub fn open_peer(&mut self, dst: usize, src: usize, epoch: u64) -> u64 {
+        let chan = self.next_chan;
+        self.next_chan += 1;
+        self.effects.push(Effect::PeerOpen { chan, dst, src, epoch });
+        chan
     }
 
     /// The next session number (for the world to carry on from).

@@ -92,6 +92,13 @@ impl Net {
         id
     }
 
+    /// Whether replicas `a` and `b` are cut off from each other: a
+    /// partition of replicas from every host isolates them from the
+    /// replicas outside it too.
+    pub fn peers_cut(&self, a: usize, b: usize) -> bool {
+        self.partitions.iter().any(|p| p.host.is_none() && (p.replicas.contains(&a) != p.replicas.contains(&b)))
+    }
+
     /// Heals partition `id`.
     pub fn heal(&mut self, id: u64) {
         self.partitions.retain(|p| p.id != id);

@@ -8,22 +8,32 @@
 //! is the same edit the manual procedure makes to `replica/src/history.rs`,
 //! so both give the same failing seeds.
 
+use starblk_recovery::{LagReason, Peer, Plan, Queue, Returning};
 use starblk_replica::history::{self, AppendDecision, HelloDecision, History, Position, Standing};
+use starblk_replica::members::{self, MembersRefusal, Membership};
+use starblk_replica::store::{self, CopySetup};
+use starblk_replica::superblock::{CopyKind, CopyState};
 
 /// The defects `--reintroduce` can put back, by number.
-pub const DEFECTS: [&str; 6] = [
+pub const DEFECTS: [&str; 12] = [
     "standing() by seq only: Prefix whenever durable <= host_last",
     "may_raise_epoch accepts asked >= mine (an epoch granted twice)",
     "may_ack always true (acks after the fence)",
     "choose_leader by seq only (epoch ignored)",
     "publish_durable ignores failed_before (publishes past a failed batch)",
     "hello_decision joins a higher epoch without raising (older sessions not fenced)",
+    "a copied region overwrites newer live writes (higher seq does not win)",
+    "a copying replica claims and acks its live writes, and the host promotes it before its copy is done",
+    "a membership change commits on a majority of the new set only (benign for one-member changes)",
+    "a membership change commits once any one member of the new set stored it (--force without cause)",
+    "a resumed copy goes on at its cursor without re-copying regions written meanwhile",
+    "admit keeps a diverged replica's own durable seq (link.rs before the simulator found it)",
 ];
 
 /// Which rules the nodes use.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Rules {
-    /// A defect number (1..=6) to reintroduce, if any.
+    /// A defect number (1..=12) to reintroduce, if any.
     pub defect: Option<u8>,
     /// Model a store whose `set_epoch` does not drain group commit first
     /// (a regression of `store.rs`, not of `history.rs`). With the drain,
@@ -95,6 +105,87 @@ impl Rules {
         record: (u64, u64),
     ) -> AppendDecision {
         history::append_decision(h, store_epoch, last_seq, session_epoch, record)
+    }
+
+    /// `Store::apply_copy_region`: live writes newer than the copy's
+    /// as-of seq are kept (the higher seq wins). Defect 7 overwrites them.
+    pub fn copy_keeps_newer_live_writes(&self) -> bool {
+        !self.is(7)
+    }
+
+    /// `Shared::advance`: a recovering link is promoted once it has every
+    /// completed write and no copy runs. Defect 8 forgets the copy (and
+    /// the store acks live writes during a copy, see `acks_during_copy`).
+    pub fn promotes(&self, durable: u64, completed: u64, copying: bool) -> bool {
+        durable >= completed && (!copying || self.is(8))
+    }
+
+    /// `Store::commit`: a copying replica neither publishes nor acks its
+    /// live writes until the copy ends. Defect 8 does.
+    pub fn acks_during_copy(&self) -> bool {
+        self.is(8)
+    }
+
+    /// See [`Membership::change_committed`]; defect 9 counts the new set
+    /// only, defect 10 takes any one member of the new set.
+    pub fn change_committed(&self, old: &Membership, next: &Membership, persisted: &[String]) -> bool {
+        let count = |s: &Membership| s.members.iter().filter(|m| persisted.contains(&m.name)).count();
+        if self.is(9) {
+            return count(next) >= members::majority(next.members.len());
+        }
+        if self.is(10) {
+            return count(next) >= 1;
+        }
+        old.change_committed(next, persisted)
+    }
+
+    /// See [`members::accept_members`].
+    pub fn accept_members(
+        &self,
+        stored: &Membership,
+        store_epoch: u64,
+        session_epoch: u64,
+        next: &Membership,
+    ) -> Result<bool, MembersRefusal> {
+        members::accept_members(stored, store_epoch, session_epoch, next)
+    }
+
+    /// See [`starblk_recovery::plan`].
+    pub fn plan(&self, r: &Returning, q: &Queue, peers: &[Peer]) -> Result<Plan, LagReason> {
+        starblk_recovery::plan(r, q, peers)
+    }
+
+    /// See [`store::copy_setup`]. Defect 11 keeps a resumed plan and its
+    /// cursor when the host goes on past where the replica's log ends.
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy_setup(
+        &self,
+        prev: Option<&CopyState>,
+        host: &History,
+        host_last: u64,
+        follows: &History,
+        last: u64,
+        live_from: u64,
+        kind: CopyKind,
+        regions: u64,
+    ) -> CopySetup {
+        let setup = store::copy_setup(prev, host, host_last, follows, last, live_from, kind, regions);
+        match (setup, prev) {
+            (CopySetup::Begin { keep, .. }, Some(p)) if self.is(11) => {
+                CopySetup::Begin { state: CopyState { live_from, ..p.clone() }, keep }
+            }
+            (s, _) => s,
+        }
+    }
+
+    /// `link::admit`: the durable seq the host keeps for a replica it
+    /// admits; a diverged one holds the host's history only up to `after`.
+    /// Defect 12 keeps its own durable seq.
+    pub fn admitted_durable(&self, standing: Standing, durable: u64) -> u64 {
+        match standing {
+            Standing::Diverged { after } if !self.is(12) => after.min(durable),
+            _ => durable,
+        }
     }
 
     /// See [`history::next_epoch`].

@@ -25,6 +25,8 @@ pub struct Summary {
     pub completed: u64,
     pub reads: u64,
     pub fenced: u64,
+    pub copies: u64,
+    pub member_changes: u64,
     /// Seeds whose final state could not be checked (the final host found
     /// no up-to-date replica).
     pub unchecked: u64,
@@ -47,6 +49,8 @@ impl Summary {
         self.completed += o.completed;
         self.reads += o.reads;
         self.fenced += o.fenced;
+        self.copies += o.copies;
+        self.member_changes += o.member_changes;
         self.unchecked += (o.final_replicas == 0 && o.violation.is_none()) as u64;
         if o.violation.is_some() {
             self.failures.push(o);

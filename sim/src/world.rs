@@ -8,9 +8,10 @@ use std::collections::{BTreeMap, BinaryHeap};
 use crate::chaos::Params;
 use crate::checker::{Checker, Violation};
 use crate::host::{Host, HostParams};
+use crate::model::PeerMsg;
 use crate::model::{Ctx, Effect, HostTimer, Msg, Sid, Time};
 use crate::net::Net;
-use crate::replica::Replica;
+use crate::replica::{Replica, ReplicaParams};
 use crate::rng::Rng;
 use crate::rules::Rules;
 
@@ -26,8 +27,11 @@ pub struct Options {
     pub verbose: bool,
     /// The rules (production's, or with one defect put back).
     pub rules: Rules,
-    /// Check only the data properties 1-4 (not the protocol ones, 5-6).
+    /// Check only the data properties (not the protocol ones, 5-6).
     pub data_only: bool,
+    /// Let the operator add replicas past 2Q - 1 members (Q is then no
+    /// longer a majority of the set).
+    pub grow_past_quorum: bool,
 }
 
 /// What happened in one run.
@@ -49,6 +53,9 @@ pub struct Outcome {
     pub reads: u64,
     /// Hosts that finished fencing.
     pub fenced: u64,
+    /// Recovery copies finished; membership changes committed.
+    pub copies: u64,
+    pub member_changes: u64,
     /// Replicas up to date under the final host (0: final state unchecked).
     pub final_replicas: usize,
 }
@@ -89,6 +96,21 @@ pub(crate) enum Event {
     RestartReplica {
         replica: usize,
     },
+    ReplicaTimer {
+        replica: usize,
+        life: u64,
+        token: u64,
+    },
+    PeerDeliver {
+        chan: u64,
+        to_src: bool,
+        msg: PeerMsg,
+    },
+    /// The recovering end learns that its peer channel broke.
+    PeerEnded {
+        chan: u64,
+    },
+
     Heal {
         id: u64,
     },
@@ -121,6 +143,17 @@ impl Ord for Scheduled {
     }
 }
 
+/// A channel between a recovering replica (`dst`) and its source.
+#[derive(Debug, Clone)]
+pub(crate) struct PeerChan {
+    dst: usize,
+    src: usize,
+    lives: (u64, u64),
+    open: bool,
+    /// Arrival of the last frame each way (0: to dst, 1: to src).
+    last: [Time; 2],
+}
+
 /// The simulated world.
 pub struct World {
     pub(crate) p: Params,
@@ -129,6 +162,7 @@ pub struct World {
     pub(crate) replicas: Vec<Replica>,
     pub(crate) hosts: Vec<Host>,
     pub(crate) net: Net,
+    pub(crate) peers: Vec<PeerChan>,
     pub(crate) checker: Checker,
     pub(crate) out: Outcome,
     pub(crate) chaos_on: bool,
@@ -145,15 +179,24 @@ pub struct World {
 pub fn run_seed(seed: u64, opts: &Options) -> Outcome {
     let mut rng = Rng::new(seed);
     let p = Params::draw(&mut rng);
+    let initial = crate::chaos::initial_set(p.n);
+    let rp = ReplicaParams {
+        blocks: p.blocks,
+        log_cap: p.log_cap,
+        recent_cap: p.recent_cap,
+        persist_every: p.persist_every,
+    };
+    let replicas = (0..p.slots()).map(|i| Replica::new(i, rp, (i < p.n).then(|| initial.clone()))).collect();
     let mut w = World {
-        replicas: (0..p.n).map(|i| Replica::new(i, p.blocks)).collect(),
+        replicas,
         hosts: Vec::new(),
         net: Net::default(),
-        checker: Checker::new(p.blocks, p.n, !opts.data_only),
+        peers: Vec::new(),
+        checker: Checker::new(p.blocks, p.slots(), !opts.data_only),
         out: Outcome { seed, ..Outcome::default() },
         chaos_on: true,
         done: false,
-        doomed: vec![false; p.n],
+        doomed: vec![false; p.slots()],
         final_tries: 0,
         now: 0,
         opts: *opts,
@@ -171,6 +214,10 @@ pub fn run_seed(seed: u64, opts: &Options) -> Outcome {
 }
 
 impl World {
+    pub(crate) fn grow_past_quorum(&self) -> bool {
+        self.opts.grow_past_quorum
+    }
+
     pub(crate) fn schedule(&mut self, at: Time, ev: Event) {
         self.order += 1;
         self.queue.push(Scheduled { at, order: self.order, ev });
@@ -192,6 +239,13 @@ impl World {
 
     /// " host H -> replica R" for a session's events (the trace).
     fn ends(&self, ev: &Event) -> String {
+        if let Event::PeerDeliver { chan, to_src, .. } = ev {
+            let c = &self.peers[*chan as usize];
+            return match to_src {
+                true => format!(" replica {} -> source {}", c.dst, c.src),
+                false => format!(" source {} -> replica {}", c.src, c.dst),
+            };
+        }
         let (Event::Deliver { sid, to_replica, .. } | Event::Ended { sid, to_replica }) = ev else {
             return String::new();
         };
@@ -219,6 +273,18 @@ impl World {
             Event::ReadTick { host } => self.read_tick(host),
             Event::Chaos => self.chaos(),
             Event::RestartReplica { replica } => self.restart_replica(replica),
+            Event::ReplicaTimer { replica, life, token } if self.alive(replica, life) => {
+                self.with_replica(replica, |r, ctx| r.on_timer(token, ctx))
+            }
+            Event::PeerDeliver { chan, to_src, msg } => self.peer_deliver(chan, to_src, msg),
+            Event::PeerEnded { chan } => {
+                let c = &self.peers[chan as usize];
+                let (dst, life) = (c.dst, c.lives.0);
+                if self.alive(dst, life) {
+                    self.with_replica(dst, |r, ctx| r.on_peer_closed(chan, ctx));
+                }
+            }
+
             Event::Heal { id } => self.net.heal(id),
             Event::EndChaos => self.end_chaos(),
             Event::FinalHost => self.spawn_host(true),
@@ -235,7 +301,7 @@ impl World {
     /// Runs a replica handler and applies its effects.
     pub(crate) fn with_replica(&mut self, i: usize, f: impl FnOnce(&mut Replica, &mut Ctx)) {
         let rules = self.opts.rules;
-        let mut ctx = Ctx::new(self.now, &rules, self.opts.verbose, self.net.next_sid());
+        let mut ctx = Ctx::new(self.now, &rules, self.opts.verbose, self.net.next_sid(), self.peers.len() as u64);
         f(&mut self.replicas[i], &mut ctx);
         self.apply(ctx.effects);
     }
@@ -243,7 +309,7 @@ impl World {
     /// Runs a host handler and applies its effects.
     pub(crate) fn with_host(&mut self, i: usize, f: impl FnOnce(&mut Host, &mut Ctx)) {
         let rules = self.opts.rules;
-        let mut ctx = Ctx::new(self.now, &rules, self.opts.verbose, self.net.next_sid());
+        let mut ctx = Ctx::new(self.now, &rules, self.opts.verbose, self.net.next_sid(), self.peers.len() as u64);
         f(&mut self.hosts[i], &mut ctx);
         self.apply(ctx.effects);
     }
@@ -265,6 +331,13 @@ impl World {
                 self.schedule(at, Event::CommitKick { replica, life });
             }
             Effect::Timer { host, at, timer } => self.schedule(at, Event::HostTimer { host, timer }),
+            Effect::ReplicaTimer { replica, at, token } => {
+                let life = self.replicas[replica].incarnation;
+                self.schedule(at, Event::ReplicaTimer { replica, life, token })
+            }
+            Effect::PeerOpen { chan, dst, src, epoch } => self.peer_open(chan, dst, src, epoch),
+            Effect::PeerSend { chan, to_src, msg } => self.peer_send(chan, to_src, msg),
+            Effect::PeerClose { chan } => self.peers[chan as usize].open = false,
             Effect::Trace(line) => println!("    {line}"),
             Effect::Note(what) => *self.out.notes.entry(what).or_insert(0) += 1,
             ghost => self.observe(ghost),
@@ -282,18 +355,31 @@ impl World {
                 self.checker.issued(record);
                 Ok(())
             }
-            Effect::Completed { host, id, clean_support } => {
+            Effect::Completed { host, id, clean_support, counted } => {
                 self.out.completed += 1;
                 let fenced = self.majority_epoch_above(self.hosts[host].epoch);
-                self.checker.completed(id, clean_support, self.p.quorum, fenced)
+                self.checker
+                    .completed(id, clean_support, self.p.quorum, fenced)
+                    .and_then(|()| self.checker.counted(host, id, &counted))
+            }
+            Effect::CopyFinished { replica, durable, history, data } => {
+                self.out.copies += 1;
+                self.checker.copy_finished(replica, durable, &history, &data)
+            }
+            Effect::Progress { host, replica, meter, fraction, done, total, finished } => {
+                self.checker.progress(host, replica, meter, fraction, done, total, finished)
+            }
+            Effect::MembersInEffect { host, set, committed } => {
+                self.out.member_changes += committed as u64;
+                self.checker.members_in_effect(host, set, committed, self.now)
             }
             Effect::ReadDone { host, block, value, floor } => {
                 self.out.reads += 1;
                 self.checker.read(host, block, value, floor)
             }
-            Effect::Fenced { host, epoch } => {
+            Effect::Fenced { host, epoch, set, started } => {
                 self.out.fenced += 1;
-                self.checker.fenced(host, epoch)
+                self.checker.fenced(host, epoch).and_then(|()| self.checker.fenced_set(host, &set, started))
             }
             Effect::Joined { replica, epoch } => {
                 self.checker.joined(replica, epoch);
@@ -313,12 +399,76 @@ impl World {
         }
     }
 
-    /// The highest epoch above `epoch` that a majority has persisted.
+    /// The highest epoch above `epoch` that a majority of the replicas
+    /// that belong to the volume has persisted.
     fn majority_epoch_above(&self, epoch: u64) -> Option<u64> {
-        let mut epochs: Vec<u64> = self.replicas.iter().map(|r| r.epoch).collect();
+        let mut epochs: Vec<u64> = self.replicas.iter().filter(|r| r.stamped).map(|r| r.epoch).collect();
         epochs.sort_unstable_by(|a, b| b.cmp(a));
-        let e = epochs[self.p.n / 2];
+        let e = epochs[epochs.len() / 2];
         (e > epoch).then_some(e)
+    }
+
+    fn peer_open(&mut self, chan: u64, dst: usize, src: usize, epoch: u64) {
+        debug_assert_eq!(chan, self.peers.len() as u64, "channels are numbered in order");
+        let lives = (self.replicas[dst].incarnation, self.replicas[src].incarnation);
+        self.peers.push(PeerChan { dst, src, lives, open: true, last: [0; 2] });
+        if self.replicas[src].up {
+            self.replicas[src].on_peer_open(chan, epoch);
+        }
+    }
+
+    fn peer_reachable(&self, chan: u64) -> bool {
+        let c = &self.peers[chan as usize];
+        c.open && self.alive(c.dst, c.lives.0) && self.alive(c.src, c.lives.1) && !self.net.peers_cut(c.dst, c.src)
+    }
+
+    fn peer_send(&mut self, chan: u64, to_src: bool, msg: PeerMsg) {
+        if !self.peers[chan as usize].open {
+            return;
+        }
+        let delay = self.p.delay(&mut self.rng);
+        let c = &mut self.peers[chan as usize];
+        let dir = to_src as usize;
+        let at = (self.now + delay).max(c.last[dir] + 1);
+        c.last[dir] = at;
+        self.schedule(at, Event::PeerDeliver { chan, to_src, msg });
+    }
+
+    fn peer_deliver(&mut self, chan: u64, to_src: bool, msg: PeerMsg) {
+        if !self.peers[chan as usize].open {
+            return;
+        }
+        if !self.peer_reachable(chan) {
+            return self.peer_abort(chan);
+        }
+        let c = &self.peers[chan as usize];
+        let (dst, src) = (c.dst, c.src);
+        if to_src {
+            self.with_replica(src, |r, ctx| r.on_peer_request(chan, msg, ctx));
+        } else {
+            self.with_replica(dst, |r, ctx| r.on_peer_msg(chan, msg, ctx));
+        }
+    }
+
+    /// A peer channel breaks; the recovering end notices after a while.
+    pub(crate) fn peer_abort(&mut self, chan: u64) {
+        let c = &mut self.peers[chan as usize];
+        if !c.open {
+            return;
+        }
+        c.open = false;
+        let detect = self.rng.range(200, 3_000);
+        self.schedule(self.now + detect, Event::PeerEnded { chan });
+    }
+
+    /// Breaks the open peer channels that `pred` picks.
+    pub(crate) fn abort_peers(&mut self, pred: impl Fn(&PeerChan) -> bool) {
+        let chans: Vec<u64> = (0..self.peers.len() as u64)
+            .filter(|&c| self.peers[c as usize].open && pred(&self.peers[c as usize]))
+            .collect();
+        for c in chans {
+            self.peer_abort(c);
+        }
     }
 
     fn send(&mut self, sid: Sid, to_replica: bool, msg: Msg) {
@@ -420,9 +570,10 @@ impl World {
     /// A new host (a takeover while others may still run).
     pub(crate) fn spawn_host(&mut self, final_host: bool) {
         let idx = self.hosts.len();
-        let rtt = (0..self.p.n).map(|_| self.rng.range(1, 1_000)).collect();
+        let rtt = (0..self.p.slots()).map(|_| self.rng.range(1, 1_000)).collect();
         let params = HostParams {
             n: self.p.n,
+            slots: self.p.slots(),
             quorum: self.p.quorum,
             blocks: self.p.blocks,
             queue_cap: self.p.queue_cap,
@@ -448,6 +599,7 @@ impl World {
         for sid in sids {
             self.abort(sid);
         }
+        self.abort_peers(|c| c.dst == i || c.src == i);
     }
 
     fn restart_replica(&mut self, i: usize) {
@@ -496,7 +648,7 @@ impl World {
         let Some(h) = self.hosts.last().filter(|h| h.params.final_host && h.is_running()) else { return };
         let up: Vec<usize> = h.up_to_date();
         if self.opts.verbose {
-            println!("final host {} epoch {} links {:?}", h.idx, h.epoch, h.link_states());
+            println!("final host {} epoch {} set {:?} links {:?}", h.idx, h.epoch, h.members, h.link_states());
         }
         self.out.final_replicas = up.len();
         let data: Vec<(usize, &[_])> = up.iter().map(|&r| (r, self.replicas[r].data.as_slice())).collect();

@@ -16,8 +16,10 @@ fn a_thousand_seeds_keep_every_property() {
     let lines: Vec<String> = sum.failures.iter().map(failure_line).collect();
     assert!(lines.is_empty(), "{} of {} seeds failed:\n{}", lines.len(), sum.seeds, lines.join("\n"));
     assert_eq!(sum.seeds, 1_000);
-    // The runs did real work: writes completed, reads checked, takeovers.
+    // The runs did real work: writes completed, reads checked, takeovers,
+    // recovery copies finished and membership changes committed.
     assert!(sum.completed > 10_000 && sum.reads > 10_000 && sum.fenced > 2_000, "{sum:?}");
+    assert!(sum.copies > 500 && sum.member_changes > 500, "{sum:?}");
 }
 
 #[test]
@@ -28,12 +30,23 @@ fn a_seed_replays_exactly() {
     }
 }
 
-/// The cheapest defects to find: 1,000 seeds find them many times over.
+/// The first failing seed below `max` with `defect` put back, searched
+/// 100 seeds at a time (so a defect found early costs little).
+fn first_failure(defect: u8, max: u64) -> Option<u64> {
+    let opts = Options { rules: Rules { defect: Some(defect), no_drain: false }, ..Options::default() };
+    (0..max).step_by(100).find_map(|start| run_many(start, 100, jobs(), &opts, |_| {}).failures.first().map(|o| o.seed))
+}
+
+/// Defects of the history model (1, 2, 4) and of recovery and membership
+/// (7: copy ignores higher-seq-wins; 8: a copying replica counted; 10: a
+/// change committed on one member; 11: a resume without the rewind; 12:
+/// admit keeps a diverged replica's durable seq) are found within 1,000
+/// seeds. 9 (new-set majority only) is benign for one-member changes and
+/// is not expected to be found.
 #[test]
 fn reintroduced_defects_are_found() {
-    for defect in [1, 2, 4] {
-        let opts = Options { rules: Rules { defect: Some(defect), no_drain: false }, ..Options::default() };
-        let sum = run_many(0, 1_000, jobs(), &opts, |_| {});
-        assert!(!sum.failures.is_empty(), "defect {defect} went unnoticed over 1,000 seeds");
+    for defect in [1, 2, 4, 7, 8, 10, 11, 12] {
+        let found = first_failure(defect, 1_000);
+        assert!(found.is_some(), "defect {defect} went unnoticed over 1,000 seeds");
     }
 }

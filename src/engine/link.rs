@@ -488,7 +488,14 @@ fn admit(shared: &Shared, link: &Link, hello: &HelloOk) -> Result<u64, String> {
     let peers = recovery_peers(shared, &g, link.idx, d);
     let plan = starblk_recovery::plan(&returning, &starblk_recovery::Queue { first, last }, &peers);
     let l = &mut g.links[link.idx];
-    l.durable_seq = d;
+    // A diverged replica holds this history only up to `after`: its own
+    // durable seq past that counts nothing (a rollback copy ends at the
+    // live writes it applied, and `on_copy_done` only raises this). Found
+    // by the fault simulator (docs/simulator.md, defect 12).
+    l.durable_seq = match standing {
+        Standing::Diverged { after } => after.min(d),
+        Standing::Prefix => d,
+    };
     l.diverged_after = match standing {
         Standing::Diverged { after } => Some(after),
         Standing::Prefix => None,

@@ -1,5 +1,5 @@
 //! `sim --seed S [--verbose]` replays one seed; `sim --seeds N [--start S]`
-//! runs many. `--reintroduce N` puts back known defect N (1..=6) in the
+//! runs many. `--reintroduce N` puts back known defect N (1..=12) in the
 //! simulator's copy of the rules, never in production code.
 
 use std::process::ExitCode;
@@ -9,7 +9,7 @@ use starblk_sim::summary::{failure_line, run_many, Summary};
 use starblk_sim::{run_seed, Options};
 
 const USAGE: &str = "usage: sim --seed S [--verbose] | sim --seeds N [--start S] [--jobs J]
-  common: [--reintroduce N] (1..=6, see docs/simulator.md) [--no-drain] [--data-only]";
+  common: [--reintroduce N] (1..=11, see docs/simulator.md) [--no-drain] [--data-only] [--grow-past-quorum]";
 
 #[derive(Debug, Default)]
 struct Args {
@@ -42,6 +42,7 @@ fn parse() -> Result<Args, String> {
             }
             "--no-drain" => a.opts.rules.no_drain = true,
             "--data-only" => a.opts.data_only = true,
+            "--grow-past-quorum" => a.opts.grow_past_quorum = true,
             "--verbose" | "-v" => a.opts.verbose = true,
             "--help" | "-h" => return Err(String::new()),
             other => return Err(format!("unknown argument `{other}`")),
@@ -80,8 +81,8 @@ fn one(seed: u64, opts: &Options) -> ExitCode {
     let o = run_seed(seed, opts);
     println!("{}", failure_line(&o));
     println!(
-        "seed {seed}: {} steps, {} writes ({} completed), {} reads checked, {} hosts fenced, {} replicas checked at the end",
-        o.steps, o.writes, o.completed, o.reads, o.fenced, o.final_replicas
+        "seed {seed}: {} steps, {} writes ({} completed), {} reads checked, {} hosts fenced, {} copies finished, {} membership changes, {} replicas checked at the end",
+        o.steps, o.writes, o.completed, o.reads, o.fenced, o.copies, o.member_changes, o.final_replicas
     );
     println!("seed {seed}: faults {:?}", o.faults);
     if !o.notes.is_empty() {
@@ -131,8 +132,8 @@ fn report(s: &Summary, opts: &Options) {
         println!("note: {k}: {n} times in {seeds} seeds");
     }
     println!(
-        "work: {} events, {} writes issued, {} completed, {} reads checked, {} hosts fenced, {} seeds without a checked final state",
-        s.steps, s.writes, s.completed, s.reads, s.fenced, s.unchecked
+        "work: {} events, {} writes issued, {} completed, {} reads checked, {} hosts fenced, {} copies finished, {} membership changes committed, {} seeds without a checked final state",
+        s.steps, s.writes, s.completed, s.reads, s.fenced, s.copies, s.member_changes, s.unchecked
     );
     println!("wall time: {:.2} s", s.wall.as_secs_f64());
     if let Some(o) = s.failures.first() {
@@ -150,6 +151,9 @@ fn flags(opts: &Options) -> String {
     }
     if opts.data_only {
         f += " --data-only";
+    }
+    if opts.grow_past_quorum {
+        f += " --grow-past-quorum";
     }
     f
 }
