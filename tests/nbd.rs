@@ -333,12 +333,12 @@ fn bad_requests_get_error_replies_and_the_server_goes_on() {
         (READ, 0, SIZE - 4096, 8192, vec![], EINVAL),
         (READ, 0, 512, 4096, vec![], EINVAL),
         (READ, 0, 0, 1000, vec![], EINVAL),
-        (READ, 0, 0, 2 << 20, vec![], EINVAL),
+        (READ, 0, 0, (32 << 20) + 4096, vec![], EINVAL),
         (READ, 0, u64::MAX - 4095, 8192, vec![], EINVAL),
         (READ, 1 << 7, 0, 4096, vec![], EINVAL),
         (WRITE, 0, SIZE, 4096, vec![1; 4096], ENOSPC),
         (WRITE, 0, 4096, 1000, vec![2; 1000], EINVAL),
-        (WRITE, 0, 0, 2 << 20, vec![3; 2 << 20], EINVAL),
+        (WRITE, 0, 0, 1000 + (2 << 20), vec![3; 1000 + (2 << 20)], EINVAL),
         (WRITE, 1, 8192, 8192, pattern.clone(), 0),
         (TRIM, 0, SIZE - 4096, 8192, vec![], EINVAL),
         (WRITE_ZEROES, 0, SIZE, 4096, vec![], ENOSPC),
@@ -401,6 +401,54 @@ fn bad_requests_get_error_replies_and_the_server_goes_on() {
     drop(z);
     d.down();
     c.kill_all_and_assert_identical("bad requests");
+}
+
+/// Reads and writes above the advertised 1 MiB maximum, as the Linux
+/// kernel's NBD client sends them (it ignores the maximum and sends up to
+/// `max_sectors_kb`, 1280 KiB by default): served whole, several in
+/// flight, and they read back; beyond 32 MiB they are refused.
+#[test]
+fn requests_above_the_advertised_maximum_are_served() {
+    let mut c = cluster();
+    let mut d = Daemon::up(&c, &[]);
+    let mut a = Raw::connect(&unix_socket(&d.uri));
+    assert_eq!(a.go(), (SIZE, [4096, 4096, 1 << 20]));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    // (offset, len): 1280 KiB (the kernel's default), 2.5 MiB (an uneven
+    // last piece) and 32 MiB (the most served), the last with FUA.
+    let writes = [(4096u64, 1280u32 << 10), (8 * MIB, 5 << 19), (SIZE - (32 << 20), 32 << 20)];
+    let data: Vec<Vec<u8>> = writes
+        .iter()
+        .map(|&(_, len)| {
+            let mut b = vec![0u8; len as usize];
+            rng.fill_bytes(&mut b);
+            b
+        })
+        .collect();
+    for (i, (&(offset, len), d)) in writes.iter().zip(&data).enumerate() {
+        a.request(WRITE, u16::from(i == 2), 10 + i as u64, offset, len, d);
+    }
+    let mut done = [false; 3];
+    for _ in 0..3 {
+        let (cookie, error, _) = a.reply(|_| 0);
+        assert_eq!(error, 0, "write cookie {cookie}");
+        done[(cookie - 10) as usize] = true;
+    }
+    assert_eq!(done, [true; 3]);
+    for (i, &(offset, len)) in writes.iter().enumerate() {
+        a.request(READ, 0, 20 + i as u64, offset, len, &[]);
+    }
+    for _ in 0..3 {
+        let (cookie, error, got) = a.reply(|c| writes[(c - 20) as usize].1 as usize);
+        let i = (cookie - 20) as usize;
+        assert_eq!(error, 0, "read {i}");
+        assert!(got == data[i], "read {i} ({} bytes at {}) returned other data", writes[i].1, writes[i].0);
+    }
+    a.request(READ, 0, 30, 0, (32 << 20) + 4096, &[]);
+    assert_eq!(a.reply(|_| 0).1, EINVAL, "a read above 32 MiB");
+    drop(a);
+    d.down();
+    c.kill_all_and_assert_identical("requests above the maximum");
 }
 
 /// Kills the foreground daemon if the test fails before `down`.

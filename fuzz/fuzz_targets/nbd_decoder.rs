@@ -128,10 +128,12 @@ fn request(input: &mut Input<'_>, e: &Export, built: bool) {
             2 => e.size.wrapping_sub(bs * u64::from(input.u8())),
             _ => u64::MAX - u64::from(input.u16()),
         };
-        let len = match input.u8() % 3 {
+        let len = match input.u8() % 4 {
             0 => input.u32(),
             1 => e.min_block.wrapping_mul(u32::from(input.u16())),
-            _ => e.max_block.wrapping_add(u32::from(input.u8()).wrapping_sub(128)),
+            2 => e.max_block.wrapping_add(u32::from(input.u8()).wrapping_sub(128)),
+            _ => proto::MAX_REQUEST_DATA
+                .wrapping_add(e.min_block.wrapping_mul(u32::from(input.u8())).wrapping_sub(128 * e.min_block)),
         };
         RequestHeader { flags: input.u16() % 64, kind: input.u16() % 10, cookie: input.u64(), offset, len }
     } else {
@@ -164,7 +166,7 @@ fn check(h: &RequestHeader, e: &Export) {
         "accepted an empty or unaligned range"
     );
     assert!(offset.checked_add(u64::from(len)).is_some_and(|end| end <= e.size), "accepted a range past the end");
-    assert!(!bounded || len <= e.max_block, "accepted a read or write above the maximum");
+    assert!(!bounded || len <= proto::MAX_REQUEST_DATA, "accepted a read or write above MAX_REQUEST_DATA");
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -18,12 +18,15 @@ use super::inflight::{Credits, InFlight, Reply, ReplyQueue};
 use super::proto::{self, Command, Next, ProtoError, RequestHeader};
 use super::{Shared, Stream};
 use crate::engine::{Request, DISCARD_MAX_BYTES};
+use starblk_replica::proto::MAX_IO_BYTES;
 
 /// A client has this long for each read of the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Options per handshake before the server gives up on the client.
 const MAX_OPTIONS: usize = 64;
-/// Requests in flight per connection.
+/// Requests in flight per connection, in credits: one per request, and a
+/// read takes one per engine piece (1 MiB) of the data it will hold in
+/// memory, so a connection buffers at most this many MiB of read data.
 const MAX_IN_FLIGHT: usize = 32;
 
 /// Why a connection ended early.
@@ -35,7 +38,7 @@ enum ConnError {
     Proto(#[from] ProtoError),
     #[error("more than {MAX_OPTIONS} options without entering transmission")]
     TooManyOptions,
-    #[error("write payload of {0} bytes announced (at most {max} accepted)", max = proto::MAX_WRITE_PAYLOAD)]
+    #[error("write payload of {0} bytes announced (at most {max} accepted)", max = proto::MAX_REQUEST_DATA)]
     PayloadTooLarge(u32),
 }
 
@@ -146,14 +149,15 @@ fn read_requests(s: &Stream, srv: &Shared, queue: &Arc<ReplyQueue>, stats: &mut 
         match checked {
             Ok(Command::Disc) => return Ok(()),
             Ok(cmd) => {
-                queue.credits().acquire();
-                submit(srv, queue, h.cookie, cmd, &payload);
+                let credits = credits_for(cmd);
+                queue.credits().acquire(credits);
+                submit(srv, queue, h.cookie, cmd, &payload, credits);
             }
             Err(error) => {
                 stats.refused += 1;
                 tracing::debug!(?h, error, "NBD request refused");
-                queue.credits().acquire();
-                queue.send(Reply { cookie: h.cookie, error, data: None });
+                queue.credits().acquire(1);
+                queue.send(Reply { cookie: h.cookie, error, data: None, credits: 1 });
             }
         }
     }
@@ -179,10 +183,10 @@ fn read_header(s: &Stream, buf: &mut [u8]) -> Result<bool, ConnError> {
 
 /// Reads a write's payload into `buf`, or past it when the request was
 /// refused (so the stream stays in sync without buffering it). Payloads
-/// beyond [`proto::MAX_WRITE_PAYLOAD`] close the connection.
+/// beyond [`proto::MAX_REQUEST_DATA`] close the connection.
 fn read_payload(s: &Stream, h: &RequestHeader, keep: bool, buf: &mut Vec<u8>) -> Result<(), ConnError> {
     let n = h.payload_len();
-    if n > proto::MAX_WRITE_PAYLOAD {
+    if n > proto::MAX_REQUEST_DATA {
         return Err(ConnError::PayloadTooLarge(n));
     }
     if keep {
@@ -196,11 +200,20 @@ fn read_payload(s: &Stream, h: &RequestHeader, keep: bool, buf: &mut Vec<u8>) ->
     Ok(())
 }
 
+/// The credits a request holds until its reply is written: a read one per
+/// engine piece of its reply data (at most all of them), anything else one.
+fn credits_for(cmd: Command) -> usize {
+    match cmd {
+        Command::Read { len, .. } => (len.div_ceil(MAX_IO_BYTES) as usize).clamp(1, MAX_IN_FLIGHT),
+        _ => 1,
+    }
+}
+
 /// Submits a checked request to the engine; its reply is queued when the
 /// engine completes it.
-fn submit(srv: &Shared, queue: &Arc<ReplyQueue>, cookie: u64, cmd: Command, payload: &[u8]) {
+fn submit(srv: &Shared, queue: &Arc<ReplyQueue>, cookie: u64, cmd: Command, payload: &[u8], credits: usize) {
     let (parts, read_len) = engine_requests(cmd, payload);
-    let req = Arc::new(InFlight::new(cookie, read_len, parts.len(), queue.clone()));
+    let req = Arc::new(InFlight::new(cookie, read_len, parts.len(), queue.clone(), credits));
     let first = srv.router.register(&req, parts.len());
     for (token, r) in (first..).zip(parts) {
         srv.volume.submit(token, r);
@@ -208,30 +221,37 @@ fn submit(srv: &Shared, queue: &Arc<ReplyQueue>, cookie: u64, cmd: Command, payl
 }
 
 /// The engine requests for a command, and the length a read must return.
-/// Trim and write-zeroes longer than the engine takes are split.
+/// Reads and writes longer than the engine's largest I/O (the kernel's
+/// client sends them, see [`proto::MAX_REQUEST_DATA`]) are cut into
+/// [`MAX_IO_BYTES`] pieces, in order, so read piece `i` lands at
+/// `i * MAX_IO_BYTES` in the reply; so are long trims and write-zeroes.
 fn engine_requests(cmd: Command, payload: &[u8]) -> (Vec<Request<'_>>, Option<u32>) {
+    let io = u64::from(MAX_IO_BYTES);
     match cmd {
-        Command::Read { offset, len } => (vec![Request::Read { offset, len }], Some(len)),
-        Command::Write { offset, fua, .. } => (vec![Request::Write { offset, data: payload, fua }], None),
+        Command::Read { offset, len } => {
+            (split(offset, len, io, |offset, len| Request::Read { offset, len }), Some(len))
+        }
+        Command::Write { offset, fua, .. } => {
+            let parts = payload.chunks(MAX_IO_BYTES as usize).zip((offset..).step_by(MAX_IO_BYTES as usize));
+            (parts.map(|(data, offset)| Request::Write { offset, data, fua }).collect(), None)
+        }
         // The reader ends the connection at Disc and never gets here with
         // it; a flush would be a harmless answer.
         Command::Flush | Command::Disc => (vec![Request::Flush], None),
-        Command::Trim { offset, len } => (split(offset, len, |offset, len| Request::Discard { offset, len }), None),
+        Command::Trim { offset, len } => {
+            (split(offset, len, DISCARD_MAX_BYTES, |offset, len| Request::Discard { offset, len }), None)
+        }
         Command::WriteZeroes { offset, len } => {
-            (split(offset, len, |offset, len| Request::WriteZeroes { offset, len }), None)
+            (split(offset, len, DISCARD_MAX_BYTES, |offset, len| Request::WriteZeroes { offset, len }), None)
         }
     }
 }
 
-/// Cuts `[offset, offset + len)` into ranges of at most
-/// `DISCARD_MAX_BYTES` (a multiple of every block size, so each piece
-/// stays aligned).
-fn split<'a>(offset: u64, len: u32, make: impl Fn(u64, u32) -> Request<'a>) -> Vec<Request<'a>> {
+/// Cuts `[offset, offset + len)` into ranges of at most `piece` bytes (a
+/// multiple of every block size, so each piece stays aligned).
+fn split<'a>(offset: u64, len: u32, piece: u64, make: impl Fn(u64, u32) -> Request<'a>) -> Vec<Request<'a>> {
     let len = u64::from(len);
-    (0..len)
-        .step_by(DISCARD_MAX_BYTES as usize)
-        .map(|at| make(offset + at, (len - at).min(DISCARD_MAX_BYTES) as u32))
-        .collect()
+    (0..len).step_by(piece as usize).map(|at| make(offset + at, (len - at).min(piece) as u32)).collect()
 }
 
 /// The writer thread: sends replies as they are queued, flushing when the
@@ -244,7 +264,7 @@ fn write_replies(s: Stream, rx: Receiver<Reply>, credits: &Credits) {
         let mut n = 0;
         let mut result = Ok(());
         for r in std::iter::once(first).chain(rx.try_iter()) {
-            n += 1;
+            n += r.credits;
             if !broken && result.is_ok() {
                 result = write_reply(&mut w, &r);
             }
@@ -288,5 +308,37 @@ mod tests {
         assert_eq!(at, 8192 + u64::from(len));
         let (one, _) = engine_requests(Command::WriteZeroes { offset: 0, len: 4096 }, &[]);
         assert!(matches!(one[..], [Request::WriteZeroes { offset: 0, len: 4096 }]));
+    }
+
+    /// The kernel's client sends reads and writes above the 1 MiB the
+    /// engine takes: they become in-order pieces covering the range.
+    #[test]
+    fn long_reads_and_writes_split_into_engine_pieces() {
+        let io = MAX_IO_BYTES;
+        let len = 2 * io + 8192;
+        let (parts, read_len) = engine_requests(Command::Read { offset: 4096, len }, &[]);
+        assert_eq!(read_len, Some(len));
+        let got: Vec<(u64, u32)> = parts
+            .iter()
+            .map(|p| match *p {
+                Request::Read { offset, len } => (offset, len),
+                ref other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(got, [(4096, io), (4096 + u64::from(io), io), (4096 + 2 * u64::from(io), 8192)]);
+        let payload: Vec<u8> = (0..len).map(|i| (i / 4096) as u8).collect();
+        let (parts, _) = engine_requests(Command::Write { offset: 8192, len, fua: true }, &payload);
+        assert_eq!(parts.len(), 3);
+        for (i, p) in parts.iter().enumerate() {
+            let Request::Write { offset, data, fua } = *p else { panic!("{p:?}") };
+            let at = i * io as usize;
+            assert_eq!(offset, 8192 + at as u64);
+            assert!(fua, "every piece keeps FUA");
+            assert!(data == &payload[at..(at + io as usize).min(payload.len())]);
+        }
+        assert_eq!(credits_for(Command::Read { offset: 0, len }), 3);
+        assert_eq!(credits_for(Command::Read { offset: 0, len: 4096 }), 1);
+        assert_eq!(credits_for(Command::Read { offset: 0, len: proto::MAX_REQUEST_DATA }), MAX_IN_FLIGHT);
+        assert_eq!(credits_for(Command::Write { offset: 0, len, fua: false }), 1);
     }
 }

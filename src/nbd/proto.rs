@@ -96,11 +96,14 @@ pub const SIMPLE_REPLY_LEN: usize = 16;
 pub const MAX_OPTION_DATA: u32 = 64 << 10;
 /// Longest string the protocol allows (export names, messages).
 pub const MAX_STRING: usize = 4096;
-/// Longest write payload the server reads at all. The spec asks servers
-/// not to treat payloads under 32 MiB as an attack, so writes up to this
-/// size (but above the advertised maximum) are read, discarded and failed
-/// with EINVAL; anything larger closes the connection.
-pub const MAX_WRITE_PAYLOAD: u32 = 32 << 20;
+/// Longest read or write the server serves. The advertised maximum block
+/// size is 1 MiB (the engine's largest I/O), but the Linux kernel's NBD
+/// client ignores it and sends up to its `max_sectors_kb` (1280 KiB by
+/// default, at most 32 MiB), so longer requests are split into engine-sized
+/// pieces rather than refused. The spec asks servers not to treat payloads
+/// under 32 MiB as an attack: longer reads fail with EINVAL, and a longer
+/// write payload closes the connection.
+pub const MAX_REQUEST_DATA: u32 = 32 << 20;
 
 /// A handshake that cannot go on: the server closes that connection.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -462,7 +465,7 @@ impl RequestHeader {
 /// A request that passed every check against the export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
-    /// Read `len` bytes (at most `max_block`).
+    /// Read `len` bytes (at most [`MAX_REQUEST_DATA`]).
     Read { offset: u64, len: u32 },
     /// Write the payload; `fua` asks for durability before the reply.
     Write { offset: u64, len: u32, fua: bool },
@@ -478,7 +481,7 @@ pub enum Command {
 
 /// Checks a request against the export: known command, flags valid for
 /// it, range inside the export, aligned to the minimum block size, reads
-/// and writes no longer than the maximum. Returns the NBD error to reply
+/// and writes no longer than [`MAX_REQUEST_DATA`]. Returns the NBD error to reply
 /// with otherwise (ENOSPC for writes past the end, EINVAL for the rest, as
 /// the spec's "Error values" section asks).
 pub fn check_request(h: &RequestHeader, e: &Export) -> Result<Command, u32> {
@@ -502,12 +505,17 @@ pub fn check_request(h: &RequestHeader, e: &Export) -> Result<Command, u32> {
     }
 }
 
-/// A nonempty, aligned range inside the export; `bounded` applies the
-/// maximum block size (reads and writes carry their data, trim and
-/// write-zeroes do not and may be longer: the server splits them).
+/// A nonempty, aligned range inside the export; `bounded` applies
+/// [`MAX_REQUEST_DATA`] (reads and writes carry their data, trim and
+/// write-zeroes do not and may be longer). The server splits every kind
+/// into engine-sized pieces.
 fn check_range(e: &Export, offset: u64, len: u32, bounded: bool, past_end: u32) -> Result<(), u32> {
     let bs = u64::from(e.min_block.max(1));
-    if len == 0 || !offset.is_multiple_of(bs) || !u64::from(len).is_multiple_of(bs) || (bounded && len > e.max_block) {
+    if len == 0
+        || !offset.is_multiple_of(bs)
+        || !u64::from(len).is_multiple_of(bs)
+        || (bounded && len > MAX_REQUEST_DATA)
+    {
         return Err(EINVAL);
     }
     match offset.checked_add(u64::from(len)) {
@@ -664,7 +672,11 @@ mod tests {
         );
         assert_eq!(check_request(&req(CMD_READ, 0, 512, 4096), &e), Err(EINVAL), "unaligned offset");
         assert_eq!(check_request(&req(CMD_READ, 0, 0, 512), &e), Err(EINVAL), "unaligned length");
-        assert_eq!(check_request(&req(CMD_READ, 0, 0, 2 << 20), &e), Err(EINVAL), "above max");
+        let above = check_request(&req(CMD_READ, 0, 0, 2 << 20), &e);
+        assert_eq!(above, Ok(Command::Read { offset: 0, len: 2 << 20 }), "above max_block: served (split)");
+        let big = (32 << 20) + 4096;
+        assert_eq!(check_request(&req(CMD_READ, 0, 0, big), &e), Err(EINVAL), "above MAX_REQUEST_DATA");
+        assert_eq!(check_request(&req(CMD_WRITE, 0, 0, big), &e), Err(EINVAL), "above MAX_REQUEST_DATA");
         assert_eq!(check_request(&req(CMD_READ, 0, 64 << 20, 4096), &e), Err(EINVAL), "read past the end");
         assert_eq!(check_request(&req(CMD_WRITE, 0, 64 << 20, 4096), &e), Err(ENOSPC), "write past the end");
         assert_eq!(check_request(&req(CMD_WRITE, 0, u64::MAX - 4094, 4096), &e), Err(EINVAL), "unaligned wrap");

@@ -4,9 +4,15 @@
 # against starblk (one local replica, quorum 1) and rublk's loop target on
 # a backing file of the same size, both on /data (tmpfs), alternating
 # starblk, rublk, starblk, rublk, ... Both ublk devices use the same
-# number of queues and queue depth. Prints machine-readable lines:
+# number of queues and queue depth.
+# With NBD=1 each round also runs, against a second volume set up the same
+# way but served with `starblk up --frontend nbd` on a Unix socket and
+# attached by the kernel's nbd-client as /dev/nbd0 (one connection per
+# ublk queue): the QD32 job on it ("nbd"), then the QD1 job on both
+# starblk frontends ("starblk-qd1", "nbd-qd1").
+# Prints machine-readable lines:
 #   BENCH_INFO  key value...
-#   BENCH_RUN   target round iops fio_rc fio_err ios runtime_ms lat_mean_us
+#   BENCH_RUN   target round iops fio_rc fio_err ios runtime_ms lat_mean_us p50_us
 #   BENCH_CPU   target round who ticks       (CLK_TCK ticks during the run)
 #   BENCH_THR   target round tid process/comm ticks
 #   BENCH_TOP   a `top -b -n1` line taken mid-run
@@ -14,7 +20,7 @@
 # Exit 0 when every run produced a number, 1 when the bench could not run.
 . /tests/lib.sh
 
-RUNTIME=20 ROUNDS=2 SIZE_MB=256 QUEUES=1 DEPTH=128 IODEPTH=32
+RUNTIME=20 ROUNDS=2 SIZE_MB=256 QUEUES=1 DEPTH=128 IODEPTH=32 NBD=0
 # Written by scripts/bench-vm.
 [ -f /tests/bench-params.sh ] && . /tests/bench-params.sh
 
@@ -29,7 +35,7 @@ info rublk "$(rublk --version 2>&1 | head -n1)"
 info starblk "$(starblk --version 2>&1 | head -n1)"
 info fio "$(fio --version 2>&1 | head -n1)"
 info source "${SOURCE:-unknown}"
-info params "runtime=${RUNTIME}s rounds=$ROUNDS size=${SIZE_MB}MiB queues=$QUEUES depth=$DEPTH iodepth=$IODEPTH"
+info params "runtime=${RUNTIME}s rounds=$ROUNDS size=${SIZE_MB}MiB queues=$QUEUES depth=$DEPTH iodepth=$IODEPTH nbd=$NBD"
 info clk_tck "$(getconf CLK_TCK 2>/dev/null || echo 100)"
 
 # --- starblk: one local replica, quorum 1 ---------------------------------
@@ -76,8 +82,40 @@ done
 RDEV=/dev/ublkb$N
 on_cleanup "rublk del -n $N"
 info rublk_dev "$RDEV pid=$RUBLK"
-# Device parameters as the kernel sees them, for both.
-for d in "$SDEV" "$RDEV"; do
+
+# --- starblk over NBD: the same volume setup, a second volume ---------------
+NHE=0 NREP=0 NDEV=""
+if [ "$NBD" = 1 ]; then
+    need_cmd nbd-client
+    need_module nbd
+    NB=/data/nb
+    mkdir -p $NB
+    starblk replica init --dir $NB/r1 --size "${SIZE_MB}M" --log-size 64M >/dev/null || fail "replica init (nbd)"
+    start_bg $NB/r1.log starblk replica serve --dir $NB/r1 --listen 127.0.0.1:7711
+    NREP=$LAST_PID
+    wait_for_line $NB/r1.log '^listening' 20 "$NREP" >/dev/null || exit 1
+    sed -e 's/"bench"/"benchnbd"/' -e "s#$SB/bench.sock#$NB/benchnbd.sock#" -e 's/127.0.0.1:7701/127.0.0.1:7711/' \
+        $SB/vol.toml >$NB/vol.toml
+    starblk volume create --config $NB/vol.toml >/dev/null || fail "volume create (nbd)"
+    start_bg $NB/up.log starblk up --config $NB/vol.toml --foreground --frontend nbd --nbd-listen unix:$NB/nbd.sock
+    NHE=$LAST_PID
+    wait_for_line $NB/up.log '^nbd\+unix://' 60 "$NHE" >/dev/null || exit 1
+    on_cleanup "starblk down --config $NB/vol.toml"
+    NDEV=/dev/nbd0
+    nbd-client -unix $NB/nbd.sock $NDEV -name benchnbd -block-size 4096 -connections "$QUEUES" >/dev/null ||
+        fail "nbd-client"
+    on_cleanup "nbd-client -d $NDEV"
+    i=0
+    while [ "$(cat /sys/block/nbd0/size)" = 0 ]; do
+        i=$((i + 1))
+        [ "$i" -gt 300 ] && fail "$NDEV has no size 30 s after nbd-client"
+        usleep 100000
+    done
+    info nbd_dev "$NDEV pids up=$NHE replica=$NREP connections=$QUEUES"
+fi
+
+# Device parameters as the kernel sees them.
+for d in "$SDEV" "$RDEV" $NDEV; do
     b=${d#/dev/}
     q=/sys/block/$b/queue
     info queue "$b size=$(blockdev --getsize64 "$d") hw_queues=$(ls /sys/block/$b/mq 2>/dev/null | wc -l)" \
@@ -105,23 +143,29 @@ all_threads() {
     thread_ticks starblk-up "$HE"
     thread_ticks starblk-replica "$REP"
     thread_ticks rublk "$RUBLK"
+    if [ "$NBD" = 1 ]; then
+        thread_ticks nbd-up "$NHE"
+        thread_ticks nbd-replica "$NREP"
+    fi
 }
 # Raw /proc/stat cpu fields (user nice system idle iowait irq softirq steal).
 stat_fields() { awk '/^cpu / {print $2, $3, $4, $5, $6, $7, $8, $9}' /proc/stat; }
 
+# run_one NAME DEV ROUND [IODEPTH]
 run_one() {
-    name=$1 dev=$2 round=$3
+    name=$1 dev=$2 round=$3 qd=${4:-$IODEPTH}
     size=$(blockdev --getsize64 "$dev")
     out=/tmp/fio-$name-$round.log
-    log "run $round: $name on $dev (${RUNTIME}s)"
+    log "run $round: $name on $dev (QD$qd, ${RUNTIME}s)"
     echo "BENCH_LOAD $name $round before $(cat /proc/loadavg)"
     b_starblk_up=$(ticks "$HE") b_starblk_replica=$(ticks "$REP") b_rublk=$(ticks "$RUBLK")
+    b_nbd_up=$(ticks "$NHE") b_nbd_replica=$(ticks "$NREP")
     all_threads >/tmp/thr-before
     stat_before=$(stat_fields)
     set -- $(sys_ticks)
     b_busy=$1 b_total=$2
     fio --name=bench --filename="$dev" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
-        --iodepth="$IODEPTH" --numjobs=1 --runtime="$RUNTIME" --time_based --size="$size" \
+        --iodepth="$qd" --numjobs=1 --runtime="$RUNTIME" --time_based --size="$size" \
         --output-format=normal,terse >"$out" 2>&1 &
     fpid=$!
     sleep $((RUNTIME / 2 + 1))
@@ -136,6 +180,8 @@ run_one() {
     echo "BENCH_CPU $name $round starblk-up $(($(ticks "$HE") - b_starblk_up))"
     echo "BENCH_CPU $name $round starblk-replica $(($(ticks "$REP") - b_starblk_replica))"
     echo "BENCH_CPU $name $round rublk $(($(ticks "$RUBLK") - b_rublk))"
+    echo "BENCH_CPU $name $round nbd-up $(($(ticks "$NHE") - b_nbd_up))"
+    echo "BENCH_CPU $name $round nbd-replica $(($(ticks "$NREP") - b_nbd_replica))"
     echo "$stat_before $(stat_fields)" | awk -v n="$name" -v r="$round" '{
         printf "BENCH_STAT %s %s user=%d nice=%d system=%d idle=%d iowait=%d irq=%d softirq=%d steal=%d\n",
             n, r, $9 - $1, $10 - $2, $11 - $3, $12 - $4, $13 - $5, $14 - $6, $15 - $7, $16 - $8 }'
@@ -147,11 +193,14 @@ run_one() {
     terse=$(grep '^3;' "$out" | tail -n1)
     if [ -z "$terse" ]; then
         cat "$out"
-        echo "BENCH_RUN $name $round 0 $frc noterse 0 0 0"
+        echo "BENCH_RUN $name $round 0 $frc noterse 0 0 0 0"
         return 1
     fi
-    echo "$terse" | awk -F';' -v n="$name" -v r="$round" -v rc="$frc" \
-        '{printf "BENCH_RUN %s %s %s %s %s %s %s %d\n", n, r, $49, rc, $5, int($47 / 4), $50, $81}'
+    # Fields 59-78 are the write completion-latency percentiles (usec).
+    echo "$terse" | awk -F';' -v n="$name" -v r="$round" -v rc="$frc" '{
+        p50 = 0
+        for (i = 59; i <= 78; i++) if ($i ~ /^50\.0*%=/) { p50 = $i; sub(/.*=/, "", p50) }
+        printf "BENCH_RUN %s %s %s %s %s %s %s %d %d\n", n, r, $49, rc, $5, int($47 / 4), $50, $81, p50 }'
     grep -E 'IOPS=|lat \(usec\)|clat percentiles|99.00th|cpu  ' "$out" | sed "s/^/  $name#$round: /"
     [ "$frc" -eq 0 ] || { cat "$out"; return 1; }
 }
@@ -161,11 +210,17 @@ round=1
 while [ "$round" -le "$ROUNDS" ]; do
     run_one starblk "$SDEV" "$round" || ok=1
     run_one rublk "$RDEV" "$round" || ok=1
+    if [ "$NBD" = 1 ]; then
+        run_one nbd "$NDEV" "$round" || ok=1
+        run_one starblk-qd1 "$SDEV" "$round" 1 || ok=1
+        run_one nbd-qd1 "$NDEV" "$round" 1 || ok=1
+    fi
     round=$((round + 1))
 done
 
 # Replica-side state after the runs (write queue, log), if status says so.
 starblk status --config $SB/vol.toml 2>&1 | sed 's/^/  status: /' | head -n 20
+[ "$NBD" = 1 ] && starblk status --config $NB/vol.toml 2>&1 | sed 's/^/  status (nbd): /' | head -n 20
 log "stopping devices"
 cleanup
 exit $ok

@@ -73,6 +73,14 @@ load_module() {
     done
 }
 
+# Like load_module, but SKIPs (saying why) when this kernel has no such
+# module: vm-test packs optional modules (nbd) only when the kernel has them.
+need_module() {
+    [ -d "/sys/module/$1" ] && return 0
+    grep -q "^$1:" /etc/vm-modules || skip "kernel $(uname -r) has no $1 module (not built in, not in modules.dep)"
+    load_module "$1"
+}
+
 # Runs a command in the background with output to FILE; registers its pid.
 # Sets LAST_PID.
 start_bg() {

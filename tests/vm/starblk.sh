@@ -92,3 +92,48 @@ sb_compare() {
     compare_files $SB_DIR/r1/data $SB_DIR/r2/data
     compare_files $SB_DIR/r1/data $SB_DIR/r3/data
 }
+
+# sb_up_nbd LISTEN: starts the daemon with `--frontend nbd --nbd-listen
+# LISTEN` (background job); sets HE and NBD_URI (what `up` printed).
+sb_up_nbd() {
+    SB_UPS=$((SB_UPS + 1))
+    HE_LOG=$SB_DIR/he-$SB_UPS.log
+    start_bg "$HE_LOG" starblk up --config $SB_CONF --foreground --frontend nbd --nbd-listen "$1"
+    HE=$LAST_PID
+    NBD_URI=$(wait_for_line "$HE_LOG" '^nbd(\+unix)?://' 60 "$HE") || exit 1
+}
+
+# sb_down_nbd: `starblk down` of an NBD daemon, waits for it to exit.
+sb_down_nbd() {
+    starblk down --config $SB_CONF || fail "starblk down"
+    wait_exit "$HE" 60 || true
+    return 0
+}
+
+# nbd_attach DEV ARGS...: `nbd-client ARGS... DEV` with the volume's name
+# and block size, then waits until the kernel shows the volume's size.
+nbd_attach() {
+    dev=$1
+    shift
+    nbd-client "$@" "$dev" -name vol0 -block-size 4096 || fail "nbd-client $* $dev"
+    on_cleanup "nbd-client -d $dev"
+    b=${dev#/dev/}
+    i=0
+    while [ "$(cat /sys/block/$b/size 2>/dev/null || echo 0)" = 0 ]; do
+        i=$((i + 1))
+        [ "$i" -gt 300 ] && fail "$dev has no size 30 s after nbd-client connected"
+        usleep 100000
+    done
+}
+
+# nbd_detach DEV: `nbd-client -d DEV`, waits until the kernel lets it go.
+nbd_detach() {
+    nbd-client -d "$1" || fail "nbd-client -d $1"
+    b=${1#/dev/}
+    i=0
+    while [ -e "/sys/block/$b/pid" ] || [ "$(cat /sys/block/$b/size)" != 0 ]; do
+        i=$((i + 1))
+        [ "$i" -gt 300 ] && fail "$1 still connected 30 s after nbd-client -d"
+        usleep 100000
+    done
+}
