@@ -369,6 +369,7 @@ fn empty_replica_gets_a_full_copy_of_the_written_regions_only() {
             epoch: sb.members_epoch,
             version: sb.members_version,
             members: sb.members.clone(),
+            previous: sb.members_previous.clone(),
         },
     };
     client::stamp(&c.replicas[2].addr, &st, Duration::from_secs(5)).unwrap();

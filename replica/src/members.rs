@@ -25,6 +25,41 @@ pub struct Membership {
     pub version: u64,
     /// The members, in order.
     pub members: Vec<Member>,
+    /// The members of the set this one replaced (empty for the first set).
+    /// Until a later change replaces it, a host that fences must reach a
+    /// majority of both: a half-stored change (one that never reached a
+    /// majority of the old set) then cannot lead two hosts to fence
+    /// disjoint majorities (`docs/design.md`, "Membership").
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous: Vec<Member>,
+}
+
+/// The stored form of a set's members: a JSON list, or with a previous
+/// set `{"members": [...], "previous": [...]}`.
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum Blob {
+    List(Vec<Member>),
+    Joint { members: Vec<Member>, previous: Vec<Member> },
+}
+
+/// Encodes members and previous members as stored on disk and sent in
+/// frames.
+pub fn encode_blob(members: &[Member], previous: &[Member]) -> Vec<u8> {
+    let blob = if previous.is_empty() {
+        Blob::List(members.to_vec())
+    } else {
+        Blob::Joint { members: members.to_vec(), previous: previous.to_vec() }
+    };
+    serde_json::to_vec(&blob).expect("members serialise")
+}
+
+/// Decodes [`encode_blob`]'s output: (members, previous).
+pub fn decode_blob(b: &[u8]) -> Result<(Vec<Member>, Vec<Member>), serde_json::Error> {
+    Ok(match serde_json::from_slice(b)? {
+        Blob::List(m) => (m, Vec::new()),
+        Blob::Joint { members, previous } => (members, previous),
+    })
 }
 
 /// The smallest majority of `n` members.
@@ -124,6 +159,16 @@ impl Membership {
 mod tests {
     use super::*;
 
+    #[test]
+    fn blobs_round_trip_with_and_without_a_previous_set() {
+        let a = set(1, &["a", "b"]).members;
+        let b = set(1, &["a", "b", "c"]).members;
+        assert_eq!(decode_blob(&encode_blob(&a, &[])).unwrap(), (a.clone(), Vec::new()));
+        assert!(encode_blob(&a, &[]).starts_with(b"["), "a list without a previous set");
+        assert_eq!(decode_blob(&encode_blob(&b, &a)).unwrap(), (b, a));
+        assert!(decode_blob(b"{\"members\": 3}").is_err());
+    }
+
     fn set(version: u64, names: &[&str]) -> Membership {
         let members = names
             .iter()
@@ -135,7 +180,7 @@ mod tests {
                 fec: None,
             })
             .collect();
-        Membership { epoch: 1, version, members }
+        Membership { epoch: 1, version, members, previous: Vec::new() }
     }
 
     fn names(v: &[&str]) -> Vec<String> {

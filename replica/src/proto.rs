@@ -732,7 +732,7 @@ impl HelloOk {
     /// Serialises the payload: fixed fields, the replica set, then the
     /// history steps.
     pub fn encode(&self) -> Vec<u8> {
-        let members = serde_json::to_vec(&self.members.members).expect("members serialise");
+        let members = crate::members::encode_blob(&self.members.members, &self.members.previous);
         let mut b = vec![0u8; 80];
         b[0..16].copy_from_slice(&self.volume);
         b[16..24].copy_from_slice(&self.epoch.to_le_bytes());
@@ -775,9 +775,9 @@ impl HelloOk {
         if members_len > crate::superblock::MEMBERS_MAX_BYTES {
             return Err(bad("replica set longer than a superblock holds"));
         }
-        let members = serde_json::from_slice(c.take(members_len)?).map_err(|_| bad("replica set not valid JSON"))?;
+        let (members, previous) = decode_members(FrameType::HelloOk, c.take(members_len)?)?;
         let history = History::decode(c.b).map_err(|_| bad("history steps invalid"))?;
-        let members = Membership { epoch: members_epoch, version, members };
+        let members = Membership { epoch: members_epoch, version, members, previous };
         Ok(HelloOk { volume, epoch, size_bytes, block_size, durable_seq, history, copying, members })
     }
 }
@@ -1276,25 +1276,26 @@ impl Stamp {
         b.extend_from_slice(&self.block_size.to_le_bytes());
         b.extend_from_slice(&self.epoch.to_le_bytes());
         b.extend_from_slice(&self.members.version.to_le_bytes());
-        b.extend_from_slice(&serde_json::to_vec(&self.members.members).expect("members serialise"));
+        b.extend_from_slice(&crate::members::encode_blob(&self.members.members, &self.members.previous));
         b
     }
     /// Parses the payload.
     pub fn decode(p: &[u8]) -> Result<Stamp, FrameError> {
         let mut c = cur(FrameType::Stamp, p);
         let (volume, size_bytes, block_size, epoch, version) = (c.uuid()?, c.u64()?, c.u32()?, c.u64()?, c.u64()?);
-        let members = decode_members(FrameType::Stamp, c.b)?;
-        Ok(Stamp { volume, size_bytes, block_size, epoch, members: Membership { epoch, version, members } })
+        let (members, previous) = decode_members(FrameType::Stamp, c.b)?;
+        Ok(Stamp { volume, size_bytes, block_size, epoch, members: Membership { epoch, version, members, previous } })
     }
 }
 
-/// A member list in JSON, bounded by what a superblock holds.
-fn decode_members(kind: FrameType, b: &[u8]) -> Result<Vec<Member>, FrameError> {
+/// A member list (and the previous set's) in JSON, bounded by what a
+/// superblock holds (`members::decode_blob`).
+fn decode_members(kind: FrameType, b: &[u8]) -> Result<(Vec<Member>, Vec<Member>), FrameError> {
     let bad = |reason| FrameError::Malformed { kind, reason };
     if b.len() > crate::superblock::MEMBERS_MAX_BYTES {
         return Err(bad("replica set longer than a superblock holds"));
     }
-    serde_json::from_slice(b).map_err(|_| bad("replica set not valid JSON"))
+    crate::members::decode_blob(b).map_err(|_| bad("replica set not valid JSON"))
 }
 
 /// SetMembers: the host at `epoch` asks the replica to store a new
@@ -1313,15 +1314,15 @@ impl SetMembers {
         let mut b = Vec::with_capacity(512);
         b.extend_from_slice(&self.epoch.to_le_bytes());
         b.extend_from_slice(&self.members.version.to_le_bytes());
-        b.extend_from_slice(&serde_json::to_vec(&self.members.members).expect("members serialise"));
+        b.extend_from_slice(&crate::members::encode_blob(&self.members.members, &self.members.previous));
         b
     }
     /// Parses the payload.
     pub fn decode(p: &[u8]) -> Result<SetMembers, FrameError> {
         let mut c = cur(FrameType::SetMembers, p);
         let (epoch, version) = (c.u64()?, c.u64()?);
-        let members = decode_members(FrameType::SetMembers, c.b)?;
-        Ok(SetMembers { epoch, members: Membership { epoch, version, members } })
+        let (members, previous) = decode_members(FrameType::SetMembers, c.b)?;
+        Ok(SetMembers { epoch, members: Membership { epoch, version, members, previous } })
     }
 }
 

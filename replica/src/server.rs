@@ -796,7 +796,13 @@ impl Server {
             ctl.release();
             match res {
                 Ok(durable) => {
-                    let _ = writer.send(FrameType::CopyDone, &[&proto::encode_u64(durable)]);
+                    // A durable seq, like an ack: never to a fenced host.
+                    let sent = store.send_if_current(epoch, || {
+                        let _ = writer.send(FrameType::CopyDone, &[&proto::encode_u64(durable)]);
+                    });
+                    if !sent {
+                        tracing::info!(epoch, durable, "copy done, but a newer host fenced this session: not reported");
+                    }
                 }
                 Err(crate::copy::CopyError::Cancelled) => tracing::info!("copy stopped: its session ended"),
                 Err(e) => {

@@ -81,6 +81,8 @@ pub struct Superblock {
     pub members_version: u64,
     /// Epoch of the host that stored `members`.
     pub members_epoch: u64,
+    /// The set `members` replaced (`crate::members::Membership::previous`).
+    pub members_previous: Vec<Member>,
     /// The history this replica's log follows (`docs/design.md`,
     /// "History"): adopted from the host that admitted it, before that
     /// host's records are appended.
@@ -229,7 +231,7 @@ pub enum SuperblockError {
 impl Superblock {
     /// Encodes into one slot image.
     pub fn encode(&self) -> Result<[u8; SLOT_BYTES], SuperblockError> {
-        let members = serde_json::to_vec(&self.members).map_err(|e| SuperblockError::Io(e.into()))?;
+        let members = crate::members::encode_blob(&self.members, &self.members_previous);
         if members.len() > MEMBERS_MAX_BYTES {
             return Err(SuperblockError::MembersTooLarge(members.len()));
         }
@@ -300,7 +302,8 @@ impl Superblock {
         }
         let history = History::decode(&b[fixed..fixed + history_len]).map_err(|_| "history steps invalid")?;
         let m = fixed + HISTORY_MAX_BYTES;
-        let members = serde_json::from_slice(&b[m..m + members_len]).map_err(|_| "members not valid JSON")?;
+        let (members, members_previous) =
+            crate::members::decode_blob(&b[m..m + members_len]).map_err(|_| "members not valid JSON")?;
         let sb = Superblock {
             block_size: u32_at(12),
             generation: u64_at(16),
@@ -312,6 +315,7 @@ impl Superblock {
             log_tail_offset: u64_at(72),
             durable_seq: u64_at(80),
             members,
+            members_previous,
             members_epoch: members_order.0,
             members_version: members_order.1,
             history,
@@ -434,6 +438,7 @@ mod tests {
             }],
             members_version: 2,
             members_epoch: 3,
+            members_previous: Vec::new(),
             history: History::new().branch(2, 0).branch(3, 10),
             region_shift: 16,
             copy: None,

@@ -22,7 +22,7 @@ pub fn slot_of(name: &str) -> Option<usize> {
 
 /// The set `volume create` stamps: replicas 0..n, version 1 at epoch 1.
 pub fn initial_set(n: usize) -> Membership {
-    Membership { epoch: 1, version: 1, members: (0..n).map(member).collect() }
+    Membership { epoch: 1, version: 1, members: (0..n).map(member).collect(), previous: Vec::new() }
 }
 
 /// The chaos actions, in the order of [`Params::weights`].

@@ -9,6 +9,7 @@ use starblk_replica::members::{majority, Membership};
 use crate::chaos::{initial_set, slot_of};
 use crate::host::{Host, Phase};
 use crate::model::{Ctx, Effect, HostTimer, Msg, Record, Sid, Time};
+use crate::rules::Rules;
 
 /// How long each fence stage waits for answers (production: 3 s probes).
 const STAGE_TIMEOUT_US: Time = 8_000;
@@ -95,8 +96,13 @@ impl Host {
             }
         }
         if let Some(set) = &newest {
-            let fresh: Vec<usize> =
-                set.members.iter().filter_map(|m| slot_of(&m.name)).filter(|&s| !f.probed[s]).collect();
+            let fresh: Vec<usize> = set
+                .members
+                .iter()
+                .chain(&set.previous)
+                .filter_map(|m| slot_of(&m.name))
+                .filter(|&s| !f.probed[s])
+                .collect();
             if !fresh.is_empty() && f.rounds < STORED_SET_ROUNDS_MAX {
                 f.rounds += 1;
                 for s in fresh {
@@ -114,8 +120,26 @@ impl Host {
         true
     }
 
+    /// A member of the set, or of the set it replaced (fenced too, as
+    /// `startup::fence` does: a majority of both).
     fn in_set(&self, i: usize) -> bool {
+        self.in_newest(i)
+            || self.fence.as_ref().is_some_and(|f| f.set.previous.iter().any(|m| slot_of(&m.name) == Some(i)))
+    }
+
+    fn in_newest(&self, i: usize) -> bool {
         self.fence.as_ref().is_some_and(|f| f.set.members.iter().any(|m| slot_of(&m.name) == Some(i)))
+    }
+
+    /// (answered, members, needed) of the first of the set and the set it
+    /// replaced that fewer than a majority of `got` covers, as
+    /// `short_of_joint_majority` in production.
+    fn short(&self, got: &[(usize, crate::model::ReplicaInfo)], rules: &Rules) -> Option<(usize, usize, usize)> {
+        let f = self.fence.as_ref()?;
+        rules.fence_sets(&f.set).into_iter().filter(|set| !set.is_empty()).find_map(|set| {
+            let n = set.iter().filter(|m| got.iter().any(|(g, _)| slot_of(&m.name) == Some(*g))).count();
+            (n < majority(set.len())).then_some((n, set.len(), majority(set.len())))
+        })
     }
 
     fn arm_stage(&mut self, stage: u8, ctx: &mut Ctx) {
@@ -184,10 +208,6 @@ impl Host {
         }
     }
 
-    fn need(&self) -> usize {
-        majority(self.fence.as_ref().map_or(self.params.n, |f| f.set.members.len()))
-    }
-
     /// The answers of members of the set.
     fn got(&self) -> Vec<(usize, crate::model::ReplicaInfo)> {
         let Some(f) = self.fence.as_ref() else { return Vec::new() };
@@ -205,8 +225,8 @@ impl Host {
             return self.fence_failed(format!("the stored set has fewer members than Q = {q}"), ctx);
         }
         let got = self.got();
-        if got.len() < self.need() {
-            return self.fence_failed(format!("only {} replicas reachable, {} needed", got.len(), self.need()), ctx);
+        if let Some((n, of, need)) = self.short(&got, ctx.rules) {
+            return self.fence_failed(format!("only {n} of {of} replicas reachable, {need} needed"), ctx);
         }
         let epoch = ctx.rules.next_epoch(got.iter().map(|(_, h)| h.epoch));
         let idx = self.idx;
@@ -238,16 +258,21 @@ impl Host {
     /// The leader is the highest position among the fenced majority; its
     /// history up to its durable seq is the branch point.
     fn after_raise(&mut self, ctx: &mut Ctx) {
-        let fenced = self.got();
-        if fenced.len() < self.need() {
-            let why = format!("epoch raised on only {} replicas, {} needed (contended)", fenced.len(), self.need());
+        let all = self.got();
+        if let Some((n, of, need)) = self.short(&all, ctx.rules) {
+            let why = format!("epoch raised on only {n} of {of} replicas, {need} needed (contended)");
             return self.fence_failed(why, ctx);
         }
+        let fenced: Vec<_> = all.iter().filter(|(i, _)| self.in_newest(*i)).cloned().collect();
         let positions: Vec<_> = fenced.iter().map(|(_, h)| h.position()).collect();
         let Some(top) = ctx.rules.choose_leader(&positions) else { return self.fence_failed("no leader".into(), ctx) };
         let Some((leader, lh)) = fenced.iter().find(|(_, h)| h.position() == positions[top]) else {
             return self.fence_failed("no leader".into(), ctx);
         };
+        // As production: a removed member ahead of every member is in doubt.
+        if all.iter().any(|(i, h)| !self.in_newest(*i) && h.position() > lh.position()) {
+            return self.fence_failed("a removed member is ahead of every member".into(), ctx);
+        }
         let epoch = self.fence.as_ref().map_or(0, |f| f.epoch);
         // `History::branch` asserts this; production would panic here. Only
         // an epoch granted twice (a defect) gets here.

@@ -276,7 +276,7 @@ impl Host {
             Msg::ReplayDone { next } => self.on_replay_done(i, next, ctx),
             Msg::RecoveryFailed { copy } => self.on_recovery_failed(i, copy, ctx),
             Msg::CopyProgress { done, total } => self.on_copy_progress(i, done, total, ctx),
-            Msg::CopyDone { durable } => self.on_copy_done(i, durable, ctx),
+            Msg::CopyDone { durable, sender_epoch } => self.on_copy_done(i, durable, sender_epoch, ctx),
             _ => {}
         }
     }
@@ -514,10 +514,14 @@ impl Host {
 
     /// `on_copy_done`: it catches up from the write queue (it took live
     /// writes all along) and counts once it has every completed write.
-    fn on_copy_done(&mut self, i: usize, durable: u64, ctx: &mut Ctx) {
-        let (idx, l) = (self.idx, &mut self.links[i]);
+    fn on_copy_done(&mut self, i: usize, durable: u64, sender_epoch: u64, ctx: &mut Ctx) {
+        let (idx, epoch, l) = (self.idx, self.epoch, &mut self.links[i]);
         if l.copy.take().is_none() {
             return;
+        }
+        // Sent before the replica was fenced (the checker's property 4).
+        if sender_epoch <= epoch {
+            l.clean_durable = l.clean_durable.max(durable);
         }
         l.copy_failed = None;
         l.durable = l.durable.max(durable);

@@ -77,7 +77,12 @@ impl Host {
             return Err(Refused::Busy);
         }
         let old = self.members.clone();
-        let mut next = Membership { epoch: self.epoch, version: old.version + 1, members: old.members.clone() };
+        let mut next = Membership {
+            epoch: self.epoch,
+            version: old.version + 1,
+            members: old.members.clone(),
+            previous: old.members.clone(),
+        };
         match kind {
             ChangeKind::Add(slot) => {
                 if self.is_member(slot) {
@@ -178,7 +183,7 @@ impl Host {
                     return self.persist_stage(ctx);
                 }
                 c.stage = Stage::Prepare { slot, stamping: true };
-                let members = Membership { epoch, version: 0, members: c.next.members.clone() };
+                let members = Membership { epoch, version: 0, members: c.next.members.clone(), previous: Vec::new() };
                 ctx.send(sid, true, Msg::Stamp { epoch, members });
             }
             (Stage::Prepare { stamping: true, .. }, Msg::MembersOk) => self.persist_stage(ctx),
@@ -265,7 +270,12 @@ impl Host {
         if persisted.is_empty() {
             return self.end_change(ctx);
         }
-        let back = Membership { epoch: next.epoch, version: next.version + 1, members: old.members.clone() };
+        let back = Membership {
+            epoch: next.epoch,
+            version: next.version + 1,
+            members: old.members.clone(),
+            previous: next.members.clone(),
+        };
         let targets = union(&next, &back);
         let msg = Msg::SetMembers(back.clone());
         if let Some(c) = self.change.as_mut() {

@@ -130,7 +130,9 @@ pub enum Msg {
     /// Replica: copy progress, bytes.
     CopyProgress { done: u64, total: u64 },
     /// Replica: the copy is complete; it holds every write up to `durable`.
-    CopyDone { durable: u64 },
+    /// `sender_epoch`: the replica's epoch when it sent it (for the
+    /// checker, as on `Durable`; not on the wire).
+    CopyDone { durable: u64, sender_epoch: u64 },
     /// Replica: the set is stored / the replica is stamped.
     MembersOk,
     /// Replica: the frame was refused; the session ends.

@@ -956,7 +956,11 @@ impl Replica {
                 ctx.send(sink, false, self.durable_msg());
             }
         }
-        ctx.send(c.sid, false, Msg::CopyDone { durable: last });
+        // CopyDone claims a durable seq: like an ack, never to a host
+        // whose epoch the replica has moved past (`Store::send_if_current`).
+        if ctx.rules.copy_done_unchecked() || ctx.rules.may_ack(self.epoch, self.session_epoch(c.sid)) {
+            ctx.send(c.sid, false, Msg::CopyDone { durable: last, sender_epoch: self.epoch });
+        }
     }
 
     /// The copy stops (its session ended): progress is saved.

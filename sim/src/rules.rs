@@ -15,7 +15,7 @@ use starblk_replica::store::{self, CopySetup};
 use starblk_replica::superblock::{CopyKind, CopyState};
 
 /// The defects `--reintroduce` can put back, by number.
-pub const DEFECTS: [&str; 12] = [
+pub const DEFECTS: [&str; 14] = [
     "standing() by seq only: Prefix whenever durable <= host_last",
     "may_raise_epoch accepts asked >= mine (an epoch granted twice)",
     "may_ack always true (acks after the fence)",
@@ -28,12 +28,14 @@ pub const DEFECTS: [&str; 12] = [
     "a membership change commits once any one member of the new set stored it (--force without cause)",
     "a resumed copy goes on at its cursor without re-copying regions written meanwhile",
     "admit keeps a diverged replica's own durable seq (link.rs before the simulator found it)",
+    "a fencing host needs a majority of the newest stored set only, not of the set it replaced (startup.rs before seed 5969)",
+    "CopyDone reports a durable seq to a host the replica was fenced from (server.rs before seed 9035)",
 ];
 
 /// Which rules the nodes use.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Rules {
-    /// A defect number (1..=12) to reintroduce, if any.
+    /// A defect number (1..=14) to reintroduce, if any.
     pub defect: Option<u8>,
     /// Model a store whose `set_epoch` does not drain group commit first
     /// (a regression of `store.rs`, not of `history.rs`). With the drain,
@@ -61,6 +63,11 @@ impl Rules {
             return asked >= mine;
         }
         history::may_raise_epoch(mine, asked)
+    }
+
+    /// Defect 14: CopyDone is sent without the `may_ack` check.
+    pub fn copy_done_unchecked(&self) -> bool {
+        self.is(14)
     }
 
     /// See [`history::may_ack`].
@@ -124,6 +131,16 @@ impl Rules {
     /// live writes until the copy ends. Defect 8 does.
     pub fn acks_during_copy(&self) -> bool {
         self.is(8)
+    }
+
+    /// The sets a fencing host needs a majority of (`startup::fence`):
+    /// the newest stored set and the set it replaced. Defect 13 drops the
+    /// second.
+    pub fn fence_sets<'a>(&self, set: &'a Membership) -> Vec<&'a Vec<starblk_replica::members::Member>> {
+        if self.is(13) || set.previous.is_empty() {
+            return vec![&set.members];
+        }
+        vec![&set.members, &set.previous]
     }
 
     /// See [`Membership::change_committed`]; defect 9 counts the new set

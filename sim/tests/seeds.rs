@@ -50,3 +50,22 @@ fn reintroduced_defects_are_found() {
         assert!(found.is_some(), "defect {defect} went unnoticed over 1,000 seeds");
     }
 }
+
+/// Two production defects the simulator found after recovery and
+/// membership were folded in, each pinned to the seed that found it: the
+/// seed passes with production's rules and fails with the defect put back.
+/// 13: fencing counted only the newest stored set, so a half-stored change
+/// let two hosts fence disjoint majorities with one epoch (seed 5969).
+/// 14: CopyDone reported a durable seq to a host the replica had been
+/// fenced from (seed 1585).
+#[test]
+fn the_seeds_that_found_defects_13_and_14_fail_only_with_them() {
+    for (defect, seed, property) in [(13, 5969, "P5"), (14, 1585, "P4")] {
+        let clean = run_seed(seed, &Options::default());
+        assert!(clean.violation.is_none(), "seed {seed}: {:?}", clean.violation);
+        let opts = Options { rules: Rules { defect: Some(defect), no_drain: false }, ..Options::default() };
+        let bad = run_seed(seed, &opts);
+        let (v, _, _) = bad.violation.unwrap_or_else(|| panic!("defect {defect} went unnoticed by seed {seed}"));
+        assert!(v.property.to_string().starts_with(property), "defect {defect}, seed {seed}: {}", v.property);
+    }
+}

@@ -180,7 +180,12 @@ impl Volume {
             encrypt: s.cfg.encrypt,
         };
         let member = member_of(&cfg);
-        let mut next = Membership { epoch: s.cfg.epoch, version: old.version + 1, members: old.members.clone() };
+        let mut next = Membership {
+            epoch: s.cfg.epoch,
+            version: old.version + 1,
+            members: old.members.clone(),
+            previous: old.members.clone(),
+        };
         next.members.push(member);
         self.prepare_new_replica(&req, &next)?;
         persist(s, &old, &next, false)?;
@@ -234,7 +239,12 @@ impl Volume {
                 size_bytes: cfg.size_bytes,
                 block_size: cfg.block_size,
                 epoch: cfg.epoch,
-                members: Membership { epoch: cfg.epoch, version: 0, members: next.members.clone() },
+                members: Membership {
+                    epoch: cfg.epoch,
+                    version: 0,
+                    members: next.members.clone(),
+                    previous: Vec::new(),
+                },
             };
             client::stamp_with(&req.addr, &st, CALL_TIMEOUT, creds.as_ref()).map_err(fail)?;
         }
@@ -256,6 +266,7 @@ impl Volume {
             epoch: s.cfg.epoch,
             version: old.version + 1,
             members: old.members.iter().filter(|m| m.name != name).cloned().collect(),
+            previous: old.members.clone(),
         };
         check_removal(s, name, &next, force)?;
         persist(s, &old, &next, force)?;
@@ -328,7 +339,12 @@ fn persist(s: &Shared, old: &Membership, next: &Membership, force: bool) -> Resu
     let rollback = if persisted.is_empty() {
         Rollback::Nothing
     } else {
-        let back = Membership { epoch: next.epoch, version: next.version + 1, members: old.members.clone() };
+        let back = Membership {
+            epoch: next.epoch,
+            version: next.version + 1,
+            members: old.members.clone(),
+            previous: next.members.clone(),
+        };
         let (restored, why) = store_everywhere(s, next, &back);
         if restored.len() == persisted.len() || old.change_committed(&back, &restored) {
             *s.members.current.lock().expect("members lock poisoned") = back.clone();

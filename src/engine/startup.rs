@@ -101,14 +101,17 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
     let (cfg, members) = stored_set(cfg)?;
     let cfg = &cfg;
     let n = cfg.replicas.len();
-    let need = n / 2 + 1;
     let keys = volume_keys(cfg)?;
-    let probes = probe_all(cfg, keys.as_ref());
-    let volume = agree_on_volume(cfg, &probes)?;
-    count_majority(cfg, &probes, need)?;
+    // The members of the set this one replaced are fenced too: a majority
+    // of both (docs/design.md, "Membership"). They come after the members
+    // in `wide` and are never served.
+    let wide = &with_previous(cfg, &members)?;
+    let probes = probe_all(wide, keys.as_ref());
+    let volume = agree_on_volume(wide, &probes)?;
+    count_majority(wide, &probes, &members)?;
     let epoch = history::next_epoch(probes.iter().flatten().map(|h| h.epoch));
-    let raised: Vec<Result<HelloOk, ClientError>> = thread::scope(|s| {
-        let hs: Vec<_> = cfg
+    let mut raised: Vec<Result<HelloOk, ClientError>> = thread::scope(|s| {
+        let hs: Vec<_> = wide
             .replicas
             .iter()
             .zip(&probes)
@@ -122,11 +125,12 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
             .collect();
         hs.into_iter().map(|h| h.join().expect("fence thread panicked")).collect()
     });
-    let fenced = raised.iter().flatten().count();
-    if fenced < need {
-        let detail = describe_errors(cfg, &raised);
-        return Err(StartupError::Contended { epoch, fenced, total: n, need, detail });
+    if let Some((fenced, total, need)) = short_of_joint_majority(wide, &raised, &members) {
+        let detail = describe_errors(wide, &raised);
+        return Err(StartupError::Contended { epoch, fenced, total, need, detail });
     }
+    let fenced = raised[..n].iter().flatten().count();
+    let extra = raised.split_off(n);
     // The leader: the highest position among the fenced majority. Its log
     // holds every acknowledged write (docs/design.md, "Why the branch
     // point keeps every acknowledged write").
@@ -137,6 +141,20 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
     let leader = raised.iter().position(|r| r.as_ref().is_ok_and(|h| h.position() == fenced_positions[top]));
     let leader = leader.expect("the top position belongs to a fenced replica");
     let leader_hello = raised[leader].as_ref().expect("leader was fenced");
+    if let Some((i, h)) = extra
+        .iter()
+        .enumerate()
+        .find_map(|(i, r)| r.as_ref().ok().map(|h| (i, h)))
+        .filter(|(_, h)| h.position() > leader_hello.position())
+    {
+        let why = format!(
+            "lists {} as removed, but it holds position {} beyond every member's ({}); add it back (`replica add`) so that it recovers the others, or wipe it",
+            wide.replicas[n + i].name,
+            h.position(),
+            leader_hello.position()
+        );
+        return Err(StartupError::StoredSet { version: members.version, why });
+    }
     let start_seq = leader_hello.durable_seq;
     let host_history = leader_hello.history.branch(epoch, start_seq);
     tracing::info!(volume = %cfg.volume.name, epoch, start_seq, leader = %cfg.replicas[leader].name, position = %positions[leader], fenced, "fenced older hosts; branch point recorded");
@@ -237,7 +255,12 @@ const STORED_SET_ROUNDS_MAX: usize = 4;
 fn stored_set(cfg: &Config) -> Result<(Config, Membership), StartupError> {
     let keys = volume_keys(cfg)?;
     let c = keys.map(|k| k.creds(cfg.volume.encrypt));
-    let from_file = Membership { epoch: 0, version: 0, members: cfg.replicas.iter().map(member_of).collect() };
+    let from_file = Membership {
+        epoch: 0,
+        version: 0,
+        members: cfg.replicas.iter().map(member_of).collect(),
+        previous: Vec::new(),
+    };
     let mut probed: Vec<String> = Vec::new();
     let mut newest: Option<Membership> = None;
     let mut to_probe: Vec<String> = cfg.replicas.iter().map(|r| r.addr.clone()).collect();
@@ -339,13 +362,46 @@ fn describe_errors<T>(cfg: &Config, results: &[Result<T, ClientError>]) -> Strin
     d.join("; ")
 }
 
-fn count_majority(cfg: &Config, probes: &[Result<HelloOk, ClientError>], need: usize) -> Result<usize, StartupError> {
-    let reachable = probes.iter().filter(|p| p.is_ok()).count();
-    if reachable >= need {
-        return Ok(reachable);
+/// Checks that the probes reached a majority of the set and, while it
+/// records one, of the set it replaced (`wide` holds both).
+fn count_majority(
+    wide: &Config,
+    probes: &[Result<HelloOk, ClientError>],
+    members: &Membership,
+) -> Result<(), StartupError> {
+    let Some((reachable, total, need)) = short_of_joint_majority(wide, probes, members) else { return Ok(()) };
+    let detail = describe_errors(wide, probes);
+    Err(StartupError::NoMajority { reachable, total, need, detail })
+}
+
+fn majority_of(n: usize) -> usize {
+    n / 2 + 1
+}
+
+/// (answered, members, needed) of the first of the two sets (the members,
+/// then the previous set) that fewer than a majority answered, if any.
+fn short_of_joint_majority(
+    wide: &Config,
+    results: &[Result<HelloOk, ClientError>],
+    members: &Membership,
+) -> Option<(usize, usize, usize)> {
+    let ok = |name: &str| wide.replicas.iter().zip(results).any(|(r, p)| r.name == name && p.is_ok());
+    [&members.members, &members.previous].into_iter().filter(|set| !set.is_empty()).find_map(|set| {
+        let got = set.iter().filter(|m| ok(&m.name)).count();
+        (got < majority_of(set.len())).then_some((got, set.len(), majority_of(set.len())))
+    })
+}
+
+/// The config with the members of the previous set that are not members
+/// any more appended (their settings from the file, else the defaults).
+fn with_previous(cfg: &Config, members: &Membership) -> Result<Config, StartupError> {
+    let mut wide = cfg.clone();
+    for m in members.previous.iter().filter(|m| members.get(&m.name).is_none()) {
+        let r = replica_config_of(m, None, cfg.volume.encrypt)
+            .map_err(|why| StartupError::StoredSet { version: members.version, why })?;
+        wide.replicas.push(r);
     }
-    let detail = describe_errors(cfg, probes);
-    Err(StartupError::NoMajority { reachable, total: cfg.replicas.len(), need, detail })
+    Ok(wide)
 }
 
 fn agree_on_volume(cfg: &Config, probes: &[Result<HelloOk, ClientError>]) -> Result<Uuid, StartupError> {
@@ -400,7 +456,7 @@ pub fn create_volume(cfg: &Config) -> Result<Uuid, StartupError> {
         size_bytes: cfg.volume.size_bytes,
         block_size: cfg.volume.block_size,
         epoch: 1,
-        members: Membership { epoch: 1, version: 1, members },
+        members: Membership { epoch: 1, version: 1, members, previous: Vec::new() },
     };
     for r in &cfg.replicas {
         client::stamp_with(&r.addr, &st, PROBE_TIMEOUT, creds(keys.as_ref(), r).as_ref())

@@ -1,5 +1,5 @@
 //! `sim --seed S [--verbose]` replays one seed; `sim --seeds N [--start S]`
-//! runs many. `--reintroduce N` puts back known defect N (1..=12) in the
+//! runs many. `--reintroduce N` puts back known defect N (1..=14) in the
 //! simulator's copy of the rules, never in production code.
 
 use std::process::ExitCode;
