@@ -17,6 +17,9 @@
 #   w128k-qd16 128 KiB seq write QD16    r4k-qd32   4 KiB randread QD32
 #   sqlite     ext4 on the device, sqlite3 with PRAGMA synchronous=FULL,
 #              SQLITE_ROWS inserts, one transaction each (tx/s)
+#   postmark   ext4 on the device, PostMark (500 files, 2000 transactions)
+#              then sync: transactions per second of the whole run (timed
+#              here, PostMark's own clock has whole seconds)
 # Prints machine-readable lines:
 #   BENCH_INFO  key value...
 #   BENCH_RUN   system job round value rc err ios lat_mean_us p50_us busy_ticks total_ticks daemon_ticks
@@ -28,7 +31,7 @@
 
 RUNTIME=6 ROUNDS=1 SIZE_MB=256 QUEUES=1 DEPTH=128 SQLITE_ROWS=400
 SYSTEMS="drbd sb2 sb3 sb1 loop nbd"
-JOBS="w4k-qd32 w4k-qd1 w128k-qd16 r4k-qd32 sqlite"
+JOBS="w4k-qd32 w4k-qd1 w128k-qd16 r4k-qd32 sqlite postmark"
 # Written by scripts/bench-vm.
 [ -f /tests/bench-params.sh ] && . /tests/bench-params.sh
 
@@ -43,7 +46,7 @@ info mem_kb "$(awk '/MemTotal/ {print $2}' /proc/meminfo)"
 info starblk "$(starblk --version 2>&1 | head -n1)"
 info rublk "$(rublk --version 2>&1 | head -n1)"
 info fio "$(fio --version 2>&1 | head -n1)"
-info sqlite3 "$(sqlite3 --version 2>&1 | cut -d' ' -f1)"
+info sqlite3 "$(command -v sqlite3 >/dev/null && sqlite3 --version 2>&1 | cut -d' ' -f1 || echo 'not shipped')"
 info source "${SOURCE:-unknown}"
 info params "runtime=${RUNTIME}s rounds=$ROUNDS size=${SIZE_MB}MiB queues=$QUEUES depth=$DEPTH sqlite_rows=$SQLITE_ROWS"
 info systems "$SYSTEMS"
@@ -283,6 +286,38 @@ run_sqlite() {
         printf "BENCH_RUN %s sqlite %s %.1f 0 0 %d %d 0 %s %s %s\n", s, r, n / el, n, 1e6 * el / n, b, t, d }'
 }
 
+# run_postmark SYS ROUND: ext4 on $DEV, PostMark, sync; prints BENCH_RUN
+# with transactions per second over the whole run including the sync.
+PM_FILES=500 PM_TX=2000
+run_postmark() {
+    sys=$1 round=$2
+    command -v postmark >/dev/null 2>&1 || { echo "BENCH_FAIL $sys postmark postmark is not in this VM"; return 1; }
+    log "run $round: $sys postmark ($PM_FILES files, $PM_TX transactions) on $DEV"
+    mkfs.ext4 -q -F -E nodiscard "$DEV" >/tmp/mkfs.log 2>&1 || { cat /tmp/mkfs.log; echo "BENCH_FAIL $sys postmark mkfs.ext4"; return 1; }
+    mnt=/mnt/bench-$sys
+    mount_dev "$DEV" "$mnt"
+    b_d=$(daemon_ticks)
+    set -- $(sys_ticks)
+    b_busy=$1 b_total=$2
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    printf 'set location %s\nset number %s\nset transactions %s\nrun\nquit\n' "$mnt" "$PM_FILES" "$PM_TX" |
+        postmark >/tmp/postmark.log 2>&1
+    prc=$?
+    sync
+    t1=$(cut -d' ' -f1 /proc/uptime)
+    set -- $(sys_ticks)
+    busy=$(($1 - b_busy)) total=$(($2 - b_total)) dt=$(($(daemon_ticks) - b_d))
+    umount_dev "$mnt"
+    if [ "$prc" -ne 0 ] || ! grep -q 'seconds of transactions' /tmp/postmark.log; then
+        cat /tmp/postmark.log
+        echo "BENCH_RUN $sys postmark $round 0 $prc noreport 0 0 0 $busy $total $dt"
+        return 1
+    fi
+    awk -v s="$sys" -v r="$round" -v n="$PM_TX" -v t0="$t0" -v t1="$t1" -v b="$busy" -v t="$total" -v d="$dt" 'BEGIN {
+        el = t1 - t0; if (el <= 0) el = 0.01
+        printf "BENCH_RUN %s postmark %s %.1f 0 0 %d %d 0 %s %s %s\n", s, r, n / el, n, 1e6 * el / n, b, t, d }'
+}
+
 # bench_system SYS ROUND: set up, run every job, tear down (by the caller's
 # EXIT trap). Runs in a subshell: exit 4 (skip) or 1 (fail) ends only it.
 bench_system() {
@@ -301,6 +336,8 @@ bench_system() {
     for job in $JOBS; do
         if [ "$job" = sqlite ]; then
             run_sqlite "$sys" "$round" || rc=1
+        elif [ "$job" = postmark ]; then
+            run_postmark "$sys" "$round" || rc=1
         else
             run_fio "$sys" "$job" "$round" || rc=1
         fi
