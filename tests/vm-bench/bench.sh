@@ -1,226 +1,370 @@
 #!/bin/sh
 # Benchmark, not a test (run by scripts/bench-vm through scripts/vm-test).
-# One guest, the same fio job (4 KiB randwrite, QD32, O_DIRECT, io_uring)
-# against starblk (one local replica, quorum 1) and rublk's loop target on
-# a backing file of the same size, both on /data (tmpfs), alternating
-# starblk, rublk, starblk, rublk, ... Both ublk devices use the same
-# number of queues and queue depth.
-# With NBD=1 each round also runs, against a second volume set up the same
-# way but served with `starblk up --frontend nbd` on a Unix socket and
-# attached by the kernel's nbd-client as /dev/nbd0 (one connection per
-# ublk queue): the QD32 job on it ("nbd"), then the QD1 job on both
-# starblk frontends ("starblk-qd1", "nbd-qd1").
+# One guest, the same jobs against every system, one system at a time
+# (set up, run every job, tear down, so only one system's data is in RAM):
+#   drbd  DRBD 8.4 protocol C, 2 nodes: resources r0 (127.0.0.1) and r1
+#         (127.0.0.2) in this guest, each on a loop device over a file on
+#         /data (tmpfs); the jobs run on /dev/drbd0 (r0, primary).
+#   sb1   starblk N=1, Q=1 (replica "local")
+#   sb2   starblk N=2, Q=2 (local, near)
+#   sb3   starblk N=3, Q=2 (local, near, far)
+#   loop  rublk's loop target on a file of the same size (no replication)
+#   nbd   starblk N=1, Q=1 over its NBD frontend (kernel nbd-client)
+# Every starblk replica keeps its data on /data (tmpfs), like DRBD's and
+# rublk's backing files, so the numbers compare CPU cost per I/O.
+# Jobs (fio io_uring, direct=1, time based):
+#   w4k-qd32   4 KiB randwrite QD32      w4k-qd1    4 KiB randwrite QD1
+#   w128k-qd16 128 KiB seq write QD16    r4k-qd32   4 KiB randread QD32
+#   sqlite     ext4 on the device, sqlite3 with PRAGMA synchronous=FULL,
+#              SQLITE_ROWS inserts, one transaction each (tx/s)
+#   postmark   ext4 on the device, PostMark (500 files, 2000 transactions)
+#              then sync: transactions per second of the whole run (timed
+#              here, PostMark's own clock has whole seconds)
 # Prints machine-readable lines:
 #   BENCH_INFO  key value...
-#   BENCH_RUN   target round iops fio_rc fio_err ios runtime_ms lat_mean_us p50_us
-#   BENCH_CPU   target round who ticks       (CLK_TCK ticks during the run)
-#   BENCH_THR   target round tid process/comm ticks
-#   BENCH_TOP   a `top -b -n1` line taken mid-run
-#   BENCH_LOAD  target round before|after <loadavg>
-# Exit 0 when every run produced a number, 1 when the bench could not run.
+#   BENCH_RUN   system job round value rc err ios lat_mean_us p50_us busy_ticks total_ticks daemon_ticks
+#               (value: IOPS for fio jobs, tx/s for sqlite)
+#   BENCH_SKIP  system reason...      (the system could not be set up here)
+#   BENCH_FAIL  system job-or-setup reason...
+# Exit 0 when every selected system ran or skipped with a reason, 1 otherwise.
 . /tests/lib.sh
 
-RUNTIME=20 ROUNDS=2 SIZE_MB=256 QUEUES=1 DEPTH=128 IODEPTH=32 NBD=0
+RUNTIME=6 ROUNDS=1 SIZE_MB=256 QUEUES=1 DEPTH=128 SQLITE_ROWS=400
+SYSTEMS="drbd sb2 sb3 sb1 loop nbd"
+JOBS="w4k-qd32 w4k-qd1 w128k-qd16 r4k-qd32 sqlite postmark"
 # Written by scripts/bench-vm.
 [ -f /tests/bench-params.sh ] && . /tests/bench-params.sh
 
-need_cmd starblk rublk fio
-load_module ublk_drv
+need_cmd fio
+trap - EXIT
 
 info() { echo "BENCH_INFO $*"; }
 info kernel "$(uname -r)"
+info date "$(date -u '+%Y-%m-%d %H:%M:%S UTC')"
 info cpus "$(grep -c '^processor' /proc/cpuinfo)"
 info mem_kb "$(awk '/MemTotal/ {print $2}' /proc/meminfo)"
-info rublk "$(rublk --version 2>&1 | head -n1)"
 info starblk "$(starblk --version 2>&1 | head -n1)"
+info rublk "$(rublk --version 2>&1 | head -n1)"
 info fio "$(fio --version 2>&1 | head -n1)"
+info sqlite3 "$(command -v sqlite3 >/dev/null && sqlite3 --version 2>&1 | cut -d' ' -f1 || echo 'not shipped')"
 info source "${SOURCE:-unknown}"
-info params "runtime=${RUNTIME}s rounds=$ROUNDS size=${SIZE_MB}MiB queues=$QUEUES depth=$DEPTH iodepth=$IODEPTH nbd=$NBD"
+info params "runtime=${RUNTIME}s rounds=$ROUNDS size=${SIZE_MB}MiB queues=$QUEUES depth=$DEPTH sqlite_rows=$SQLITE_ROWS"
+info systems "$SYSTEMS"
+info jobs "$JOBS"
 info clk_tck "$(getconf CLK_TCK 2>/dev/null || echo 100)"
 
-# --- starblk: one local replica, quorum 1 ---------------------------------
-SB=/data/sb
-mkdir -p $SB
-starblk replica init --dir $SB/r1 --size "${SIZE_MB}M" --log-size 64M >/dev/null || fail "replica init"
-start_bg $SB/r1.log starblk replica serve --dir $SB/r1 --listen 127.0.0.1:7701
-REP=$LAST_PID
-wait_for_line $SB/r1.log '^listening' 20 "$REP" >/dev/null || exit 1
-cat >$SB/vol.toml <<TOML
+# Set by each system's setup: the device and the pids whose CPU is the
+# system's userspace cost (empty for DRBD, which lives in the kernel).
+DEV="" DAEMONS=""
+
+# --- starblk --------------------------------------------------------------------
+
+# sb_setup TAG N Q PORTBASE [FRONTEND]: N replicas on /data/TAG, a volume
+# with quorum Q, `starblk up` in the foreground (ublk, or nbd over a Unix
+# socket attached as /dev/nbd0).
+sb_setup() {
+    tag=$1 n=$2 q=$3 port=$4 frontend=${5:-ublk}
+    d=/data/$tag
+    mkdir -p "$d"
+    load_module ublk_drv
+    cat >"$d/vol.toml" <<TOML
 [volume]
-name = "bench"
+name = "$tag"
 size = "${SIZE_MB}M"
-quorum = 1
+quorum = $q
 write_queue = "128MiB"
-control_socket = "$SB/bench.sock"
-
-[[replica]]
-name = "local"
-addr = "127.0.0.1:7701"
-role = "local"
+control_socket = "$d/vol.sock"
 TOML
-starblk volume create --config $SB/vol.toml >/dev/null || fail "volume create"
-start_bg $SB/up.log starblk up --config $SB/vol.toml --foreground --queues "$QUEUES" --queue-depth "$DEPTH"
-HE=$LAST_PID
-SDEV=$(wait_for_line $SB/up.log '^/dev/ublkb[0-9]+$' 60 "$HE") || exit 1
-wait_for_dev "$SDEV"
-on_cleanup "starblk down --config $SB/vol.toml"
-info starblk_dev "$SDEV pids up=$HE replica=$REP"
-
-# --- rublk loop on a sparse file of the same size --------------------------
-dd if=/dev/zero of=/data/loop.img bs=1M count=0 seek="$SIZE_MB" 2>/dev/null || fail "creating /data/loop.img"
-N=0
-while [ -e "/sys/class/ublk-char/ublkc$N" ] || [ -e "/dev/ublkb$N" ]; do N=$((N + 1)); done
-start_bg /tmp/rublk.log rublk add loop -n "$N" -f /data/loop.img -q "$QUEUES" -d "$DEPTH" --foreground
-RUBLK=$LAST_PID
-i=0
-while [ ! -b "/dev/ublkb$N" ]; do
-    running "$RUBLK" || { cat /tmp/rublk.log; fail "rublk exited before /dev/ublkb$N appeared"; }
-    i=$((i + 1))
-    [ "$i" -gt 600 ] && { cat /tmp/rublk.log; fail "/dev/ublkb$N did not appear within 60s"; }
-    usleep 100000
-done
-RDEV=/dev/ublkb$N
-on_cleanup "rublk del -n $N"
-info rublk_dev "$RDEV pid=$RUBLK"
-
-# --- starblk over NBD: the same volume setup, a second volume ---------------
-NHE=0 NREP=0 NDEV=""
-if [ "$NBD" = 1 ]; then
-    need_cmd nbd-client
-    need_module nbd
-    NB=/data/nb
-    mkdir -p $NB
-    starblk replica init --dir $NB/r1 --size "${SIZE_MB}M" --log-size 64M >/dev/null || fail "replica init (nbd)"
-    start_bg $NB/r1.log starblk replica serve --dir $NB/r1 --listen 127.0.0.1:7711
-    NREP=$LAST_PID
-    wait_for_line $NB/r1.log '^listening' 20 "$NREP" >/dev/null || exit 1
-    sed -e 's/"bench"/"benchnbd"/' -e "s#$SB/bench.sock#$NB/benchnbd.sock#" -e 's/127.0.0.1:7701/127.0.0.1:7711/' \
-        $SB/vol.toml >$NB/vol.toml
-    starblk volume create --config $NB/vol.toml >/dev/null || fail "volume create (nbd)"
-    start_bg $NB/up.log starblk up --config $NB/vol.toml --foreground --frontend nbd --nbd-listen unix:$NB/nbd.sock
-    NHE=$LAST_PID
-    wait_for_line $NB/up.log '^nbd\+unix://' 60 "$NHE" >/dev/null || exit 1
-    on_cleanup "starblk down --config $NB/vol.toml"
-    NDEV=/dev/nbd0
-    nbd-client -unix $NB/nbd.sock $NDEV -name benchnbd -block-size 4096 -connections "$QUEUES" >/dev/null ||
-        fail "nbd-client"
-    on_cleanup "nbd-client -d $NDEV"
-    i=0
-    while [ "$(cat /sys/block/nbd0/size)" = 0 ]; do
+    i=1
+    for role in local near far; do
+        [ "$i" -gt "$n" ] && break
+        starblk replica init --dir "$d/r$i" --size "${SIZE_MB}M" --log-size 64M >/dev/null || fail "$tag: replica init r$i"
+        start_bg "$d/r$i.log" starblk replica serve --dir "$d/r$i" --listen "127.0.0.1:$((port + i))"
+        DAEMONS="$DAEMONS $LAST_PID"
+        wait_for_line "$d/r$i.log" '^listening' 20 "$LAST_PID" >/dev/null || exit 1
+        printf '\n[[replica]]\nname = "%s"\naddr = "127.0.0.1:%s"\nrole = "%s"\n' "$role" $((port + i)) "$role" >>"$d/vol.toml"
         i=$((i + 1))
-        [ "$i" -gt 300 ] && fail "$NDEV has no size 30 s after nbd-client"
-        usleep 100000
     done
-    info nbd_dev "$NDEV pids up=$NHE replica=$NREP connections=$QUEUES"
-fi
-
-# Device parameters as the kernel sees them.
-for d in "$SDEV" "$RDEV" $NDEV; do
-    b=${d#/dev/}
-    q=/sys/block/$b/queue
-    info queue "$b size=$(blockdev --getsize64 "$d") hw_queues=$(ls /sys/block/$b/mq 2>/dev/null | wc -l)" \
-        "nr_requests=$(cat $q/nr_requests) max_sectors_kb=$(cat $q/max_sectors_kb)" \
-        "lbs=$(cat $q/logical_block_size) pbs=$(cat $q/physical_block_size)" \
-        "rotational=$(cat $q/rotational) scheduler=$(tr -d '\n' <$q/scheduler)" \
-        "write_cache=$(cat $q/write_cache 2>/dev/null) fua=$(cat $q/fua 2>/dev/null)"
-done
-
-# --- measurement helpers ------------------------------------------------------
-
-# utime+stime of a process (all its threads, live and exited), in ticks.
-ticks() { [ -r "/proc/$1/stat" ] && sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}' || echo 0; }
-# Busy and total ticks of the whole guest ("busy total").
-sys_ticks() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t}' /proc/stat; }
-# "tid LABEL/comm ticks" per thread of PID.
-thread_ticks() {
-    for s in /proc/"$2"/task/*/stat; do
-        [ -r "$s" ] || continue
-        t=${s%/stat}
-        echo "${t##*/} $1/$(tr ' ' '_' <"$t/comm") $(sed 's/.*) //' "$s" | awk '{print $12 + $13}')"
-    done
-}
-all_threads() {
-    thread_ticks starblk-up "$HE"
-    thread_ticks starblk-replica "$REP"
-    thread_ticks rublk "$RUBLK"
-    if [ "$NBD" = 1 ]; then
-        thread_ticks nbd-up "$NHE"
-        thread_ticks nbd-replica "$NREP"
+    starblk volume create --config "$d/vol.toml" >/dev/null || fail "$tag: volume create"
+    if [ "$frontend" = nbd ]; then
+        need_cmd nbd-client
+        need_module nbd
+        start_bg "$d/up.log" starblk up --config "$d/vol.toml" --foreground --frontend nbd --nbd-listen "unix:$d/nbd.sock"
+        DAEMONS="$DAEMONS $LAST_PID"
+        wait_for_line "$d/up.log" '^nbd\+unix://' 60 "$LAST_PID" >/dev/null || exit 1
+        on_cleanup "starblk down --config $d/vol.toml"
+        nbd-client -unix "$d/nbd.sock" /dev/nbd0 -name "$tag" -block-size 4096 -connections "$QUEUES" >/dev/null ||
+            fail "$tag: nbd-client"
+        on_cleanup "nbd-client -d /dev/nbd0"
+        i=0
+        while [ "$(cat /sys/block/nbd0/size)" = 0 ]; do
+            i=$((i + 1))
+            [ "$i" -gt 300 ] && fail "$tag: /dev/nbd0 has no size 30 s after nbd-client"
+            usleep 100000
+        done
+        DEV=/dev/nbd0
+    else
+        start_bg "$d/up.log" starblk up --config "$d/vol.toml" --foreground --queues "$QUEUES" --queue-depth "$DEPTH"
+        DAEMONS="$DAEMONS $LAST_PID"
+        DEV=$(wait_for_line "$d/up.log" '^/dev/ublkb[0-9]+$' 60 "$LAST_PID") || exit 1
+        wait_for_dev "$DEV"
+        on_cleanup "starblk down --config $d/vol.toml"
     fi
 }
-# Raw /proc/stat cpu fields (user nice system idle iowait irq softirq steal).
-stat_fields() { awk '/^cpu / {print $2, $3, $4, $5, $6, $7, $8, $9}' /proc/stat; }
 
-# run_one NAME DEV ROUND [IODEPTH]
-run_one() {
-    name=$1 dev=$2 round=$3 qd=${4:-$IODEPTH}
-    size=$(blockdev --getsize64 "$dev")
-    out=/tmp/fio-$name-$round.log
-    log "run $round: $name on $dev (QD$qd, ${RUNTIME}s)"
-    echo "BENCH_LOAD $name $round before $(cat /proc/loadavg)"
-    b_starblk_up=$(ticks "$HE") b_starblk_replica=$(ticks "$REP") b_rublk=$(ticks "$RUBLK")
-    b_nbd_up=$(ticks "$NHE") b_nbd_replica=$(ticks "$NREP")
-    all_threads >/tmp/thr-before
-    stat_before=$(stat_fields)
+# --- rublk loop -------------------------------------------------------------------
+
+loop_setup() {
+    need_cmd rublk
+    load_module ublk_drv
+    dd if=/dev/zero of=/data/loop.img bs=1M count=0 seek="$SIZE_MB" 2>/dev/null || fail "creating /data/loop.img"
+    n=0
+    while [ -e "/sys/class/ublk-char/ublkc$n" ] || [ -e "/dev/ublkb$n" ]; do n=$((n + 1)); done
+    start_bg /tmp/rublk.log rublk add loop -n "$n" -f /data/loop.img -q "$QUEUES" -d "$DEPTH" --foreground
+    DAEMONS=$LAST_PID
+    i=0
+    while [ ! -b "/dev/ublkb$n" ]; do
+        running "$LAST_PID" || { cat /tmp/rublk.log; fail "rublk exited before /dev/ublkb$n appeared"; }
+        i=$((i + 1))
+        [ "$i" -gt 600 ] && { cat /tmp/rublk.log; fail "/dev/ublkb$n did not appear within 60s"; }
+        usleep 100000
+    done
+    DEV=/dev/ublkb$n
+    on_cleanup "rublk del -n $n"
+}
+
+# --- DRBD 8.4 protocol C, two nodes in this guest ----------------------------------
+# The recipe of docs/benchmarks.md: drbdsetup-84 speaks to the kernel's 8.4
+# module (drbdsetup 9 does not); DRBD refuses to connect a resource to its
+# own address, so the peers sit on 127.0.0.1 and 127.0.0.2.
+
+drbd_setup() {
+    for c in drbdsetup-84 drbdmeta losetup; do
+        command -v "$c" >/dev/null 2>&1 || skip "drbd: $c is not in this VM (drbd-utils not shipped)"
+    done
+    for m in loop drbd; do
+        [ -d "/sys/module/$m" ] || grep -q "^$m:" /etc/vm-modules || skip "drbd: kernel $(uname -r) has no $m module"
+    done
+    load_module loop
+    load_module drbd
+    S=$(tool_path drbdsetup-84)
+    info drbd_version "$(sed -n 1p /proc/drbd)"
+    ip addr add 127.0.0.2/8 dev lo 2>/dev/null || true
+    # drbdmeta takes a lock file there.
+    mkdir -p /var/lock
+    for i in 0 1; do
+        dd if=/dev/zero of="/data/d$i.img" bs=1M count=0 seek="$SIZE_MB" 2>/dev/null || fail "drbd: creating /data/d$i.img"
+        l=$(losetup -f --show "/data/d$i.img") || fail "drbd: losetup /data/d$i.img"
+        on_cleanup "losetup -d $l"
+        eval "L$i=$l"
+        drbdmeta --force "$i" v08 "$l" internal create-md >/tmp/drbdmeta-$i.log 2>&1 ||
+            { cat /tmp/drbdmeta-$i.log; fail "drbd: drbdmeta create-md on $l"; }
+    done
+    # Registered before the commands that need it, run (LIFO) before losetup -d.
+    on_cleanup "$S down r1"
+    on_cleanup "$S down r0"
+    {
+        $S new-resource r0 && $S new-minor r0 0 0 && $S attach 0 "$L0" "$L0" internal &&
+            $S new-resource r1 && $S new-minor r1 1 0 && $S attach 1 "$L1" "$L1" internal &&
+            $S connect r0 ipv4:127.0.0.1:7000 ipv4:127.0.0.2:7000 --protocol=C &&
+            $S connect r1 ipv4:127.0.0.2:7000 ipv4:127.0.0.1:7000 --protocol=C
+    } >/tmp/drbd.log 2>&1 || { cat /tmp/drbd.log; fail "drbd: drbdsetup-84 setup"; }
+    i=0
+    while ! grep -q 'cs:Connected' /proc/drbd; do
+        i=$((i + 1))
+        [ "$i" -gt 300 ] && { cat /proc/drbd; fail "drbd: r0/r1 not connected after 30 s"; }
+        usleep 100000
+    done
+    { $S new-current-uuid 0 --clear-bitmap && $S primary 0; } >>/tmp/drbd.log 2>&1 ||
+        { cat /tmp/drbd.log; fail "drbd: new-current-uuid/primary"; }
+    i=0
+    while ! grep -q 'ro:Primary/Secondary ds:UpToDate/UpToDate' /proc/drbd; do
+        i=$((i + 1))
+        [ "$i" -gt 300 ] && { cat /proc/drbd; fail "drbd: not UpToDate/UpToDate after 30 s"; }
+        usleep 100000
+    done
+    sed 's/^/  drbd: /' /proc/drbd
+    grep -q ' C r' /proc/drbd || { cat /proc/drbd; fail "drbd: not protocol C"; }
+    DEV=/dev/drbd0
+    wait_for_dev "$DEV"
+    DAEMONS=""
+}
+
+# --- measurement ----------------------------------------------------------------
+
+# utime+stime of the system's daemons (all their threads), in ticks.
+daemon_ticks() {
+    t=0
+    for p in $DAEMONS; do
+        [ -r "/proc/$p/stat" ] && t=$((t + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
+    done
+    echo "$t"
+}
+# Busy and total ticks of the whole guest ("busy total").
+sys_ticks() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t}' /proc/stat; }
+
+# fio_args JOB: the fio options of a job.
+fio_args() {
+    case "$1" in
+    w4k-qd32) echo "--rw=randwrite --bs=4k --iodepth=32" ;;
+    w4k-qd1) echo "--rw=randwrite --bs=4k --iodepth=1" ;;
+    w128k-qd16) echo "--rw=write --bs=128k --iodepth=16" ;;
+    r4k-qd32) echo "--rw=randread --bs=4k --iodepth=32" ;;
+    *) return 1 ;;
+    esac
+}
+
+# run_fio SYS JOB ROUND: one fio run on $DEV; prints BENCH_RUN.
+run_fio() {
+    sys=$1 job=$2 round=$3
+    args=$(fio_args "$job") || fail "unknown job $job"
+    size=$(blockdev --getsize64 "$DEV")
+    out=/tmp/fio-$sys-$job-$round.log
+    log "run $round: $sys $job on $DEV (${RUNTIME}s)"
+    b_d=$(daemon_ticks)
     set -- $(sys_ticks)
     b_busy=$1 b_total=$2
-    fio --name=bench --filename="$dev" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
-        --iodepth="$qd" --numjobs=1 --runtime="$RUNTIME" --time_based --size="$size" \
-        --output-format=normal,terse >"$out" 2>&1 &
-    fpid=$!
-    sleep $((RUNTIME / 2 + 1))
-    top -b -n1 2>/dev/null | head -n 14 | sed "s/^/BENCH_TOP $name $round | /"
-    wait "$fpid"
+    # shellcheck disable=SC2086
+    fio --name=bench --filename="$DEV" --ioengine=io_uring --direct=1 $args --numjobs=1 \
+        --runtime="$RUNTIME" --time_based --size="$size" --output-format=normal,terse >"$out" 2>&1
     frc=$?
     set -- $(sys_ticks)
-    a_busy=$1 a_total=$2
-    echo "BENCH_LOAD $name $round after $(cat /proc/loadavg)"
-    echo "BENCH_CPU $name $round guest-busy $((a_busy - b_busy))"
-    echo "BENCH_CPU $name $round guest-total $((a_total - b_total))"
-    echo "BENCH_CPU $name $round starblk-up $(($(ticks "$HE") - b_starblk_up))"
-    echo "BENCH_CPU $name $round starblk-replica $(($(ticks "$REP") - b_starblk_replica))"
-    echo "BENCH_CPU $name $round rublk $(($(ticks "$RUBLK") - b_rublk))"
-    echo "BENCH_CPU $name $round nbd-up $(($(ticks "$NHE") - b_nbd_up))"
-    echo "BENCH_CPU $name $round nbd-replica $(($(ticks "$NREP") - b_nbd_replica))"
-    echo "$stat_before $(stat_fields)" | awk -v n="$name" -v r="$round" '{
-        printf "BENCH_STAT %s %s user=%d nice=%d system=%d idle=%d iowait=%d irq=%d softirq=%d steal=%d\n",
-            n, r, $9 - $1, $10 - $2, $11 - $3, $12 - $4, $13 - $5, $14 - $6, $15 - $7, $16 - $8 }'
-    all_threads | while read -r tid comm t; do
-        b=$(awk -v id="$tid" '$1 == id {print $3}' /tmp/thr-before)
-        d=$((t - ${b:-0}))
-        [ "$d" -gt 0 ] && echo "BENCH_THR $name $round $tid $comm $d"
-    done
+    busy=$(($1 - b_busy)) total=$(($2 - b_total)) dt=$(($(daemon_ticks) - b_d))
     terse=$(grep '^3;' "$out" | tail -n1)
     if [ -z "$terse" ]; then
         cat "$out"
-        echo "BENCH_RUN $name $round 0 $frc noterse 0 0 0 0"
+        echo "BENCH_RUN $sys $job $round 0 $frc noterse 0 0 0 $busy $total $dt"
         return 1
     fi
-    # Fields 59-78 are the write completion-latency percentiles (usec).
-    echo "$terse" | awk -F';' -v n="$name" -v r="$round" -v rc="$frc" '{
-        p50 = 0
-        for (i = 59; i <= 78; i++) if ($i ~ /^50\.0*%=/) { p50 = $i; sub(/.*=/, "", p50) }
-        printf "BENCH_RUN %s %s %s %s %s %s %s %d %d\n", n, r, $49, rc, $5, int($47 / 4), $50, $81, p50 }'
-    grep -E 'IOPS=|lat \(usec\)|clat percentiles|99.00th|cpu  ' "$out" | sed "s/^/  $name#$round: /"
+    # Terse v3: read iops 8, read clat percentiles 18-37, read lat mean 40;
+    # write kb 47, iops 49, clat percentiles 59-78, lat mean 81.
+    echo "$terse" | awk -F';' -v s="$sys" -v j="$job" -v r="$round" -v rc="$frc" \
+        -v b="$busy" -v t="$total" -v d="$dt" '{
+        rd = (j ~ /^r/)
+        iops = rd ? $8 : $49; ios = rd ? $6 : $47; lat = rd ? $40 : $81
+        lo = rd ? 18 : 59; p50 = 0
+        for (i = lo; i < lo + 20; i++) if ($i ~ /^50\.0*%=/) { p50 = $i; sub(/.*=/, "", p50) }
+        bs = (j ~ /128k/) ? 128 : 4
+        printf "BENCH_RUN %s %s %s %s %s %s %d %d %d %s %s %s\n", s, j, r, iops, rc, $5, int(ios / bs), lat, p50, b, t, d }'
+    grep -E 'IOPS=|clat percentiles|50.00th' "$out" | head -n 3 | sed "s/^/  $sys $job#$round: /"
     [ "$frc" -eq 0 ] || { cat "$out"; return 1; }
+}
+
+# run_sqlite SYS ROUND: ext4 on $DEV, SQLITE_ROWS inserts, one transaction
+# each, with synchronous=FULL; prints BENCH_RUN with tx/s.
+run_sqlite() {
+    sys=$1 round=$2
+    command -v sqlite3 >/dev/null 2>&1 || { echo "BENCH_FAIL $sys sqlite sqlite3 is not in this VM"; return 1; }
+    log "run $round: $sys sqlite ($SQLITE_ROWS transactions) on $DEV"
+    mkfs.ext4 -q -F -E nodiscard "$DEV" >/tmp/mkfs.log 2>&1 || { cat /tmp/mkfs.log; echo "BENCH_FAIL $sys sqlite mkfs.ext4"; return 1; }
+    mnt=/mnt/bench-$sys
+    mount_dev "$DEV" "$mnt"
+    sql=/tmp/sqlite-$sys.sql
+    {
+        echo "PRAGMA synchronous=FULL;"
+        echo "CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB);"
+        awk -v n="$SQLITE_ROWS" 'BEGIN {for (i = 0; i < n; i++) print "INSERT INTO t (v) VALUES (randomblob(100));"}'
+        echo "SELECT count(*) FROM t;"
+    } >"$sql"
+    b_d=$(daemon_ticks)
+    set -- $(sys_ticks)
+    b_busy=$1 b_total=$2
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    rows=$(sqlite3 "$mnt/bench.db" <"$sql" 2>/tmp/sqlite.err)
+    src=$?
+    t1=$(cut -d' ' -f1 /proc/uptime)
+    set -- $(sys_ticks)
+    busy=$(($1 - b_busy)) total=$(($2 - b_total)) dt=$(($(daemon_ticks) - b_d))
+    umount_dev "$mnt"
+    if [ "$src" -ne 0 ] || [ "$rows" != "$SQLITE_ROWS" ]; then
+        cat /tmp/sqlite.err
+        echo "BENCH_RUN $sys sqlite $round 0 $src rows=$rows 0 0 0 $busy $total $dt"
+        return 1
+    fi
+    awk -v s="$sys" -v r="$round" -v n="$SQLITE_ROWS" -v t0="$t0" -v t1="$t1" -v b="$busy" -v t="$total" -v d="$dt" 'BEGIN {
+        el = t1 - t0; if (el <= 0) el = 0.01
+        printf "BENCH_RUN %s sqlite %s %.1f 0 0 %d %d 0 %s %s %s\n", s, r, n / el, n, 1e6 * el / n, b, t, d }'
+}
+
+# run_postmark SYS ROUND: ext4 on $DEV, PostMark, sync; prints BENCH_RUN
+# with transactions per second over the whole run including the sync.
+PM_FILES=500 PM_TX=2000
+run_postmark() {
+    sys=$1 round=$2
+    command -v postmark >/dev/null 2>&1 || { echo "BENCH_FAIL $sys postmark postmark is not in this VM"; return 1; }
+    log "run $round: $sys postmark ($PM_FILES files, $PM_TX transactions) on $DEV"
+    mkfs.ext4 -q -F -E nodiscard "$DEV" >/tmp/mkfs.log 2>&1 || { cat /tmp/mkfs.log; echo "BENCH_FAIL $sys postmark mkfs.ext4"; return 1; }
+    mnt=/mnt/bench-$sys
+    mount_dev "$DEV" "$mnt"
+    b_d=$(daemon_ticks)
+    set -- $(sys_ticks)
+    b_busy=$1 b_total=$2
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    printf 'set location %s\nset number %s\nset transactions %s\nrun\nquit\n' "$mnt" "$PM_FILES" "$PM_TX" |
+        postmark >/tmp/postmark.log 2>&1
+    prc=$?
+    sync
+    t1=$(cut -d' ' -f1 /proc/uptime)
+    set -- $(sys_ticks)
+    busy=$(($1 - b_busy)) total=$(($2 - b_total)) dt=$(($(daemon_ticks) - b_d))
+    umount_dev "$mnt"
+    if [ "$prc" -ne 0 ] || ! grep -q 'seconds of transactions' /tmp/postmark.log; then
+        cat /tmp/postmark.log
+        echo "BENCH_RUN $sys postmark $round 0 $prc noreport 0 0 0 $busy $total $dt"
+        return 1
+    fi
+    awk -v s="$sys" -v r="$round" -v n="$PM_TX" -v t0="$t0" -v t1="$t1" -v b="$busy" -v t="$total" -v d="$dt" 'BEGIN {
+        el = t1 - t0; if (el <= 0) el = 0.01
+        printf "BENCH_RUN %s postmark %s %.1f 0 0 %d %d 0 %s %s %s\n", s, r, n / el, n, 1e6 * el / n, b, t, d }'
+}
+
+# bench_system SYS ROUND: set up, run every job, tear down (by the caller's
+# EXIT trap). Runs in a subshell: exit 4 (skip) or 1 (fail) ends only it.
+bench_system() {
+    sys=$1 round=$2
+    case "$sys" in
+    drbd) drbd_setup ;;
+    sb1) sb_setup sb1 1 1 7710 ;;
+    sb2) sb_setup sb2 2 2 7720 ;;
+    sb3) sb_setup sb3 3 2 7730 ;;
+    loop) loop_setup ;;
+    nbd) sb_setup nbd 1 1 7740 nbd ;;
+    *) fail "unknown system $sys" ;;
+    esac
+    info device "$sys $DEV size=$(blockdev --getsize64 "$DEV") daemons=${DAEMONS:-none}"
+    rc=0
+    for job in $JOBS; do
+        if [ "$job" = sqlite ]; then
+            run_sqlite "$sys" "$round" || rc=1
+        elif [ "$job" = postmark ]; then
+            run_postmark "$sys" "$round" || rc=1
+        else
+            run_fio "$sys" "$job" "$round" || rc=1
+        fi
+    done
+    return $rc
 }
 
 ok=0
 round=1
 while [ "$round" -le "$ROUNDS" ]; do
-    run_one starblk "$SDEV" "$round" || ok=1
-    run_one rublk "$RDEV" "$round" || ok=1
-    if [ "$NBD" = 1 ]; then
-        run_one nbd "$NDEV" "$round" || ok=1
-        run_one starblk-qd1 "$SDEV" "$round" 1 || ok=1
-        run_one nbd-qd1 "$NDEV" "$round" 1 || ok=1
-    fi
+    for sys in $SYSTEMS; do
+        (
+            trap cleanup EXIT
+            bench_system "$sys" "$round"
+        ) >/tmp/sys.out 2>&1
+        rc=$?
+        cat /tmp/sys.out
+        case "$rc" in
+        0) ;;
+        4) echo "BENCH_SKIP $sys $(grep '^SKIP:' /tmp/sys.out | tail -n1 | sed 's/^SKIP: //')" ;;
+        *)
+            echo "BENCH_FAIL $sys setup-or-run exit $rc"
+            ok=1
+            ;;
+        esac
+        rm -rf /data/* 2>/dev/null
+    done
     round=$((round + 1))
 done
-
-# Replica-side state after the runs (write queue, log), if status says so.
-starblk status --config $SB/vol.toml 2>&1 | sed 's/^/  status: /' | head -n 20
-[ "$NBD" = 1 ] && starblk status --config $NB/vol.toml 2>&1 | sed 's/^/  status (nbd): /' | head -n 20
-log "stopping devices"
-cleanup
 exit $ok
