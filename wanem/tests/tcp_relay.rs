@@ -102,7 +102,15 @@ fn cut_delivers_in_flight_bytes_then_stays_silent_and_uncut_resumes_intact() {
     let mut c = TcpStream::connect(r.local_addr()).unwrap();
     let t0 = Instant::now();
     c.write_all(&[1u8; 1000]).unwrap();
-    std::thread::sleep(Duration::from_millis(10).saturating_sub(t0.elapsed()));
+    // In flight: the relay has read them (and holds them for the delay).
+    // Waiting for that, not a fixed 10 ms, keeps a loaded machine from
+    // cutting before the relay read them (it did in a CI run while other
+    // builds ran).
+    let read_by = Instant::now() + Duration::from_millis(40);
+    while r.stats().up.bytes_received < 1000 && Instant::now() < read_by {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(r.stats().up.bytes_received, 1000, "the relay read the bytes before the cut");
     r.cut_both();
     assert!(r.is_cut(Direction::Up) && r.is_cut(Direction::Down));
     c.write_all(&[2u8; 500]).unwrap(); // after the cut: must not cross
