@@ -67,6 +67,21 @@ pub fn majority(n: usize) -> usize {
     n / 2 + 1
 }
 
+/// The first of `sets` (skipping empty ones) in which fewer than a
+/// majority `answered`, as (answered, members, needed); `None` when each
+/// has its majority. A fencing host asks it of the newest stored set and
+/// the set it replaced (`docs/design.md`, "A change that did not take
+/// effect").
+pub fn short_of_majority<'a>(
+    sets: impl IntoIterator<Item = &'a [Member]>,
+    answered: impl Fn(&str) -> bool,
+) -> Option<(usize, usize, usize)> {
+    sets.into_iter().filter(|set| !set.is_empty()).find_map(|set| {
+        let got = set.iter().filter(|m| answered(&m.name)).count();
+        (got < majority(set.len())).then_some((got, set.len(), majority(set.len())))
+    })
+}
+
 /// Why a replica refuses a replica set (`accept_members`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MembersRefusal {

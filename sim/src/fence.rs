@@ -4,7 +4,7 @@
 //! with what the fenced replicas behind the branch point miss.
 
 use starblk_replica::history::Standing;
-use starblk_replica::members::{majority, Membership};
+use starblk_replica::members::{self, Membership};
 
 use crate::chaos::{initial_set, slot_of};
 use crate::host::{Host, Phase};
@@ -136,10 +136,8 @@ impl Host {
     /// `short_of_joint_majority` in production.
     fn short(&self, got: &[(usize, crate::model::ReplicaInfo)], rules: &Rules) -> Option<(usize, usize, usize)> {
         let f = self.fence.as_ref()?;
-        rules.fence_sets(&f.set).into_iter().filter(|set| !set.is_empty()).find_map(|set| {
-            let n = set.iter().filter(|m| got.iter().any(|(g, _)| slot_of(&m.name) == Some(*g))).count();
-            (n < majority(set.len())).then_some((n, set.len(), majority(set.len())))
-        })
+        let answered = |name: &str| got.iter().any(|(g, _)| slot_of(name) == Some(*g));
+        members::short_of_majority(rules.fence_sets(&f.set).into_iter().map(|s| &s[..]), answered)
     }
 
     fn arm_stage(&mut self, stage: u8, ctx: &mut Ctx) {

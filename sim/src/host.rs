@@ -499,17 +499,7 @@ impl Host {
         }
         let Some((id, m)) = l.meter.as_mut() else { return };
         m.update(done, total, at);
-        let v = m.view();
-        let (fraction, done, total) = (v.fraction, v.done_bytes, v.total_bytes);
-        ctx.effects.push(Effect::Progress {
-            host: idx,
-            replica: i,
-            meter: *id,
-            fraction,
-            done,
-            total,
-            finished: false,
-        });
+        progress_effect(idx, i, *id, m, false, ctx);
     }
 
     /// `on_copy_done`: it catches up from the write queue (it took live
@@ -527,17 +517,7 @@ impl Host {
         l.durable = l.durable.max(durable);
         if let Some((id, m)) = l.meter.as_mut() {
             m.finish();
-            let v = m.view();
-            let (fraction, done, total) = (v.fraction, v.done_bytes, v.total_bytes);
-            ctx.effects.push(Effect::Progress {
-                host: idx,
-                replica: i,
-                meter: *id,
-                fraction,
-                done,
-                total,
-                finished: true,
-            });
+            progress_effect(idx, i, *id, m, true, ctx);
         }
         self.pump(i, ctx);
         self.advance(ctx);
@@ -790,4 +770,18 @@ impl Host {
         self.cut(i, ctx);
         self.advance(ctx);
     }
+}
+
+/// Reports a copy meter's view to the checker (property 8).
+fn progress_effect(host: usize, replica: usize, meter: u64, m: &Meter, finished: bool, ctx: &mut Ctx) {
+    let v = m.view();
+    ctx.effects.push(Effect::Progress {
+        host,
+        replica,
+        meter,
+        fraction: v.fraction,
+        done: v.done_bytes,
+        total: v.total_bytes,
+        finished,
+    });
 }

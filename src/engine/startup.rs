@@ -374,22 +374,15 @@ fn count_majority(
     Err(StartupError::NoMajority { reachable, total, need, detail })
 }
 
-fn majority_of(n: usize) -> usize {
-    n / 2 + 1
-}
-
-/// (answered, members, needed) of the first of the two sets (the members,
-/// then the previous set) that fewer than a majority answered, if any.
+/// (answered, members, needed) of the first of the members and the
+/// previous set that fewer than a majority answered, if any.
 fn short_of_joint_majority(
     wide: &Config,
     results: &[Result<HelloOk, ClientError>],
     members: &Membership,
 ) -> Option<(usize, usize, usize)> {
     let ok = |name: &str| wide.replicas.iter().zip(results).any(|(r, p)| r.name == name && p.is_ok());
-    [&members.members, &members.previous].into_iter().filter(|set| !set.is_empty()).find_map(|set| {
-        let got = set.iter().filter(|m| ok(&m.name)).count();
-        (got < majority_of(set.len())).then_some((got, set.len(), majority_of(set.len())))
-    })
+    starblk_replica::members::short_of_majority([&members.members[..], &members.previous[..]], ok)
 }
 
 /// The config with the members of the previous set that are not members
