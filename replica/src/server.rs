@@ -1,7 +1,8 @@
 //! The replica server: accepts TCP sessions and serves them from one store.
 //!
 //! One thread per session reads frames. Writes are appended to the store's
-//! log batch; the store's committer acks them after the group commit. Every
+//! log batch; the group commit acks them once they are in the log (see
+//! `crate::store` for which thread commits). Every
 //! rejected frame is counted by reason and logged; a framing error closes
 //! only that session, and the server goes on serving others.
 
@@ -464,8 +465,9 @@ impl Server {
             let res = match reader.next_frame() {
                 Ok((h, payload)) => {
                     let r = self.handle(&mut sess, h.kind, payload);
-                    // End of a burst: commit it here rather than wake the
-                    // committer thread (one hand-off less per write at QD1).
+                    // End of a burst: a single small write is committed
+                    // here (one hand-off less at QD1), anything larger by
+                    // the committer while this thread goes on receiving.
                     if reader.get_ref().buffer().is_empty() {
                         self.store.commit_pending();
                     }

@@ -1,11 +1,23 @@
 //! The replica store: superblock, circular log and data file in one directory.
 //!
 //! Write path (group commit): session threads append records to the log's
-//! in-memory batch under a short lock; one committer thread takes the whole
-//! batch, writes it with one fdatasync, applies it to the data file in seq
-//! order (so the higher seq wins on any overlap) and then publishes the new
-//! durable seq. Reads go to the data file, which holds every write up to
-//! the durable seq by the time that seq is published.
+//! in-memory batch under a short lock; one commit at a time takes the whole
+//! batch, writes it with one fdatasync, publishes the new durable seq and
+//! acks it, and only then applies the batch to the data file in seq order
+//! (so the higher seq wins on any overlap). A session commits a small batch
+//! itself when its input runs dry (queue depth 1: no thread hand-off);
+//! anything larger goes to the committer thread, so the session goes on
+//! receiving while the log is synced (`docs/performance.md`).
+//!
+//! Reads go to the data file, which may lag the durable seq by the batch
+//! being applied: a read first waits until every record up to the durable
+//! seq at its arrival is applied, so it never returns data older than what
+//! the replica had acknowledged when it arrived (the host routes a read
+//! only to a replica whose ack covers the last write to its range).
+//!
+//! Applied data-file ranges are handed to writeback as they accumulate
+//! (`sync_file_range`, no wait), so the checkpoint's fdatasync of the data
+//! file finds little left to write instead of one burst per checkpoint.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -33,6 +45,21 @@ const CHECKPOINT_QUARTERS: u64 = 2;
 const STRIPES: usize = 64;
 /// Live records remembered during a copy (see `Store::recent`).
 const RECENT_MAX: usize = 1 << 16;
+/// A session commits its burst on its own thread only while the batch is
+/// at most this many records and log bytes: a single small write (queue
+/// depth 1), where the hand-off to the committer would cost a wake-up and
+/// there is nothing else to receive meanwhile. Larger batches go to the
+/// committer, so receiving never waits behind a large log write and sync.
+const INLINE_COMMIT_MAX_RECORDS: usize = 1;
+const INLINE_COMMIT_MAX_BYTES: u64 = 64 * 1024;
+/// A batch still growing mid-burst wakes the committer at this size, so a
+/// long burst starts its first log write before the burst ends.
+const COMMIT_KICK_BYTES: u64 = 1 << 20;
+/// Applied data bytes that start writeback of the data file's dirty range
+/// (`Store::start_writeback`).
+const WRITEBACK_KICK_BYTES: u64 = 8 << 20;
+/// How long a read waits for the durable records before it to be applied.
+const READ_APPLY_WAIT: Duration = Duration::from_secs(10);
 
 /// Store failures. Each carries what was being done.
 #[derive(Debug, thiserror::Error)]
@@ -200,6 +227,9 @@ struct Inner {
     drain_waiters: u32,
     /// Drains in progress: appends wait until they end.
     fences: u32,
+    /// The committer was woken for the pending batch mid-burst
+    /// (`COMMIT_KICK_BYTES`); cleared when a commit takes the batch.
+    kicked: bool,
     /// A checkpoint is between its snapshot and its superblock update: a
     /// drain waits for it, so that whoever drains may move the tail and
     /// the checkpoint seq itself (a recovery copy's start and end).
@@ -218,6 +248,15 @@ struct Inner {
 struct History {
     offset: u64,
     first_seq: u64,
+    bytes: u64,
+}
+
+/// The data-file range applied since writeback was last started: its
+/// bounds and the bytes applied in it.
+#[derive(Debug, Default)]
+struct Writeback {
+    start: u64,
+    end: u64,
     bytes: u64,
 }
 
@@ -263,7 +302,8 @@ pub trait AckSink: Send + Sync {
 pub struct Store {
     dir: PathBuf,
     inner: Mutex<Inner>,
-    /// Wakes the committer (new records) and appenders (space freed).
+    /// Wakes the committer (new records), the checkpointer (a checkpoint
+    /// due), appenders (space freed) and drains.
     cond: Condvar,
     sb: Mutex<(DiskFile, Superblock)>,
     data: DiskFile,
@@ -277,6 +317,13 @@ pub struct Store {
     stripes: Vec<Mutex<()>>,
     /// Seq of the last record applied to the data file.
     applied_through: AtomicU64,
+    /// Threads in [`Store::wait_applied`]: the applier takes `applied_lock`
+    /// and notifies only when there are some.
+    applied_waiters: AtomicU64,
+    applied_lock: Mutex<()>,
+    applied_cond: Condvar,
+    /// Data-file range applied since writeback was last started.
+    writeback: Mutex<Writeback>,
     /// A recovery copy runs (`docs/design.md`, "Recovery"): the durable
     /// seq stays at what the replica held before, and nothing is acked
     /// until the copy ends.
@@ -351,6 +398,7 @@ impl Store {
                 follows: sb.history.clone(),
                 drain_waiters: 0,
                 fences: 0,
+                kicked: false,
                 checkpointing: false,
                 shutdown: false,
             }),
@@ -363,6 +411,10 @@ impl Store {
             changes,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             applied_through: AtomicU64::new(next - 1),
+            applied_waiters: AtomicU64::new(0),
+            applied_lock: Mutex::new(()),
+            applied_cond: Condvar::new(),
+            writeback: Mutex::new(Writeback::default()),
             copying: AtomicBool::new(copying),
             recent: Mutex::new(VecDeque::new()),
             faults,
@@ -381,10 +433,23 @@ impl Store {
             store.record_durable(next - 1)?;
         }
         let s2 = store.clone();
+        let cp = std::thread::Builder::new()
+            .name("checkpointer".into())
+            .spawn(move || s2.checkpointer())
+            .map_err(io_err("spawn checkpointer", dir))?;
+        let s3 = store.clone();
+        // The handle returned covers both threads: the committer waits for
+        // the checkpointer before it ends.
         let h = std::thread::Builder::new()
             .name("committer".into())
-            .spawn(move || s2.committer())
-            .map_err(io_err("spawn committer", dir))?;
+            .spawn(move || {
+                s3.committer();
+                let _ = cp.join();
+            })
+            .map_err(|e| {
+                store.shutdown();
+                io_err("spawn committer", dir)(e)
+            })?;
         Ok((store, h))
     }
 
@@ -512,7 +577,11 @@ impl Store {
                     if g.history.is_some_and(|hist| free < hist.bytes) {
                         g.history = None;
                     }
-                    if wake || g.committing {
+                    // A running commit picks the batch up when it ends
+                    // (`commit_locked`): no wake-up per record meanwhile.
+                    let kick = !g.committing && !g.kicked && g.log.pending_used_bytes() >= COMMIT_KICK_BYTES;
+                    if wake || kick {
+                        g.kicked |= kick;
                         self.cond.notify_all();
                     }
                     return Ok(());
@@ -528,9 +597,13 @@ impl Store {
         }
     }
 
-    /// Reads `buf.len()` bytes at `offset` from the data file.
+    /// Reads `buf.len()` bytes at `offset` from the data file, once every
+    /// record up to the durable seq at the call is applied: a batch is
+    /// acknowledged before it is applied, and a read must not return data
+    /// older than an acknowledgement sent before it arrived.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         self.check_range(offset, buf.len() as u64)?;
+        self.wait_applied(self.durable_seq(), READ_APPLY_WAIT, None)?;
         self.data.read_exact_at(buf, offset).map_err(io_err("read data", &self.dir))
     }
 
@@ -766,20 +839,23 @@ impl Store {
         self.cond.notify_all();
     }
 
-    /// Commits the pending batch on the calling thread, unless a commit is
-    /// already running (then the committer thread takes it next). Session
-    /// threads call this when their input runs dry: at queue depth 1 it
-    /// saves the hand-off to the committer thread.
+    /// Session threads call this when their input runs dry. A single small
+    /// record is committed on the calling thread (queue depth 1: saves the
+    /// hand-off to the committer); a larger batch goes to the committer
+    /// thread, so the session goes on receiving while it is synced. A
+    /// running commit takes what is pending when it ends (`commit_locked`).
     pub fn commit_pending(&self) {
-        let g = lock(&self.inner);
-        if g.log.is_idle() {
+        let mut g = lock(&self.inner);
+        if g.log.is_idle() || g.committing {
             return;
         }
-        if g.committing {
+        if g.log.pending_records() <= INLINE_COMMIT_MAX_RECORDS && g.log.pending_used_bytes() <= INLINE_COMMIT_MAX_BYTES
+        {
+            self.commit_locked(g);
+        } else if !g.kicked {
+            g.kicked = true;
             self.cond.notify_all();
-            return;
         }
-        self.commit_locked(g);
     }
 
     /// Takes the batch, commits it without the lock, then books it.
@@ -795,6 +871,7 @@ impl Store {
             return;
         }
         g.committing = true;
+        g.kicked = false;
         let batch = g.log.take();
         drop(g);
         let res = self.commit(&batch);
@@ -820,8 +897,8 @@ impl Store {
         }
     }
 
-    /// The committer thread: commits batches nobody committed inline, and
-    /// takes checkpoints.
+    /// The committer thread: commits batches nobody committed inline, one
+    /// after the other, each taking everything appended meanwhile.
     fn committer(self: Arc<Self>) {
         loop {
             let mut g = lock(&self.inner);
@@ -829,8 +906,7 @@ impl Store {
                 if self.failed.load(Ordering::Acquire) {
                     return;
                 }
-                let can_commit = !g.committing && !g.log.is_idle();
-                if can_commit || self.needs_checkpoint(&g) {
+                if !g.committing && !g.log.is_idle() {
                     break;
                 }
                 if g.shutdown && g.log.is_idle() && !g.committing {
@@ -838,9 +914,28 @@ impl Store {
                 }
                 g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner());
             }
-            if !g.committing && !g.log.is_idle() {
-                self.commit_locked(g);
-            } else if let Err(e) = self.checkpoint(g) {
+            self.commit_locked(g);
+        }
+    }
+
+    /// The checkpointer thread: takes checkpoints beside the commits, so
+    /// that neither waits for the other's sync.
+    fn checkpointer(self: Arc<Self>) {
+        loop {
+            let mut g = lock(&self.inner);
+            loop {
+                if self.failed.load(Ordering::Acquire) {
+                    return;
+                }
+                if self.needs_checkpoint(&g) {
+                    break;
+                }
+                if g.shutdown && g.log.is_idle() && !g.committing {
+                    return;
+                }
+                g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+            if let Err(e) = self.checkpoint(g) {
                 self.fail(format!("checkpoint: {e}"));
             }
         }
@@ -857,6 +952,8 @@ impl Store {
             && (g.log.used_bytes() * 4 >= g.log.size_bytes() * CHECKPOINT_QUARTERS || free < worst)
     }
 
+    /// Writes and syncs the batch to the log, publishes and acks it, then
+    /// applies it to the data file. Reads wait for the apply (`read`).
     fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
         if batch.records.is_empty() {
             return Ok(());
@@ -864,6 +961,18 @@ impl Store {
         let started = std::time::Instant::now();
         batch.write_durable(&self.log_file).map_err(io_err("log write", &self.dir))?;
         self.commit_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.publish(batch);
+        #[cfg(test)]
+        tests::apply_pause();
+        let applied = self.apply_batch(batch);
+        // A failed apply wakes them too, in `fail` (`commit_locked`).
+        self.notify_applied();
+        applied
+    }
+
+    /// Applies a durable batch to the data file in seq order and starts
+    /// writeback of what accumulated.
+    fn apply_batch(&self, batch: &Batch) -> Result<(), StoreError> {
         for p in &batch.records {
             self.apply_record(&p.header, batch.data(p)).map_err(io_err("apply to data file", &self.dir))?;
         }
@@ -871,18 +980,25 @@ impl Store {
             // Early, without fdatasync: the checkpoint syncs (see `changes`).
             self.changes.flush().map_err(io_err("change map write", &self.dir))?;
         }
+        self.start_writeback(batch);
+        Ok(())
+    }
+
+    /// Publishes the durable seq of a batch just synced to the log and
+    /// acks it (not during a copy).
+    fn publish(&self, batch: &Batch) {
         let last = batch.records.last().map(|p| p.header.seq).unwrap_or(0);
         if self.copying.load(Ordering::Acquire) {
             // Durable in the log and applied, but claimed only when the
             // copy ends (`finish_copy`).
             self.count_commit(batch);
-            return Ok(());
+            return;
         }
         // A batch that finished after another one failed must not publish
         // past the hole that one left (`docs/design.md`, "Failures").
         let failed_before = self.failed.load(Ordering::Acquire);
         let Some(last) = hist::publish_durable(self.durable_seq(), last, true, failed_before) else {
-            return Ok(());
+            return;
         };
         self.durable_seq.store(last, Ordering::Release);
         self.count_commit(batch);
@@ -893,7 +1009,53 @@ impl Store {
                 sink.durable(last);
             }
         }
-        Ok(())
+    }
+
+    /// Wakes the threads in [`Store::wait_applied`], if any.
+    fn notify_applied(&self) {
+        // Pairs with the fence in `wait_applied`: either this sees the
+        // waiter, or the waiter sees the new `applied_through`.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.applied_waiters.load(Ordering::Relaxed) > 0 {
+            let _g = lock(&self.applied_lock);
+            self.applied_cond.notify_all();
+        }
+    }
+
+    /// Starts writeback (no wait) of the data-file range applied since the
+    /// last start, once it holds `WRITEBACK_KICK_BYTES`: the checkpoint's
+    /// fdatasync, still the durability point, then finds it mostly clean.
+    /// Only `SYNC_FILE_RANGE_WRITE`: without a wait flag the call neither
+    /// reports nor consumes a writeback error, which the next fdatasync
+    /// reports as before.
+    fn start_writeback(&self, batch: &Batch) {
+        let mut wb = lock(&self.writeback);
+        for p in batch.records.iter().filter(|p| p.header.op == WriteOp::Data) {
+            let (a, b) = (p.header.offset, p.header.offset + u64::from(p.header.len));
+            (wb.start, wb.end) = if wb.bytes == 0 { (a, b) } else { (wb.start.min(a), wb.end.max(b)) };
+            wb.bytes += u64::from(p.header.len);
+        }
+        if wb.bytes < WRITEBACK_KICK_BYTES {
+            return;
+        }
+        let (start, len) = (wb.start, wb.end - wb.start);
+        *wb = Writeback::default();
+        drop(wb);
+        // SAFETY: sync_file_range reads only its integer arguments; the fd
+        // is owned by `self.data` and open for the store's lifetime.
+        let rc = unsafe {
+            libc::sync_file_range(
+                self.data.as_raw_fd(),
+                start as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        if rc != 0 {
+            // A hint only: the checkpoint's fdatasync writes and checks.
+            let e = io::Error::last_os_error();
+            tracing::debug!(dir = %self.dir.display(), start, len, "sync_file_range: {e}");
+        }
     }
 
     fn count_commit(&self, batch: &Batch) {
@@ -995,6 +1157,7 @@ impl Store {
         *lock(&self.failure) = why;
         self.failed.store(true, Ordering::Release);
         self.cond.notify_all();
+        self.notify_applied();
     }
 }
 
@@ -1058,23 +1221,35 @@ impl Store {
     }
 
     /// Waits until the records up to `seq` are applied; fails after
-    /// `timeout`, when `cancel` is set, or when the store fails.
+    /// `timeout`, when `cancel` is set (checked every few milliseconds), or
+    /// when the store fails.
     pub fn wait_applied(&self, seq: u64, timeout: Duration, cancel: Option<&AtomicBool>) -> Result<(), StoreError> {
+        if self.applied_through() >= seq {
+            return Ok(());
+        }
         let t0 = Instant::now();
-        loop {
+        self.applied_waiters.fetch_add(1, Ordering::SeqCst);
+        // Pairs with the fence in `notify_applied`.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let mut g = lock(&self.applied_lock);
+        let res = loop {
             let applied = self.applied_through();
             if applied >= seq {
-                return Ok(());
+                break Ok(());
             }
             if let Some(f) = self.failure() {
-                return Err(StoreError::Failed(f));
+                break Err(StoreError::Failed(f));
             }
             let waited = t0.elapsed();
             if waited >= timeout || cancel.is_some_and(|c| c.load(Ordering::Acquire)) {
-                return Err(StoreError::Timeout { seq, applied, waited });
+                break Err(StoreError::Timeout { seq, applied, waited });
             }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+            let slice = (timeout - waited).min(Duration::from_millis(20));
+            g = self.applied_cond.wait_timeout(g, slice).unwrap_or_else(|e| e.into_inner()).0;
+        };
+        drop(g);
+        self.applied_waiters.fetch_sub(1, Ordering::SeqCst);
+        res
     }
 
     /// Starts (or resumes) a recovery copy for the host at `session_epoch`
@@ -1144,6 +1319,7 @@ impl Store {
         lock(&self.recent).clear();
         self.durable_seq.store(base, Ordering::Release);
         self.applied_through.store(live_from - 1, Ordering::Release);
+        self.notify_applied();
         self.copying.store(true, Ordering::Release);
         tracing::info!(dir = %self.dir.display(), kind = %st.kind, base, live_from, cursor = st.cursor, segments = st.segments.len(), "recovery copy set up");
         Ok(st)
@@ -1596,6 +1772,54 @@ mod tests {
         assert!(!s.send_if_current(epoch, || sent = true));
         assert!(!sent, "a fenced host got a report");
         assert!(s.send_if_current(epoch + 1, || sent = true) && sent);
+    }
+
+    /// When set, the next commit reports through the first channel that
+    /// its batch is durable (and acked) and waits for the second before it
+    /// applies the batch.
+    static APPLY_PAUSE: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>> = Mutex::new(None);
+
+    pub(super) fn apply_pause() {
+        let taken = lock(&APPLY_PAUSE).take();
+        if let Some((paused, go)) = taken {
+            let _ = paused.send(());
+            let _ = go.recv();
+        }
+    }
+
+    /// A batch is acked once it is in the log, before it is applied: a
+    /// read that arrives after the ack must wait for the apply, not return
+    /// the older data of the data file.
+    #[test]
+    fn a_read_after_the_ack_waits_for_the_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), 1 << 20, LOG_MIN_BYTES).unwrap();
+        let (s, _h) = open(dir.path());
+        let acks = Arc::new(Recorder(1, Mutex::new(Vec::new())));
+        s.set_ack_sink(Some(acks.clone()));
+        s.append(1, &rec(1, 0, 4096), &[1; 4096]).unwrap();
+        wait_durable(&s, 1);
+        let (paused_tx, paused_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel();
+        *lock(&APPLY_PAUSE) = Some((paused_tx, go_rx));
+        s.append(1, &rec(2, 0, 4096), &[2; 4096]).unwrap();
+        paused_rx.recv_timeout(Duration::from_secs(10)).expect("the commit of seq 2 never reached its apply");
+        assert_eq!(acks.1.lock().unwrap().last(), Some(&2), "seq 2 not acked before its apply");
+        assert_eq!(s.applied_through(), 1);
+        let (done_tx, done_rx) = mpsc::channel();
+        let s2 = s.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            let res = s2.read(0, &mut buf);
+            let _ = done_tx.send(res.map(|()| buf[0]));
+        });
+        if let Ok(res) = done_rx.recv_timeout(Duration::from_millis(300)) {
+            panic!("the read returned {res:?} while seq 2 (acked) was not applied yet");
+        }
+        go_tx.send(()).unwrap();
+        let got = done_rx.recv_timeout(Duration::from_secs(10)).expect("the read never returned");
+        assert_eq!(got.unwrap(), 2, "the read returned data older than the ack");
+        reader.join().unwrap();
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! Once a group commit fails, no later batch may commit or publish a
 //! durable seq: the failed batch is a hole in the log and in the data file,
 //! and a durable seq past it would claim writes the replica does not hold
-//! (and, after a restart, one it could not reach again). The server then
+//! (and, after a restart, one it could not reach again). A batch is durable
+//! (and acked) once it is in the log, before it is applied: if its apply
+//! fails, it stays durable, and the failed store refuses reads rather than
+//! return the data file's older data; a restart replays it. The server then
 //! refuses every frame that needs a working store with a `DiskError` that
 //! carries the reason, and still answers Stats.
 
@@ -58,15 +61,26 @@ impl Acks {
     }
 }
 
-/// Seqs `1..=upto` whose block in the data file does not hold their data.
+/// Seqs `1..=upto` whose block a read returns without their data. A read
+/// may be refused only by a failed store that has not applied everything
+/// it reported durable (`Store::read` waits for that, and fails with it).
 fn holes(s: &Store, upto: u64) -> Vec<u64> {
     let mut buf = vec![0u8; REC];
     (1..=upto)
-        .filter(|&seq| {
-            s.read((seq - 1) * REC as u64, &mut buf).unwrap();
-            buf != payload(seq)
+        .filter(|&seq| match s.read((seq - 1) * REC as u64, &mut buf) {
+            Ok(()) => buf != payload(seq),
+            Err(StoreError::Failed(_)) if s.applied_through() < s.durable_seq() => false,
+            Err(e) => panic!("read of seq {seq}: {e}"),
         })
         .collect()
+}
+
+/// Waits (up to 10 s) for the store to fail.
+fn wait_failed(s: &Store) {
+    let t0 = Instant::now();
+    while s.failure().is_none() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// Waits for `seq` to be durable (the committer may have taken the batch,
@@ -131,9 +145,11 @@ fn check_failed_store(
 
 /// Seqs 1..=8 commit; then `fault` (with a stall) hits the commit of
 /// 9..=16 while 17..=24 are appended; then the appending session ends its
-/// burst with `commit_pending`, as the server does. Nothing past 8 may
-/// become durable before the restart.
-fn failed_commit_with_next_batch_waiting(fault: Fault) {
+/// burst with `commit_pending`, as the server does (the committer thread
+/// may run the commits, so the test waits for the failure). Nothing past
+/// `durable` may become durable before the restart: 8 when the log write
+/// fails, 16 when the batch reached the log and its apply failed.
+fn failed_commit_with_next_batch_waiting(fault: Fault, durable: u64) {
     let dir = tempfile::tempdir().unwrap();
     store::init(dir.path(), VOLUME, LOG_MIN_BYTES).unwrap();
     let (s, h, acks) = open(dir.path());
@@ -143,6 +159,8 @@ fn failed_commit_with_next_batch_waiting(fault: Fault) {
     }
     s.commit_pending();
     wait_durable(&s, 8);
+    // Acked before applied: a data-file fault must hit the next batch.
+    s.wait_applied(8, Duration::from_secs(10), None).unwrap();
 
     s.faults().arm(fault.delay(STALL));
     let s2 = s.clone();
@@ -165,13 +183,14 @@ fn failed_commit_with_next_batch_waiting(fault: Fault) {
     }
     failing.join().unwrap();
     s.commit_pending();
+    wait_failed(&s);
 
     let mut bad = Vec::new();
-    if s.durable_seq() != 8 {
-        bad.push(format!("durable seq is {} after the failed commit of 9..=16, not 8", s.durable_seq()));
+    if s.durable_seq() != durable {
+        bad.push(format!("durable seq is {} after the failed commit of 9..=16, not {durable}", s.durable_seq()));
     }
-    if acks.max() > 8 {
-        bad.push(format!("acked seq {} past the failed batch 9..=16", acks.max()));
+    if acks.max() > durable {
+        bad.push(format!("acked seq {} past {durable} (the failed batch 9..=16)", acks.max()));
     }
     bad.extend(check_failed_store(dir.path(), s, h, &acks, 25));
     assert!(bad.is_empty(), "fault {fault}:\n  {}", bad.join("\n  "));
@@ -179,22 +198,23 @@ fn failed_commit_with_next_batch_waiting(fault: Fault) {
 
 #[test]
 fn log_write_eio_stops_later_batches() {
-    failed_commit_with_next_batch_waiting(Fault::new(FileKind::Log, FaultOp::Write, Trigger::Nth(1), Effect::Eio));
+    failed_commit_with_next_batch_waiting(Fault::new(FileKind::Log, FaultOp::Write, Trigger::Nth(1), Effect::Eio), 8);
 }
 
 #[test]
 fn torn_log_write_stops_later_batches() {
-    failed_commit_with_next_batch_waiting(Fault::new(FileKind::Log, FaultOp::Write, Trigger::Nth(1), Effect::Torn));
+    failed_commit_with_next_batch_waiting(Fault::new(FileKind::Log, FaultOp::Write, Trigger::Nth(1), Effect::Torn), 8);
 }
 
 #[test]
 fn log_fdatasync_eio_stops_later_batches() {
-    failed_commit_with_next_batch_waiting(Fault::new(FileKind::Log, FaultOp::Sync, Trigger::Nth(1), Effect::Eio));
+    failed_commit_with_next_batch_waiting(Fault::new(FileKind::Log, FaultOp::Sync, Trigger::Nth(1), Effect::Eio), 8);
 }
 
 #[test]
 fn data_file_enospc_during_apply_stops_later_batches() {
-    failed_commit_with_next_batch_waiting(Fault::new(FileKind::Data, FaultOp::Write, Trigger::Nth(3), Effect::Enospc));
+    let fault = Fault::new(FileKind::Data, FaultOp::Write, Trigger::Nth(3), Effect::Enospc);
+    failed_commit_with_next_batch_waiting(fault, 16);
 }
 
 /// A session-like stream: one thread appends (waking the committer, which
