@@ -218,11 +218,6 @@ impl Log {
         self.batch.segments.iter().map(|s| s.bytes.len()).sum()
     }
 
-    /// Records pending in the current batch.
-    pub fn pending_records(&self) -> usize {
-        self.batch.records.len()
-    }
-
     /// Log bytes (records and wrap waste) the pending batch occupies.
     pub fn pending_used_bytes(&self) -> u64 {
         self.batch.used_bytes

@@ -45,19 +45,25 @@ const CHECKPOINT_QUARTERS: u64 = 2;
 const STRIPES: usize = 64;
 /// Live records remembered during a copy (see `Store::recent`).
 const RECENT_MAX: usize = 1 << 16;
-/// A session commits its burst on its own thread only while the batch is
-/// at most this many records and log bytes: a single small write (queue
-/// depth 1), where the hand-off to the committer would cost a wake-up and
+/// A session commits its burst on its own thread only while the batch
+/// takes at most this many log bytes (one write of up to 64 KiB at queue
+/// depth 1, or a few small ones): there the hand-off to the committer
+/// would cost a wake-up on each side (measured at QD1: about 4 syscalls
+/// and 3 context switches per write more, `docs/performance.md`) and
 /// there is nothing else to receive meanwhile. Larger batches go to the
 /// committer, so receiving never waits behind a large log write and sync.
-const INLINE_COMMIT_MAX_RECORDS: usize = 1;
-const INLINE_COMMIT_MAX_BYTES: u64 = 64 * 1024;
+const INLINE_COMMIT_MAX_BYTES: u64 = 64 * 1024 + REC_HEADER_BYTES as u64;
 /// A batch still growing mid-burst wakes the committer at this size, so a
 /// long burst starts its first log write before the burst ends.
 const COMMIT_KICK_BYTES: u64 = 1 << 20;
-/// Applied data bytes that start writeback of the data file's dirty range
-/// (`Store::start_writeback`).
-const WRITEBACK_KICK_BYTES: u64 = 8 << 20;
+/// A dense run of applied data this large starts its writeback
+/// (`Store::writeback`)...
+const WRITEBACK_KICK_BYTES: u64 = 16 << 20;
+/// ... and so does one at least this large that a write elsewhere ended.
+const WRITEBACK_RUN_MIN_BYTES: u64 = 1 << 20;
+/// Runs waiting for the checkpointer at most (more are left to the
+/// checkpoint).
+const WRITEBACK_READY_MAX: usize = 64;
 /// How long a read waits for the durable records before it to be applied.
 const READ_APPLY_WAIT: Duration = Duration::from_secs(10);
 
@@ -227,6 +233,9 @@ struct Inner {
     drain_waiters: u32,
     /// Drains in progress: appends wait until they end.
     fences: u32,
+    /// Data-file runs applied since the last checkpoint started, for the
+    /// checkpointer to start their writeback.
+    writeback: Writeback,
     /// The committer was woken for the pending batch mid-burst
     /// (`COMMIT_KICK_BYTES`); cleared when a commit takes the batch.
     kicked: bool,
@@ -251,13 +260,52 @@ struct History {
     bytes: u64,
 }
 
-/// The data-file range applied since writeback was last started: its
-/// bounds and the bytes applied in it.
+/// Data-file ranges applied since a checkpoint, gathered for writeback
+/// (`Store::writeback`): dense runs only. Sequential writes make runs that
+/// writeback handles well; random small writes make none (each breaks the
+/// run), and stay for the checkpoint's fdatasync, where the elevator sees
+/// them all at once (measured: starting their writeback early cost random
+/// 4 KiB writes a third of their IOPS, `docs/performance.md`).
 #[derive(Debug, Default)]
 struct Writeback {
+    /// The run being gathered: `start..end` with `bytes` applied in it.
     start: u64,
     end: u64,
     bytes: u64,
+    /// Runs ready for writeback: (offset, length).
+    ready: Vec<(u64, u64)>,
+}
+
+impl Writeback {
+    /// Adds the data records of an applied batch.
+    fn add(&mut self, batch: &Batch) {
+        for p in batch.records.iter().filter(|p| p.header.op == WriteOp::Data) {
+            let (a, len) = (p.header.offset, u64::from(p.header.len));
+            let (start, end) = (self.start.min(a), self.end.max(a + len));
+            // Half of the run's span at least must have been written.
+            if self.bytes > 0 && (self.bytes + len) * 2 >= end - start {
+                (self.start, self.end, self.bytes) = (start, end, self.bytes + len);
+            } else {
+                self.close();
+                (self.start, self.end, self.bytes) = (a, a + len, len);
+            }
+            if self.bytes >= WRITEBACK_KICK_BYTES {
+                self.close();
+            }
+        }
+    }
+
+    /// Ends the current run; a large one becomes ready.
+    fn close(&mut self) {
+        if self.bytes >= WRITEBACK_RUN_MIN_BYTES && self.ready.len() < WRITEBACK_READY_MAX {
+            self.ready.push((self.start, self.end - self.start));
+        }
+        self.bytes = 0;
+    }
+
+    fn due(&self) -> bool {
+        !self.ready.is_empty()
+    }
 }
 
 /// The append lock, held after a drain; appends resume when it drops.
@@ -322,8 +370,6 @@ pub struct Store {
     applied_waiters: AtomicU64,
     applied_lock: Mutex<()>,
     applied_cond: Condvar,
-    /// Data-file range applied since writeback was last started.
-    writeback: Mutex<Writeback>,
     /// A recovery copy runs (`docs/design.md`, "Recovery"): the durable
     /// seq stays at what the replica held before, and nothing is acked
     /// until the copy ends.
@@ -399,6 +445,7 @@ impl Store {
                 drain_waiters: 0,
                 fences: 0,
                 kicked: false,
+                writeback: Writeback::default(),
                 checkpointing: false,
                 shutdown: false,
             }),
@@ -414,7 +461,6 @@ impl Store {
             applied_waiters: AtomicU64::new(0),
             applied_lock: Mutex::new(()),
             applied_cond: Condvar::new(),
-            writeback: Mutex::new(Writeback::default()),
             copying: AtomicBool::new(copying),
             recent: Mutex::new(VecDeque::new()),
             faults,
@@ -839,18 +885,17 @@ impl Store {
         self.cond.notify_all();
     }
 
-    /// Session threads call this when their input runs dry. A single small
-    /// record is committed on the calling thread (queue depth 1: saves the
-    /// hand-off to the committer); a larger batch goes to the committer
-    /// thread, so the session goes on receiving while it is synced. A
-    /// running commit takes what is pending when it ends (`commit_locked`).
+    /// Session threads call this when their input runs dry. A small batch
+    /// is committed on the calling thread (`INLINE_COMMIT_MAX_BYTES`); a
+    /// larger one goes to the committer thread, so the session goes on
+    /// receiving while it is written and synced. A running commit leaves
+    /// what is pending to the committer (`commit_locked` wakes it).
     pub fn commit_pending(&self) {
         let mut g = lock(&self.inner);
         if g.log.is_idle() || g.committing {
             return;
         }
-        if g.log.pending_records() <= INLINE_COMMIT_MAX_RECORDS && g.log.pending_used_bytes() <= INLINE_COMMIT_MAX_BYTES
-        {
+        if g.log.pending_used_bytes() <= INLINE_COMMIT_MAX_BYTES {
             self.commit_locked(g);
         } else if !g.kicked {
             g.kicked = true;
@@ -885,6 +930,7 @@ impl Store {
             g.applied_seq = last.header.seq;
             g.applied_end = batch.end_offset;
             g.applied_unsynced_bytes += batch.used_bytes;
+            g.writeback.add(&batch);
         }
         g.log.recycle(batch);
         // Wake the committer only when there is work for it (records
@@ -892,7 +938,7 @@ impl Store {
         // waits: an inline commit at queue depth 1 otherwise costs a
         // futex wake and a committer round trip per write for nothing.
         let waiters = g.append_waiters + g.drain_waiters;
-        if waiters > 0 || g.shutdown || !g.log.is_idle() || self.needs_checkpoint(&g) {
+        if waiters > 0 || g.shutdown || !g.log.is_idle() || self.needs_checkpoint(&g) || g.writeback.due() {
             self.cond.notify_all();
         }
     }
@@ -919,7 +965,8 @@ impl Store {
     }
 
     /// The checkpointer thread: takes checkpoints beside the commits, so
-    /// that neither waits for the other's sync.
+    /// that neither waits for the other's sync, and starts writeback of
+    /// the data file in between.
     fn checkpointer(self: Arc<Self>) {
         loop {
             let mut g = lock(&self.inner);
@@ -927,7 +974,7 @@ impl Store {
                 if self.failed.load(Ordering::Acquire) {
                     return;
                 }
-                if self.needs_checkpoint(&g) {
+                if self.needs_checkpoint(&g) || g.writeback.due() {
                     break;
                 }
                 if g.shutdown && g.log.is_idle() && !g.committing {
@@ -935,8 +982,16 @@ impl Store {
                 }
                 g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner());
             }
-            if let Err(e) = self.checkpoint(g) {
-                self.fail(format!("checkpoint: {e}"));
+            if self.needs_checkpoint(&g) {
+                if let Err(e) = self.checkpoint(g) {
+                    self.fail(format!("checkpoint: {e}"));
+                }
+            } else {
+                let ready = std::mem::take(&mut g.writeback.ready);
+                drop(g);
+                for (offset, len) in ready {
+                    self.writeback(offset, len);
+                }
             }
         }
     }
@@ -970,8 +1025,7 @@ impl Store {
         applied
     }
 
-    /// Applies a durable batch to the data file in seq order and starts
-    /// writeback of what accumulated.
+    /// Applies a durable batch to the data file in seq order.
     fn apply_batch(&self, batch: &Batch) -> Result<(), StoreError> {
         for p in &batch.records {
             self.apply_record(&p.header, batch.data(p)).map_err(io_err("apply to data file", &self.dir))?;
@@ -980,7 +1034,6 @@ impl Store {
             // Early, without fdatasync: the checkpoint syncs (see `changes`).
             self.changes.flush().map_err(io_err("change map write", &self.dir))?;
         }
-        self.start_writeback(batch);
         Ok(())
     }
 
@@ -1022,25 +1075,14 @@ impl Store {
         }
     }
 
-    /// Starts writeback (no wait) of the data-file range applied since the
-    /// last start, once it holds `WRITEBACK_KICK_BYTES`: the checkpoint's
-    /// fdatasync, still the durability point, then finds it mostly clean.
-    /// Only `SYNC_FILE_RANGE_WRITE`: without a wait flag the call neither
-    /// reports nor consumes a writeback error, which the next fdatasync
-    /// reports as before.
-    fn start_writeback(&self, batch: &Batch) {
-        let mut wb = lock(&self.writeback);
-        for p in batch.records.iter().filter(|p| p.header.op == WriteOp::Data) {
-            let (a, b) = (p.header.offset, p.header.offset + u64::from(p.header.len));
-            (wb.start, wb.end) = if wb.bytes == 0 { (a, b) } else { (wb.start.min(a), wb.end.max(b)) };
-            wb.bytes += u64::from(p.header.len);
-        }
-        if wb.bytes < WRITEBACK_KICK_BYTES {
-            return;
-        }
-        let (start, len) = (wb.start, wb.end - wb.start);
-        *wb = Writeback::default();
-        drop(wb);
+    /// Starts writeback (no wait) of a data-file range applied since the
+    /// last start (`Writeback::due`), on the checkpointer thread: the call
+    /// blocks while the device queue is full, which must not hold up a
+    /// commit. The checkpoint's fdatasync, still the durability point, then
+    /// finds the data file mostly clean. Only `SYNC_FILE_RANGE_WRITE`:
+    /// without a wait flag the call neither reports nor consumes a
+    /// writeback error, which the next fdatasync reports as before.
+    fn writeback(&self, start: u64, len: u64) {
         // SAFETY: sync_file_range reads only its integer arguments; the fd
         // is owned by `self.data` and open for the store's lifetime.
         let rc = unsafe {
@@ -1104,14 +1146,18 @@ impl Store {
     fn checkpoint(&self, mut g: MutexGuard<'_, Inner>) -> Result<(), StoreError> {
         let (tail, seq, bytes) = (g.applied_end, g.applied_seq, g.applied_unsynced_bytes);
         g.applied_unsynced_bytes = 0;
+        // The sync below writes back everything applied so far.
+        g.writeback = Writeback::default();
         g.checkpointing = true;
         drop(g);
         #[cfg(test)]
         tests::checkpoint_pause();
+        let t0 = Instant::now();
         let synced = self
             .data
             .sync_data()
             .map_err(io_err("data sync", &self.dir))
+            .inspect(|()| tracing::debug!(seq, bytes, data_sync_us = t0.elapsed().as_micros() as u64, "checkpoint"))
             // The marks of the released records must be on disk before the
             // log stops replaying them.
             .and_then(|()| self.changes.flush().map_err(io_err("change map write", &self.dir)))
@@ -1871,6 +1917,38 @@ mod tests {
             s.append(1, &rec(more, 0, 1 << 20), &big).unwrap();
         }
         wait_durable(&s, seq + 7);
+    }
+
+    fn batch_of(writes: &[(u64, u32)]) -> Batch {
+        let records = writes
+            .iter()
+            .enumerate()
+            .map(|(i, &(offset, len))| log::Pending { header: rec(i as u64 + 1, offset, len), segment: 0, data_pos: 0 })
+            .collect();
+        Batch { records, ..Batch::default() }
+    }
+
+    #[test]
+    fn writeback_starts_for_dense_runs_and_leaves_random_writes_to_the_checkpoint() {
+        // Sequential 128 KiB writes: a run every 16 MiB, and the one a wrap
+        // to the start of the span ends.
+        let mut wb = Writeback::default();
+        let seq: Vec<(u64, u32)> = (0..200u64).map(|i| (i * 128 * 1024, 128 * 1024)).collect();
+        wb.add(&batch_of(&seq));
+        assert_eq!(wb.ready, vec![(0, 16 << 20)]);
+        wb.add(&batch_of(&[(0, 128 * 1024)]));
+        assert_eq!(wb.ready, vec![(0, 16 << 20), (16 << 20, 200 * 128 * 1024 - (16 << 20))]);
+        // Random 4 KiB writes over 1 GiB make no run.
+        let mut wb = Writeback::default();
+        let mut x = 12345u64;
+        let random: Vec<(u64, u32)> = (0..20_000)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((x >> 34) / 4096 * 4096, 4096)
+            })
+            .collect();
+        wb.add(&batch_of(&random));
+        assert!(wb.ready.is_empty(), "{:?}", &wb.ready[..wb.ready.len().min(4)]);
     }
 
     fn rec(seq: u64, offset: u64, len: u32) -> RecordHeader {
