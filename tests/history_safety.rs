@@ -433,7 +433,8 @@ fn takeover_with_returning_stale_replica_never_serves_old_data() {
     for r in &mut c.replicas {
         r.kill();
     }
-    let (d0, d1, d2) = (c.replicas[0].data(), c.replicas[1].data(), c.replicas[2].data());
+    let (d0, d1, d2) =
+        (c.replicas[0].data_after_replay(), c.replicas[1].data_after_replay(), c.replicas[2].data_after_replay());
     if d0 != d1 {
         failures.push("r0 and r1 data files differ after host 2's clean shutdown".into());
     }
@@ -574,9 +575,9 @@ fn two_hosts_started_at_once_at_most_one_writes() {
     for r in &mut c.replicas {
         r.kill();
     }
-    let d0 = c.replicas[0].data();
+    let d0 = c.replicas[0].data_after_replay();
     for r in &c.replicas[1..] {
-        if d0 != r.data() {
+        if d0 != r.data_after_replay() {
             failures.push(format!(
                 "{} and {} data files differ after the final host's shutdown",
                 c.replicas[0].name, r.name
