@@ -15,8 +15,9 @@
 //! the replica had acknowledged when it arrived (the host routes a read
 //! only to a replica whose ack covers the last write to its range).
 //!
-//! Applied data-file ranges are handed to writeback as they accumulate
-//! (`sync_file_range`, no wait), so the checkpoint's fdatasync of the data
+//! A checkpointer thread takes checkpoints beside the commits. Between
+//! them it starts writeback (`sync_file_range`, no wait) of dense runs of
+//! applied data as they fill, so the checkpoint's fdatasync of the data
 //! file finds little left to write instead of one burst per checkpoint.
 
 use std::collections::VecDeque;
