@@ -100,6 +100,10 @@ pub struct VolumeConfig {
     /// `metrics_listen` (`"127.0.0.1:9400"`): where the HE serves its
     /// Prometheus metrics at `/metrics`; none when absent.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// `local_reads` (default true): a replica with `role = "local"` whose
+    /// directory is on this machine serves reads by `pread` of its data
+    /// file instead of over TCP (`docs/design.md`, "Local reads").
+    pub local_reads: bool,
 }
 
 /// `on_quorum_loss`: the volume's behaviour with fewer than Q replicas.
@@ -336,6 +340,7 @@ struct RawVolume {
     encrypt: Option<Spanned<bool>>,
     control_socket: Option<Spanned<String>>,
     metrics_listen: Option<Spanned<String>>,
+    local_reads: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -568,6 +573,7 @@ fn build_volume(src: &Source, v: &RawVolume, base: &Path) -> Result<VolumeConfig
                     .map_err(|e| src.invalid(m, "[volume] metrics_listen", quoted(m.get_ref()), e))?,
             ),
         },
+        local_reads: v.local_reads.unwrap_or(true),
     })
 }
 

@@ -356,6 +356,7 @@ pub fn dial_session(addr: &str, timeout: Duration, creds: Option<&Credentials>) 
         history: crate::history::History::new(),
         copying: None,
         members: Default::default(),
+        read_view: None,
     };
     Ok(Session { reader, writer, seal, hello, addr: addr.to_string() })
 }

@@ -14,6 +14,7 @@ pub mod log;
 pub mod members;
 pub mod netlink;
 pub mod proto;
+pub mod readview;
 pub mod replay;
 pub mod server;
 pub mod store;

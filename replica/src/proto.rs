@@ -27,7 +27,7 @@ use crate::superblock::CopyKind;
 /// "SBLK" read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"SBLK");
 /// The only protocol version this build speaks.
-pub const PROTOCOL_VERSION: u8 = 5;
+pub const PROTOCOL_VERSION: u8 = 6;
 /// Size of the fixed frame header.
 pub const HEADER_BYTES: usize = 32;
 /// Largest payload accepted: one max-sized I/O plus its sub-header.
@@ -726,6 +726,60 @@ pub struct HelloOk {
     /// The replica set stored on the replica (authoritative over config
     /// files; `docs/design.md`, "Membership").
     pub members: Membership,
+    /// Where a host on the same machine can read the data file directly
+    /// (`crate::readview`; `docs/design.md`, "Local reads").
+    pub read_view: Option<ViewId>,
+}
+
+/// A replica's read view, as `HelloOk` names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewId {
+    /// The open's instance in the view page (never 0).
+    pub instance: u64,
+    /// The replica machine's boot id (`/proc/sys/kernel/random/boot_id`,
+    /// 16 bytes): a host with another boot id is on another machine.
+    pub boot_id: [u8; 16],
+    /// The replica's directory, absolute.
+    pub dir: std::path::PathBuf,
+}
+
+/// Longest directory a `ViewId` carries.
+pub const VIEW_DIR_MAX_BYTES: usize = 4096;
+
+impl ViewId {
+    fn encode(view: Option<&ViewId>) -> Vec<u8> {
+        use std::os::unix::ffi::OsStrExt;
+        let Some(v) = view else {
+            return 0u32.to_le_bytes().to_vec();
+        };
+        let dir = v.dir.as_os_str().as_bytes();
+        let mut b = Vec::with_capacity(28 + dir.len());
+        b.extend_from_slice(&(24 + dir.len() as u32).to_le_bytes());
+        b.extend_from_slice(&v.instance.to_le_bytes());
+        b.extend_from_slice(&v.boot_id);
+        b.extend_from_slice(dir);
+        b
+    }
+
+    fn decode(c: &mut Cur<'_>) -> Result<Option<ViewId>, FrameError> {
+        use std::os::unix::ffi::OsStrExt;
+        let bad = |reason| FrameError::Malformed { kind: FrameType::HelloOk, reason };
+        let len = c.u32()? as usize;
+        if len == 0 {
+            return Ok(None);
+        }
+        if !(25..=24 + VIEW_DIR_MAX_BYTES).contains(&len) {
+            return Err(bad("read view length"));
+        }
+        let instance = c.u64()?;
+        let boot_id: [u8; 16] = c.take(16)?.try_into().expect("16 bytes");
+        let dir = c.take(len - 24)?;
+        if instance == 0 || dir[0] != b'/' || dir.contains(&0) {
+            return Err(bad("read view instance or directory"));
+        }
+        let dir = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(dir));
+        Ok(Some(ViewId { instance, boot_id, dir }))
+    }
 }
 
 impl HelloOk {
@@ -747,6 +801,7 @@ impl HelloOk {
         b[68..76].copy_from_slice(&self.members.version.to_le_bytes());
         b[76..80].copy_from_slice(&(members.len() as u32).to_le_bytes());
         b.extend_from_slice(&members);
+        b.extend_from_slice(&ViewId::encode(self.read_view.as_ref()));
         b.extend_from_slice(&self.history.encode());
         b
     }
@@ -776,9 +831,10 @@ impl HelloOk {
             return Err(bad("replica set longer than a superblock holds"));
         }
         let (members, previous) = decode_members(FrameType::HelloOk, c.take(members_len)?)?;
+        let read_view = ViewId::decode(&mut c)?;
         let history = History::decode(c.b).map_err(|_| bad("history steps invalid"))?;
         let members = Membership { epoch: members_epoch, version, members, previous };
-        Ok(HelloOk { volume, epoch, size_bytes, block_size, durable_seq, history, copying, members })
+        Ok(HelloOk { volume, epoch, size_bytes, block_size, durable_seq, history, copying, members, read_view })
     }
 }
 
@@ -1372,6 +1428,33 @@ mod tests {
         }
         // The first unused code decodes as Malformed, so ALL has them all.
         assert_eq!(ErrorCode::from_u16(ErrorCode::ALL.len() as u16 + 1), ErrorCode::Malformed);
+    }
+
+    #[test]
+    fn hello_ok_carries_the_read_view() {
+        let view = ViewId { instance: 9, boot_id: [3; 16], dir: "/var/lib/starblk/local".into() };
+        let mut h = HelloOk {
+            volume: [1; 16],
+            epoch: 2,
+            size_bytes: 1 << 20,
+            block_size: 4096,
+            durable_seq: 5,
+            history: History::new(),
+            copying: None,
+            members: Membership::default(),
+            read_view: Some(view),
+        };
+        assert_eq!(HelloOk::decode(&h.encode()).unwrap(), h);
+        h.read_view = None;
+        assert_eq!(HelloOk::decode(&h.encode()).unwrap(), h);
+        // A relative directory, instance 0 and a length past the bound are
+        // refused, not trusted.
+        for (instance, dir) in [(9, "relative/dir"), (0, "/abs")] {
+            h.read_view = Some(ViewId { instance, boot_id: [3; 16], dir: dir.into() });
+            assert!(HelloOk::decode(&h.encode()).is_err(), "accepted {instance} {dir}");
+        }
+        h.read_view = Some(ViewId { instance: 1, boot_id: [3; 16], dir: format!("/{}", "a".repeat(5000)).into() });
+        assert!(HelloOk::decode(&h.encode()).is_err(), "accepted a 5000-byte directory");
     }
 
     #[test]

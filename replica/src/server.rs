@@ -625,7 +625,16 @@ impl Server {
             history: self.store.follows(),
             copying: self.store.copy_next(),
             members: self.store.membership(),
+            read_view: self.view_id(),
         }
+    }
+
+    /// The store's read view for a host on this machine, if it has one.
+    fn view_id(&self) -> Option<proto::ViewId> {
+        let instance = self.store.read_view_instance();
+        let boot_id = crate::readview::boot_id()?;
+        let dir = std::fs::canonicalize(self.store.dir()).ok()?;
+        (instance != 0).then_some(proto::ViewId { instance, boot_id, dir })
     }
 
     /// Adopt: the host's history must extend this replica's log.

@@ -36,6 +36,7 @@ use crate::history::{self as hist, AppendDecision, Standing};
 use crate::log::{self, Batch, Log, RecordHeader, LOG_MIN_BYTES, REC_HEADER_BYTES};
 use crate::members::{MembersRefusal, Membership};
 use crate::proto::{RegionHeader, Uuid, WriteOp, MAX_IO_BYTES};
+use crate::readview::ViewWriter;
 use crate::superblock::{self, CopyKind, CopySegment, CopyState, Superblock, COPY_SEGMENTS_MAX};
 
 /// Default replica log size.
@@ -136,12 +137,15 @@ pub struct Paths {
     pub changes: PathBuf,
 }
 
+/// The data file's name in a replica directory.
+pub const DATA_FILE: &str = "data";
+
 impl Paths {
     /// The paths under `dir`.
     pub fn new(dir: &Path) -> Paths {
         Paths {
             superblock: dir.join("superblock"),
-            data: dir.join("data"),
+            data: dir.join(DATA_FILE),
             log: dir.join("log"),
             changes: dir.join("changes"),
         }
@@ -370,6 +374,9 @@ pub struct Store {
     /// and notifies only when there are some.
     applied_waiters: AtomicU64,
     applied_lock: Mutex<()>,
+    /// The page a same-host engine reads the data file through
+    /// (`crate::readview`); `None` if it could not be created.
+    view: Option<ViewWriter>,
     applied_cond: Condvar,
     /// A recovery copy runs (`docs/design.md`, "Recovery"): the durable
     /// seq stays at what the replica held before, and nothing is acked
@@ -418,6 +425,9 @@ impl Store {
         let data = open(&p.data, FileKind::Data)?;
         let log_file = open(&p.log, FileKind::Log)?;
         let map = open_changes(&sb, &p, &faults)?;
+        // Before the replay rewrites anything: a reader of the previous
+        // open must see the data file change under it.
+        let view = open_view(dir);
         let (next, head, used) = replay(&sb, &data, &log_file, map.as_ref(), &p)?;
         let changes = match map {
             Some(m) => m,
@@ -462,6 +472,7 @@ impl Store {
             applied_waiters: AtomicU64::new(0),
             applied_lock: Mutex::new(()),
             applied_cond: Condvar::new(),
+            view,
             copying: AtomicBool::new(copying),
             recent: Mutex::new(VecDeque::new()),
             faults,
@@ -478,6 +489,9 @@ impl Store {
         // The durable seq found is recorded (it is a lower bound after this).
         if !copying {
             store.record_durable(next - 1)?;
+            if let Some(v) = &store.view {
+                v.settled(next - 1);
+            }
         }
         let s2 = store.clone();
         let cp = std::thread::Builder::new()
@@ -498,6 +512,12 @@ impl Store {
                 io_err("spawn committer", dir)(e)
             })?;
         Ok((store, h))
+    }
+
+    /// The instance of this open's read view, 0 if it has none
+    /// (`crate::readview`).
+    pub fn read_view_instance(&self) -> u64 {
+        self.view.as_ref().map_or(0, ViewWriter::instance)
     }
 
     /// Directory of this replica.
@@ -1122,6 +1142,9 @@ impl Store {
             }
         }
         self.applied_through.store(h.seq, Ordering::Release);
+        if let Some(v) = &self.view {
+            v.applied(h.seq);
+        }
         Ok(())
     }
 
@@ -1323,6 +1346,10 @@ impl Store {
         if live_from == 0 || live_from > host_last.saturating_add(1) {
             return Err(StoreError::Copy(format!("live writes from {live_from} past the host's last seq {host_last}")));
         }
+        // Same-host readers stop before the copy changes the data file.
+        if let Some(v) = &self.view {
+            v.changing();
+        }
         let last = g.last_seq;
         let prev = lock(&self.sb).1.copy.clone();
         let setup = copy_setup(prev.as_ref(), host, host_last, &g.follows, last, live_from, kind, self.regions());
@@ -1486,6 +1513,9 @@ impl Store {
         g.history = None;
         lock(&self.recent).clear();
         self.copying.store(false, Ordering::Release);
+        if let Some(v) = &self.view {
+            v.settled(self.applied_through());
+        }
         self.durable_seq.store(last, Ordering::Release);
         if let Some(sink) = lock(&self.ack_sink).as_ref() {
             if hist::may_ack(self.epoch(), sink.epoch()) {
@@ -1753,6 +1783,18 @@ fn create_changes(
     }
     let f = OpenOptions::new().read(true).write(true).open(&p.changes).map_err(io_err("open", &p.changes))?;
     ChangeMap::open(DiskFile::new(f, FileKind::Changes, faults.clone())).map_err(io_err("read change map", &p.changes))
+}
+
+/// The read view of the replica in `dir`, marked changing; `None`, with a
+/// warning, if it cannot be created (same-host reads then go over TCP).
+fn open_view(dir: &Path) -> Option<ViewWriter> {
+    match ViewWriter::open(dir) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), "no same-host read view: {e}");
+            None
+        }
+    }
 }
 
 /// Applies one record to the data file.

@@ -353,6 +353,7 @@ mod tests {
             encrypt: false,
             keys: None,
             recovery_rate_auto: false,
+            local_reads: false,
         };
         let spec = |name: &str, netsync| ReplicaSpec {
             name: name.into(),

@@ -28,6 +28,7 @@ use starblk_replica::netlink::{self, MsgReader, NetOut};
 use starblk_replica::proto::{
     self, ErrorCode, ErrorFrame, FrameError, FrameReader, FrameType, Hello, HelloOk, ReadReq, Seal, WriteHeader,
 };
+use starblk_replica::readview::{self, Miss, ReadView};
 use starblk_replica::server::FrameOut;
 use starblk_replica::superblock::CopyKind;
 
@@ -156,6 +157,9 @@ pub(crate) struct LinkCore {
     pub copy_failed: Option<(u64, Instant)>,
     /// First seq the replica's log can serve (from its heartbeat replies).
     pub log_first: Option<u64>,
+    /// The data file of a same-machine `local` replica, for reads by
+    /// `pread` (`docs/design.md`, "Local reads"); this session's only.
+    pub local: Option<Arc<ReadView>>,
 }
 
 /// A recovery copy (docs/semantics.md §9): the replica copies regions from the peer,
@@ -224,6 +228,7 @@ impl LinkCore {
             copy_meter: None,
             copy_failed: None,
             log_first: None,
+            local: None,
         }
     }
 
@@ -250,6 +255,11 @@ pub(crate) struct LinkCounters {
     pub writes_sent: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub reads_sent: AtomicU64,
+    /// Reads served from the replica's data file on this machine.
+    pub reads_local: AtomicU64,
+    /// Local reads that went over TCP after all, by [`Miss`] (index:
+    /// [`miss_index`]).
+    pub reads_local_missed: [AtomicU64; 4],
     pub reconnects: AtomicU64,
     /// Error frames the replica sent, by `ErrorCode` (index: wire code).
     pub refusals: [AtomicU64; ErrorCode::ALL.len() + 1],
@@ -270,6 +280,15 @@ impl LinkCounters {
         if let ClientError::Rejected { frame, .. } = e {
             self.refused(frame.code);
         }
+    }
+
+    /// Local reads that went over the link after all, by reason (zeros
+    /// included).
+    pub fn local_misses(&self) -> std::collections::BTreeMap<String, u64> {
+        [Miss::Behind, Miss::Changing, Miss::WouldBlock, Miss::Failed]
+            .into_iter()
+            .map(|m| (m.name().to_string(), self.reads_local_missed[miss_index(m)].load(Ordering::Relaxed)))
+            .collect()
     }
 
     /// Refusals so far, by reason (every reason, zeros included).
@@ -471,9 +490,10 @@ fn mark_failed(shared: &Shared, link: &Link, reason: String) {
 /// Decides how a fresh session starts (`starblk_recovery::plan`): quick
 /// recovery from the write queue, replay from an up-to-date peer's log, a
 /// copy of changed regions from a peer, or lagging with the reason.
-fn admit(shared: &Shared, link: &Link, hello: &HelloOk) -> Result<u64, String> {
+fn admit(shared: &Shared, link: &Link, hello: &HelloOk, view: Option<Arc<ReadView>>) -> Result<u64, String> {
     let d = hello.durable_seq;
     let mut g = shared.lock();
+    g.links[link.idx].local = None;
     if link.removed.load(Ordering::Acquire) {
         return Err("removed from the replica set".into());
     }
@@ -514,6 +534,7 @@ fn admit(shared: &Shared, link: &Link, hello: &HelloOk) -> Result<u64, String> {
         }
     };
     l.conn_gen += 1;
+    l.local = view;
     l.next_send_seq = d + 1;
     l.wire_seq = l.wire_seq.max(d);
     l.far.new_session(d, Instant::now());
@@ -785,9 +806,42 @@ fn on_replay_failed(shared: &Shared, link: &Link, why: &str) {
     l.replay_failed = Some(f);
 }
 
+/// The read view of a same-machine `local` replica, if this session may
+/// read its data file directly (`docs/design.md`, "Local reads").
+fn local_view(shared: &Shared, link: &Link, hello: &HelloOk) -> Option<Arc<ReadView>> {
+    if !shared.cfg.local_reads || link.spec.role != Role::Local {
+        return None;
+    }
+    let id = hello.read_view.as_ref()?;
+    if readview::boot_id() != Some(id.boot_id) {
+        return None;
+    }
+    match ReadView::open(&id.dir, id.instance) {
+        Ok(v) => {
+            tracing::info!(replica = %link.spec.name, dir = %id.dir.display(), "reads served from the replica's data file on this machine");
+            Some(Arc::new(v))
+        }
+        Err(e) => {
+            tracing::warn!(replica = %link.spec.name, "reads go over TCP: {e}");
+            None
+        }
+    }
+}
+
+/// Index of a [`Miss`] in [`LinkCounters::reads_local_missed`].
+pub(crate) fn miss_index(m: Miss) -> usize {
+    match m {
+        Miss::Behind => 0,
+        Miss::Changing => 1,
+        Miss::WouldBlock => 2,
+        Miss::Failed => 3,
+    }
+}
+
 /// Admits a fresh session, then runs it until it breaks. Returns why it ended.
 fn run_session(shared: &Arc<Shared>, link: &Arc<Link>, hello: &HelloOk, conn: Conn) -> String {
-    let gen = match admit(shared, link, hello) {
+    let view = local_view(shared, link, hello);
+    let gen = match admit(shared, link, hello, view) {
         Ok(g) => g,
         Err(why) => return why,
     };

@@ -28,6 +28,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use starblk_replica::proto::{Uuid, WriteOp, MAX_IO_BYTES};
+use starblk_replica::readview::ReadView;
 
 use crate::config::OnQuorumLoss;
 pub use exposure::Waits;
@@ -133,6 +134,9 @@ pub struct EngineConfig {
     pub keys: Option<Arc<keys::VolumeKeys>>,
     /// `recovery_rate = "auto"`: a controller sets the limit (`autorate.rs`).
     pub recovery_rate_auto: bool,
+    /// `local_reads`: read a same-machine `local` replica's data file
+    /// directly (`docs/design.md`, "Local reads").
+    pub local_reads: bool,
 }
 
 /// What `rekey` did.
@@ -629,7 +633,40 @@ impl Shared {
         let (first, last) = ((offset >> REGION_SHIFT) as usize, ((offset + len as u64 - 1) >> REGION_SHIFT) as usize);
         let need_seq = g.region_seq[first..=last].iter().copied().max().unwrap_or(0);
         let r = PendingRead { token, offset, len, tried: 0, need_seq, submitted: Instant::now() };
+        if let Some((idx, view)) = g.local_view(need_seq) {
+            drop(g);
+            if self.read_local(idx, &view, &r) {
+                return;
+            }
+            g = self.lock();
+        }
         self.route_read(&mut g, r);
+    }
+
+    /// Serves `r` from a same-machine replica's data file (`docs/design.md`,
+    /// "Local reads"), outside the engine lock. False if the view could not
+    /// serve it: the read then goes over TCP as any other.
+    fn read_local(&self, idx: usize, view: &ReadView, r: &PendingRead) -> bool {
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let counters = &self.links[idx].counters;
+        BUF.with_borrow_mut(|buf| {
+            buf.resize(buf.len().max(r.len as usize), 0);
+            let data = &mut buf[..r.len as usize];
+            match view.read(r.offset, data, r.need_seq) {
+                Ok(()) => {
+                    counters.reads_local.fetch_add(1, Ordering::Relaxed);
+                    self.latency.read.record_since(r.submitted);
+                    self.completer.complete(r.token, Ok(Some(data)));
+                    true
+                }
+                Err(miss) => {
+                    counters.reads_local_missed[link::miss_index(miss)].fetch_add(1, Ordering::Relaxed);
+                    false
+                }
+            }
+        })
     }
 
     /// Sends a read to the lowest-RTT up-to-date replica that has every
@@ -766,5 +803,15 @@ impl Shared {
 impl Core {
     fn up_to_date(&self) -> usize {
         self.links.iter().filter(|l| l.state == LinkState::UpToDate).count()
+    }
+
+    /// The read view of an up-to-date replica that has every write a read
+    /// needs (docs/semantics.md §5: the rule a read over TCP follows), if one is on this
+    /// machine.
+    fn local_view(&self, need_seq: u64) -> Option<(usize, Arc<ReadView>)> {
+        self.links.iter().enumerate().find_map(|(i, l)| match &l.local {
+            Some(v) if l.state == LinkState::UpToDate && l.durable_seq >= need_seq => Some((i, v.clone())),
+            _ => None,
+        })
     }
 }

@@ -174,6 +174,7 @@ pub fn fence(cfg: &Config) -> Result<Fenced, StartupError> {
         encrypt: cfg.volume.encrypt,
         keys: keys.clone(),
         recovery_rate_auto: cfg.volume.recovery_rate_auto,
+        local_reads: cfg.volume.local_reads,
     };
     // Fenced replicas whose logs are a prefix of the new history catch up
     // from it; the others hold another history's tail and stay out.

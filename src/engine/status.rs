@@ -51,6 +51,16 @@ pub struct ReplicaStatus {
     pub recovery: Option<RecoveryStatus>,
     /// Writes sent on this link since start.
     pub writes_sent: u64,
+    /// Reads sent to the replica over its link since start.
+    #[serde(default)]
+    pub reads_sent: u64,
+    /// Reads served from the replica's data file on this machine
+    /// (`docs/design.md`, "Local reads").
+    #[serde(default)]
+    pub reads_local: u64,
+    /// Local reads that went over a link after all, by reason.
+    #[serde(default)]
+    pub reads_local_missed: std::collections::BTreeMap<String, u64>,
     /// Sessions opened since start.
     pub sessions: u64,
     /// Error frames the replica answered with since start, by reason
@@ -268,6 +278,9 @@ pub(crate) fn snapshot(s: &Shared) -> VolumeStatus {
                 recovery_progress: progress,
                 recovery,
                 writes_sent: l.counters.writes_sent.load(Ordering::Relaxed),
+                reads_sent: l.counters.reads_sent.load(Ordering::Relaxed),
+                reads_local: l.counters.reads_local.load(Ordering::Relaxed),
+                reads_local_missed: l.counters.local_misses(),
                 sessions: l.counters.reconnects.load(Ordering::Relaxed),
                 refusals: l.counters.refusals(),
                 auth: match (&s.cfg.keys, l.spec.encrypt) {
@@ -408,6 +421,13 @@ impl fmt::Display for VolumeStatus {
             )?;
             if let Some(l) = &r.link {
                 writeln!(f, "  {l}")?;
+            }
+            let missed: u64 = r.reads_local_missed.values().sum();
+            if r.reads_local + missed > 0 {
+                let why: Vec<String> =
+                    r.reads_local_missed.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k} {n}")).collect();
+                let why = if why.is_empty() { String::new() } else { format!(" ({})", why.join(", ")) };
+                writeln!(f, "  local reads: {} from its data file, {missed} over the link{why}", r.reads_local)?;
             }
             if r.auth != "off" && !r.auth.is_empty() {
                 let failures: Vec<String> =

@@ -139,6 +139,16 @@ fn replicas(x: &mut Exposition, st: &VolumeStatus) {
         per_replica(st, |r| r.rtt_us as f64 / 1e6),
     );
     x.counter("starblk_replica_writes_sent_total", "Writes sent to the replica.", per_replica(st, |r| r.writes_sent));
+    x.counter(
+        "starblk_replica_reads_sent_total",
+        "Reads sent to the replica over its link.",
+        per_replica(st, |r| r.reads_sent),
+    );
+    x.counter(
+        "starblk_replica_reads_local_total",
+        "Reads served from the replica's data file on this machine.",
+        per_replica(st, |r| r.reads_local),
+    );
     x.counter("starblk_replica_sessions_total", "Sessions opened with the replica.", per_replica(st, |r| r.sessions));
     x.counter(
         "starblk_replica_refusals_total",

@@ -1,0 +1,106 @@
+//! Local reads (`docs/design.md`, "Local reads"): the HE reads a
+//! same-machine `local` replica's data file by `pread`, never older than a
+//! completed write, and goes over TCP when the view cannot serve.
+
+mod common;
+
+use common::{block, replica_status, Cluster};
+use starblk::bench::check_stamp;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const BS: usize = 4096;
+const BLOCKS: u64 = 64;
+
+#[test]
+fn reads_come_from_the_local_data_file() {
+    let c = Cluster::new(3, 2, "16M", "");
+    let v = c.engine();
+    for i in 0..BLOCKS {
+        v.write(i * BS as u64, &block(i * BS as u64, 1, BS)).unwrap();
+    }
+    for i in 0..BLOCKS {
+        let off = i * BS as u64;
+        assert!(check_stamp(&v.read(off, BS as u32).unwrap(), off, 1), "block {i} read back wrong");
+    }
+    let local = replica_status(&v, "r0");
+    assert_eq!(local.role, "local");
+    assert!(local.reads_local >= BLOCKS, "only {} of {BLOCKS} reads were local: {local:?}", local.reads_local);
+    let over_tcp: u64 = v.volume.status().replicas.iter().map(|r| r.reads_sent).sum();
+    assert_eq!(over_tcp, 0, "reads went over TCP with an up-to-date local replica");
+}
+
+#[test]
+fn local_reads_off_goes_over_tcp() {
+    let c = Cluster::new(3, 2, "16M", "local_reads = false");
+    let v = c.engine();
+    v.write(0, &block(0, 1, BS)).unwrap();
+    assert!(check_stamp(&v.read(0, BS as u32).unwrap(), 0, 1));
+    let st = v.volume.status();
+    assert_eq!(st.replicas.iter().map(|r| r.reads_local).sum::<u64>(), 0);
+    assert!(st.replicas.iter().map(|r| r.reads_sent).sum::<u64>() >= 1);
+}
+
+/// The replica acks a batch once it is in its log and applies it to the
+/// data file after: a read of the data file between the two would return
+/// data older than a completed write. Writers, readers and restarts of the
+/// local replica (kill -9) run together; every read must return a version
+/// no older than the last write to its block that completed before the
+/// read began.
+#[test]
+fn a_local_read_is_never_older_than_a_completed_write() {
+    let mut c = Cluster::new(3, 2, "16M", "");
+    let v = Arc::new(c.engine());
+    let done: Arc<Vec<AtomicU64>> = Arc::new((0..BLOCKS).map(|_| AtomicU64::new(0)).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (v, done, stop) = (v.clone(), done.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut version = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                version += 1;
+                let i = version % BLOCKS;
+                let off = i * BS as u64;
+                v.write(off, &block(off, version, BS)).unwrap();
+                done[i as usize].store(version, Ordering::Release);
+            }
+            version
+        })
+    };
+    let readers: Vec<_> = (0..2)
+        .map(|t| {
+            let (v, done, stop) = (v.clone(), done.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let i = (n * 7 + t) % BLOCKS;
+                    let off = i * BS as u64;
+                    let least = done[i as usize].load(Ordering::Acquire);
+                    let got = v.read(off, BS as u32).unwrap();
+                    let version = u64::from_le_bytes(got[8..16].try_into().unwrap());
+                    if least > 0 || version > 0 {
+                        assert!(check_stamp(&got, off, version), "block {i}: torn or foreign data");
+                    }
+                    assert!(version >= least, "block {i}: read version {version}, but {least} had completed");
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(1500));
+        c.replicas[0].kill();
+        std::thread::sleep(Duration::from_millis(300));
+        c.replicas[0].start();
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.join().expect("writer");
+    let reads: u64 = readers.into_iter().map(|r| r.join().expect("a reader found stale data")).sum();
+    let local = replica_status(&v, "r0");
+    eprintln!("{writes} writes, {reads} reads in {:?}; local: {:?}", started.elapsed(), local.reads_local);
+    assert!(local.reads_local > 0, "no read was served locally, so nothing was tested");
+}
