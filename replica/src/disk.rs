@@ -89,6 +89,8 @@ pub enum Effect {
     /// Writes a prefix of the buffer, then fails with EIO. The prefix is
     /// what fits below the `after=` boundary, or half the buffer for `nth=`.
     Torn,
+    /// Succeeds after waiting `delay`: a slow disk, not a failing one.
+    Slow,
 }
 
 /// One fault: where, when and what. Fires once unless `sticky`.
@@ -130,6 +132,7 @@ impl Fault {
             (FaultOp::Read, Trigger::AfterBytes(_), _) => Err("read faults take nth=N, not after=".into()),
             (FaultOp::Read, _, Effect::Enospc) => Err("a read cannot fail with enospc; use eio".into()),
             (FaultOp::Read | FaultOp::Sync, _, Effect::Torn) => Err("only a write can be torn".into()),
+            (_, _, Effect::Slow) if self.delay.is_zero() => Err("slow needs delay=MS".into()),
             _ => Ok(()),
         }
     }
@@ -184,7 +187,8 @@ impl FromStr for Fault {
             "eio" => Effect::Eio,
             "enospc" => Effect::Enospc,
             "torn" => Effect::Torn,
-            other => return Err(bad(format!("unknown effect {other:?} (expected eio, enospc or torn)"))),
+            "slow" => Effect::Slow,
+            other => return Err(bad(format!("unknown effect {other:?} (expected eio, enospc, torn or slow)"))),
         };
         let mut fault = Fault::new(file, op, trigger, effect);
         for m in &fields[4..] {
@@ -221,6 +225,7 @@ impl fmt::Display for Fault {
             Effect::Eio => "eio",
             Effect::Enospc => "enospc",
             Effect::Torn => "torn",
+            Effect::Slow => "slow",
         };
         match self.trigger {
             Trigger::Nth(n) => write!(f, "{file}:{op}:nth={n}:{effect}")?,
@@ -240,7 +245,7 @@ impl fmt::Display for Fault {
 /// `FILE:OP:TRIGGER:EFFECT[:sticky][:delay=MS]`, where FILE is `log`,
 /// `data`, `superblock` or `changes`; OP is `write`, `sync` or `read`; TRIGGER is
 /// `nth=N` or `after=BYTES` (`4096`, `64k`, `8MiB`, `1G`; binary units);
-/// EFFECT is `eio`, `enospc` or `torn`.
+/// EFFECT is `eio`, `enospc`, `torn` or `slow` (succeeds after `delay=MS`).
 pub fn parse_faults(s: &str) -> Result<Vec<Fault>, FaultSpecError> {
     s.split(',').filter(|f| !f.trim().is_empty()).map(str::parse).collect()
 }
@@ -283,7 +288,7 @@ impl Injected {
     fn error(&self) -> io::Error {
         let code = match self.fault.effect {
             Effect::Enospc => libc::ENOSPC,
-            Effect::Eio | Effect::Torn => libc::EIO,
+            Effect::Eio | Effect::Torn | Effect::Slow => libc::EIO,
         };
         let base = io::Error::from_raw_os_error(code);
         io::Error::new(base.kind(), format!("{base} [injected fault {}]", self.fault))
@@ -416,6 +421,17 @@ impl DiskFile {
         self.file.set_len(len)
     }
 
+    /// Waits out a `slow` fault; true if `inj` is one (the operation then
+    /// goes ahead).
+    fn slowed(&self, inj: &Injected) -> bool {
+        if inj.fault.effect != Effect::Slow {
+            return false;
+        }
+        tracing::warn!(file = ?self.kind, "injecting fault {}", inj.fault);
+        std::thread::sleep(inj.fault.delay);
+        true
+    }
+
     fn fail(&self, inj: &Injected) -> io::Error {
         tracing::warn!(file = ?self.kind, "injecting fault {}", inj.fault);
         if !inj.fault.delay.is_zero() {
@@ -428,13 +444,15 @@ impl DiskFile {
 impl FileIo for DiskFile {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if let Some(inj) = self.faults.check(self.kind, FaultOp::Read, buf.len()) {
-            return Err(self.fail(&inj));
+            if !self.slowed(&inj) {
+                return Err(self.fail(&inj));
+            }
         }
         FileExt::read_exact_at(&self.file, buf, offset)
     }
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if let Some(inj) = self.faults.check(self.kind, FaultOp::Write, buf.len()) {
+        if let Some(inj) = self.faults.check(self.kind, FaultOp::Write, buf.len()).filter(|i| !self.slowed(i)) {
             if inj.prefix > 0 {
                 FileExt::write_all_at(&self.file, &buf[..inj.prefix], offset)?;
             }
@@ -445,7 +463,9 @@ impl FileIo for DiskFile {
 
     fn sync_data(&self) -> io::Result<()> {
         if let Some(inj) = self.faults.check(self.kind, FaultOp::Sync, 0) {
-            return Err(self.fail(&inj));
+            if !self.slowed(&inj) {
+                return Err(self.fail(&inj));
+            }
         }
         File::sync_data(&self.file)
     }
@@ -466,6 +486,7 @@ mod tests {
         for (spec, want) in [
             ("log:write:after=40MiB:eio", "log:write:after=41943040:eio"),
             ("data:write:nth=3:enospc:sticky", "data:write:nth=3:enospc:sticky"),
+            ("data:write:nth=1:slow:sticky:delay=1500", "data:write:nth=1:slow:sticky:delay=1500"),
             ("superblock:sync:nth=1:eio:delay=250", "superblock:sync:nth=1:eio:delay=250"),
             ("log:write:after=64k:torn", "log:write:after=65536:torn"),
             ("data:read:nth=2:eio", "data:read:nth=2:eio"),
@@ -489,6 +510,7 @@ mod tests {
             ("log:write:every=1:eio", "unknown trigger \"every=1\""),
             ("log:write:nth=x:eio", "nth=\"x\" is not a count"),
             ("log:write:nth=0:eio", "nth counts from 1"),
+            ("data:write:nth=1:slow", "slow needs delay=MS"),
             ("log:write:after=40QiB:eio", "after=\"40QiB\" is not a byte count"),
             ("log:write:nth=1:boom", "unknown effect \"boom\""),
             ("log:sync:nth=1:torn", "only a write can be torn"),

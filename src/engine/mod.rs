@@ -631,7 +631,10 @@ impl Shared {
     fn read(&self, token: u64, offset: u64, len: u32) {
         let mut g = self.lock();
         let (first, last) = ((offset >> REGION_SHIFT) as usize, ((offset + len as u64 - 1) >> REGION_SHIFT) as usize);
-        let need_seq = g.region_seq[first..=last].iter().copied().max().unwrap_or(0);
+        // Writes of earlier hosts are known only as a whole, up to the
+        // branch point: a replica that acked them may not have applied
+        // them yet (tests/local_reads.rs, a new host's first reads).
+        let need_seq = g.region_seq[first..=last].iter().copied().max().unwrap_or(0).max(self.cfg.start_seq);
         let r = PendingRead { token, offset, len, tried: 0, need_seq, submitted: Instant::now() };
         if let Some((idx, view)) = g.local_view(need_seq) {
             drop(g);
