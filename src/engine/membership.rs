@@ -285,9 +285,12 @@ impl Volume {
     }
 }
 
-/// Name and address must be new.
+/// Name and address must be new. Addresses are compared in the normalised
+/// form the config file's duplicate check uses, so that two spellings of
+/// one replica's address are caught; a stored address that does not parse
+/// (it cannot come from a checked config or request) is compared as text.
 fn check_new_member(old: &Membership, req: &AddReplica) -> Result<(), MembershipError> {
-    let norm = |a: &str| a.to_ascii_lowercase();
+    let norm = |a: &str| crate::config::check_addr(a).unwrap_or_else(|_| a.to_ascii_lowercase());
     for m in &old.members {
         let dup = if m.name == req.name {
             Some(("name", req.name.clone()))
@@ -465,5 +468,30 @@ mod tests {
         let text = e.to_string();
         assert!(text.contains("volume vol0") && text.contains("N = 4") && text.contains("Q = 2"), "{text}");
         assert!(text.contains("--force"), "{text}");
+    }
+
+    fn set_with(addr: &str) -> Membership {
+        let m = Member { name: "r0".into(), addr: addr.into(), role: "near".into(), network_sync: false, fec: None };
+        Membership { epoch: 1, version: 1, members: vec![m], previous: Vec::new() }
+    }
+
+    #[test]
+    fn a_differently_spelled_address_of_a_member_is_a_duplicate() {
+        let spellings = [
+            ("127.0.0.1:7701", "127.0.0.1:07701"),
+            ("Replica-A.example:7701", "replica-a.example.:7701"),
+            ("[2001:db8::1]:7701", "[2001:0DB8:0:0::1]:7701"),
+            ("127.0.0.1:7701", "[::ffff:127.0.0.1]:7701"),
+        ];
+        for (stored, asked) in spellings {
+            let req = AddReplica { addr: asked.into(), ..req(false) };
+            let e = check_new_member(&set_with(stored), &req).unwrap_err();
+            assert!(
+                matches!(&e, MembershipError::Duplicate { what: "address", value, by, .. } if value == asked && by == "r0"),
+                "{stored} vs {asked}: {e:?}"
+            );
+        }
+        let other = AddReplica { addr: "127.0.0.1:7702".into(), ..req(false) };
+        check_new_member(&set_with("127.0.0.1:7701"), &other).expect("another port is another address");
     }
 }
