@@ -859,22 +859,35 @@ fn check_fec_param(v: i64, range: std::ops::RangeInclusive<u32>, what: &str) -> 
     }
 }
 
-/// Checks `HOST:PORT` and returns a normalised form for duplicate detection.
+/// Checks `HOST:PORT` and returns a normalised form for duplicate
+/// detection: equal for spellings of one address (`07701`, `HOST.`,
+/// `[::ffff:192.0.2.10]`), which would otherwise name one replica twice.
 pub fn check_addr(addr: &str) -> Result<String, String> {
     let expected = "expected HOST:PORT with a port from 1 to 65535, e.g. 192.0.2.10:7701 \
                     or [2001:db8::1]:7701";
     let (host, port) = addr.rsplit_once(':').ok_or_else(|| expected.to_string())?;
-    let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
-    let host_ok = if let Some(inner) = host.strip_prefix('[') {
-        inner.strip_suffix(']').is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
-    } else {
-        // A bare IPv6 address would make the port ambiguous.
-        !host.is_empty() && !host.contains(':') && !host.contains(char::is_whitespace)
-    };
-    if !port_ok || !host_ok {
-        return Err(expected.to_string());
+    let port = port.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| expected.to_string())?;
+    let host = normal_host(host).ok_or_else(|| expected.to_string())?;
+    Ok(format!("{host}:{port}"))
+}
+
+/// The host part in one spelling per address: an IP in its canonical form
+/// (an IPv4-mapped IPv6 address as the IPv4 one), a name in lower case
+/// without the root's trailing dot. None if it is no host.
+fn normal_host(host: &str) -> Option<String> {
+    if let Some(inner) = host.strip_prefix('[') {
+        let ip: std::net::Ipv6Addr = inner.strip_suffix(']')?.parse().ok()?;
+        return Some(ip.to_ipv4_mapped().map_or_else(|| format!("[{ip}]"), |v4| v4.to_string()));
     }
-    Ok(format!("{}:{port}", host.to_ascii_lowercase()))
+    // A bare IPv6 address would make the port ambiguous.
+    if host.contains(':') || host.contains(char::is_whitespace) {
+        return None;
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if name.is_empty() {
+        return None;
+    }
+    Some(name.parse::<std::net::Ipv4Addr>().map_or_else(|_| name.to_ascii_lowercase(), |ip| ip.to_string()))
 }
 
 /// Parses one of a fixed set of spellings.
@@ -976,6 +989,21 @@ impl fmt::Display for FecConfig {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn check_addr_normalises_equivalent_spellings() {
+        let same = |a: &str, b: &str| {
+            assert_eq!(check_addr(a).unwrap(), check_addr(b).unwrap(), "{a} vs {b}");
+        };
+        same("127.0.0.1:7701", "127.0.0.1:07701");
+        same("Host.Example:7701", "host.example.:7701");
+        same("[2001:db8::1]:7701", "[2001:0DB8:0:0:0:0:0:1]:7701");
+        same("[::ffff:192.0.2.10]:7701", "192.0.2.10:7701");
+        assert_ne!(check_addr("127.0.0.1:7701").unwrap(), check_addr("127.0.0.2:7701").unwrap());
+        assert_ne!(check_addr("[::1]:7701").unwrap(), check_addr("127.0.0.1:7701").unwrap());
+        assert!(check_addr("host.:7701").is_ok());
+        assert!(check_addr(".:7701").is_err(), "a lone dot is no host name");
+    }
+
     use super::*;
 
     /// The product specification's example config, verbatim.

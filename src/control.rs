@@ -33,6 +33,9 @@ pub enum ControlRequest {
         /// `SCHEME:R:C`.
         #[serde(default)]
         fec: Option<String>,
+        /// Add even if Q is then no longer a strict majority of the set.
+        #[serde(default)]
+        force: bool,
     },
     /// Remove a replica.
     ReplicaRemove { name: String, force: bool },
@@ -117,8 +120,8 @@ fn handle(conn: UnixStream, volume: &Volume, device: &Device, down_tx: &mpsc::Se
             Ok(report) => serde_json::json!({"ok": true, "rekey": report}),
             Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
         },
-        Ok(ControlRequest::ReplicaAdd { name, addr, role, network_sync, fec }) => {
-            match add_request(name, addr, role, network_sync, fec) {
+        Ok(ControlRequest::ReplicaAdd { name, addr, role, network_sync, fec, force }) => {
+            match add_request(name, addr, role, network_sync, fec, force) {
                 Ok(req) => membership_reply(volume.add_replica(req)),
                 Err(e) => serde_json::json!({"ok": false, "error": e}),
             }
@@ -137,6 +140,7 @@ fn add_request(
     role: Option<String>,
     network_sync: bool,
     fec: Option<String>,
+    force: bool,
 ) -> Result<AddReplica, String> {
     let role: Role = role.as_deref().unwrap_or("near").parse().map_err(|e| format!("--role: {e}"))?;
     let fec: Option<FecConfig> = fec.map(|f| f.parse()).transpose().map_err(|e| format!("--fec: {e}"))?;
@@ -145,7 +149,7 @@ fn add_request(
     }
     crate::config::check_name(&name).map_err(|e| format!("--name {name:?}: {e}"))?;
     crate::config::check_addr(&addr).map_err(|e| format!("--addr {addr:?}: {e}"))?;
-    Ok(AddReplica { name, addr, role, network_sync, fec })
+    Ok(AddReplica { name, addr, role, network_sync, fec, force })
 }
 
 fn membership_reply(r: Result<u64, MembershipError>) -> serde_json::Value {

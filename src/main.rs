@@ -176,6 +176,10 @@ enum ReplicaCmd {
         network_sync: bool,
         #[arg(long)]
         fec: Option<String>,
+        /// Add it even if the quorum is then no longer a strict majority
+        /// of the replica set (Q <= N/2).
+        #[arg(long)]
+        force: bool,
     },
     /// Remove a replica from a running volume.
     Remove {
@@ -406,9 +410,9 @@ fn replica_cmd(cmd: ReplicaCmd) -> Result<ExitCode> {
             h.wait();
             Ok(ExitCode::SUCCESS)
         }
-        ReplicaCmd::Add { volume, socket, name, addr, role, network_sync, fec } => {
+        ReplicaCmd::Add { volume, socket, name, addr, role, network_sync, fec, force } => {
             let path = socket.unwrap_or_else(|| default_socket(&volume));
-            let req = ControlRequest::ReplicaAdd { name: name.clone(), addr, role, network_sync, fec };
+            let req = ControlRequest::ReplicaAdd { name: name.clone(), addr, role, network_sync, fec, force };
             let v = control::call(&path, &req, Duration::from_secs(30))?;
             println!(
                 "replica {name} added to volume {volume} (replica set version {}); it recovers by a full copy",

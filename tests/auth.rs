@@ -1,8 +1,9 @@
 //! Authenticated (and encrypted) replica traffic with real replica
 //! processes: wrong and missing keys, replayed, reordered, foreign and
 //! bit-flipped frames are each refused every time and counted, while the
-//! engine's verified I/O goes on; rekey under load loses no write; key
-//! files with unsafe modes are refused with exit code 2.
+//! engine's verified I/O goes on; rekey under load loses no write, in
+//! process and through `starblk rekey` on a running daemon (NBD writes by
+//! qemu-io); key files with unsafe modes are refused with exit code 2.
 
 mod common;
 
@@ -505,4 +506,137 @@ fn forged_and_replayed_network_sync_datagrams_are_refused_and_counted() {
     assert_eq!((far.state, far.sessions), (LinkState::UpToDate, sessions), "{}", far.reason);
     println!("far auth_failures: {:?}", far.auth_failures);
     assert!(v.volume.shutdown(Duration::from_secs(10)));
+}
+
+/// Whether `qemu-io` runs: the test's NBD client. Missing, it fails the
+/// test when `CI=true` (scripts/setup-deps installs qemu-utils) and prints
+/// SKIP otherwise.
+fn have_qemu_io(test: &str) -> bool {
+    let ok = Command::new("qemu-io")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok();
+    if !ok {
+        let msg = format!("{test}: `qemu-io` is not installed (scripts/setup-deps installs qemu-utils)");
+        assert!(!std::env::var("CI").is_ok_and(|v| v == "true" || v == "1"), "{msg}; CI=true, so this fails");
+        let _ = writeln!(std::io::stderr(), "SKIP: {msg}");
+    }
+    ok
+}
+
+/// Runs `qemu-io` on the NBD `uri` with `cmds`; `-P` reads check the
+/// pattern, so a read of other data fails the command.
+fn qemu_io(uri: &str, cmds: &[String]) -> std::process::Output {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw", uri]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    c.output().unwrap()
+}
+
+/// The CLI, checked for success; returns stdout.
+fn cli(args: &[&str], at: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(BIN).args(args).args(at).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "starblk {args:?} failed: {stdout}{stderr}");
+    stdout.into_owned()
+}
+
+/// `down` when dropped, should the test fail with the daemon up.
+struct DownOnDrop(std::path::PathBuf);
+
+impl Drop for DownOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new(BIN).args(["down", "--config"]).arg(&self.0).output();
+    }
+}
+
+/// The key id each replica's session uses, from `status --json`.
+fn session_keys(sock: &std::path::Path) -> Vec<String> {
+    let st: serde_json::Value =
+        serde_json::from_str(&cli(&["status", "--json", "--socket"], &[sock.as_os_str()])).expect("status --json");
+    st["replicas"].as_array().unwrap().iter().map(|r| r["auth_key"].as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn rekey_cli_moves_a_running_daemon_to_the_next_key_while_writes_go_on() {
+    if !have_qemu_io("rekey_cli_moves_a_running_daemon_to_the_next_key_while_writes_go_on") {
+        return;
+    }
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let mut c = Cluster::keyed(3, 2, "16MiB", "", "", &[KEY_A]);
+    let key_file = c.root.path().join("key.hex");
+    let sock = c.root.path().join("it.sock");
+    let out = Command::new(BIN).args(["up", "--frontend", "nbd", "--config"]).arg(&c.config).output().unwrap();
+    assert!(out.status.success(), "up failed: {}", String::from_utf8_lossy(&out.stderr));
+    let _down = DownOnDrop(c.config.clone());
+    let uri = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let id = |hex: &str| Key::from_hex(hex).unwrap().id().to_string();
+    assert_eq!(session_keys(&sock), [id(KEY_A), id(KEY_A), id(KEY_A)]);
+
+    // A writer: 64 KiB blocks over the first 2 MiB, one qemu-io each,
+    // until stopped; records each acknowledged (offset, pattern).
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let writer = {
+        let (stop, done, acked, uri) = (stop.clone(), done.clone(), acked.clone(), uri.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let (off, pattern) = ((i % 32) << 16, i % 255 + 1);
+                let out = qemu_io(&uri, &[format!("write -P {pattern} {off} 64k")]);
+                assert!(out.status.success(), "write {i}: {}", String::from_utf8_lossy(&out.stderr));
+                acked.lock().unwrap().push((off, pattern));
+                done.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        })
+    };
+    let wait_writes = |n: usize, what: &str| {
+        let from = done.load(Ordering::Relaxed);
+        wait_until(Duration::from_secs(30), what, || done.load(Ordering::Relaxed) >= from + n);
+    };
+    wait_writes(3, "writes before the rekey");
+
+    // Step 1 of the rotation: the next key appended; step 2: the CLI.
+    write_key_file(&key_file, &[KEY_A, KEY_B]);
+    let said = cli(&["rekey", "--volume", "it", "--socket"], &[sock.as_os_str()]);
+    assert!(said.contains(&format!("rekeyed from key {} to key {}", id(KEY_A), id(KEY_B))), "{said}");
+    assert!(said.contains("re-established: r0, r1, r2"), "{said}");
+    assert_eq!(session_keys(&sock), [id(KEY_B), id(KEY_B), id(KEY_B)]);
+    wait_writes(3, "writes after the rekey");
+    // Step 3: the old key dropped; the sessions on the new key go on.
+    write_key_file(&key_file, &[KEY_B]);
+    wait_writes(3, "writes once the old key is gone");
+    // A second rotation through the config file's control socket.
+    write_key_file(&key_file, &[KEY_B, KEY_C]);
+    let said = cli(&["rekey", "--config"], &[c.config.as_os_str()]);
+    assert!(said.contains(&format!("to key {}", id(KEY_C))), "{said}");
+    wait_writes(3, "writes after the second rekey");
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+
+    // Every acknowledged write reads back (the last pattern per block).
+    let acked = acked.lock().unwrap().clone();
+    let mut last = std::collections::BTreeMap::new();
+    for (off, pattern) in &acked {
+        last.insert(*off, *pattern);
+    }
+    let reads: Vec<String> = last.iter().map(|(off, p)| format!("read -P {p} {off} 64k")).collect();
+    let out = qemu_io(&uri, &reads);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !said.contains("Pattern verification failed"), "{said}");
+    assert_eq!(said.matches("read 65536/65536 bytes").count(), reads.len(), "{said}");
+    println!(
+        "{} writes acknowledged across two rekeys, the last of each of {} blocks read back",
+        acked.len(),
+        last.len()
+    );
+    cli(&["down", "--config"], &[c.config.as_os_str()]);
+    c.kill_all_and_assert_identical("rekey over the CLI");
 }

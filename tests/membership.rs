@@ -22,7 +22,14 @@ use starblk_replica::client;
 const BS: usize = 4096;
 
 fn add_req(r: &Replica) -> AddReplica {
-    AddReplica { name: r.name.clone(), addr: r.addr.clone(), role: Role::Near, network_sync: false, fec: None }
+    AddReplica {
+        name: r.name.clone(),
+        addr: r.addr.clone(),
+        role: Role::Near,
+        network_sync: false,
+        fec: None,
+        force: false,
+    }
 }
 
 /// Writes 4 KiB blocks over the first `blocks` of the volume until stopped.
@@ -56,7 +63,11 @@ fn an_empty_replica_added_under_load_catches_up_and_ends_byte_identical() {
     let load = writer(&v, 4096, stop.clone());
     let mut r3 = Replica::init(c.root.path(), "r3", "64MiB");
     r3.start();
-    let version = v.volume.add_replica(add_req(&r3)).expect("add r3");
+    // N = 4 with Q = 2: Q is no longer a strict majority, so only forced.
+    let e = v.volume.add_replica(add_req(&r3)).unwrap_err();
+    assert!(matches!(e, MembershipError::QuorumNotMajority { quorum: 2, members: 4, .. }), "{e}");
+    assert_eq!(v.volume.members().version, 1, "a refused add changes nothing");
+    let version = v.volume.add_replica(AddReplica { force: true, ..add_req(&r3) }).expect("add r3");
     assert_eq!(version, 2);
     assert_eq!(v.volume.members().members.len(), 4);
     wait_until(Duration::from_secs(60), "r3 up to date", || replica_status(&v, "r3").state == LinkState::UpToDate);
@@ -77,7 +88,8 @@ fn an_empty_replica_added_under_load_catches_up_and_ends_byte_identical() {
 
 #[test]
 fn add_refuses_a_replica_of_another_volume_or_size() {
-    let c = Cluster::new(3, 2, "64MiB", "");
+    // N = 2, Q = 2: a third member keeps Q a strict majority.
+    let c = Cluster::new(2, 2, "64MiB", "");
     let other = Cluster::new(1, 1, "64MiB", "");
     let v = c.engine();
     let mut foreign = add_req(&other.replicas[0]);
@@ -146,7 +158,7 @@ fn the_stored_set_wins_over_a_stale_config_file() {
     {
         let v = c.engine();
         v.write(0, &block(0, 1, BS)).unwrap();
-        v.volume.add_replica(add_req(&r3)).expect("add r3");
+        v.volume.add_replica(AddReplica { force: true, ..add_req(&r3) }).expect("add r3");
         wait_until(Duration::from_secs(30), "r3 up to date", || replica_status(&v, "r3").state == LinkState::UpToDate);
         v.volume.remove_replica("r0", false).expect("remove r0");
         assert!(v.volume.shutdown(Duration::from_secs(20)));
@@ -195,6 +207,10 @@ fn the_stored_set_wins_over_a_stale_config_file() {
         cli(&["replica", "add", "--volume", "it", "--name", "x", "--addr", "127.0.0.1:1", "--role", "middle"]);
     assert_ne!(code, Some(0));
     assert!(err_text.contains("--role"), "{err_text}");
+    // {r1, r2, r3} with Q = 2: a fourth member needs --force.
+    let (code, _, err_text) = cli(&["replica", "add", "--volume", "it", "--name", "r4", "--addr", "127.0.0.1:1"]);
+    assert_ne!(code, Some(0));
+    assert!(err_text.contains("volume it would make N = 4 replicas with Q = 2"), "{err_text}");
     let down = Command::new(BIN).args(["down", "--socket"]).arg(&sock).output().unwrap();
     assert!(
         down.status.success(),

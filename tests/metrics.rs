@@ -177,6 +177,16 @@ fn he_and_replica_metrics_match_the_io_and_pass_promtool() {
     assert!(used >= (WRITES * BS as u64) as f64 && used < size, "log {used} of {size} bytes");
     assert_eq!(size, (32u64 << 20) as f64, "replica init --log-size 32M");
     assert!(get(&r, "starblk_server_sessions_open") >= 1.0);
+    // Garbage on the replica's network-sync (UDP) port is dropped and counted.
+    let dropped = |page: &BTreeMap<String, f64>| {
+        get(page, "starblk_server_netsync_rejected_datagrams_total{reason=\"truncated\"}")
+    };
+    assert_eq!(dropped(&r), 0.0);
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.send_to(&[1, 2, 3], &c.replicas[0].addr).unwrap();
+    wait_until(Duration::from_secs(5), "the replica counting a garbage datagram", || {
+        dropped(&samples(&http_get(&replica_metrics, "/metrics").1)) == 1.0
+    });
     assert_eq!(get(&r, "starblk_store_failed"), 0.0);
     assert_eq!(get(&r, "starblk_store_copying"), 0.0);
 

@@ -100,8 +100,34 @@ impl Rejected {
         *c += 1;
     }
 
+    /// Adds `other`'s counters to these (a listener's and its links').
+    pub fn add(&mut self, other: &Rejected) {
+        let Rejected {
+            truncated,
+            bad_header,
+            bad_crc,
+            bad_mac,
+            wrong_link_id,
+            seq_out_of_window,
+            bad_repair,
+            nack_flood,
+            protocol,
+            replayed,
+        } = *other;
+        self.truncated += truncated;
+        self.bad_header += bad_header;
+        self.bad_crc += bad_crc;
+        self.bad_mac += bad_mac;
+        self.wrong_link_id += wrong_link_id;
+        self.seq_out_of_window += seq_out_of_window;
+        self.bad_repair += bad_repair;
+        self.nack_flood += nack_flood;
+        self.protocol += protocol;
+        self.replayed += replayed;
+    }
+
     /// Every counter with its reason's snake_case name (metrics labels).
-    pub fn by_reason(&self) -> [(&'static str, u64); 9] {
+    pub fn by_reason(&self) -> [(&'static str, u64); 10] {
         [
             ("truncated", self.truncated),
             ("bad_header", self.bad_header),
@@ -112,6 +138,7 @@ impl Rejected {
             ("bad_repair", self.bad_repair),
             ("nack_flood", self.nack_flood),
             ("protocol", self.protocol),
+            ("replayed", self.replayed),
         ]
     }
 
@@ -346,6 +373,7 @@ mod tests {
             R::BadRepair,
             R::NackFlood,
             R::Protocol,
+            R::Replayed,
         ];
         for (i, reason) in all.iter().enumerate() {
             let mut r = Rejected::default();
@@ -353,6 +381,10 @@ mod tests {
             let hits: Vec<_> = r.by_reason().iter().filter(|(_, n)| *n == 1).map(|(name, _)| *name).collect();
             assert_eq!(hits.len(), 1, "{reason:?}");
             assert_eq!(r.by_reason()[i].1, 1, "{reason:?} is at position {i}");
+            let mut sum = r;
+            sum.add(&r);
+            assert_eq!(sum.by_reason()[i].1, 2, "add sums {reason:?}");
+            assert_eq!(sum.total(), 2, "add touches only {reason:?}");
         }
     }
 

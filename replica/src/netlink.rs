@@ -5,13 +5,14 @@
 //! [`NetOut`] sends frames as messages, so sessions and the HE's link loops
 //! run unchanged over either transport.
 
+use std::collections::HashMap;
 use std::io::{self, Read};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use starblk_netsync::{Link, LinkError};
+use starblk_netsync::{Link, LinkError, Rejected};
 
 use crate::proto::{FrameType, Seal};
 use crate::server::FrameOut;
@@ -110,4 +111,62 @@ impl FrameOut for NetOut {
 /// Resolves HOST:PORT to the UDP address of a network-sync replica.
 pub fn resolve(addr: &str) -> io::Result<SocketAddr> {
     addr.to_socket_addrs()?.next().ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "address resolves to nothing"))
+}
+
+/// Network-sync datagrams a replica dropped: its listener's (datagrams of
+/// no accepted link: garbage, a hello under an unknown key, data of a
+/// session that ended) and its links' (forged or malformed datagrams in an
+/// open session). A link's counts are kept when its session ends, so the
+/// totals only grow, as counters must.
+#[derive(Default)]
+pub struct NetRejections(Mutex<NetRejected>);
+
+#[derive(Default)]
+struct NetRejected {
+    /// The listener's counters as of its last accept poll.
+    listener: Rejected,
+    /// The sum over links whose session ended.
+    ended: Rejected,
+    /// Links of open sessions, by a key of this registry.
+    open: HashMap<u64, Arc<Link>>,
+    next: u64,
+}
+
+impl NetRejections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, NetRejected> {
+        self.0.lock().expect("netsync rejections lock poisoned")
+    }
+
+    /// Takes the listener's latest counters (they are cumulative).
+    pub fn set_listener(&self, r: Rejected) {
+        self.lock().listener = r;
+    }
+
+    /// Counts `link`'s drops from now until [`NetRejections::close`].
+    pub fn open(&self, link: Arc<Link>) -> u64 {
+        let mut g = self.lock();
+        g.next += 1;
+        let key = g.next;
+        g.open.insert(key, link);
+        key
+    }
+
+    /// The session of `key` ended: its link's final counts are kept.
+    pub fn close(&self, key: u64) {
+        let mut g = self.lock();
+        if let Some(link) = g.open.remove(&key) {
+            g.ended.add(&link.stats().rejected);
+        }
+    }
+
+    /// Everything dropped since the server started, by reason.
+    pub fn total(&self) -> Rejected {
+        let g = self.lock();
+        let mut r = g.listener;
+        r.add(&g.ended);
+        for link in g.open.values() {
+            r.add(&link.stats().rejected);
+        }
+        r
+    }
 }

@@ -60,6 +60,8 @@ pub struct Server {
     store: Arc<Store>,
     /// Rejection counters.
     pub rejections: Rejections,
+    /// Network-sync datagrams dropped, by reason.
+    netsync_rejections: crate::netlink::NetRejections,
     /// Open sessions by id, so `stop` can end them; each removes itself
     /// when it ends.
     sessions: Mutex<HashMap<u64, SessionCut>>,
@@ -165,6 +167,7 @@ pub fn spawn_with(dir: &Path, listen: &str, opts: &ServeOptions) -> Result<Serve
     let server = Arc::new(Server {
         store,
         rejections: Rejections::default(),
+        netsync_rejections: Default::default(),
         sessions: Mutex::new(HashMap::new()),
         stopping: AtomicBool::new(false),
         next_session: AtomicU64::new(1),
@@ -383,7 +386,9 @@ impl Server {
     fn accept_netsync(self: Arc<Self>, mut listener: starblk_netsync::Listener) {
         let mut errors = AcceptErrors::new("network-sync accept");
         while !self.stopping.load(Ordering::Acquire) {
-            let link = match listener.accept_timeout(Duration::from_millis(200)) {
+            let accepted = listener.accept_timeout(Duration::from_millis(200));
+            self.netsync_rejections.set_listener(listener.rejected());
+            let link = match accepted {
                 Ok(Some(l)) => Arc::new(l),
                 Ok(None) => continue,
                 Err(e) => {
@@ -398,8 +403,13 @@ impl Server {
             // The link has no close message: a session whose HE went away
             // (its link dropped, or the host gone) ends on silence.
             input.set_timeout(Some(Duration::from_millis(self.netsync_silence_ms.load(Ordering::Relaxed))));
+            let counted = link.clone();
             let out = Box::new(crate::netlink::NetOut::new(link, closed.clone()));
-            self.spawn_session("netsync", SessionCut::Net(closed), move |s| s.run_session(input, out, peer));
+            self.spawn_session("netsync", SessionCut::Net(closed), move |s| {
+                let key = s.netsync_rejections.open(counted);
+                s.run_session(input, out, peer);
+                s.netsync_rejections.close(key);
+            });
         }
     }
 
@@ -905,6 +915,7 @@ impl Server {
             "failure": self.store.failure(),
             "rejected": self.rejections.snapshot(),
             "auth_failures": self.auth_failures(),
+            "netsync_rejected": self.netsync_rejected().by_reason().into_iter().collect::<BTreeMap<_, _>>(),
             "log_first": self.store.log_first(),
             "copy": sb.copy.as_ref().map(|c| serde_json::json!({
                 "kind": c.kind.to_string(),
@@ -940,10 +951,24 @@ impl Server {
         (self.copying.served_bytes.load(Ordering::Relaxed), self.copying.received_bytes.load(Ordering::Relaxed))
     }
 
-    /// Authentication failures by reason (a view of the rejections).
+    /// Authentication failures by reason (a view of the rejections), and,
+    /// as the HE's `status` shows them, network-sync datagrams whose MAC
+    /// failed (`bad_datagram_mac`) or whose control counter did not rise
+    /// (`replayed_datagram`).
     pub fn auth_failures(&self) -> BTreeMap<&'static str, u64> {
         let all = self.rejections.snapshot();
-        AuthFailure::ALL.iter().map(|a| (a.reason(), all.get(a.reason()).copied().unwrap_or(0))).collect()
+        let mut m: BTreeMap<&'static str, u64> =
+            AuthFailure::ALL.iter().map(|a| (a.reason(), all.get(a.reason()).copied().unwrap_or(0))).collect();
+        let net = self.netsync_rejected();
+        m.insert("bad_datagram_mac", net.bad_mac);
+        m.insert("replayed_datagram", net.replayed);
+        m
+    }
+
+    /// Network-sync datagrams dropped since start, by reason: by the
+    /// listener and by every link, open or ended.
+    pub fn netsync_rejected(&self) -> starblk_netsync::Rejected {
+        self.netsync_rejections.total()
     }
 
     /// The replica half of the authentication handshake: the first frame

@@ -37,6 +37,8 @@ pub struct AddReplica {
     pub network_sync: bool,
     /// Its FEC code (network-sync only; default layered XOR 8,3).
     pub fec: Option<FecConfig>,
+    /// Add it even if Q is then no longer a strict majority of the set.
+    pub force: bool,
 }
 
 /// Why a membership change was refused or failed.
@@ -55,6 +57,11 @@ pub enum MembershipError {
     /// ever complete; `--force` does not override this.
     #[error("removing {name} would leave {left} replicas, fewer than the quorum Q = {quorum}; add a replica first")]
     SmallerThanQuorum { name: String, left: usize, quorum: usize },
+    /// After the add Q would not be a strict majority of the set (Q <= N/2):
+    /// a majority that a later host fences could then miss every replica
+    /// that acknowledged a write (`docs/design.md`, "What `add` refuses").
+    #[error("adding {name} to volume {volume} would make N = {members} replicas with Q = {quorum}, and Q would no longer be a strict majority (Q > N/2), the condition under which no acknowledged write is lost (use --force to add it anyway)")]
+    QuorumNotMajority { volume: String, name: String, quorum: usize, members: usize },
     /// Fewer than Q up-to-date replicas would remain.
     #[error("removing {name} would leave {left} up-to-date replicas, fewer than the quorum Q = {quorum} (use --force to remove it anyway)")]
     BelowQuorum { name: String, left: usize, quorum: usize },
@@ -167,6 +174,7 @@ impl Volume {
         let _one = s.members.changing.try_lock().map_err(|_| MembershipError::Busy)?;
         let old = s.members.current();
         check_new_member(&old, &req)?;
+        check_quorum_majority(&s.cfg.name, &req, s.cfg.quorum, old.members.len() + 1)?;
         if s.links.len() >= super::MAX_REPLICAS {
             return Err(MembershipError::TableFull { max: super::MAX_REPLICAS });
         }
@@ -277,9 +285,12 @@ impl Volume {
     }
 }
 
-/// Name and address must be new.
+/// Name and address must be new. Addresses are compared in the normalised
+/// form the config file's duplicate check uses, so that two spellings of
+/// one replica's address are caught; a stored address that does not parse
+/// (it cannot come from a checked config or request) is compared as text.
 fn check_new_member(old: &Membership, req: &AddReplica) -> Result<(), MembershipError> {
-    let norm = |a: &str| a.to_ascii_lowercase();
+    let norm = |a: &str| crate::config::check_addr(a).unwrap_or_else(|_| a.to_ascii_lowercase());
     for m in &old.members {
         let dup = if m.name == req.name {
             Some(("name", req.name.clone()))
@@ -293,6 +304,15 @@ fn check_new_member(old: &Membership, req: &AddReplica) -> Result<(), Membership
         }
     }
     Ok(())
+}
+
+/// Q must stay a strict majority of the `members` the set has after the
+/// add, unless `req.force`.
+fn check_quorum_majority(volume: &str, req: &AddReplica, quorum: usize, members: usize) -> Result<(), MembershipError> {
+    if req.force || quorum > members / 2 {
+        return Ok(());
+    }
+    Err(MembershipError::QuorumNotMajority { volume: volume.to_string(), name: req.name.clone(), quorum, members })
 }
 
 /// The refusals of `replica remove` (docs/semantics.md §10).
@@ -412,5 +432,66 @@ impl Shared {
         self.advance(&mut g);
         drop(g);
         l.cut("removed from the replica set");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(force: bool) -> AddReplica {
+        AddReplica {
+            name: "r9".into(),
+            addr: "127.0.0.1:7709".into(),
+            role: Role::Near,
+            network_sync: false,
+            fec: None,
+            force,
+        }
+    }
+
+    #[test]
+    fn add_keeps_q_a_strict_majority_unless_forced() {
+        // (Q, N after the add, allowed)
+        let cases =
+            [(2, 3, true), (2, 4, false), (3, 4, true), (3, 5, true), (3, 6, false), (1, 2, false), (1, 1, true)];
+        for (quorum, members, allowed) in cases {
+            let got = check_quorum_majority("vol0", &req(false), quorum, members);
+            assert_eq!(got.is_ok(), allowed, "Q = {quorum}, N = {members}: {got:?}");
+            assert!(check_quorum_majority("vol0", &req(true), quorum, members).is_ok(), "forced, Q = {quorum}");
+        }
+        let e = check_quorum_majority("vol0", &req(false), 2, 4).unwrap_err();
+        assert!(
+            matches!(&e, MembershipError::QuorumNotMajority { volume, name, quorum: 2, members: 4 } if volume == "vol0" && name == "r9"),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        assert!(text.contains("volume vol0") && text.contains("N = 4") && text.contains("Q = 2"), "{text}");
+        assert!(text.contains("--force"), "{text}");
+    }
+
+    fn set_with(addr: &str) -> Membership {
+        let m = Member { name: "r0".into(), addr: addr.into(), role: "near".into(), network_sync: false, fec: None };
+        Membership { epoch: 1, version: 1, members: vec![m], previous: Vec::new() }
+    }
+
+    #[test]
+    fn a_differently_spelled_address_of_a_member_is_a_duplicate() {
+        let spellings = [
+            ("127.0.0.1:7701", "127.0.0.1:07701"),
+            ("Replica-A.example:7701", "replica-a.example.:7701"),
+            ("[2001:db8::1]:7701", "[2001:0DB8:0:0::1]:7701"),
+            ("127.0.0.1:7701", "[::ffff:127.0.0.1]:7701"),
+        ];
+        for (stored, asked) in spellings {
+            let req = AddReplica { addr: asked.into(), ..req(false) };
+            let e = check_new_member(&set_with(stored), &req).unwrap_err();
+            assert!(
+                matches!(&e, MembershipError::Duplicate { what: "address", value, by, .. } if value == asked && by == "r0"),
+                "{stored} vs {asked}: {e:?}"
+            );
+        }
+        let other = AddReplica { addr: "127.0.0.1:7702".into(), ..req(false) };
+        check_new_member(&set_with("127.0.0.1:7701"), &other).expect("another port is another address");
     }
 }

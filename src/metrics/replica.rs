@@ -1,6 +1,7 @@
 //! A replica server's metrics (`replica serve --metrics ADDR`): its store
 //! (durable seq, epoch, log use, group commits) and its server (sessions,
-//! refused frames, recovery copies and replays). Counters are read with
+//! refused frames, dropped network-sync datagrams, recovery copies and
+//! replays). Counters are read with
 //! relaxed loads; the log usage takes the store's append lock briefly, as
 //! an append does.
 
@@ -104,6 +105,11 @@ fn server_families(x: &mut Exposition, server: &Server) {
         "starblk_server_refusals_total",
         "Frames and requests the server refused, by reason (each also answered with an Error frame or status).",
         server.rejections.snapshot().into_iter().map(|(reason, n)| (labels(&[("reason", reason)]), n)),
+    );
+    x.counter(
+        "starblk_server_netsync_rejected_datagrams_total",
+        "Network-sync datagrams this replica dropped, by reason (its listener's and every link's since start).",
+        server.netsync_rejected().by_reason().into_iter().map(|(reason, n)| (labels(&[("reason", reason)]), n)),
     );
     x.gauge(
         "starblk_server_replaying",

@@ -41,7 +41,11 @@ FIO=$LAST_PID
 wait_for_line /tmp/fio-loop.out 'pass 1 ok' 120 "$FIO" >/dev/null
 
 log "adding replica spare (127.0.0.1:7704) under fio"
-starblk replica add --volume vol0 --socket $SB_SOCK --name spare --addr 127.0.0.1:7704 --role near || fail "replica add"
+# N = 4 with Q = 2: Q is no longer a strict majority, so only --force adds.
+starblk replica add --volume vol0 --socket $SB_SOCK --name spare --addr 127.0.0.1:7704 --role near 2>/tmp/add.err \
+    && fail "an add that leaves Q <= N/2 succeeded without --force"
+grep -q "Q would no longer be a strict majority" /tmp/add.err || { cat /tmp/add.err; fail "unforced add: wrong refusal"; }
+starblk replica add --volume vol0 --socket $SB_SOCK --name spare --addr 127.0.0.1:7704 --role near --force || fail "replica add"
 sb_wait_state spare up-to-date 180
 running "$FIO" || { cat /tmp/fio-loop.out; fail "fio loop stopped during the add"; }
 log "spare up to date; removing the original replica local"
