@@ -737,6 +737,9 @@ fn ublk_spec(cfg: &Config, args: &UpArgs) -> Result<starblk_ublk::DeviceSpec> {
         physical_block_size: bs,
         discard_granularity: args.discard_granularity.map(|g| g as u32).unwrap_or(bs),
         dev_id: None,
+        // Every write completes only once durable on Q replicas
+        // (docs/semantics.md §1 and §4): the device is write-through.
+        volatile_cache: false,
         run_dir,
     };
     let spec = starblk_ublk::DeviceSpec { volume: cfg.volume.name.clone(), size: cfg.volume.size_bytes, options };

@@ -40,6 +40,11 @@ pub struct UblkOptions {
     pub discard_granularity: u32,
     /// Ask for this device id (N of /dev/ublkbN); `None` lets the driver pick.
     pub dev_id: Option<u32>,
+    /// Whether the device has a volatile write cache: the kernel then
+    /// sends FLUSH and FUA. A backend that completes every write only once
+    /// it is durable is write-through and sets false: the kernel sends no
+    /// FLUSH and no FUA, and a filesystem's fsync costs no extra requests.
+    pub volatile_cache: bool,
     /// Where the per-volume record lives.
     pub run_dir: PathBuf,
 }
@@ -54,6 +59,7 @@ impl Default for UblkOptions {
             physical_block_size: 4096,
             discard_granularity: 4096,
             dev_id: None,
+            volatile_cache: true,
             run_dir: PathBuf::from("/run/starblk"),
         }
     }
@@ -547,9 +553,9 @@ fn params(spec: &DeviceSpec, max_io_bytes: u32) -> sys::ublk_params {
     let mut p = sys::ublk_params {
         types: sys::UBLK_PARAM_TYPE_BASIC,
         basic: sys::ublk_param_basic {
-            // A volatile cache plus FUA makes the kernel send FLUSH and FUA,
-            // which the engine needs to honour docs/semantics.md §4.
-            attrs: sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA,
+            // A volatile cache plus FUA makes the kernel send FLUSH and FUA;
+            // without one the kernel strips both (write-through).
+            attrs: if o.volatile_cache { sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA } else { 0 },
             logical_bs_shift: shift(o.logical_block_size),
             physical_bs_shift: shift(o.physical_block_size),
             io_opt_shift: shift(o.physical_block_size),
@@ -702,6 +708,9 @@ mod tests {
         assert_ne!(p.basic.attrs & sys::UBLK_ATTR_FUA, 0);
         assert_ne!(p.basic.attrs & sys::UBLK_ATTR_VOLATILE_CACHE, 0);
         assert_ne!(p.types & sys::UBLK_PARAM_TYPE_DISCARD, 0);
+        let mut write_through = spec();
+        write_through.options.volatile_cache = false;
+        assert_eq!(params(&write_through, 4096).basic.attrs & (sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA), 0);
         let mut no_discard = spec();
         no_discard.options.discard_granularity = 0;
         assert_eq!(params(&no_discard, 4096).types & sys::UBLK_PARAM_TYPE_DISCARD, 0);
