@@ -100,7 +100,7 @@ fn bad_fault_spec_is_a_usage_error_naming_the_field() {
     let root = tempfile::Builder::new().prefix("starblk-it").tempdir_in(tmp_base()).unwrap();
     let r = Replica::init(root.path(), "r0", "4MiB");
     for (spec, needle) in [
-        ("log:write:nth=1:eoi", "unknown effect \"eoi\" (expected eio, enospc or torn)"),
+        ("log:write:nth=1:eoi", "unknown effect \"eoi\" (expected eio, enospc, torn or slow)"),
         ("data:write:after=8XB:eio", "after=\"8XB\" is not a byte count"),
         ("log:write", "expected FILE:OP:TRIGGER:EFFECT"),
     ] {
