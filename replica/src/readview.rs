@@ -157,7 +157,7 @@ impl ViewWriter {
         let p = w.map.page();
         w.changing();
         let mut instance = [0u8; 8];
-        getrandom::getrandom(&mut instance).map_err(|e| io(io::Error::other(e)))?;
+        getrandom::getrandom(&mut instance).map_err(|e| io(io::Error::other(e.to_string())))?;
         p.version.store(VERSION, Ordering::Relaxed);
         p.magic.store(MAGIC, Ordering::Relaxed);
         // Never 0: 0 means "no view" in HelloOk.
