@@ -142,14 +142,13 @@ impl ViewWriter {
     pub fn open(dir: &Path) -> Result<ViewWriter, ReadViewError> {
         let path = dir.join(READVIEW_FILE);
         let io = |source| ReadViewError::Io { path: path.clone(), source };
-        // World-readable like a device node's metadata: it holds no data,
-        // only seqs; the data file's own mode decides who reads data.
+        // Like the data file: only who may read the data needs the page.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .mode(0o644)
+            .mode(0o600)
             .open(&path)
             .map_err(io)?;
         file.set_len(FILE_BYTES).map_err(io)?;

@@ -23,6 +23,7 @@
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -176,15 +177,22 @@ pub fn init_with_regions(dir: &Path, size_bytes: u64, log_bytes: u64, region_shi
     if regions > changes::REGIONS_MAX {
         return Err(StoreError::Geometry(format!("{regions} regions of {} bytes are too many", 1u64 << region_shift)));
     }
-    std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+    // Volume data is the users' data: only the replica's owner (and a
+    // same-machine HE running as that user or root) may read it.
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err("create directory", dir))?;
     let p = Paths::new(dir);
     if p.superblock.exists() {
         return Err(StoreError::AlreadyInitialised(dir.to_path_buf()));
     }
     let header = changes::Header { region_shift, regions, floor: 0 };
     for (path, len) in [(&p.data, size_bytes), (&p.log, log_bytes), (&p.changes, header.file_bytes())] {
-        let f =
-            OpenOptions::new().write(true).create(true).truncate(true).open(path).map_err(io_err("create", path))?;
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io_err("create", path))?;
         f.set_len(len).map_err(io_err("size", path))?;
         f.sync_all().map_err(io_err("sync", path))?;
     }
@@ -1830,6 +1838,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 #[cfg(test)]
 mod tests {
+    /// Volume data is readable by the replica's owner only.
+    #[test]
+    fn init_keeps_the_data_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("r");
+        init(&dir, 4 << 20, LOG_MIN_BYTES).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        let p = Paths::new(&dir);
+        for f in [&p.data, &p.log, &p.changes, &p.superblock] {
+            assert_eq!(mode(f), 0o600, "{}", f.display());
+        }
+        let (_s, _h) = open(&dir);
+        assert_eq!(mode(&dir.join(crate::readview::READVIEW_FILE)), 0o600);
+    }
+
     use super::*;
     use std::sync::mpsc;
 

@@ -408,7 +408,11 @@ impl Superblock {
 
 /// Creates a fresh superblock file with both slots written.
 pub fn create(path: &Path, sb: &mut Superblock) -> Result<File, SuperblockError> {
-    let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
+    let file = std::os::unix::fs::OpenOptionsExt::mode(
+        std::fs::OpenOptions::new().read(true).write(true).create_new(true),
+        0o600,
+    )
+    .open(path)?;
     sb.write_next(&file)?;
     sb.write_next(&file)?;
     Ok(file)
