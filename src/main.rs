@@ -288,6 +288,7 @@ fn main() -> ExitCode {
     };
     let verbose = matches!(cli.cmd, Cmd::Up(_) | Cmd::Takeover(_) | Cmd::Replica { cmd: ReplicaCmd::Serve { .. } });
     init_tracing(if verbose { "info" } else { "warn" });
+    abort_on_panic();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -295,6 +296,19 @@ fn main() -> ExitCode {
             ExitCode::from(if e.downcast_ref::<UsageError>().is_some() { 2 } else { 1 })
         }
     }
+}
+
+/// Fail fast on bugs: a panic in any thread ends the process once the
+/// default hook has printed it, so no thread carries on past a poisoned
+/// lock or a peer thread that died. systemd restarts the service; a
+/// restarted `up` reattaches to the same ublk device (user recovery), and
+/// a restarted replica replays its log.
+fn abort_on_panic() {
+    let print = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        print(info);
+        std::process::abort();
+    }));
 }
 
 fn init_tracing(default: &str) {
