@@ -116,7 +116,7 @@ impl Completer for BenchCompleter {
     fn complete(&self, token: u64, result: IoResult<'_>) {
         let r = result.map(|data| {
             if let (Some(d), Some(slot)) = (data, self.slots.get(token as usize)) {
-                let mut b = slot.data.lock().unwrap_or_else(|e| e.into_inner());
+                let mut b = slot.data.lock().expect(crate::POISONED);
                 b.clear();
                 b.extend_from_slice(d);
             }
@@ -342,7 +342,7 @@ impl<'a> Bench<'a> {
     }
 
     fn check(&mut self, slot: usize, offset: u64) {
-        let data = self.completer.slots[slot].data.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let data = self.completer.slots[slot].data.lock().expect(crate::POISONED).clone();
         let bsz = self.block_size as usize;
         for (i, b) in self.blocks(offset).enumerate() {
             let want = self.expected[b];

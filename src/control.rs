@@ -102,7 +102,7 @@ fn handle(conn: UnixStream, volume: &Volume, device: &Device, down_tx: &mpsc::Se
     std::io::Read::take(BufReader::new(&conn), 64 * 1024).read_line(&mut line)?;
     let reply = match serde_json::from_str::<ControlRequest>(&line) {
         Ok(ControlRequest::Status) => {
-            let dev = device.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let dev = device.lock().expect(crate::POISONED).clone();
             serde_json::json!({"ok": true, "status": volume.status(), "device": dev})
         }
         Ok(ControlRequest::Down) => {

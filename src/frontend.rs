@@ -40,7 +40,7 @@ impl Slots {
 
 impl Completer for Slots {
     fn complete(&self, token: u64, result: IoResult<'_>) {
-        let slot = self.slots.get(token as usize).and_then(|s| s.lock().unwrap_or_else(|e| e.into_inner()).take());
+        let slot = self.slots.get(token as usize).and_then(|s| s.lock().expect(crate::POISONED).take());
         let Some(c) = slot else {
             tracing::error!(token, "completion for an empty ublk slot");
             return;
@@ -84,7 +84,7 @@ impl BlockBackend for EngineBackend {
             },
         };
         // The slot must hold the completion before the engine can finish it.
-        let prev = self.slots.slots[token].lock().unwrap_or_else(|e| e.into_inner()).replace(done);
+        let prev = self.slots.slots[token].lock().expect(crate::POISONED).replace(done);
         debug_assert!(prev.is_none(), "ublk tag reused while in flight");
         self.volume.submit(token as u64, req);
     }

@@ -805,7 +805,7 @@ fn up_ublk(
         let how = if live.recovered { "reattached" } else { "created" };
         println!("{path}");
         tracing::info!(volume = %name, device = %path, "{how} device; serving");
-        *device.lock().unwrap_or_else(|e| e.into_inner()) = Some(path.clone());
+        *device.lock().expect(starblk::POISONED) = Some(path.clone());
         let _ = stop_tx.send(live.stop);
         starblk::notify::ready_or_warn(&format!("volume {name} serving on {path}"));
     })
@@ -834,7 +834,7 @@ fn up_nbd(
     let mut server = starblk::nbd::Server::start(listen, vol.clone(), router)
         .with_context(|| format!("NBD frontend of volume {name}"))?;
     let uri = server.uri().to_string();
-    *device.lock().unwrap_or_else(|e| e.into_inner()) = Some(uri.clone());
+    *device.lock().expect(starblk::POISONED) = Some(uri.clone());
     let sock = cfg.socket_path();
     control::serve(&sock, vol.clone(), device, down_tx)
         .with_context(|| format!("control socket {}", sock.display()))?;

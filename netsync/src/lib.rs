@@ -52,3 +52,8 @@ pub use link::{KeysFn, Link, Listener};
 pub use shared::{LinkEvent, MsgId};
 pub use starblk_fec::FecScheme;
 pub use stats::{LinkStats, RejectReason, Rejected, RxStats, TxStats, WireMode};
+
+/// The panic message for a poisoned lock. Fail fast: a thread that
+/// panicked while holding a lock left its state half-changed, and nothing
+/// may go on from there (in the binary the panic hook aborts first).
+pub const POISONED: &str = "lock poisoned: a thread panicked while holding it";

@@ -145,13 +145,13 @@ impl Link {
             }
             out = match wait {
                 Wait::Never => return Err(LinkError::WouldBlock),
-                Wait::Forever => self.shared.out_cv.wait(out).unwrap_or_else(|p| p.into_inner()),
+                Wait::Forever => self.shared.out_cv.wait(out).expect(crate::POISONED),
                 Wait::Until(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         return Err(LinkError::Timeout);
                     }
-                    self.shared.out_cv.wait_timeout(out, left).unwrap_or_else(|p| p.into_inner()).0
+                    self.shared.out_cv.wait_timeout(out, left).expect(crate::POISONED).0
                 }
             };
         }
@@ -200,13 +200,13 @@ impl Link {
                 return Err(LinkError::Closed);
             }
             inbox = match deadline {
-                None => self.shared.inbox_cv.wait(inbox).unwrap_or_else(|p| p.into_inner()),
+                None => self.shared.inbox_cv.wait(inbox).expect(crate::POISONED),
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         return Ok(None);
                     }
-                    self.shared.inbox_cv.wait_timeout(inbox, left).unwrap_or_else(|p| p.into_inner()).0
+                    self.shared.inbox_cv.wait_timeout(inbox, left).expect(crate::POISONED).0
                 }
             };
         }
@@ -272,7 +272,7 @@ impl Link {
             if left.is_zero() {
                 return Err(LinkError::Timeout);
             }
-            p = self.shared.progress_cv.wait_timeout(p, left).unwrap_or_else(|e| e.into_inner()).0;
+            p = self.shared.progress_cv.wait_timeout(p, left).expect(crate::POISONED).0;
         }
     }
 

@@ -88,7 +88,7 @@ pub(crate) struct Shared {
 /// Locks a mutex, recovering the data if a thread panicked holding it: the
 /// state is plain counters and queues, consistent at every unlock.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    m.lock().expect(crate::POISONED)
 }
 
 impl Shared {

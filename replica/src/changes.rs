@@ -220,7 +220,7 @@ impl<F: FileIo> ChangeMap<F> {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock().expect(crate::POISONED)
     }
 
     /// Records that the byte range was written at `seq`. Ranges past the
@@ -251,7 +251,7 @@ impl<F: FileIo> ChangeMap<F> {
         if region >= self.header.regions {
             return Ok(0);
         }
-        let _q = self.flushing.read().unwrap_or_else(|e| e.into_inner());
+        let _q = self.flushing.read().expect(crate::POISONED);
         let mut b = [0u8; 8];
         self.file.read_exact_at(&mut b, self.header.marks_offset() + region * 8)?;
         let disk = u64::from_le_bytes(b);
@@ -296,7 +296,7 @@ impl<F: FileIo> ChangeMap<F> {
         let to = to.min(self.header.regions);
         let mut out = Vec::new();
         let mut r = from;
-        let _q = self.flushing.read().unwrap_or_else(|e| e.into_inner());
+        let _q = self.flushing.read().expect(crate::POISONED);
         let mut page = vec![0u8; PAGE as usize];
         while r < to {
             if out.len() >= max {
@@ -328,7 +328,7 @@ impl<F: FileIo> ChangeMap<F> {
     /// Writes every dirty mark and the summary entries of their groups to
     /// the file (no fdatasync: see [`ChangeMap::sync`]).
     pub fn flush(&self) -> io::Result<()> {
-        let _w = self.flushing.write().unwrap_or_else(|e| e.into_inner());
+        let _w = self.flushing.write().expect(crate::POISONED);
         let (dirty, summary) = {
             let mut g = self.lock();
             if g.dirty.is_empty() {

@@ -98,13 +98,13 @@ impl CopyControl {
     /// earlier session to wind down.
     pub fn acquire(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        let mut busy = self.busy.lock().expect(crate::POISONED);
         while *busy {
             let now = Instant::now();
             if now >= deadline {
                 return false;
             }
-            busy = self.idle.wait_timeout(busy, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            busy = self.idle.wait_timeout(busy, deadline - now).expect(crate::POISONED).0;
         }
         *busy = true;
         true
@@ -112,7 +112,7 @@ impl CopyControl {
 
     /// Gives the slot back.
     pub fn release(&self) {
-        *self.busy.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        *self.busy.lock().expect(crate::POISONED) = false;
         self.idle.notify_all();
     }
 }

@@ -331,14 +331,14 @@ impl FaultPlan {
         if let Err(what) = fault.check() {
             panic!("invalid fault {fault}: {what}");
         }
-        let mut g = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.faults.lock().expect(crate::POISONED);
         g.push(Armed { fault, ops: 0, written: 0, fired: false });
         self.armed.store(true, Ordering::Release);
     }
 
     /// Disarms every fault.
     pub fn disarm(&self) {
-        let mut g = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.faults.lock().expect(crate::POISONED);
         g.clear();
         self.armed.store(false, Ordering::Release);
     }
@@ -358,7 +358,7 @@ impl FaultPlan {
         if !self.armed.load(Ordering::Relaxed) {
             return None;
         }
-        let mut g = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.faults.lock().expect(crate::POISONED);
         let mut hit = None;
         for a in g.iter_mut().filter(|a| a.fault.file == file) {
             let written = a.written;

@@ -19,3 +19,8 @@ pub mod replay;
 pub mod server;
 pub mod store;
 pub mod superblock;
+
+/// The panic message for a poisoned lock. Fail fast: a thread that
+/// panicked while holding a lock left its state half-changed, and nothing
+/// may go on from there (in the binary the panic hook aborts first).
+pub const POISONED: &str = "lock poisoned: a thread panicked while holding it";

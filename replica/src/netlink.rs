@@ -88,7 +88,7 @@ impl NetOut {
 
     /// Sends one frame and returns its message id (for on-the-wire tracking).
     pub fn send_msg(&self, kind: FrameType, parts: &[&[u8]]) -> io::Result<u64> {
-        let mut g = self.buf.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.buf.lock().expect(crate::POISONED);
         let (b, seal) = &mut *g;
         b.clear();
         seal.write_frame(b, kind, 0, parts)?;
@@ -104,7 +104,7 @@ impl FrameOut for NetOut {
         self.closed.store(true, Ordering::Release);
     }
     fn set_seal(&self, seal: Seal) {
-        self.buf.lock().unwrap_or_else(|e| e.into_inner()).1 = seal;
+        self.buf.lock().expect(crate::POISONED).1 = seal;
     }
 }
 

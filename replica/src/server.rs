@@ -45,13 +45,13 @@ pub struct Rejections {
 impl Rejections {
     /// Counts one rejection and logs it with its peer.
     pub fn count(&self, reason: &'static str, peer: SocketAddr, detail: &dyn std::fmt::Display) {
-        *self.by_reason.lock().unwrap_or_else(|e| e.into_inner()).entry(reason).or_insert(0) += 1;
+        *self.by_reason.lock().expect(crate::POISONED).entry(reason).or_insert(0) += 1;
         tracing::warn!(%peer, reason, "rejected frame: {detail}");
     }
 
     /// A snapshot of all counters.
     pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
-        self.by_reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.by_reason.lock().expect(crate::POISONED).clone()
     }
 }
 
@@ -95,7 +95,7 @@ struct KeySource {
 
 impl KeySource {
     fn keys(&self) -> KeyRing {
-        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ring = self.ring.lock().expect(crate::POISONED);
         match KeyRing::load(&self.path) {
             Ok(r) => {
                 if r != *ring {
@@ -128,7 +128,7 @@ impl ServerHandle {
         if let Some(h) = self.accept.take() {
             let _ = h.join();
         }
-        let open = std::mem::take(&mut *self.server.sessions.lock().unwrap_or_else(|e| e.into_inner()));
+        let open = std::mem::take(&mut *self.server.sessions.lock().expect(crate::POISONED));
         for s in open.values() {
             s.cut();
         }
@@ -284,15 +284,15 @@ struct TcpOut(Mutex<(TcpStream, Seal)>);
 
 impl FrameOut for TcpOut {
     fn send_frame(&self, kind: FrameType, parts: &[&[u8]]) -> io::Result<()> {
-        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.0.lock().expect(crate::POISONED);
         let (s, seal) = &mut *g;
         seal.write_frame(s, kind, 0, parts)
     }
     fn close(&self) {
-        let _ = self.0.lock().unwrap_or_else(|e| e.into_inner()).0.shutdown(Shutdown::Both);
+        let _ = self.0.lock().expect(crate::POISONED).0.shutdown(Shutdown::Both);
     }
     fn set_seal(&self, seal: Seal) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).1 = seal;
+        self.0.lock().expect(crate::POISONED).1 = seal;
     }
 }
 
@@ -418,7 +418,7 @@ impl Server {
     fn spawn_session(self: &Arc<Self>, kind: &str, cut: SessionCut, body: impl FnOnce(&Server) + Send + 'static) {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         {
-            let mut open = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            let mut open = self.sessions.lock().expect(crate::POISONED);
             // `stop` sets `stopping` before it takes the registry: a
             // session registered after that would never be cut.
             if self.stopping.load(Ordering::Acquire) {
@@ -429,11 +429,11 @@ impl Server {
         let s2 = self.clone();
         let spawned = std::thread::Builder::new().name(format!("{kind}-{id}")).spawn(move || {
             body(&s2);
-            s2.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            s2.sessions.lock().expect(crate::POISONED).remove(&id);
         });
         if let Err(e) = spawned {
             tracing::warn!("cannot start a session thread: {e}");
-            self.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            self.sessions.lock().expect(crate::POISONED).remove(&id);
         }
     }
 
@@ -932,7 +932,7 @@ impl Server {
 
     /// Sessions open now.
     pub fn sessions_open(&self) -> usize {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.sessions.lock().expect(crate::POISONED).len()
     }
 
     /// Sessions accepted since start (TCP and network-sync).

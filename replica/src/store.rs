@@ -628,7 +628,7 @@ impl Store {
             }
             if g.fences > 0 {
                 g.append_waiters += 1;
-                g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner());
+                g = self.cond.wait(g).expect(crate::POISONED);
                 g.append_waiters -= 1;
                 continue;
             }
@@ -665,7 +665,7 @@ impl Store {
                 Err(log::LogFull) => {
                     self.cond.notify_all();
                     g.append_waiters += 1;
-                    g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner());
+                    g = self.cond.wait(g).expect(crate::POISONED);
                     g.append_waiters -= 1;
                 }
             }
@@ -805,7 +805,7 @@ impl Store {
             }
             if g.committing || g.checkpointing {
                 g.drain_waiters += 1;
-                g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner());
+                g = self.cond.wait(g).expect(crate::POISONED);
                 g.drain_waiters -= 1;
             } else if !g.log.is_idle() {
                 self.commit_locked(g);
@@ -987,7 +987,7 @@ impl Store {
                 if g.shutdown && g.log.is_idle() && !g.committing {
                     return;
                 }
-                g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner());
+                g = self.cond.wait(g).expect(crate::POISONED);
             }
             self.commit_locked(g);
         }
@@ -1009,7 +1009,7 @@ impl Store {
                 if g.shutdown && g.log.is_idle() && !g.committing {
                     return;
                 }
-                g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner());
+                g = self.cond.wait(g).expect(crate::POISONED);
             }
             if self.needs_checkpoint(&g) {
                 if let Err(e) = self.checkpoint(g) {
@@ -1323,7 +1323,7 @@ impl Store {
                 break Err(StoreError::Timeout { seq, applied, waited });
             }
             let slice = (timeout - waited).min(Duration::from_millis(20));
-            g = self.applied_cond.wait_timeout(g, slice).unwrap_or_else(|e| e.into_inner()).0;
+            g = self.applied_cond.wait_timeout(g, slice).expect(crate::POISONED).0;
         };
         drop(g);
         self.applied_waiters.fetch_sub(1, Ordering::SeqCst);
@@ -1833,7 +1833,7 @@ fn punch_hole(f: &DiskFile, offset: u64, len: u64) -> io::Result<()> {
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    m.lock().expect(crate::POISONED)
 }
 
 #[cfg(test)]

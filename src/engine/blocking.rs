@@ -17,7 +17,7 @@ pub struct Waiters {
 impl Completer for Waiters {
     fn complete(&self, token: u64, result: IoResult<'_>) {
         let r = result.map(|d| d.map(|d| d.to_vec()).unwrap_or_default());
-        self.done.lock().unwrap_or_else(|e| e.into_inner()).insert(token, r);
+        self.done.lock().expect(crate::POISONED).insert(token, r);
         self.cond.notify_all();
     }
 }
@@ -27,12 +27,12 @@ impl Waiters {
     pub fn call(&self, vol: &Volume, req: Request<'_>) -> Result<Vec<u8>, IoError> {
         let token = self.next.fetch_add(1, Ordering::Relaxed);
         vol.submit(token, req);
-        let mut g = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.done.lock().expect(crate::POISONED);
         loop {
             if let Some(r) = g.remove(&token) {
                 return r;
             }
-            g = self.cond.wait(g).unwrap_or_else(|e| e.into_inner());
+            g = self.cond.wait(g).expect(crate::POISONED);
         }
     }
 }

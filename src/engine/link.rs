@@ -1310,7 +1310,7 @@ fn on_read_reply(shared: &Shared, link: &Link, req_id: u64, status: u16, data: &
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+    m.lock().expect(crate::POISONED)
 }
 
 #[cfg(test)]

@@ -42,7 +42,7 @@ impl Credits {
     }
 
     fn lock(&self) -> MutexGuard<'_, usize> {
-        self.used.lock().unwrap_or_else(|e| e.into_inner())
+        self.used.lock().expect(crate::POISONED)
     }
 
     /// Waits until `n` slots are free and takes them (`n` at most `max`).
@@ -50,7 +50,7 @@ impl Credits {
         let n = n.min(self.max);
         let mut used = self.lock();
         while *used + n > self.max {
-            used = self.changed.wait(used).unwrap_or_else(|e| e.into_inner());
+            used = self.changed.wait(used).expect(crate::POISONED);
         }
         *used += n;
     }
@@ -66,7 +66,7 @@ impl Credits {
     pub fn wait_idle(&self) {
         let mut used = self.lock();
         while *used > 0 {
-            used = self.changed.wait(used).unwrap_or_else(|e| e.into_inner());
+            used = self.changed.wait(used).expect(crate::POISONED);
         }
     }
 }
@@ -140,7 +140,7 @@ impl InFlight {
         let Some(total) = self.read_len.map(|n| n as usize) else {
             return;
         };
-        let mut buf = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        let mut buf = self.data.lock().expect(crate::POISONED);
         if self.parts == 1 {
             *buf = d.to_vec();
             return;
@@ -173,7 +173,7 @@ impl InFlight {
             return;
         }
         let mut error = self.error.load(Ordering::Acquire);
-        let data = self.read_len.map(|_| std::mem::take(&mut *self.data.lock().unwrap_or_else(|e| e.into_inner())));
+        let data = self.read_len.map(|_| std::mem::take(&mut *self.data.lock().expect(crate::POISONED)));
         let got = data.as_ref().map(Vec::len);
         if error == 0 && self.read_len.is_some_and(|n| got != Some(n as usize)) {
             // A simple reply's payload length is implied by the request;
@@ -202,7 +202,7 @@ impl Router {
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<u64, (Arc<InFlight>, usize)>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+        self.pending.lock().expect(crate::POISONED)
     }
 
     /// Registers `parts` tokens for `req`, before any is submitted (a

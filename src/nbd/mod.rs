@@ -193,7 +193,7 @@ struct Shared {
 
 impl Shared {
     fn conns(&self) -> MutexGuard<'_, HashMap<u64, Stream>> {
-        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+        self.conns.lock().expect(crate::POISONED)
     }
 }
 
@@ -268,7 +268,7 @@ impl Server {
         }
         while !conns.is_empty() && Instant::now() < deadline {
             let left = deadline.saturating_duration_since(Instant::now());
-            conns = self.shared.conn_ended.wait_timeout(conns, left).unwrap_or_else(|e| e.into_inner()).0;
+            conns = self.shared.conn_ended.wait_timeout(conns, left).expect(crate::POISONED).0;
         }
         conns.is_empty()
     }

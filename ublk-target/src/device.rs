@@ -626,7 +626,7 @@ where
             return;
         }
         tracing::info!(dev_id, recovered, "/dev/ublkb{dev_id} is live");
-        let f = on_live.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let f = on_live.lock().expect(crate::POISONED).take();
         if let Some(f) = f {
             f(LiveDevice { dev_id, block_device: PathBuf::from(format!("/dev/ublkb{dev_id}")), recovered, stop });
         }

@@ -58,3 +58,8 @@ pub use mem::MemBackend;
 pub use record::{read_record, record_path, remove_record, write_record, DeviceRecord};
 pub use request::BlockRequest;
 pub use signals::StopSignals;
+
+/// The panic message for a poisoned lock. Fail fast: a thread that
+/// panicked while holding a lock left its state half-changed, and nothing
+/// may go on from there (in the binary the panic hook aborts first).
+pub const POISONED: &str = "lock poisoned: a thread panicked while holding it";

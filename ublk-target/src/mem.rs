@@ -102,7 +102,7 @@ fn spawn_workers(store: &Arc<Store>, n: usize) -> mpsc::Sender<Job> {
 fn worker(store: &Store, rx: &Mutex<mpsc::Receiver<Job>>) {
     loop {
         // A poisoned lock only means another worker panicked; keep going.
-        let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+        let job = rx.lock().expect(crate::POISONED).recv();
         match job {
             Ok(job) => store.execute(job),
             Err(_) => return, // backend dropped
@@ -189,7 +189,7 @@ impl BlockBackend for MemBackend {
         let Some(tx) = &self.tx else {
             return self.store.execute(job);
         };
-        let sent = tx.lock().unwrap_or_else(|p| p.into_inner()).send(job);
+        let sent = tx.lock().expect(crate::POISONED).send(job);
         if let Err(mpsc::SendError(job)) = sent {
             // Every worker is gone; fail rather than hang the request.
             job.done.complete(Err(Error::Io("backend workers stopped".into())));
