@@ -84,6 +84,9 @@ pub enum Miss {
 }
 
 impl Miss {
+    /// Every reason, for counters.
+    pub const ALL: [Miss; 4] = [Miss::Behind, Miss::Changing, Miss::WouldBlock, Miss::Failed];
+
     /// Short name, for status and metrics labels.
     pub fn name(self) -> &'static str {
         match self {
@@ -202,7 +205,6 @@ pub struct ReadView {
     map: Mapping,
     data: File,
     instance: u64,
-    dir: PathBuf,
 }
 
 impl ReadView {
@@ -213,11 +215,7 @@ impl ReadView {
         let file = File::open(&path).map_err(|source| ReadViewError::Io { path: path.clone(), source })?;
         let map = Mapping::new(&file, &path, false)?;
         let data_path = dir.join(crate::store::DATA_FILE);
-        let data = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&data_path)
-            .map_err(|source| ReadViewError::Io { path: data_path, source })?;
+        let data = File::open(&data_path).map_err(|source| ReadViewError::Io { path: data_path, source })?;
         let p = map.page();
         let fields = [
             ("magic", p.magic.load(Ordering::Acquire), MAGIC),
@@ -229,12 +227,7 @@ impl ReadView {
                 return Err(ReadViewError::Mismatch { path, what, found, expected });
             }
         }
-        Ok(ReadView { map, data, instance, dir: dir.to_path_buf() })
-    }
-
-    /// The replica directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+        Ok(ReadView { map, data, instance })
     }
 
     /// Reads `buf.len()` bytes at `offset` if the replica has applied

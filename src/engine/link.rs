@@ -257,9 +257,8 @@ pub(crate) struct LinkCounters {
     pub reads_sent: AtomicU64,
     /// Reads served from the replica's data file on this machine.
     pub reads_local: AtomicU64,
-    /// Local reads that went over TCP after all, by [`Miss`] (index:
-    /// [`miss_index`]).
-    pub reads_local_missed: [AtomicU64; 4],
+    /// Local reads that went over TCP after all, indexed like [`Miss::ALL`].
+    pub reads_local_missed: [AtomicU64; Miss::ALL.len()],
     pub reconnects: AtomicU64,
     /// Error frames the replica sent, by `ErrorCode` (index: wire code).
     pub refusals: [AtomicU64; ErrorCode::ALL.len() + 1],
@@ -285,10 +284,17 @@ impl LinkCounters {
     /// Local reads that went over the link after all, by reason (zeros
     /// included).
     pub fn local_misses(&self) -> std::collections::BTreeMap<String, u64> {
-        [Miss::Behind, Miss::Changing, Miss::WouldBlock, Miss::Failed]
-            .into_iter()
-            .map(|m| (m.name().to_string(), self.reads_local_missed[miss_index(m)].load(Ordering::Relaxed)))
+        Miss::ALL
+            .iter()
+            .zip(&self.reads_local_missed)
+            .map(|(m, n)| (m.name().to_string(), n.load(Ordering::Relaxed)))
             .collect()
+    }
+
+    /// Counts a local read that went over the link after all.
+    pub fn local_missed(&self, m: Miss) {
+        let i = Miss::ALL.iter().position(|a| *a == m).expect("every miss is listed");
+        self.reads_local_missed[i].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Refusals so far, by reason (every reason, zeros included).
@@ -825,16 +831,6 @@ fn local_view(shared: &Shared, link: &Link, hello: &HelloOk) -> Option<Arc<ReadV
             tracing::warn!(replica = %link.spec.name, "reads go over TCP: {e}");
             None
         }
-    }
-}
-
-/// Index of a [`Miss`] in [`LinkCounters::reads_local_missed`].
-pub(crate) fn miss_index(m: Miss) -> usize {
-    match m {
-        Miss::Behind => 0,
-        Miss::Changing => 1,
-        Miss::WouldBlock => 2,
-        Miss::Failed => 3,
     }
 }
 

@@ -665,7 +665,7 @@ impl Shared {
                     true
                 }
                 Err(miss) => {
-                    counters.reads_local_missed[link::miss_index(miss)].fetch_add(1, Ordering::Relaxed);
+                    counters.local_missed(miss);
                     false
                 }
             }
