@@ -424,20 +424,22 @@ impl fmt::Display for VolumeStatus {
             }
             let missed: u64 = r.reads_local_missed.values().sum();
             if r.reads_local + missed > 0 {
-                let why: Vec<String> =
-                    r.reads_local_missed.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k} {n}")).collect();
-                let why = if why.is_empty() { String::new() } else { format!(" ({})", why.join(", ")) };
+                let why = nonzero_counts(&r.reads_local_missed).map_or(String::new(), |w| format!(" ({w})"));
                 writeln!(f, "  local reads: {} from its data file, {missed} over the link{why}", r.reads_local)?;
             }
             if r.auth != "off" && !r.auth.is_empty() {
-                let failures: Vec<String> =
-                    r.auth_failures.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k} {n}")).collect();
-                let failures = if failures.is_empty() { "none".to_string() } else { failures.join(", ") };
+                let failures = nonzero_counts(&r.auth_failures).unwrap_or_else(|| "none".to_string());
                 writeln!(f, "  auth: {} with key {}; auth_failures: {failures}", r.auth, r.auth_key)?;
             }
         }
         Ok(())
     }
+}
+
+/// `"reason n, reason n"` for the counters above zero; None if all are.
+fn nonzero_counts(counts: &std::collections::BTreeMap<String, u64>) -> Option<String> {
+    let parts: Vec<String> = counts.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k} {n}")).collect();
+    (!parts.is_empty()).then(|| parts.join(", "))
 }
 
 fn wire_mode(m: &starblk_netsync::WireMode) -> String {
