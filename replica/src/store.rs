@@ -1071,8 +1071,8 @@ impl Store {
     fn publish(&self, batch: &Batch) {
         let last = batch.records.last().map(|p| p.header.seq).unwrap_or(0);
         if self.copying.load(Ordering::Acquire) {
-            // Durable in the log and applied, but claimed only when the
-            // copy ends (`finish_copy`).
+            // Durable in the log (and applied next), but claimed only when
+            // the copy ends (`finish_copy`).
             self.count_commit(batch);
             return;
         }
@@ -1149,11 +1149,16 @@ impl Store {
                 r.pop_front();
             }
         }
-        self.applied_through.store(h.seq, Ordering::Release);
-        if let Some(v) = &self.view {
-            v.applied(h.seq);
-        }
+        self.set_applied(h.seq);
         Ok(())
+    }
+
+    /// Records applied through `seq`, here and in the read view's page.
+    fn set_applied(&self, seq: u64) {
+        self.applied_through.store(seq, Ordering::Release);
+        if let Some(v) = &self.view {
+            v.applied(seq);
+        }
     }
 
     /// The region locks of a byte range, taken in index order.
@@ -1400,7 +1405,7 @@ impl Store {
         g.history = None;
         lock(&self.recent).clear();
         self.durable_seq.store(base, Ordering::Release);
-        self.applied_through.store(live_from - 1, Ordering::Release);
+        self.set_applied(live_from - 1);
         self.notify_applied();
         self.copying.store(true, Ordering::Release);
         tracing::info!(dir = %self.dir.display(), kind = %st.kind, base, live_from, cursor = st.cursor, segments = st.segments.len(), "recovery copy set up");
@@ -1838,6 +1843,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
     /// Volume data is readable by the replica's owner only.
     #[test]
     fn init_keeps_the_data_private() {
@@ -1854,9 +1862,6 @@ mod tests {
         let (_s, _h) = open(&dir);
         assert_eq!(mode(&dir.join(crate::readview::READVIEW_FILE)), 0o600);
     }
-
-    use super::*;
-    use std::sync::mpsc;
 
     /// When set, the next checkpoint reports through the first channel
     /// that it has taken its snapshot and waits for the second.
