@@ -421,15 +421,16 @@ impl DiskFile {
         self.file.set_len(len)
     }
 
-    /// Waits out a `slow` fault; true if `inj` is one (the operation then
-    /// goes ahead).
-    fn slowed(&self, inj: &Injected) -> bool {
+    /// The fault that hits this operation, if any. A `slow` fault is
+    /// waited out here and the operation goes ahead (None).
+    fn injected(&self, op: FaultOp, len: usize) -> Option<Injected> {
+        let inj = self.faults.check(self.kind, op, len)?;
         if inj.fault.effect != Effect::Slow {
-            return false;
+            return Some(inj);
         }
         tracing::warn!(file = ?self.kind, "injecting fault {}", inj.fault);
         std::thread::sleep(inj.fault.delay);
-        true
+        None
     }
 
     fn fail(&self, inj: &Injected) -> io::Error {
@@ -443,16 +444,14 @@ impl DiskFile {
 
 impl FileIo for DiskFile {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if let Some(inj) = self.faults.check(self.kind, FaultOp::Read, buf.len()) {
-            if !self.slowed(&inj) {
-                return Err(self.fail(&inj));
-            }
+        if let Some(inj) = self.injected(FaultOp::Read, buf.len()) {
+            return Err(self.fail(&inj));
         }
         FileExt::read_exact_at(&self.file, buf, offset)
     }
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if let Some(inj) = self.faults.check(self.kind, FaultOp::Write, buf.len()).filter(|i| !self.slowed(i)) {
+        if let Some(inj) = self.injected(FaultOp::Write, buf.len()) {
             if inj.prefix > 0 {
                 FileExt::write_all_at(&self.file, &buf[..inj.prefix], offset)?;
             }
@@ -462,10 +461,8 @@ impl FileIo for DiskFile {
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        if let Some(inj) = self.faults.check(self.kind, FaultOp::Sync, 0) {
-            if !self.slowed(&inj) {
-                return Err(self.fail(&inj));
-            }
+        if let Some(inj) = self.injected(FaultOp::Sync, 0) {
+            return Err(self.fail(&inj));
         }
         File::sync_data(&self.file)
     }
