@@ -250,15 +250,38 @@ run_fio() {
     [ "$frc" -eq 0 ] || { cat "$out"; return 1; }
 }
 
+# fs_job_begin JOB TOOL WHAT: for $sys's run $round of JOB, checks that
+# TOOL is in the VM, makes ext4 on $DEV and mounts it at $mnt.
+fs_job_begin() {
+    command -v "$2" >/dev/null 2>&1 || { echo "BENCH_FAIL $sys $1 $2 is not in this VM"; return 1; }
+    log "run $round: $sys $1 ($3) on $DEV"
+    mkfs.ext4 -q -F -E nodiscard "$DEV" >/tmp/mkfs.log 2>&1 || { cat /tmp/mkfs.log; echo "BENCH_FAIL $sys $1 mkfs.ext4"; return 1; }
+    mnt=/mnt/bench-$sys
+    mount_dev "$DEV" "$mnt"
+}
+
+# fs_job_clock: takes the start time and CPU ticks of a job (t0, b_*).
+fs_job_clock() {
+    b_d=$(daemon_ticks)
+    set -- $(sys_ticks)
+    b_busy=$1 b_total=$2
+    t0=$(cut -d' ' -f1 /proc/uptime)
+}
+
+# fs_job_end: the end time (t1) and the busy, total and daemon ticks since
+# fs_job_clock; unmounts $mnt.
+fs_job_end() {
+    t1=$(cut -d' ' -f1 /proc/uptime)
+    set -- $(sys_ticks)
+    busy=$(($1 - b_busy)) total=$(($2 - b_total)) dt=$(($(daemon_ticks) - b_d))
+    umount_dev "$mnt"
+}
+
 # run_sqlite SYS ROUND: ext4 on $DEV, SQLITE_ROWS inserts, one transaction
 # each, with synchronous=FULL; prints BENCH_RUN with tx/s.
 run_sqlite() {
     sys=$1 round=$2
-    command -v sqlite3 >/dev/null 2>&1 || { echo "BENCH_FAIL $sys sqlite sqlite3 is not in this VM"; return 1; }
-    log "run $round: $sys sqlite ($SQLITE_ROWS transactions) on $DEV"
-    mkfs.ext4 -q -F -E nodiscard "$DEV" >/tmp/mkfs.log 2>&1 || { cat /tmp/mkfs.log; echo "BENCH_FAIL $sys sqlite mkfs.ext4"; return 1; }
-    mnt=/mnt/bench-$sys
-    mount_dev "$DEV" "$mnt"
+    fs_job_begin sqlite sqlite3 "$SQLITE_ROWS transactions" || return 1
     sql=/tmp/sqlite-$sys.sql
     {
         echo "PRAGMA synchronous=FULL;"
@@ -266,16 +289,10 @@ run_sqlite() {
         awk -v n="$SQLITE_ROWS" 'BEGIN {for (i = 0; i < n; i++) print "INSERT INTO t (v) VALUES (randomblob(100));"}'
         echo "SELECT count(*) FROM t;"
     } >"$sql"
-    b_d=$(daemon_ticks)
-    set -- $(sys_ticks)
-    b_busy=$1 b_total=$2
-    t0=$(cut -d' ' -f1 /proc/uptime)
+    fs_job_clock
     rows=$(sqlite3 "$mnt/bench.db" <"$sql" 2>/tmp/sqlite.err)
     src=$?
-    t1=$(cut -d' ' -f1 /proc/uptime)
-    set -- $(sys_ticks)
-    busy=$(($1 - b_busy)) total=$(($2 - b_total)) dt=$(($(daemon_ticks) - b_d))
-    umount_dev "$mnt"
+    fs_job_end
     if [ "$src" -ne 0 ] || [ "$rows" != "$SQLITE_ROWS" ]; then
         cat /tmp/sqlite.err
         echo "BENCH_RUN $sys sqlite $round 0 $src rows=$rows 0 0 0 $busy $total $dt"
@@ -291,23 +308,13 @@ run_sqlite() {
 PM_FILES=500 PM_TX=2000
 run_postmark() {
     sys=$1 round=$2
-    command -v postmark >/dev/null 2>&1 || { echo "BENCH_FAIL $sys postmark postmark is not in this VM"; return 1; }
-    log "run $round: $sys postmark ($PM_FILES files, $PM_TX transactions) on $DEV"
-    mkfs.ext4 -q -F -E nodiscard "$DEV" >/tmp/mkfs.log 2>&1 || { cat /tmp/mkfs.log; echo "BENCH_FAIL $sys postmark mkfs.ext4"; return 1; }
-    mnt=/mnt/bench-$sys
-    mount_dev "$DEV" "$mnt"
-    b_d=$(daemon_ticks)
-    set -- $(sys_ticks)
-    b_busy=$1 b_total=$2
-    t0=$(cut -d' ' -f1 /proc/uptime)
+    fs_job_begin postmark postmark "$PM_FILES files, $PM_TX transactions" || return 1
+    fs_job_clock
     printf 'set location %s\nset number %s\nset transactions %s\nrun\nquit\n' "$mnt" "$PM_FILES" "$PM_TX" |
         postmark >/tmp/postmark.log 2>&1
     prc=$?
     sync
-    t1=$(cut -d' ' -f1 /proc/uptime)
-    set -- $(sys_ticks)
-    busy=$(($1 - b_busy)) total=$(($2 - b_total)) dt=$(($(daemon_ticks) - b_d))
-    umount_dev "$mnt"
+    fs_job_end
     if [ "$prc" -ne 0 ] || ! grep -q 'seconds of transactions' /tmp/postmark.log; then
         cat /tmp/postmark.log
         echo "BENCH_RUN $sys postmark $round 0 $prc noreport 0 0 0 $busy $total $dt"
