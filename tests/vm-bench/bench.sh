@@ -29,7 +29,7 @@
 # Exit 0 when every selected system ran or skipped with a reason, 1 otherwise.
 . /tests/lib.sh
 
-RUNTIME=6 ROUNDS=1 SIZE_MB=256 QUEUES=1 DEPTH=128 SQLITE_ROWS=400
+RUNTIME=6 ROUNDS=1 SIZE_MB=256 QUEUES=1 DEPTH=128 SQLITE_ROWS=400 PERF=0
 SYSTEMS="drbd sb2 sb3 sb1 loop nbd"
 JOBS="w4k-qd32 w4k-qd1 w128k-qd16 r4k-qd32 sqlite postmark"
 # Written by scripts/bench-vm.
@@ -203,6 +203,32 @@ daemon_ticks() {
 # Busy and total ticks of the whole guest ("busy total").
 sys_ticks() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t}' /proc/stat; }
 
+# perf_start SYS JOB: with PERF=1, samples the whole guest (cpu-clock: TCG
+# has no PMU) for 4 s starting 1 s into the job, in the background.
+perf_start() {
+    PERF_PID=""
+    [ "$PERF" = 1 ] || return 0
+    command -v perf >/dev/null || { log "PERF: perf is not in this VM"; return 0; }
+    echo 0 >/proc/sys/kernel/kptr_restrict 2>/dev/null
+    echo -1 >/proc/sys/kernel/perf_event_paranoid 2>/dev/null
+    (sleep 1 && exec perf record -q -e cpu-clock -F 499 -a -o "/tmp/perf-$1-$2.data" -- sleep 4) >/tmp/perf.log 2>&1 &
+    PERF_PID=$!
+}
+
+# perf_report SYS JOB: prints the profile perf_start took, one PERF line
+# per row: share of samples, command, object, symbol.
+perf_report() {
+    [ -n "${PERF_PID:-}" ] || return 0
+    wait "$PERF_PID"
+    f=/tmp/perf-$1-$2.data
+    [ -s "$f" ] || { sed "s/^/PERF $1 $2 (no profile): /" /tmp/perf.log; return 0; }
+    perf report -i "$f" --stdio --sort comm,dso,sym --percent-limit 0.7 2>/dev/null |
+        grep -v '^#' | grep -v '^$' | head -n 45 | sed "s/^/PERF $1 $2 /"
+    perf report -i "$f" --stdio --sort comm --percent-limit 1 2>/dev/null |
+        grep -v '^#' | grep -v '^$' | head -n 12 | sed "s/^/PERF $1 $2 by-comm /"
+    rm -f "$f"
+}
+
 # fio_args JOB: the fio options of a job.
 fio_args() {
     case "$1" in
@@ -225,9 +251,11 @@ run_fio() {
     set -- $(sys_ticks)
     b_busy=$1 b_total=$2
     # shellcheck disable=SC2086
+    perf_start "$sys" "$job"
     fio --name=bench --filename="$DEV" --ioengine=io_uring --direct=1 $args --numjobs=1 \
         --runtime="$RUNTIME" --time_based --size="$size" --output-format=normal,terse >"$out" 2>&1
     frc=$?
+    perf_report "$sys" "$job"
     set -- $(sys_ticks)
     busy=$(($1 - b_busy)) total=$(($2 - b_total)) dt=$(($(daemon_ticks) - b_d))
     terse=$(grep '^3;' "$out" | tail -n1)
