@@ -89,6 +89,14 @@ fn record_crc(h: &[u8], data: &[u8]) -> u32 {
     crc32c::crc32c_append(c, data)
 }
 
+/// [`record_crc`] from the data's own crc32c (`crc32c_combine`).
+fn record_crc_known(h: &[u8], data_crc: u32, data: &[u8]) -> u32 {
+    debug_assert_eq!(data_crc, crc32c::crc32c(data), "a known crc that does not match its data");
+    let c = crc32c::crc32c(&h[0..12]);
+    let c = crc32c::crc32c_append(c, &h[16..REC_HEADER_BYTES]);
+    crc32c::crc32c_combine(c, data_crc, data.len())
+}
+
 /// Decodes a record header; the caller then checks the crc with the data.
 pub fn decode_header(b: &[u8]) -> Result<Decoded, RecordError> {
     if b.len() < REC_HEADER_BYTES {
@@ -226,6 +234,13 @@ impl Log {
     /// Appends one record to the pending batch. Fails if, with wrap waste,
     /// it would overrun the checkpoint tail.
     pub fn append(&mut self, h: &RecordHeader, data: &[u8]) -> Result<(), LogFull> {
+        self.append_known(h, data, None)
+    }
+
+    /// [`Self::append`] with the data's crc32c already known (the session
+    /// computed it while checking the frame), so the record's crc costs no
+    /// second pass over the data.
+    pub fn append_known(&mut self, h: &RecordHeader, data: &[u8], data_crc: Option<u32>) -> Result<(), LogFull> {
         debug_assert_eq!(data.len(), h.data_bytes());
         let need = (REC_HEADER_BYTES + data.len()) as u64;
         let waste = if self.head + need > self.size_bytes { self.size_bytes - self.head } else { 0 };
@@ -237,7 +252,10 @@ impl Log {
             self.wrap(h.seq, waste);
         }
         let mut hb = encode_header(h.op as u8, h.len, h.seq, h.offset, h.epoch);
-        let crc = record_crc(&hb, data);
+        let crc = match data_crc {
+            Some(c) => record_crc_known(&hb, c, data),
+            None => record_crc(&hb, data),
+        };
         hb[12..16].copy_from_slice(&crc.to_le_bytes());
         self.current_segment();
         let segment = self.batch.segments.len() - 1;
@@ -396,6 +414,19 @@ mod tests {
             .unwrap();
         f.set_len(size).unwrap();
         f
+    }
+
+    #[test]
+    fn a_record_with_a_known_data_crc_is_the_same_record() {
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8).collect();
+        let mut batches = Vec::new();
+        for known in [None, Some(crc32c::crc32c(&data))] {
+            let mut log = Log::new(LOG_MIN_BYTES, 0, 0);
+            log.append_known(&rec(1, 8192), &data, known).unwrap();
+            let b = log.take();
+            batches.push(b.segments.iter().map(|s| s.bytes.clone()).collect::<Vec<_>>());
+        }
+        assert_eq!(batches[0], batches[1]);
     }
 
     #[test]

@@ -610,16 +610,29 @@ impl Store {
     /// retransmission); one its history holds differently is refused.
     /// Blocks only while the log is full and a checkpoint frees space.
     pub fn append(&self, session_epoch: u64, h: &RecordHeader, data: &[u8]) -> Result<(), StoreError> {
-        self.append_inner(session_epoch, h, data, true)
+        self.append_inner(session_epoch, h, (data, None), true)
     }
 
     /// Like [`Store::append`], but leaves the commit to the caller, who
     /// promises to call [`Store::commit_pending`] when its burst ends.
-    pub fn append_deferred(&self, session_epoch: u64, h: &RecordHeader, data: &[u8]) -> Result<(), StoreError> {
-        self.append_inner(session_epoch, h, data, false)
+    /// `data_crc` is the data's crc32c when the caller already has it.
+    pub fn append_deferred(
+        &self,
+        session_epoch: u64,
+        h: &RecordHeader,
+        data: &[u8],
+        data_crc: Option<u32>,
+    ) -> Result<(), StoreError> {
+        self.append_inner(session_epoch, h, (data, data_crc), false)
     }
 
-    fn append_inner(&self, session_epoch: u64, h: &RecordHeader, data: &[u8], wake: bool) -> Result<(), StoreError> {
+    fn append_inner(
+        &self,
+        session_epoch: u64,
+        h: &RecordHeader,
+        (data, data_crc): (&[u8], Option<u32>),
+        wake: bool,
+    ) -> Result<(), StoreError> {
         self.check_range(h.offset, h.len as u64)?;
         let mut g = lock(&self.inner);
         loop {
@@ -645,7 +658,7 @@ impl Store {
                     return Err(StoreError::Diverged { after, seq: h.seq, epoch: h.epoch });
                 }
             }
-            match g.log.append(h, data) {
+            match g.log.append_known(h, data, data_crc) {
                 Ok(()) => {
                     g.last_seq = h.seq;
                     let free = g.log.size_bytes() - g.log.used_bytes();
@@ -2099,7 +2112,7 @@ mod tests {
         s.set_ack_sink(Some(old.clone()));
         // Deferred appends: nobody commits them until the fence does.
         for seq in 1..=20 {
-            s.append_deferred(1, &rec(seq, (seq % 8) * 4096, 4096), &[seq as u8; 4096]).unwrap();
+            s.append_deferred(1, &rec(seq, (seq % 8) * 4096, 4096), &[seq as u8; 4096], None).unwrap();
         }
         s.set_epoch(2).unwrap();
         // The fence committed all twenty first: the new host's branch point

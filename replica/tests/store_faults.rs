@@ -155,7 +155,7 @@ fn failed_commit_with_next_batch_waiting(fault: Fault, durable: u64) {
     let (s, h, acks) = open(dir.path());
     for seq in 1..=8 {
         let (hd, d) = rec(seq);
-        s.append_deferred(1, &hd, &d).unwrap();
+        s.append_deferred(1, &hd, &d, None).unwrap();
     }
     s.commit_pending();
     wait_durable(&s, 8);
@@ -167,7 +167,7 @@ fn failed_commit_with_next_batch_waiting(fault: Fault, durable: u64) {
     let failing = std::thread::spawn(move || {
         for seq in 9..=16 {
             let (hd, d) = rec(seq);
-            s2.append_deferred(1, &hd, &d).unwrap();
+            s2.append_deferred(1, &hd, &d, None).unwrap();
         }
         s2.commit_pending();
     });
@@ -179,7 +179,7 @@ fn failed_commit_with_next_batch_waiting(fault: Fault, durable: u64) {
     // The failing commit is stalled in the fault: these go into the next batch.
     for seq in 17..=24 {
         let (hd, d) = rec(seq);
-        s.append_deferred(1, &hd, &d).unwrap();
+        s.append_deferred(1, &hd, &d, None).unwrap();
     }
     failing.join().unwrap();
     s.commit_pending();

@@ -898,8 +898,10 @@ where
 
 /// Where the sender writes frames.
 trait Sink: Send {
-    /// Sends one frame; `seq` is set for Write frames.
-    fn frame(&mut self, kind: FrameType, parts: &[&[u8]], seq: Option<u64>) -> io::Result<()>;
+    /// Sends one frame that is not a write.
+    fn frame(&mut self, kind: FrameType, parts: &[&[u8]]) -> io::Result<()>;
+    /// Sends one Write frame: its sub-header, its data and the data's crc32c.
+    fn write(&mut self, h: &WriteHeader, data: &[u8], data_crc: u32) -> io::Result<()>;
     /// Pushes out anything buffered.
     fn flush(&mut self) -> io::Result<()>;
     /// The end of one batch of writes taken from the write queue.
@@ -915,8 +917,11 @@ struct TcpSink {
 }
 
 impl Sink for TcpSink {
-    fn frame(&mut self, kind: FrameType, parts: &[&[u8]], _seq: Option<u64>) -> io::Result<()> {
+    fn frame(&mut self, kind: FrameType, parts: &[&[u8]]) -> io::Result<()> {
         self.seal.write_frame(&mut self.w, kind, 0, parts)
+    }
+    fn write(&mut self, h: &WriteHeader, data: &[u8], data_crc: u32) -> io::Result<()> {
+        self.seal.write_frame_known(&mut self.w, FrameType::Write, 0, &[&h.encode(), data], Some(data_crc))
     }
     fn flush(&mut self) -> io::Result<()> {
         Write::flush(&mut self.w)
@@ -945,6 +950,16 @@ struct NetSink {
 }
 
 impl NetSink {
+    /// Sends the pending frames first if a frame of `parts` would not fit
+    /// in the same message.
+    fn make_room(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        let len = proto::HEADER_BYTES + parts.iter().map(|p| p.len()).sum::<usize>();
+        if self.pending.len() + len > NET_MSG_BYTES_MAX {
+            self.send_pending()?;
+        }
+        Ok(())
+    }
+
     /// Hands the pending frames to the link as one message.
     fn send_pending(&mut self) -> io::Result<()> {
         if self.pending.is_empty() {
@@ -986,17 +1001,18 @@ impl NetSink {
 }
 
 impl Sink for NetSink {
-    fn frame(&mut self, kind: FrameType, parts: &[&[u8]], seq: Option<u64>) -> io::Result<()> {
-        let len = proto::HEADER_BYTES + parts.iter().map(|p| p.len()).sum::<usize>();
-        if self.pending.len() + len > NET_MSG_BYTES_MAX {
-            self.send_pending()?;
-        }
+    fn frame(&mut self, kind: FrameType, parts: &[&[u8]]) -> io::Result<()> {
+        self.make_room(parts)?;
         self.seal.write_frame(&mut self.pending, kind, 0, parts)?;
-        match seq {
-            Some(seq) => self.pending_seq = Some(seq),
-            // Reads and heartbeats do not wait for the batch to end.
-            None => self.send_pending()?,
-        }
+        // Reads and heartbeats do not wait for the batch to end.
+        self.send_pending()
+    }
+    fn write(&mut self, h: &WriteHeader, data: &[u8], data_crc: u32) -> io::Result<()> {
+        let sub = h.encode();
+        let parts: [&[u8]; 2] = [&sub, data];
+        self.make_room(&parts)?;
+        self.seal.write_frame_known(&mut self.pending, FrameType::Write, 0, &parts, Some(data_crc))?;
+        self.pending_seq = Some(h.seq);
         Ok(())
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -1100,7 +1116,7 @@ impl TimeoutRead for MsgReader {
 /// For TCP, small frames coalesce in a 64 KiB buffer and larger frames go
 /// straight to the socket as one vectored write (no copy).
 fn sender_loop<S: Sink>(shared: &Shared, link: &Link, gen: u64, mut w: S) -> String {
-    let mut batch: Vec<(WriteHeader, Arc<Vec<u8>>)> = Vec::with_capacity(SEND_BATCH_MAX);
+    let mut batch: Vec<(WriteHeader, Arc<Vec<u8>>, u32)> = Vec::with_capacity(SEND_BATCH_MAX);
     let mut last_hb = Instant::now() - HEARTBEAT_INTERVAL;
     // First the replica checks its log against this HE's history and
     // follows it (it refuses with Diverged otherwise); frames are handled
@@ -1114,7 +1130,7 @@ fn sender_loop<S: Sink>(shared: &Shared, link: &Link, gen: u64, mut w: S) -> Str
             (FrameType::Adopt, adopt.encode())
         }
     };
-    if let Err(e) = w.frame(first.0, &[&first.1], None).and_then(|()| w.flush()) {
+    if let Err(e) = w.frame(first.0, &[&first.1]).and_then(|()| w.flush()) {
         return format!("{:?} send failed: {e}", first.0);
     }
     loop {
@@ -1123,13 +1139,13 @@ fn sender_loop<S: Sink>(shared: &Shared, link: &Link, gen: u64, mut w: S) -> Str
             return "volume stopping".into();
         }
         if let Some(req) = take_replay_request(shared, link, gen) {
-            if let Err(e) = w.frame(FrameType::Replay, &[&req.encode()], None).and_then(|()| w.flush()) {
+            if let Err(e) = w.frame(FrameType::Replay, &[&req.encode()]).and_then(|()| w.flush()) {
                 return format!("replay request send failed: {e}");
             }
         }
         if link.rate_changed.swap(false, Ordering::AcqRel) && replay_running(shared, link) {
             let rate = shared.recovery_rate_bytes_per_s.load(Ordering::Acquire);
-            if let Err(e) = w.frame(FrameType::RecoveryRate, &[&proto::encode_u64(rate)], None) {
+            if let Err(e) = w.frame(FrameType::RecoveryRate, &[&proto::encode_u64(rate)]) {
                 return format!("recovery rate send failed: {e}");
             }
         }
@@ -1140,9 +1156,8 @@ fn sender_loop<S: Sink>(shared: &Shared, link: &Link, gen: u64, mut w: S) -> Str
         if let Err(why) = take_batch(shared, link, gen, &mut batch) {
             return why;
         }
-        for (h, data) in batch.drain(..) {
-            let sub = h.encode();
-            if let Err(e) = w.frame(FrameType::Write, &[&sub, &data], Some(h.seq)) {
+        for (h, data, data_crc) in batch.drain(..) {
+            if let Err(e) = w.write(&h, &data, data_crc) {
                 return format!("send failed at seq {}: {e}", h.seq);
             }
             link.counters.writes_sent.fetch_add(1, Ordering::Relaxed);
@@ -1155,7 +1170,7 @@ fn sender_loop<S: Sink>(shared: &Shared, link: &Link, gen: u64, mut w: S) -> Str
         if last_hb.elapsed() >= HEARTBEAT_INTERVAL {
             last_hb = Instant::now();
             let nonce = shared.started.elapsed().as_micros() as u64;
-            if let Err(e) = w.frame(FrameType::Heartbeat, &[&proto::encode_u64(nonce)], None) {
+            if let Err(e) = w.frame(FrameType::Heartbeat, &[&proto::encode_u64(nonce)]) {
                 return format!("heartbeat send failed: {e}");
             }
         }
@@ -1175,7 +1190,7 @@ fn send_reads<S: Sink>(link: &Link, w: &mut S) -> Result<bool, String> {
         let req_id = link.next_req_id.fetch_add(1, Ordering::Relaxed);
         lock(&link.pending_reads).insert(req_id, r);
         let req = ReadReq { req_id, offset: r.offset, len: r.len };
-        w.frame(FrameType::Read, &[&req.encode()], None).map_err(|e| format!("read send failed: {e}"))?;
+        w.frame(FrameType::Read, &[&req.encode()]).map_err(|e| format!("read send failed: {e}"))?;
         link.counters.reads_sent.fetch_add(1, Ordering::Relaxed);
         wrote = true;
     }
@@ -1187,7 +1202,7 @@ fn take_batch(
     shared: &Shared,
     link: &Link,
     gen: u64,
-    batch: &mut Vec<(WriteHeader, Arc<Vec<u8>>)>,
+    batch: &mut Vec<(WriteHeader, Arc<Vec<u8>>, u32)>,
 ) -> Result<(), String> {
     let mut g = shared.lock();
     let first = g.queue.front().map(|e| e.seq).unwrap_or(g.next_seq);
@@ -1207,7 +1222,7 @@ fn take_batch(
     let to = next_seq.min(from + SEND_BATCH_MAX as u64);
     for e in g.queue.range((from - first) as usize..(to - first) as usize) {
         let wh = WriteHeader { seq: e.seq, offset: e.offset, len: e.len, op: e.op, epoch: e.epoch };
-        batch.push((wh, e.data.clone()));
+        batch.push((wh, e.data.clone(), e.data_crc));
     }
     g.links[link.idx].next_send_seq = to;
     Ok(())

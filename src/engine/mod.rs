@@ -167,6 +167,10 @@ struct Entry {
     /// for history seeded from the leader's log.
     epoch: u64,
     data: Arc<Vec<u8>>,
+    /// crc32c of `data`, taken once when the write is queued: every
+    /// link's frame and every replica's log record reuse it (one pass
+    /// over the data however many replicas there are).
+    data_crc: u32,
     /// Frontend token until the write completes.
     token: Option<u64>,
     /// [`Entry::bytes`] of every write up to this one since the HE started
@@ -499,6 +503,7 @@ impl Shared {
                 len: h.len,
                 op: h.op,
                 epoch: h.epoch,
+                data_crc: crc32c::crc32c(&data),
                 data: Arc::new(data),
                 token: None,
                 cum_bytes: 0,
@@ -548,6 +553,7 @@ impl Shared {
         let b = Arc::get_mut(&mut buf).expect("pooled buffers are unique");
         b.clear();
         b.extend_from_slice(data);
+        let data_crc = crc32c::crc32c(b);
         let mut g = self.lock();
         loop {
             if !g.accepting {
@@ -571,7 +577,18 @@ impl Shared {
         g.cum_bytes += need;
         let (epoch, cum_bytes) = (self.cfg.epoch, g.cum_bytes);
         let submitted = Instant::now();
-        g.queue.push_back(Entry { seq, offset, len, op, epoch, data: buf, token: Some(token), cum_bytes, submitted });
+        g.queue.push_back(Entry {
+            seq,
+            offset,
+            len,
+            op,
+            epoch,
+            data: buf,
+            data_crc,
+            token: Some(token),
+            cum_bytes,
+            submitted,
+        });
         let (first, last) = ((offset >> REGION_SHIFT) as usize, ((offset + len as u64 - 1) >> REGION_SHIFT) as usize);
         for r in &mut g.region_seq[first..=last] {
             *r = seq;
