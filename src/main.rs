@@ -138,6 +138,8 @@ enum ReplicaCmd {
         dir: PathBuf,
         #[arg(long, value_parser = parse_size_arg)]
         size: u64,
+        /// Size of the replica's log (default 1 GiB); init writes it out in
+        /// full, so commits never wait for block allocation
         #[arg(long, value_parser = parse_size_arg)]
         log_size: Option<u64>,
         /// Granularity of the change map that incremental recovery copies

@@ -22,7 +22,7 @@
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -158,6 +158,23 @@ pub fn init(dir: &Path, size_bytes: u64, log_bytes: u64) -> Result<(), StoreErro
     init_with_regions(dir, size_bytes, log_bytes, changes::REGION_SHIFT_DEFAULT)
 }
 
+/// Writes `len` zero bytes to `f` from its start. The log is written out
+/// in full once, at init, rather than left sparse: a commit then syncs
+/// data into blocks the file system already has, so its fdatasync does not
+/// also commit a block allocation (and, on tmpfs, does not clear fresh
+/// pages). Measured in `docs/performance.md` ("A preallocated log").
+fn write_zeros(mut f: &File, len: u64) -> io::Result<()> {
+    const CHUNK_BYTES: usize = 1 << 20;
+    let zeros = vec![0u8; CHUNK_BYTES];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(CHUNK_BYTES as u64) as usize;
+        f.write_all(&zeros[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
 /// Creates an empty, unstamped replica in `dir` whose change map tracks
 /// regions of `1 << region_shift` bytes (4 KiB ..= 64 KiB).
 pub fn init_with_regions(dir: &Path, size_bytes: u64, log_bytes: u64, region_shift: u32) -> Result<(), StoreError> {
@@ -193,7 +210,11 @@ pub fn init_with_regions(dir: &Path, size_bytes: u64, log_bytes: u64, region_shi
             .mode(0o600)
             .open(path)
             .map_err(io_err("create", path))?;
-        f.set_len(len).map_err(io_err("size", path))?;
+        if path == &p.log {
+            write_zeros(&f, len).map_err(io_err("preallocate", path))?;
+        } else {
+            f.set_len(len).map_err(io_err("size", path))?;
+        }
         f.sync_all().map_err(io_err("sync", path))?;
     }
     let f = OpenOptions::new().read(true).write(true).open(&p.changes).map_err(io_err("open", &p.changes))?;
@@ -1874,6 +1895,21 @@ mod tests {
         }
         let (_s, _h) = open(&dir);
         assert_eq!(mode(&dir.join(crate::readview::READVIEW_FILE)), 0o600);
+    }
+
+    /// The log is written out at init, not sparse (see `write_zeros`).
+    #[test]
+    fn init_writes_the_whole_log() {
+        use std::os::unix::fs::MetadataExt;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("r");
+        let log_bytes = LOG_MIN_BYTES + 12345;
+        init(&dir, 4 << 20, log_bytes).unwrap();
+        let m = std::fs::metadata(Paths::new(&dir).log).unwrap();
+        assert_eq!(m.len(), log_bytes);
+        assert!(m.blocks() * 512 >= log_bytes, "{} of {log_bytes} bytes allocated", m.blocks() * 512);
+        // The data file stays sparse: it can be terabytes.
+        assert!(std::fs::metadata(Paths::new(&dir).data).unwrap().blocks() < 8);
     }
 
     /// When set, the next checkpoint reports through the first channel
