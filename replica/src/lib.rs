@@ -8,6 +8,7 @@ pub mod auth;
 pub mod changes;
 pub mod client;
 pub mod copy;
+pub mod crc;
 pub mod disk;
 pub mod history;
 pub mod log;

@@ -341,7 +341,7 @@ fn frame_crc(h: &[u8; HEADER_BYTES], parts: &[&[u8]]) -> u32 {
 
 /// As [`frame_crc`], but when `last_crc` is the crc32c of the last part
 /// (a Write's data, checksummed once when the host took the write), that
-/// part is folded in with `crc32c_combine` instead of being read again: a
+/// part is folded in (`crate::crc::combine`) instead of being read again: a
 /// 4 KiB write sent to N replicas costs one pass over its data, not N.
 fn frame_crc_known(h: &[u8; HEADER_BYTES], parts: &[&[u8]], last_crc: Option<u32>) -> u32 {
     let mut crc = crc32c::crc32c(&h[0..12]);
@@ -355,7 +355,7 @@ fn frame_crc_known(h: &[u8; HEADER_BYTES], parts: &[&[u8]], last_crc: Option<u32
     }
     if let Some((c, last)) = last {
         debug_assert_eq!(c, crc32c::crc32c(last), "a known crc that does not match its data");
-        crc = crc32c::crc32c_combine(crc, c, last.len());
+        crc = crate::crc::combine(crc, c, last.len());
     }
     crc
 }
