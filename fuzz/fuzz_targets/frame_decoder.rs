@@ -272,13 +272,22 @@ fuzz_target!(|data: &[u8]| {
     let mut reencoded = Vec::new();
     let end = loop {
         let start = reader.get_ref().pos;
-        let (header, payload) = match reader.next_frame() {
+        let (header, payload, data_crc) = match reader.next_frame_crc() {
             // Copied out: the borrow of the reader's buffer would block
             // looking at how far the reader got.
-            Ok((h, p)) => (h, p.to_vec()),
+            Ok((h, p, c)) => (h, p.to_vec(), c),
             Err(e) => break e,
         };
         let payload = &payload[..];
+        // A Write frame's data crc (which the replica's log record reuses)
+        // is the plaintext data's, and only Write frames carry one; an
+        // encrypting session has none (its crc covered the ciphertext).
+        let encrypting = authed && mode & 4 != 0;
+        let expect_crc = header.kind == FrameType::Write && payload.len() >= WRITE_SUBHEADER_BYTES && !encrypting;
+        assert_eq!(data_crc.is_some(), expect_crc, "{:?} frame", header.kind);
+        if let Some(c) = data_crc {
+            assert_eq!(c, crc32c::crc32c(&payload[WRITE_SUBHEADER_BYTES..]));
+        }
         let consumed = &stream[start..reader.get_ref().pos];
         assert_eq!(consumed.len(), HEADER_BYTES + payload.len());
         assert_eq!(header.length as usize, payload.len());
