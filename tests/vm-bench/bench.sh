@@ -226,6 +226,10 @@ perf_report() {
         grep -v '^#' | grep -v '^$' | head -n 45 | sed "s/^/PERF $1 $2 /"
     perf report -i "$f" --stdio --sort comm --percent-limit 1 2>/dev/null |
         grep -v '^#' | grep -v '^$' | head -n 12 | sed "s/^/PERF $1 $2 by-comm /"
+    # Per process: the HE and each replica run the same binary, so `comm`
+    # alone cannot tell their unnamed threads apart (pids: BENCH_INFO device).
+    perf report -i "$f" --stdio --sort pid --percent-limit 1 2>/dev/null |
+        grep -v '^#' | grep -v '^$' | head -n 8 | sed "s/^/PERF $1 $2 by-pid /"
     rm -f "$f"
 }
 
