@@ -2114,6 +2114,39 @@ mod tests {
         assert!(buf[..4096].iter().all(|b| *b == 1) && buf[4096..].iter().all(|b| *b == 2));
     }
 
+    /// Records whose crc came from the session's frame check (one pass over
+    /// the data, `Log::append_known`) must scan back at the next open like
+    /// any other: a wrong crc would end the log early there, and for a peer
+    /// replaying this log.
+    #[test]
+    fn records_with_a_known_crc_replay_at_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), 1 << 20, LOG_MIN_BYTES).unwrap();
+        let (s, h) = open(dir.path());
+        for seq in 1..=6u64 {
+            let d = vec![seq as u8; 4096 * (seq as usize % 3 + 1)];
+            let r = rec(seq, (seq % 4) * 16384, d.len() as u32);
+            s.append_deferred(1, &r, &d, Some(crc32c::crc32c(&d))).unwrap();
+        }
+        s.commit_pending();
+        wait_durable(&s, 6);
+        s.shutdown();
+        h.join().unwrap();
+        drop(s);
+        let (s, _h) = open(dir.path());
+        assert_eq!(s.durable_seq(), 6);
+        let mut entries = Vec::new();
+        let next = s
+            .read_log(1, 6, |h: &RecordHeader, d: &[u8]| {
+                entries.push((h.seq, d[0], d.len()));
+                true
+            })
+            .unwrap();
+        assert_eq!(next, 7);
+        let want: Vec<_> = (1..=6u64).map(|q| (q, q as u8, 4096 * (q as usize % 3 + 1))).collect();
+        assert_eq!(entries, want);
+    }
+
     #[test]
     fn log_wraps_many_times_through_checkpoints() {
         let dir = tempfile::tempdir().unwrap();
