@@ -83,18 +83,19 @@ fn encode_header(kind: u8, len: u32, seq: u64, offset: u64, epoch: u64) -> [u8; 
     h
 }
 
+/// crc32c of a record header, skipping its crc field.
+fn header_crc(h: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&h[0..12]), &h[16..REC_HEADER_BYTES])
+}
+
 fn record_crc(h: &[u8], data: &[u8]) -> u32 {
-    let c = crc32c::crc32c(&h[0..12]);
-    let c = crc32c::crc32c_append(c, &h[16..REC_HEADER_BYTES]);
-    crc32c::crc32c_append(c, data)
+    crc32c::crc32c_append(header_crc(h), data)
 }
 
 /// [`record_crc`] from the data's own crc32c (`crate::crc::combine`).
 fn record_crc_known(h: &[u8], data_crc: u32, data: &[u8]) -> u32 {
     debug_assert_eq!(data_crc, crc32c::crc32c(data), "a known crc that does not match its data");
-    let c = crc32c::crc32c(&h[0..12]);
-    let c = crc32c::crc32c_append(c, &h[16..REC_HEADER_BYTES]);
-    crate::crc::combine(c, data_crc, data.len())
+    crate::crc::combine(header_crc(h), data_crc, data.len())
 }
 
 /// Decodes a record header; the caller then checks the crc with the data.

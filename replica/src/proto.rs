@@ -581,9 +581,7 @@ impl<R: Read> FrameReader<R> {
             // crc the log record reuses (`Log::append_known`).
             let (sub, data) = self.payload.split_at(WRITE_SUBHEADER_BYTES);
             let data_crc = crc32c::crc32c(data);
-            let mut h = [0u8; HEADER_BYTES];
-            h.copy_from_slice(&self.header);
-            let actual = frame_crc_known(&h, &[sub, data], Some(data_crc));
+            let actual = frame_crc_known(&self.header, &[sub, data], Some(data_crc));
             if actual != header.crc {
                 return Err(ReadError::Frame(FrameError::BadCrc { expected: header.crc, actual }));
             }

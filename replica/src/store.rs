@@ -631,7 +631,7 @@ impl Store {
     /// retransmission); one its history holds differently is refused.
     /// Blocks only while the log is full and a checkpoint frees space.
     pub fn append(&self, session_epoch: u64, h: &RecordHeader, data: &[u8]) -> Result<(), StoreError> {
-        self.append_inner(session_epoch, h, (data, None), true)
+        self.append_inner(session_epoch, h, data, None, true)
     }
 
     /// Like [`Store::append`], but leaves the commit to the caller, who
@@ -644,14 +644,15 @@ impl Store {
         data: &[u8],
         data_crc: Option<u32>,
     ) -> Result<(), StoreError> {
-        self.append_inner(session_epoch, h, (data, data_crc), false)
+        self.append_inner(session_epoch, h, data, data_crc, false)
     }
 
     fn append_inner(
         &self,
         session_epoch: u64,
         h: &RecordHeader,
-        (data, data_crc): (&[u8], Option<u32>),
+        data: &[u8],
+        data_crc: Option<u32>,
         wake: bool,
     ) -> Result<(), StoreError> {
         self.check_range(h.offset, h.len as u64)?;
@@ -2085,6 +2086,13 @@ mod tests {
         (s, h)
     }
 
+    /// Stops the committer and drops the store, as a clean shutdown does.
+    fn close(s: Arc<Store>, h: JoinHandle<()>) {
+        s.shutdown();
+        h.join().unwrap();
+        drop(s);
+    }
+
     fn wait_durable(s: &Store, seq: u64) {
         for _ in 0..2000 {
             if s.durable_seq() >= seq {
@@ -2104,9 +2112,7 @@ mod tests {
         s.append(1, &rec(2, 4096, 4096), &[2u8; 4096]).unwrap();
         assert!(matches!(s.append(1, &rec(4, 0, 4096), &[4u8; 4096]), Err(StoreError::SeqGap { .. })));
         wait_durable(&s, 2);
-        s.shutdown();
-        h.join().unwrap();
-        drop(s);
+        close(s, h);
         let (s, _h) = open(dir.path());
         assert_eq!(s.durable_seq(), 2);
         let mut buf = [0u8; 8192];
@@ -2130,9 +2136,7 @@ mod tests {
         }
         s.commit_pending();
         wait_durable(&s, 6);
-        s.shutdown();
-        h.join().unwrap();
-        drop(s);
+        close(s, h);
         let (s, _h) = open(dir.path());
         assert_eq!(s.durable_seq(), 6);
         let mut entries = Vec::new();
@@ -2238,14 +2242,10 @@ mod tests {
         // A 1 MiB write at 192 KiB touches regions 3..=18.
         assert_eq!(changed(&s, 0), [vec![1], (3..=18).collect::<Vec<u64>>()].concat());
         assert_eq!(changed(&s, 1), (3..=18).collect::<Vec<u64>>());
-        s.shutdown();
-        h.join().unwrap();
-        drop(s);
+        close(s, h);
         let (s, h) = open(dir.path());
         assert_eq!(changed(&s, 1), (3..=18).collect::<Vec<u64>>(), "after a restart");
-        s.shutdown();
-        h.join().unwrap();
-        drop(s);
+        close(s, h);
         // A replica of the earlier format has no map: every region counts
         // as written at the seq it holds.
         std::fs::remove_file(dir.path().join("changes")).unwrap();
