@@ -45,24 +45,41 @@ fn reordering_lets_later_packets_overtake() {
     assert_eq!(order.len(), 300, "reordering loses nothing");
 }
 
+/// One-way delays of 200 packets through a link with `params`, in order
+/// of sending; checks that none was reordered.
+fn delays_ms(params: LinkParams, what: &str) -> Vec<f64> {
+    let (sink, _, sent_at) = run(params, 200, Duration::from_millis(1));
+    let got = sink.received();
+    let order: Vec<u64> = got.iter().map(|&(seq, _)| seq).collect();
+    assert_eq!(order, (0..200).collect::<Vec<_>>(), "{what}: FIFO without reordering");
+    let mut d: Vec<f64> = got.iter().map(|&(seq, at)| (at - sent_at[seq as usize]).as_secs_f64() * 1e3).collect();
+    d.sort_by(f64::total_cmp);
+    d
+}
+
 #[test]
 fn jitter_spreads_delay_but_keeps_fifo() {
+    // The same link without jitter bounds the median from above: comparing
+    // with a run on the same machine cancels its scheduling latency, which
+    // alone moved the median by 2 ms on a loaded CI machine.
+    let control = delays_ms(LinkParams { delay_ms: 10.0, ..Default::default() }, "no jitter");
+    let control_median = control[control.len() / 2];
     for dist in [JitterDist::Uniform, JitterDist::Normal] {
         let params = LinkParams { delay_ms: 10.0, jitter_ms: 2.0, jitter_dist: dist, ..Default::default() };
-        let (sink, _, sent_at) = run(params, 200, Duration::from_millis(1));
-        let got = sink.received();
-        let order: Vec<u64> = got.iter().map(|&(seq, _)| seq).collect();
-        assert_eq!(order, (0..200).collect::<Vec<_>>(), "{dist:?}: FIFO without reordering");
-        let delays_ms: Vec<f64> =
-            got.iter().map(|&(seq, at)| (at - sent_at[seq as usize]).as_secs_f64() * 1e3).collect();
-        let mut sorted = delays_ms.clone();
-        sorted.sort_by(f64::total_cmp);
+        let sorted = delays_ms(params, &format!("{dist:?}"));
         let (min, median, max) = (sorted[0], sorted[sorted.len() / 2], sorted[sorted.len() - 1]);
-        eprintln!("{dist:?}: one-way delay min {min:.2} median {median:.2} max {max:.2} ms");
+        eprintln!("{dist:?}: one-way delay min {min:.2} median {median:.2} max {max:.2} ms (no jitter: median {control_median:.2})");
         // Uniform never goes below delay - jitter; normal is truncated at 4 sigma.
         let floor = if dist == JitterDist::Uniform { 10.0 - 2.0 } else { 10.0 - 4.0 * 2.0 };
         assert!(min >= floor - 0.1, "{dist:?}: delay {min} below {floor} ms");
-        assert!((9.0..=12.0).contains(&median), "{dist:?}: median {median} ms");
+        assert!(median >= 9.0, "{dist:?}: median {median} ms below the delay less half the jitter");
+        // FIFO holds a packet back behind an earlier, slower one, which
+        // lifts the median by up to the jitter; 1 ms on top for the noise
+        // between the two runs.
+        assert!(
+            median <= control_median + 2.0 + 1.0,
+            "{dist:?}: median {median} ms, {control_median} ms without jitter: more than the jitter above it"
+        );
         assert!(max - min > 1.5, "{dist:?}: no visible jitter");
     }
 }
