@@ -398,12 +398,22 @@ pub struct DiskFile {
     file: File,
     kind: FileKind,
     faults: Arc<FaultPlan>,
+    /// Opened with `O_DIRECT`: a torn write tears at a block boundary.
+    direct: bool,
 }
 
 impl DiskFile {
     /// Wraps `file`, which the store uses as `kind`.
     pub fn new(file: File, kind: FileKind, faults: Arc<FaultPlan>) -> DiskFile {
-        DiskFile { file, kind, faults }
+        DiskFile { file, kind, faults, direct: false }
+    }
+
+    /// [`DiskFile::new`] for a file opened with `O_DIRECT`, whose writes
+    /// are whole blocks: a torn write keeps whole blocks of its prefix, as
+    /// a device tears at its block boundaries (and direct I/O refuses any
+    /// other length).
+    pub fn new_direct(file: File, kind: FileKind, faults: Arc<FaultPlan>) -> DiskFile {
+        DiskFile { file, kind, faults, direct: true }
     }
 
     /// The file underneath (no fault injection).
@@ -452,8 +462,10 @@ impl FileIo for DiskFile {
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         if let Some(inj) = self.injected(FaultOp::Write, buf.len()) {
-            if inj.prefix > 0 {
-                FileExt::write_all_at(&self.file, &buf[..inj.prefix], offset)?;
+            let block = crate::log::LOG_BLOCK_BYTES;
+            let prefix = if self.direct { inj.prefix / block * block } else { inj.prefix };
+            if prefix > 0 {
+                FileExt::write_all_at(&self.file, &buf[..prefix], offset)?;
             }
             return Err(self.fail(&inj));
         }

@@ -390,6 +390,9 @@ pub struct Store {
     sb: Mutex<(DiskFile, Superblock)>,
     data: DiskFile,
     log_file: DiskFile,
+    /// The log opened again with `O_DIRECT`, for group commits, where the
+    /// filesystem allows it (`open_log_direct`).
+    log_direct: Option<DiskFile>,
     /// Last seq written per region (`crate::changes`).
     changes: ChangeMap<DiskFile>,
     /// Region locks (by region index modulo their count): applying a
@@ -458,6 +461,7 @@ impl Store {
         // open must see the data file change under it.
         let view = open_view(dir);
         let (next, head, used) = replay(&sb, &data, &log_file, map.as_ref(), &p)?;
+        let (log, log_direct) = open_log(&sb, head, used, &p, &faults);
         let changes = match map {
             Some(m) => m,
             // No map yet (a replica of the previous format) or a lost one:
@@ -472,7 +476,7 @@ impl Store {
         let store = Arc::new(Store {
             dir: dir.to_path_buf(),
             inner: Mutex::new(Inner {
-                log: Log::new(sb.log_bytes, head, used),
+                log,
                 last_seq: next - 1,
                 committing: false,
                 // Replayed records are in the (synced) data file already.
@@ -495,6 +499,7 @@ impl Store {
             sb: Mutex::new((sb_file, sb)),
             data,
             log_file,
+            log_direct,
             changes,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             applied_through: AtomicU64::new(next - 1),
@@ -684,7 +689,9 @@ impl Store {
                 Ok(()) => {
                     g.last_seq = h.seq;
                     let free = g.log.size_bytes() - g.log.used_bytes();
-                    if g.history.is_some_and(|hist| free < hist.bytes) {
+                    // A direct commit also zeroes the rest of its last
+                    // block past the head (`Log::slack_bytes`).
+                    if g.history.is_some_and(|hist| free < hist.bytes + g.log.slack_bytes()) {
                         g.history = None;
                     }
                     // A running commit picks the batch up when it ends
@@ -1065,7 +1072,7 @@ impl Store {
         // wrap waste it can cause: in a log near LOG_MIN_BYTES that happens
         // below half full, and an append waiting for space would wait for a
         // checkpoint that never starts (replica/tests/store_edge_cases.rs).
-        let worst = 2 * (MAX_IO_BYTES as u64 + REC_HEADER_BYTES as u64) + REC_HEADER_BYTES as u64;
+        let worst = 2 * (MAX_IO_BYTES as u64 + REC_HEADER_BYTES as u64) + g.log.slack_bytes();
         let free = g.log.size_bytes().saturating_sub(g.log.used_bytes());
         g.applied_unsynced_bytes > 0
             && (g.log.used_bytes() * 4 >= g.log.size_bytes() * CHECKPOINT_QUARTERS || free < worst)
@@ -1078,7 +1085,7 @@ impl Store {
             return Ok(());
         }
         let started = std::time::Instant::now();
-        batch.write_durable(&self.log_file).map_err(io_err("log write", &self.dir))?;
+        batch.write_durable(self.log_writer(batch)).map_err(io_err("log write", &self.dir))?;
         self.commit_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         self.publish(batch);
         #[cfg(test)]
@@ -1087,6 +1094,26 @@ impl Store {
         // A failed apply wakes them too, in `fail` (`commit_locked`).
         self.notify_applied();
         applied
+    }
+
+    /// The file a batch is written to: the direct handle for a batch built
+    /// in whole blocks (`Log::direct`), the buffered one otherwise.
+    fn log_writer(&self, batch: &Batch) -> &DiskFile {
+        debug_assert_eq!(batch.is_direct(), self.log_direct.is_some());
+        match &self.log_direct {
+            Some(f) if batch.is_direct() => f,
+            _ => &self.log_file,
+        }
+    }
+
+    /// Whether group commits write the log with direct I/O ("direct") or
+    /// through the page cache ("buffered").
+    pub fn log_io(&self) -> &'static str {
+        if self.log_direct.is_some() {
+            "direct"
+        } else {
+            "buffered"
+        }
     }
 
     /// Applies a durable batch to the data file in seq order.
@@ -1436,7 +1463,7 @@ impl Store {
         g.applied_seq = live_from - 1;
         g.applied_end = head;
         g.applied_unsynced_bytes = 0;
-        g.log = Log::new(size, head, 0);
+        g.log.restart(head);
         g.history = None;
         lock(&self.recent).clear();
         self.durable_seq.store(base, Ordering::Release);
@@ -1774,6 +1801,43 @@ fn replay(
     Ok((next, head, used))
 }
 
+/// The append side of the log at `head`, and the `O_DIRECT` handle its
+/// batches are written through, if any (`docs/on-disk-format.md`, "Log
+/// I/O"). A group commit through the page cache copies every record into
+/// it first, and that copy was the largest cost of a large write.
+/// Buffered where the filesystem refuses direct I/O (open, or the first
+/// read), where the log is not a whole number of blocks, and where
+/// `STARBLK_LOG_IO=buffered` says so.
+fn open_log(sb: &Superblock, head: u64, used: u64, p: &Paths, faults: &Arc<FaultPlan>) -> (Log, Option<DiskFile>) {
+    let buffered = || Log::new(sb.log_bytes, head, used);
+    if std::env::var_os(LOG_IO_ENV).is_some_and(|v| v == "buffered") {
+        return (buffered(), None);
+    }
+    if !sb.log_bytes.is_multiple_of(log::LOG_BLOCK_BYTES as u64) {
+        tracing::info!(log = %p.log.display(), "log written through the page cache: its size is not a whole number of 4 KiB blocks");
+        return (buffered(), None);
+    }
+    let file = match OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(&p.log) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::info!(log = %p.log.display(), "log written through the page cache: O_DIRECT refused: {e}");
+            return (buffered(), None);
+        }
+    };
+    match Log::direct(sb.log_bytes, head, used, &file) {
+        Ok(log) => (log, Some(DiskFile::new_direct(file, FileKind::Log, faults.clone()))),
+        Err(e) => {
+            tracing::info!(log = %p.log.display(), "log written through the page cache: a direct read failed: {e}");
+            (buffered(), None)
+        }
+    }
+}
+
+/// Set to `buffered`, replicas write their log through the page cache even
+/// where direct I/O works (to compare the two, or on a filesystem whose
+/// direct I/O misbehaves).
+pub const LOG_IO_ENV: &str = "STARBLK_LOG_IO";
+
 /// Opens the change map, checking it against the superblock; None if the
 /// replica has none (made by an earlier version, or lost).
 fn open_changes(
@@ -2048,7 +2112,9 @@ mod tests {
             .enumerate()
             .map(|(i, &(offset, len))| log::Pending { header: rec(i as u64 + 1, offset, len), segment: 0, data_pos: 0 })
             .collect();
-        Batch { records, ..Batch::default() }
+        let mut b = Batch::default();
+        b.records = records;
+        b
     }
 
     #[test]
@@ -2278,6 +2344,69 @@ mod tests {
             true
         })?;
         Ok((first, n, ok))
+    }
+
+    /// A direct commit zeroes its last block past the head: the records
+    /// behind the tail that `read_log` still serves must never be in that
+    /// padding. Small records one commit at a time bring the head up to
+    /// them in steps shorter than a block.
+    #[test]
+    fn records_behind_the_tail_stay_readable_past_the_padding_of_direct_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), 1 << 20, LOG_MIN_BYTES).unwrap();
+        let (s, _h) = open(dir.path());
+        if s.log_io() != "direct" {
+            eprintln!(
+                "SKIP: {} refuses direct I/O, so the log is written through the page cache",
+                dir.path().display()
+            );
+            return;
+        }
+        let mut seq = 0;
+        // A data record of `len` bytes, or a discard: a bare header.
+        let mut append = |len: Option<u32>| {
+            seq += 1;
+            let h = match len {
+                Some(len) => rec(seq, (seq % 4) * 128 * 1024, len),
+                None => RecordHeader { op: WriteOp::Discard, ..rec(seq, 0, 4096) },
+            };
+            s.append(1, &h, &vec![seq as u8; h.data_bytes()]).unwrap();
+            wait_durable(&s, seq);
+            seq
+        };
+        // Large steps while the head is far from the records behind the
+        // tail, then steps of one header until it reaches them. The first
+        // such history starts at offset 0, a block boundary, which no
+        // padding crosses: sweep up to two histories that start inside a
+        // block.
+        let (mut swept, mut checked) = (0, 0);
+        for _ in 0..20_000 {
+            let hist = {
+                let g = lock(&s.inner);
+                let free = g.log.size_bytes() - g.log.used_bytes();
+                g.history.map(|h| (h, free.saturating_sub(h.bytes)))
+            };
+            let last = append(match hist {
+                Some((_, room)) if room <= 16 * 1024 => None,
+                Some((_, room)) if room <= 512 * 1024 => Some(4096),
+                _ => Some(128 * 1024),
+            });
+            let Some((h, _)) = hist.filter(|(h, _)| h.offset % log::LOG_BLOCK_BYTES as u64 != 0) else { continue };
+            match read_back(&s, h.first_seq) {
+                Ok((first, n, ok)) => {
+                    let want = first == h.first_seq && n > 0 && ok;
+                    assert!(want, "after seq {last}: {h:?} is said to be in the log, read gave {n} records from {first}, intact {ok}");
+                    checked += 1;
+                }
+                Err(StoreError::NotInLog { .. }) => swept += 1,
+                Err(e) => panic!("after seq {last}: {e}"),
+            }
+            if swept == 2 {
+                break;
+            }
+        }
+        eprintln!("{swept} histories swept, read back {checked} times");
+        assert!(swept == 2 && checked > 0, "{swept} histories swept, read back {checked} times");
     }
 
     #[test]
