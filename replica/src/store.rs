@@ -1817,6 +1817,14 @@ fn open_log(sb: &Superblock, head: u64, used: u64, p: &Paths, faults: &Arc<Fault
         tracing::info!(log = %p.log.display(), "log written through the page cache: its size is not a whole number of 4 KiB blocks");
         return (buffered(), None);
     }
+    if on_tmpfs(&p.log) {
+        // No device under it: direct I/O there is the same copy into the
+        // same memory, and a direct batch writes whole blocks (measured in
+        // the VM bench: SQLite 46.3 and 42.8 tx/s direct against 49.8 and
+        // 52.2 buffered, in one boot).
+        tracing::info!(log = %p.log.display(), "log written through the page cache: it is on tmpfs");
+        return (buffered(), None);
+    }
     let file = match OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(&p.log) {
         Ok(f) => f,
         Err(e) => {
@@ -1831,6 +1839,18 @@ fn open_log(sb: &Superblock, head: u64, used: u64, p: &Paths, faults: &Arc<Fault
             (buffered(), None)
         }
     }
+}
+
+/// Whether `path` is on tmpfs (false if that cannot be told).
+fn on_tmpfs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return false };
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call, and
+    // `st` is a writable statfs-sized buffer; statfs writes only into it.
+    let rc = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
+    // SAFETY: statfs filled `st` when it returned 0.
+    rc == 0 && unsafe { st.assume_init() }.f_type == libc::TMPFS_MAGIC
 }
 
 /// Set to `buffered`, replicas write their log through the page cache even
@@ -2344,6 +2364,22 @@ mod tests {
             true
         })?;
         Ok((first, n, ok))
+    }
+
+    /// On tmpfs the log goes through the page cache: direct I/O there is
+    /// the same copy, with whole blocks to write.
+    #[test]
+    fn a_log_on_tmpfs_is_written_through_the_page_cache() {
+        let shm = Path::new("/dev/shm");
+        if !on_tmpfs(shm) {
+            eprintln!("SKIP: /dev/shm is not tmpfs here");
+            return;
+        }
+        let dir = tempfile::tempdir_in(shm).unwrap();
+        init(dir.path(), 1 << 20, LOG_MIN_BYTES).unwrap();
+        let (s, h) = open(dir.path());
+        assert_eq!(s.log_io(), "buffered");
+        close(s, h);
     }
 
     /// A direct commit zeroes its last block past the head: the records
