@@ -135,6 +135,26 @@ pub fn verify(header_bytes: &[u8], crc: u32, data: &[u8]) -> Result<(), RecordEr
 /// direct write are multiples of it (`docs/on-disk-format.md`, "Log I/O").
 pub const LOG_BLOCK_BYTES: usize = 4096;
 
+/// How a replica writes its log (`docs/on-disk-format.md`, "Log I/O").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogIo {
+    /// With `O_DIRECT`, in whole blocks from the batch's own buffer: no
+    /// copy into the page cache.
+    Direct,
+    /// Through the page cache: where the log is on tmpfs, direct I/O is
+    /// refused, the log is not whole blocks, or `STARBLK_LOG_IO=buffered`.
+    Buffered,
+}
+
+impl std::fmt::Display for LogIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LogIo::Direct => "direct",
+            LogIo::Buffered => "buffered",
+        })
+    }
+}
+
 /// One log block, aligned in memory as direct I/O needs.
 #[derive(Clone, Copy)]
 #[repr(C, align(4096))]
@@ -610,7 +630,11 @@ mod tests {
         }
         fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
             let b = LOG_BLOCK_BYTES;
-            assert!(offset % b as u64 == 0 && buf.len() % b == 0, "unaligned write of {} at {offset}", buf.len());
+            assert!(
+                offset.is_multiple_of(b as u64) && buf.len().is_multiple_of(b),
+                "unaligned write of {} at {offset}",
+                buf.len()
+            );
             assert!((buf.as_ptr() as usize).is_multiple_of(b), "unaligned buffer");
             FileIo::write_all_at(&self.0, buf, offset)
         }

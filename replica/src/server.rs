@@ -916,7 +916,7 @@ impl Server {
             "checkpoint_seq": sb.checkpoint_seq,
             "commits": self.store.commits.load(Ordering::Relaxed),
             "writes": self.store.writes.load(Ordering::Relaxed),
-            "log_io": self.store.log_io(),
+            "log_io": self.store.log_io().to_string(),
             "failure": self.store.failure(),
             "rejected": self.rejections.snapshot(),
             "auth_failures": self.auth_failures(),

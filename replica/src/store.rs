@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use crate::changes::{self, ChangeMap};
 use crate::disk::{DiskFile, FaultPlan, FaultSpecError, FileIo, FileKind};
 use crate::history::{self as hist, AppendDecision, Standing};
-use crate::log::{self, Batch, Log, RecordHeader, LOG_MIN_BYTES, REC_HEADER_BYTES};
+use crate::log::{self, Batch, Log, LogIo, RecordHeader, LOG_MIN_BYTES, REC_HEADER_BYTES};
 use crate::members::{MembersRefusal, Membership};
 use crate::proto::{RegionHeader, Uuid, WriteOp, MAX_IO_BYTES};
 use crate::readview::ViewWriter;
@@ -391,7 +391,7 @@ pub struct Store {
     data: DiskFile,
     log_file: DiskFile,
     /// The log opened again with `O_DIRECT`, for group commits, where the
-    /// filesystem allows it (`open_log_direct`).
+    /// filesystem allows it (`open_log`).
     log_direct: Option<DiskFile>,
     /// Last seq written per region (`crate::changes`).
     changes: ChangeMap<DiskFile>,
@@ -1106,13 +1106,12 @@ impl Store {
         }
     }
 
-    /// Whether group commits write the log with direct I/O ("direct") or
-    /// through the page cache ("buffered").
-    pub fn log_io(&self) -> &'static str {
+    /// How group commits write the log.
+    pub fn log_io(&self) -> LogIo {
         if self.log_direct.is_some() {
-            "direct"
+            LogIo::Direct
         } else {
-            "buffered"
+            LogIo::Buffered
         }
     }
 
@@ -2378,7 +2377,7 @@ mod tests {
         let dir = tempfile::tempdir_in(shm).unwrap();
         init(dir.path(), 1 << 20, LOG_MIN_BYTES).unwrap();
         let (s, h) = open(dir.path());
-        assert_eq!(s.log_io(), "buffered");
+        assert_eq!(s.log_io(), LogIo::Buffered);
         close(s, h);
     }
 
@@ -2391,7 +2390,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         init(dir.path(), 1 << 20, LOG_MIN_BYTES).unwrap();
         let (s, _h) = open(dir.path());
-        if s.log_io() != "direct" {
+        if s.log_io() != LogIo::Direct {
             eprintln!(
                 "SKIP: {} refuses direct I/O, so the log is written through the page cache",
                 dir.path().display()

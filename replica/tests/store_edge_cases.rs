@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use starblk_replica::history::History;
-use starblk_replica::log::{RecordHeader, LOG_BLOCK_BYTES, LOG_MIN_BYTES};
+use starblk_replica::log::{LogIo, RecordHeader, LOG_BLOCK_BYTES, LOG_MIN_BYTES};
 use starblk_replica::proto::{WriteOp, MAX_IO_BYTES};
 use starblk_replica::store::{self, Paths, Store};
 use starblk_replica::superblock::{Superblock, SLOT_BYTES};
@@ -67,7 +67,7 @@ fn max_size_write_into_a_log_just_under_half_full_completes() {
     sb.write_next(&sb_file).unwrap();
     drop(sb_file);
     let (s, h) = Store::open(dir.path()).unwrap();
-    if s.log_io() != "direct" {
+    if s.log_io() != LogIo::Direct {
         // Through the page cache an append keeps 40 bytes free, not a
         // block, and in a log of this size no 1 MiB write can then need
         // more than the free half.
