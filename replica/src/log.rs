@@ -15,7 +15,8 @@ const REC_MAGIC: u32 = u32::from_le_bytes(*b"SLOG");
 pub const REC_HEADER_BYTES: usize = 40;
 /// Smallest log accepted: room for two maximal records, in whole blocks so
 /// that it can be written with direct I/O (`LOG_BLOCK_BYTES`).
-pub const LOG_MIN_BYTES: u64 = (4 * (MAX_IO_BYTES as u64 + REC_HEADER_BYTES as u64)).next_multiple_of(LOG_BLOCK_BYTES as u64);
+pub const LOG_MIN_BYTES: u64 =
+    (4 * (MAX_IO_BYTES as u64 + REC_HEADER_BYTES as u64)).next_multiple_of(LOG_BLOCK_BYTES as u64);
 const KIND_WRAP: u8 = 0xff;
 
 /// One record's fixed header.
