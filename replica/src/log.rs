@@ -204,13 +204,16 @@ impl AlignedBuf {
         self.len = end;
     }
 
-    /// The bytes up to the end of the last block in use, those past `len`
-    /// zeroed: what a direct write puts on disk.
-    fn padded(&mut self) -> &[u8] {
-        let end = self.len.next_multiple_of(LOG_BLOCK_BYTES);
-        let len = self.len;
+    /// The bytes up to the end of the last block in use: what a direct
+    /// write puts on disk (`zero_pad` first).
+    fn blocks(&self) -> &[u8] {
+        &self.whole()[..self.len.next_multiple_of(LOG_BLOCK_BYTES)]
+    }
+
+    /// Zeroes the bytes between `len` and the end of its block.
+    fn zero_pad(&mut self) {
+        let (len, end) = (self.len, self.len.next_multiple_of(LOG_BLOCK_BYTES));
         self.whole_mut()[len..end].fill(0);
-        &self.whole()[..end]
     }
 
     fn clear(&mut self) {
@@ -293,8 +296,7 @@ impl Batch {
     pub fn write_durable<F: FileIo + ?Sized>(&self, file: &F) -> io::Result<()> {
         for s in &self.segments {
             if self.direct {
-                let len = s.buf.len.next_multiple_of(LOG_BLOCK_BYTES);
-                file.write_all_at(&s.buf.whole()[..len], s.offset - s.lead as u64)?;
+                file.write_all_at(s.buf.blocks(), s.offset - s.lead as u64)?;
             } else {
                 file.write_all_at(s.records(), s.offset)?;
             }
@@ -340,10 +342,7 @@ impl Log {
         debug_assert!(size_bytes.is_multiple_of(LOG_BLOCK_BYTES as u64));
         let mut block = Box::new(ZERO_BLOCK);
         file.read_exact_at(&mut block.0, head - head % LOG_BLOCK_BYTES as u64)?;
-        let mut log = Log::new(size_bytes, head, used_bytes);
-        log.head_block = Some(block);
-        log.batch.direct = true;
-        Ok(log)
+        Ok(Log { head_block: Some(block), ..Log::new(size_bytes, head, used_bytes) })
     }
 
     /// The same log emptied at `head` (a copy restarts it there), keeping
@@ -352,7 +351,6 @@ impl Log {
         debug_assert_eq!(head, self.head);
         let block = self.head_block.take();
         *self = Log { head_block: block, ..Log::new(self.size_bytes, head, 0) };
-        self.batch.direct = self.head_block.is_some();
     }
 
     /// Whether batches are written with direct I/O.
@@ -485,18 +483,16 @@ impl Log {
     /// block is zeroed past the last record and becomes the block at the
     /// head: the next batch starts inside it.
     pub fn take(&mut self) -> Batch {
-        let direct = self.is_direct();
-        let mut b = std::mem::replace(&mut self.batch, Batch { direct, ..Batch::default() });
+        let mut b = std::mem::take(&mut self.batch);
         b.end_offset = self.head;
+        b.direct = self.is_direct();
         let Some(block) = &mut self.head_block else { return b };
-        let n = b.segments.len();
-        for (i, s) in b.segments.iter_mut().enumerate() {
-            let end = s.end();
-            let bytes = s.buf.padded();
-            if i + 1 == n && end % LOG_BLOCK_BYTES as u64 != 0 {
-                let at = bytes.len() - LOG_BLOCK_BYTES;
-                block.0.copy_from_slice(&bytes[at..]);
-            }
+        for s in &mut b.segments {
+            s.buf.zero_pad();
+        }
+        if let Some(last) = b.segments.last().filter(|s| !s.end().is_multiple_of(LOG_BLOCK_BYTES as u64)) {
+            let bytes = last.buf.blocks();
+            block.0.copy_from_slice(&bytes[bytes.len() - LOG_BLOCK_BYTES..]);
         }
         b
     }

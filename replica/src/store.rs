@@ -1812,32 +1812,37 @@ fn open_log(sb: &Superblock, head: u64, used: u64, p: &Paths, faults: &Arc<Fault
     if std::env::var_os(LOG_IO_ENV).is_some_and(|v| v == "buffered") {
         return (buffered(), None);
     }
+    let direct = direct_log_file(sb, p).and_then(|f| match Log::direct(sb.log_bytes, head, used, &f) {
+        Ok(log) => Ok((log, f)),
+        Err(e) => Err(format!("a direct read failed: {e}")),
+    });
+    match direct {
+        Ok((log, f)) => (log, Some(DiskFile::new_direct(f, FileKind::Log, faults.clone()))),
+        Err(why) => {
+            tracing::info!(log = %p.log.display(), "log written through the page cache: {why}");
+            (buffered(), None)
+        }
+    }
+}
+
+/// The log opened with `O_DIRECT`, or why it is not.
+fn direct_log_file(sb: &Superblock, p: &Paths) -> Result<File, String> {
     if !sb.log_bytes.is_multiple_of(log::LOG_BLOCK_BYTES as u64) {
-        tracing::info!(log = %p.log.display(), "log written through the page cache: its size is not a whole number of 4 KiB blocks");
-        return (buffered(), None);
+        return Err("its size is not a whole number of 4 KiB blocks".into());
     }
     if on_tmpfs(&p.log) {
         // No device under it: direct I/O there is the same copy into the
         // same memory, and a direct batch writes whole blocks (measured in
         // the VM bench: SQLite 46.3 and 42.8 tx/s direct against 49.8 and
         // 52.2 buffered, in one boot).
-        tracing::info!(log = %p.log.display(), "log written through the page cache: it is on tmpfs");
-        return (buffered(), None);
+        return Err("it is on tmpfs".into());
     }
-    let file = match OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(&p.log) {
-        Ok(f) => f,
-        Err(e) => {
-            tracing::info!(log = %p.log.display(), "log written through the page cache: O_DIRECT refused: {e}");
-            return (buffered(), None);
-        }
-    };
-    match Log::direct(sb.log_bytes, head, used, &file) {
-        Ok(log) => (log, Some(DiskFile::new_direct(file, FileKind::Log, faults.clone()))),
-        Err(e) => {
-            tracing::info!(log = %p.log.display(), "log written through the page cache: a direct read failed: {e}");
-            (buffered(), None)
-        }
-    }
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&p.log)
+        .map_err(|e| format!("O_DIRECT refused: {e}"))
 }
 
 /// Whether `path` is on tmpfs (false if that cannot be told).
