@@ -293,15 +293,29 @@ impl Batch {
     /// Writes every segment and fdatasyncs once: the group commit. A direct
     /// batch writes whole blocks: each segment's lead, its records, and
     /// zeros up to the next block boundary (`Log::take` zeroed them).
+    ///
+    /// A batch of one segment (all but the one that wraps) is one
+    /// `write_all_at_durable`: the write and its sync in one system call
+    /// (`docs/performance.md`, "One system call per group commit").
     pub fn write_durable<F: FileIo + ?Sized>(&self, file: &F) -> io::Result<()> {
+        if let [s] = &self.segments[..] {
+            let (bytes, offset) = self.extent(s);
+            return file.write_all_at_durable(bytes, offset);
+        }
         for s in &self.segments {
-            if self.direct {
-                file.write_all_at(s.buf.blocks(), s.offset - s.lead as u64)?;
-            } else {
-                file.write_all_at(s.records(), s.offset)?;
-            }
+            let (bytes, offset) = self.extent(s);
+            file.write_all_at(bytes, offset)?;
         }
         file.sync_data()
+    }
+
+    /// What of a segment goes to disk, and where.
+    fn extent<'a>(&self, s: &'a Segment) -> (&'a [u8], u64) {
+        if self.direct {
+            (s.buf.blocks(), s.offset - s.lead as u64)
+        } else {
+            (s.records(), s.offset)
+        }
     }
 }
 
