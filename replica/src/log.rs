@@ -166,7 +166,7 @@ const ZERO_BLOCK: Block = Block([0; LOG_BLOCK_BYTES]);
 /// A byte buffer that starts on a block boundary in memory and keeps its
 /// blocks when cleared, so a reused buffer is neither zeroed nor moved.
 #[derive(Default)]
-struct AlignedBuf {
+pub(crate) struct AlignedBuf {
     blocks: Vec<Block>,
     len: usize,
 }
@@ -189,11 +189,16 @@ impl AlignedBuf {
         }
     }
 
-    fn as_slice(&self) -> &[u8] {
+    pub(crate) fn as_slice(&self) -> &[u8] {
         &self.whole()[..self.len]
     }
 
-    fn extend_from_slice(&mut self, b: &[u8]) {
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        let len = self.len;
+        &mut self.whole_mut()[..len]
+    }
+
+    pub(crate) fn extend_from_slice(&mut self, b: &[u8]) {
         let end = self.len + b.len();
         let blocks = end.div_ceil(LOG_BLOCK_BYTES);
         if blocks > self.blocks.len() {
@@ -216,7 +221,7 @@ impl AlignedBuf {
         self.whole_mut()[len..end].fill(0);
     }
 
-    fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.len = 0;
     }
 }

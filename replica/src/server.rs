@@ -917,6 +917,7 @@ impl Server {
             "commits": self.store.commits.load(Ordering::Relaxed),
             "writes": self.store.writes.load(Ordering::Relaxed),
             "log_io": self.store.log_io().to_string(),
+            "apply_direct_bytes": self.store.apply_direct_bytes.load(Ordering::Relaxed),
             "failure": self.store.failure(),
             "rejected": self.rejections.snapshot(),
             "auth_failures": self.auth_failures(),
