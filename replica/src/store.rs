@@ -1142,10 +1142,13 @@ impl Store {
         while let Some(p) = rest.first() {
             let run = self.direct_run(rest);
             if run > 0 {
-                self.apply_direct(batch, &rest[..run]).map_err(io_err("direct apply to data file", &self.dir))?;
+                let res = self.apply_direct(batch, &rest[..run]);
+                res.map_err(|e| with_records(e, &rest[..run]))
+                    .map_err(io_err("direct apply to data file", &self.dir))?;
                 rest = &rest[run..];
             } else {
-                self.apply_record(&p.header, batch.data(p)).map_err(io_err("apply to data file", &self.dir))?;
+                let res = self.apply_record(&p.header, batch.data(p));
+                res.map_err(|e| with_records(e, &rest[..1])).map_err(io_err("apply to data file", &self.dir))?;
                 rest = &rest[1..];
             }
         }
@@ -2039,6 +2042,14 @@ fn open_view(dir: &Path) -> Option<ViewWriter> {
     }
 }
 
+/// `e`, naming the records whose apply failed: seqs, offset and length.
+fn with_records(e: io::Error, recs: &[log::Pending]) -> io::Error {
+    let (Some(first), Some(last)) = (recs.first(), recs.last()) else { return e };
+    let (a, b) = (&first.header, &last.header);
+    let end = b.offset + b.len as u64;
+    io::Error::new(e.kind(), format!("seq {}..={} (epoch {}), bytes {}..{end}: {e}", a.seq, b.seq, b.epoch, a.offset))
+}
+
 /// Applies one record to the data file.
 fn apply(data: &DiskFile, h: &RecordHeader, bytes: &[u8]) -> io::Result<()> {
     match h.op {
@@ -2565,6 +2576,35 @@ mod tests {
         assert!(got == model, "after a reopen: the data file differs from the writes in seq order");
         eprintln!("{direct} bytes applied directly");
         close(s, h);
+    }
+
+    /// A failed apply names the records it was applying, direct or not.
+    #[test]
+    fn a_failed_apply_names_its_records() {
+        for (len, what) in [(4096u32, "apply to data file"), (128 * 1024, "direct apply to data file")] {
+            let dir = tempfile::tempdir().unwrap();
+            init(dir.path(), 1 << 20, LOG_MIN_BYTES).unwrap();
+            let (s, _h) = open(dir.path());
+            if len > 4096 && s.data_direct.is_none() {
+                eprintln!("SKIP (direct case): {} refuses direct I/O", dir.path().display());
+                continue;
+            }
+            s.faults().arm("data:write:nth=1:eio".parse().unwrap());
+            s.append(1, &rec(1, 256 * 1024, len), &vec![1; len as usize]).unwrap();
+            let mut failure = None;
+            for _ in 0..2000 {
+                failure = s.failure();
+                if failure.is_some() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let failure = failure.expect("the apply never failed");
+            let end = 256 * 1024 + len as u64;
+            for want in [what, "seq 1..=1 (epoch 1)", &format!("bytes 262144..{end}")] {
+                assert!(failure.contains(want), "{failure:?} does not say {want:?}");
+            }
+        }
     }
 
     #[test]
