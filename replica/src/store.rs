@@ -1140,17 +1140,14 @@ impl Store {
     fn apply_batch(&self, batch: &Batch) -> Result<(), StoreError> {
         let mut rest = &batch.records[..];
         while let Some(p) = rest.first() {
-            let run = self.direct_run(rest);
-            if run > 0 {
-                let res = self.apply_direct(batch, &rest[..run]);
-                res.map_err(|e| with_records(e, &rest[..run]))
-                    .map_err(io_err("direct apply to data file", &self.dir))?;
-                rest = &rest[run..];
+            let direct = self.direct_run(rest);
+            let (run, res, what) = if direct > 0 {
+                (&rest[..direct], self.apply_direct(batch, &rest[..direct]), "direct apply to data file")
             } else {
-                let res = self.apply_record(&p.header, batch.data(p));
-                res.map_err(|e| with_records(e, &rest[..1])).map_err(io_err("apply to data file", &self.dir))?;
-                rest = &rest[1..];
-            }
+                (&rest[..1], self.apply_record(&p.header, batch.data(p)), "apply to data file")
+            };
+            res.map_err(|e| with_records(e, run)).map_err(io_err(what, &self.dir))?;
+            rest = &rest[run.len()..];
         }
         if self.changes.dirty_len() > changes::DIRTY_MAX {
             // Early, without fdatasync: the checkpoint syncs (see `changes`).
@@ -1925,12 +1922,12 @@ fn direct_log_file(sb: &Superblock, p: &Paths) -> Result<File, String> {
         // 52.2 buffered, in one boot).
         return Err("it is on tmpfs".into());
     }
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&p.log)
-        .map_err(|e| format!("O_DIRECT refused: {e}"))
+    open_direct(&p.log).map_err(|e| format!("O_DIRECT refused: {e}"))
+}
+
+/// A store file opened for reading and writing with `O_DIRECT`.
+fn open_direct(path: &Path) -> io::Result<File> {
+    OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path)
 }
 
 /// The data file opened again with `O_DIRECT`, for large records, or None
@@ -1944,8 +1941,7 @@ fn open_data_direct(p: &Paths, faults: &Arc<FaultPlan>) -> Option<(DiskFile, Mut
         buf.extend_from_slice(&[0; log::LOG_BLOCK_BYTES]);
         FileIo::read_exact_at(f, buf.as_mut_slice(), 0).map(|()| buf)
     };
-    let opened = OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(&p.data);
-    match opened.and_then(|f| probe(&f).map(|buf| (f, buf))) {
+    match open_direct(&p.data).and_then(|f| probe(&f).map(|buf| (f, buf))) {
         Ok((f, buf)) => Some((DiskFile::new_direct(f, FileKind::Data, faults.clone()), Mutex::new(buf))),
         Err(e) => {
             tracing::info!(data = %p.data.display(), "large writes applied through the page cache: O_DIRECT refused: {e}");
@@ -2503,14 +2499,10 @@ mod tests {
         close(s, h);
     }
 
-    /// A direct commit zeroes its last block past the head: the records
-    /// behind the tail that `read_log` still serves must never be in that
-    /// padding. Small records one commit at a time bring the head up to
-    /// them in steps shorter than a block.
     /// Large block-aligned records go to the data file with direct I/O,
-    /// contiguous ones in one write, small or unaligned ones through the
-    /// page cache, all in one batch's seq order: whatever mix of them hits
-    /// the same bytes, a read (and a reopen's replay) returns the last.
+    /// contiguous ones in one write, smaller ones through the page cache,
+    /// all in one batch's seq order: whatever mix of them hits the same
+    /// bytes, a read (and a reopen's replay) returns the last.
     #[test]
     fn large_writes_applied_directly_keep_seq_order_with_small_ones() {
         let dir = tempfile::tempdir().unwrap();
@@ -2607,6 +2599,10 @@ mod tests {
         }
     }
 
+    /// A direct commit zeroes its last block past the head: the records
+    /// behind the tail that `read_log` still serves must never be in that
+    /// padding. Small records one commit at a time bring the head up to
+    /// them in steps shorter than a block.
     #[test]
     fn records_behind_the_tail_stay_readable_past_the_padding_of_direct_commits() {
         let dir = tempfile::tempdir().unwrap();
