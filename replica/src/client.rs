@@ -1,7 +1,7 @@
 //! The HE side of the TCP protocol: connect, handshake, and one-shot admin
 //! requests (probe, set epoch, stamp, stats).
 
-use std::io::{self, BufReader};
+use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
@@ -50,7 +50,7 @@ impl ClientError {
 /// An open session: the read half (buffered) and the write half.
 pub struct Session {
     /// Buffered frame reader.
-    pub reader: FrameReader<BufReader<TcpStream>>,
+    pub reader: FrameReader<TcpStream>,
     /// Write half (Nagle off).
     pub writer: TcpStream,
     /// Seals frames sent on `writer` once the session authenticated.
@@ -94,7 +94,7 @@ pub fn connect_with(
         let p = expect(&mut s.reader, addr, FrameType::HelloOk)?;
         HelloOk::decode(&p).map_err(|source| ClientError::Protocol { addr: addr.to_string(), source })?
     };
-    s.reader.get_ref().get_ref().set_read_timeout(None).map_err(err)?;
+    s.reader.get_ref().set_read_timeout(None).map_err(err)?;
     s.hello = hello_ok;
     Ok(s)
 }
@@ -341,7 +341,7 @@ pub fn dial_session(addr: &str, timeout: Duration, creds: Option<&Credentials>) 
     let err = |source| ClientError::Io { addr: addr.to_string(), source };
     stream.set_read_timeout(Some(timeout)).map_err(err)?;
     let mut writer = stream.try_clone().map_err(err)?;
-    let mut reader = FrameReader::new(BufReader::with_capacity(1 << 18, stream));
+    let mut reader = FrameReader::new(stream);
     let mut seal = Seal::default();
     if let Some(c) = creds {
         let send = |kind, parts: &[&[u8]]| proto::write_frame(&mut writer, kind, 0, parts);

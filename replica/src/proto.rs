@@ -522,9 +522,13 @@ fn write_all_vectored<W: Write>(w: &mut W, mut bufs: &mut [IoSlice<'_>]) -> io::
     Ok(())
 }
 
-/// Reads frames from a byte stream into a reused buffer.
+/// Reads frames from a byte stream, with its own buffer: small frames
+/// arrive many to a system call, and a large payload is read straight
+/// into place, past the buffer (`docs/performance.md`, "Payloads read
+/// into place").
 pub struct FrameReader<R> {
     inner: R,
+    input: InputBuf,
     header: [u8; HEADER_BYTES],
     payload: Vec<u8>,
     /// The session's receive key once it authenticated: every frame
@@ -534,10 +538,23 @@ pub struct FrameReader<R> {
     data_crc: Option<u32>,
 }
 
+/// Bytes a [`FrameReader`] buffers: many small frames per system call.
+pub const FRAME_READ_BUF_BYTES: usize = 256 << 10;
+/// A payload with at least this many bytes still to come is read straight
+/// into the payload, not copied through the buffer.
+pub const DIRECT_READ_MIN_BYTES: usize = 16 << 10;
+
 impl<R: Read> FrameReader<R> {
-    /// Wraps a reader (use a `BufReader` around sockets).
+    /// Wraps a byte stream (a socket, unbuffered: the reader buffers).
     pub fn new(inner: R) -> Self {
-        FrameReader { inner, header: [0; HEADER_BYTES], payload: Vec::new(), auth: None, data_crc: None }
+        FrameReader {
+            inner,
+            input: InputBuf::new(FRAME_READ_BUF_BYTES),
+            header: [0; HEADER_BYTES],
+            payload: Vec::new(),
+            auth: None,
+            data_crc: None,
+        }
     }
 
     /// From now on every frame must verify under `key` (the session
@@ -551,14 +568,20 @@ impl<R: Read> FrameReader<R> {
         self.auth.is_some()
     }
 
-    /// Access to the wrapped reader.
+    /// Access to the wrapped stream.
     pub fn get_ref(&self) -> &R {
         &self.inner
     }
 
-    /// Mutable access to the wrapped reader.
+    /// Mutable access to the wrapped stream.
     pub fn get_mut(&mut self) -> &mut R {
         &mut self.inner
+    }
+
+    /// Bytes received but not yet returned as frames: zero when the last
+    /// read found nothing more waiting (the end of a burst).
+    pub fn buffered_bytes(&self) -> usize {
+        self.input.len()
     }
 
     /// Reads one whole frame. The payload borrow lasts until the next call.
@@ -570,11 +593,12 @@ impl<R: Read> FrameReader<R> {
     /// [`Self::next_frame`], plus the crc32c of a Write frame's data (its
     /// payload after the sub-header) when it covers the plaintext.
     pub fn next_frame_crc(&mut self) -> Result<(Header, &[u8], Option<u32>), ReadError> {
-        read_exact_or(&mut self.inner, &mut self.header, true)?;
+        self.input.read_exact(&mut self.inner, &mut self.header, true)?;
         let header = decode_header(&self.header).map_err(ReadError::Frame)?;
         let len = header.length as usize;
         self.payload.resize(len, 0);
-        read_exact_or(&mut self.inner, &mut self.payload, false)?;
+        self.input.read_exact(&mut self.inner, &mut self.payload, false)?;
+        self.input.large = len >= DIRECT_READ_MIN_BYTES;
         self.data_crc = None;
         if header.kind == FrameType::Write && len >= WRITE_SUBHEADER_BYTES {
             // One pass over the data gives both the frame check and the
@@ -598,6 +622,75 @@ impl<R: Read> FrameReader<R> {
     }
 }
 
+/// A [`FrameReader`]'s receive buffer: bytes `pos..filled` are received
+/// and not yet handed out.
+struct InputBuf {
+    buf: Box<[u8]>,
+    pos: usize,
+    filled: usize,
+    /// The last frame's payload was large: refills stop at the next
+    /// header, so a queue of large frames is read into place, not
+    /// through the buffer. Small frames go back to whole-buffer reads.
+    large: bool,
+}
+
+impl InputBuf {
+    fn new(capacity_bytes: usize) -> InputBuf {
+        InputBuf { buf: vec![0; capacity_bytes].into_boxed_slice(), pos: 0, filled: 0, large: false }
+    }
+
+    fn len(&self) -> usize {
+        self.filled - self.pos
+    }
+
+    /// Moves buffered bytes to the front of `dst`; returns how many.
+    fn take(&mut self, dst: &mut [u8]) -> usize {
+        let n = self.len().min(dst.len());
+        dst[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        n
+    }
+
+    /// Fills `dst` from the buffer, then from `r`. What is left of a large
+    /// payload is read into place, with room for one more header behind
+    /// it in the same call (the next frame's, so that a stream of large
+    /// frames costs one call each and copies none); anything shorter
+    /// through the buffer: the whole buffer after small frames, only up
+    /// to the next header after a large one (`large`). EOF before the
+    /// first byte at a frame boundary is `Closed`; anywhere else
+    /// `Truncated`.
+    fn read_exact<R: Read>(&mut self, r: &mut R, dst: &mut [u8], at_boundary: bool) -> Result<(), ReadError> {
+        let mut got = self.take(dst);
+        while got < dst.len() {
+            // The buffer is empty here: `take` stopped short of `dst`.
+            debug_assert_eq!(self.len(), 0);
+            let rest = dst.len() - got;
+            let res = if rest >= DIRECT_READ_MIN_BYTES {
+                let mut iov =
+                    [io::IoSliceMut::new(&mut dst[got..]), io::IoSliceMut::new(&mut self.buf[..HEADER_BYTES])];
+                r.read_vectored(&mut iov).map(|n| {
+                    (self.pos, self.filled) = (0, n.saturating_sub(rest));
+                    n.min(rest)
+                })
+            } else {
+                let want = if self.large { (rest + HEADER_BYTES).min(self.buf.len()) } else { self.buf.len() };
+                r.read(&mut self.buf[..want]).map(|n| {
+                    (self.pos, self.filled) = (0, n);
+                    self.take(&mut dst[got..])
+                })
+            };
+            match res {
+                Ok(0) if got == 0 && at_boundary => return Err(ReadError::Frame(FrameError::Closed)),
+                Ok(0) => return Err(ReadError::Frame(FrameError::Truncated { needed: dst.len(), got })),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ReadError::Io(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Failure to read a frame: either transport or decoding.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -607,20 +700,6 @@ pub enum ReadError {
     /// The bytes were not a valid frame.
     #[error("{0}")]
     Frame(FrameError),
-}
-
-fn read_exact_or<R: Read>(r: &mut R, buf: &mut [u8], at_boundary: bool) -> Result<(), ReadError> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) if got == 0 && at_boundary => return Err(ReadError::Frame(FrameError::Closed)),
-            Ok(0) => return Err(ReadError::Frame(FrameError::Truncated { needed: buf.len(), got })),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(ReadError::Io(e)),
-        }
-    }
-    Ok(())
 }
 
 // ---- payloads ----------------------------------------------------------
@@ -1478,6 +1557,76 @@ mod tests {
         let mut v = Vec::new();
         write_frame(&mut v, kind, 0, parts).unwrap();
         v
+    }
+
+    /// A byte stream that hands out at most `chunk` bytes per call, and
+    /// counts the bytes that went straight into a payload (the first of
+    /// two buffers: `InputBuf::read_exact`'s direct read).
+    struct Stream<'a> {
+        data: &'a [u8],
+        chunk: usize,
+        direct_bytes: usize,
+    }
+
+    impl Read for Stream<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.chunk).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+
+        fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+            let two = bufs.len() == 2;
+            let mut total = 0;
+            for (i, b) in bufs.iter_mut().enumerate() {
+                let room = (self.chunk - total).min(b.len());
+                let n = self.read(&mut b[..room])?;
+                if i == 0 && two {
+                    self.direct_bytes += n;
+                }
+                total += n;
+                if n < b.len() || total == self.chunk {
+                    break;
+                }
+            }
+            Ok(total)
+        }
+    }
+
+    /// Large payloads are read into place once the stream is going: a run
+    /// of 128 KiB writes behind small frames copies at most the first
+    /// ones through the buffer. Every frame decodes the same however the
+    /// stream is cut.
+    #[test]
+    fn large_payloads_are_read_into_place_and_every_cut_decodes_the_same() {
+        let mut bytes = Vec::new();
+        let mut want = Vec::new();
+        let mut push = |kind: FrameType, parts: &[&[u8]]| {
+            write_frame(&mut bytes, kind, 0, parts).unwrap();
+            want.push((kind, parts.concat()));
+        };
+        push(FrameType::Heartbeat, &[&encode_u64(1)]);
+        for i in 0..12u64 {
+            let len = if i % 6 == 5 { 4096 } else { 128 << 10 };
+            let wh = WriteHeader { seq: i + 1, offset: i << 17, len, op: WriteOp::Data, epoch: 1 };
+            let data: Vec<u8> = (0..len as usize).map(|j| (j as u64 * 7 + i) as u8).collect();
+            push(FrameType::Write, &[&wh.encode(), &data]);
+        }
+        push(FrameType::Heartbeat, &[&encode_u64(2)]);
+        for chunk in [1, 7, 4096, 70_000, usize::MAX] {
+            let mut r = FrameReader::new(Stream { data: &bytes, chunk, direct_bytes: 0 });
+            for (i, (kind, payload)) in want.iter().enumerate() {
+                let (h, p) = r.next_frame().unwrap_or_else(|e| panic!("chunk {chunk}, frame {i}: {e}"));
+                assert_eq!((h.kind, p), (*kind, &payload[..]), "chunk {chunk}, frame {i}");
+            }
+            assert!(matches!(r.next_frame(), Err(ReadError::Frame(FrameError::Closed))), "chunk {chunk}");
+            if chunk >= 70_000 {
+                // Ten 128 KiB writes; the first two may go through the buffer.
+                let direct = r.get_ref().direct_bytes;
+                assert!(direct >= 8 * (128 << 10), "chunk {chunk}: only {direct} bytes read into place");
+            }
+        }
     }
 
     /// The one-checksum path: a Write frame whose data crc was taken at

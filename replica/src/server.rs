@@ -7,7 +7,7 @@
 //! only that session, and the server goes on serving others.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{self, BufReader, Read};
+use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -462,7 +462,7 @@ impl Server {
             creds: None,
             data_crc: None,
         };
-        let mut reader = FrameReader::new(BufReader::with_capacity(1 << 18, input));
+        let mut reader = FrameReader::new(input);
         if let Some(keys) = &self.keys {
             match self.authenticate(keys, &mut reader, &sess.writer) {
                 Ok(creds) => sess.creds = Some(creds),
@@ -482,7 +482,7 @@ impl Server {
                     // End of a burst: a single small write is committed
                     // here (one hand-off less at QD1), anything larger by
                     // the committer while this thread goes on receiving.
-                    if reader.get_ref().buffer().is_empty() {
+                    if reader.buffered_bytes() == 0 {
                         self.store.commit_pending();
                     }
                     r

@@ -46,7 +46,7 @@ fn write(s: &mut Session, seq: u64) {
 
 /// Reads frames until an Ack for `seq` or later; fails on silence.
 fn expect_ack(s: &mut Session, seq: u64, what: &str) {
-    s.reader.get_ref().get_ref().set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.reader.get_ref().set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     loop {
         let (h, p) = s.reader.next_frame().unwrap_or_else(|e| panic!("{what}: no ack for seq {seq}: {e:?}"));
         assert_eq!(h.kind, FrameType::Ack, "{what}: unexpected frame");
@@ -70,7 +70,7 @@ fn an_ending_session_keeps_a_newer_sessions_ack_sink() {
     // The old session ends; the server closes its side once it is done
     // with it, so reading EOF means its cleanup has run.
     a.writer.shutdown(Shutdown::Write).unwrap();
-    a.reader.get_ref().get_ref().set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    a.reader.get_ref().set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     assert!(a.reader.next_frame().is_err(), "session a should be closed");
     // Session b still gets its acks.
     write(&mut b, 3);

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::fmt;
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -429,8 +429,8 @@ fn manager(shared: Arc<Shared>, link: Arc<Link>) {
 
 /// An open session's two halves.
 enum Conn {
-    Tcp { reader: FrameReader<BufReader<TcpStream>>, writer: TcpStream, seal: Seal },
-    Net { link: Arc<NetLink>, closed: Arc<AtomicBool>, reader: FrameReader<BufReader<MsgReader>>, seal: Seal },
+    Tcp { reader: FrameReader<TcpStream>, writer: TcpStream, seal: Seal },
+    Net { link: Arc<NetLink>, closed: Arc<AtomicBool>, reader: FrameReader<MsgReader>, seal: Seal },
 }
 
 /// Opens a network-sync link to the UDP port of `addr`, authenticates
@@ -459,7 +459,7 @@ fn connect_net(
     let out = NetOut::new(nl.clone(), closed.clone());
     let mut input = MsgReader::new(nl.clone(), closed.clone());
     input.set_timeout(Some(CONNECT_TIMEOUT));
-    let mut reader = FrameReader::new(BufReader::new(input));
+    let mut reader = FrameReader::new(input);
     let mut seal = Seal::default();
     if let Some(c) = creds {
         let key = client::authenticate(&mut reader, |kind, parts| out.send_frame(kind, parts), c, addr)?;
@@ -875,7 +875,7 @@ fn run_session(shared: &Arc<Shared>, link: &Arc<Link>, hello: &HelloOk, conn: Co
 }
 
 /// Runs the sender thread and the receiver loop of one session.
-fn drive<S, R>(shared: &Arc<Shared>, link: &Arc<Link>, gen: u64, sink: S, reader: FrameReader<BufReader<R>>) -> String
+fn drive<S, R>(shared: &Arc<Shared>, link: &Arc<Link>, gen: u64, sink: S, reader: FrameReader<R>) -> String
 where
     S: Sink + 'static,
     R: TimeoutRead,
@@ -1228,9 +1228,9 @@ fn take_batch(
     Ok(())
 }
 
-fn receiver_loop<R: TimeoutRead>(shared: &Shared, link: &Link, mut reader: FrameReader<BufReader<R>>) -> String {
+fn receiver_loop<R: TimeoutRead>(shared: &Shared, link: &Link, mut reader: FrameReader<R>) -> String {
     let mut timeout = TIMEOUT_MIN;
-    reader.get_mut().get_mut().set_silence_timeout(timeout);
+    reader.get_mut().set_silence_timeout(timeout);
     loop {
         let (h, p) = match reader.next_frame() {
             Ok(f) => f,
@@ -1251,7 +1251,7 @@ fn receiver_loop<R: TimeoutRead>(shared: &Shared, link: &Link, mut reader: Frame
                 let want = (Duration::from_micros(srtt) * 16).clamp(TIMEOUT_MIN, TIMEOUT_MAX);
                 if want.abs_diff(timeout) > timeout / 4 {
                     timeout = want;
-                    reader.get_mut().get_mut().set_silence_timeout(timeout);
+                    reader.get_mut().set_silence_timeout(timeout);
                 }
             }),
             FrameType::ReadReply => {

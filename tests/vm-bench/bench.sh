@@ -10,6 +10,8 @@
 #   sb3   starblk N=3, Q=2 (local, near, far)
 #   loop  rublk's loop target on a file of the same size (no replication)
 #   nbd   starblk N=1, Q=1 over its NBD frontend (kernel nbd-client)
+#   sb1b, sb2b, sb3b  sb1, sb2, sb3 with starblk-old, the binary that
+#         `scripts/bench-vm --compare` ships: an A/B in one boot
 # Every starblk replica keeps its data on /data (tmpfs), like DRBD's and
 # rublk's backing files, so the numbers compare CPU cost per I/O.
 # Jobs (fio io_uring, direct=1, time based):
@@ -44,6 +46,7 @@ info date "$(date -u '+%Y-%m-%d %H:%M:%S UTC')"
 info cpus "$(grep -c '^processor' /proc/cpuinfo)"
 info mem_kb "$(awk '/MemTotal/ {print $2}' /proc/meminfo)"
 info starblk "$(starblk --version 2>&1 | head -n1)"
+command -v starblk-old >/dev/null && info starblk_old "$(starblk-old --version 2>&1 | head -n1)"
 info rublk "$(rublk --version 2>&1 | head -n1)"
 info fio "$(fio --version 2>&1 | head -n1)"
 info sqlite3 "$(command -v sqlite3 >/dev/null && sqlite3 --version 2>&1 | cut -d' ' -f1 || echo 'not shipped')"
@@ -61,7 +64,9 @@ DEV="" DAEMONS=""
 
 # sb_setup TAG N Q PORTBASE [FRONTEND]: N replicas on /data/TAG, a volume
 # with quorum Q, `starblk up` in the foreground (ublk, or nbd over a Unix
-# socket attached as /dev/nbd0).
+# socket attached as /dev/nbd0). $SB is the binary (starblk unless an A/B
+# system says starblk-old).
+SB=starblk
 sb_setup() {
     tag=$1 n=$2 q=$3 port=$4 frontend=${5:-ublk}
     d=/data/$tag
@@ -78,21 +83,21 @@ TOML
     i=1
     for role in local near far; do
         [ "$i" -gt "$n" ] && break
-        starblk replica init --dir "$d/r$i" --size "${SIZE_MB}M" --log-size 64M >/dev/null || fail "$tag: replica init r$i"
-        start_bg "$d/r$i.log" starblk replica serve --dir "$d/r$i" --listen "127.0.0.1:$((port + i))"
+        $SB replica init --dir "$d/r$i" --size "${SIZE_MB}M" --log-size 64M >/dev/null || fail "$tag: replica init r$i"
+        start_bg "$d/r$i.log" $SB replica serve --dir "$d/r$i" --listen "127.0.0.1:$((port + i))"
         DAEMONS="$DAEMONS $LAST_PID"
         wait_for_line "$d/r$i.log" '^listening' 20 "$LAST_PID" >/dev/null || exit 1
         printf '\n[[replica]]\nname = "%s"\naddr = "127.0.0.1:%s"\nrole = "%s"\n' "$role" $((port + i)) "$role" >>"$d/vol.toml"
         i=$((i + 1))
     done
-    starblk volume create --config "$d/vol.toml" >/dev/null || fail "$tag: volume create"
+    $SB volume create --config "$d/vol.toml" >/dev/null || fail "$tag: volume create"
     if [ "$frontend" = nbd ]; then
         need_cmd nbd-client
         need_module nbd
-        start_bg "$d/up.log" starblk up --config "$d/vol.toml" --foreground --frontend nbd --nbd-listen "unix:$d/nbd.sock"
+        start_bg "$d/up.log" $SB up --config "$d/vol.toml" --foreground --frontend nbd --nbd-listen "unix:$d/nbd.sock"
         DAEMONS="$DAEMONS $LAST_PID"
         wait_for_line "$d/up.log" '^nbd\+unix://' 60 "$LAST_PID" >/dev/null || exit 1
-        on_cleanup "starblk down --config $d/vol.toml"
+        on_cleanup "$SB down --config $d/vol.toml"
         nbd-client -unix "$d/nbd.sock" /dev/nbd0 -name "$tag" -block-size 4096 -connections "$QUEUES" >/dev/null ||
             fail "$tag: nbd-client"
         on_cleanup "nbd-client -d /dev/nbd0"
@@ -104,11 +109,11 @@ TOML
         done
         DEV=/dev/nbd0
     else
-        start_bg "$d/up.log" starblk up --config "$d/vol.toml" --foreground --queues "$QUEUES" --queue-depth "$DEPTH"
+        start_bg "$d/up.log" $SB up --config "$d/vol.toml" --foreground --queues "$QUEUES" --queue-depth "$DEPTH"
         DAEMONS="$DAEMONS $LAST_PID"
         DEV=$(wait_for_line "$d/up.log" '^/dev/ublkb[0-9]+$' 60 "$LAST_PID") || exit 1
         wait_for_dev "$DEV"
-        on_cleanup "starblk down --config $d/vol.toml"
+        on_cleanup "$SB down --config $d/vol.toml"
     fi
 }
 
@@ -368,6 +373,9 @@ bench_system() {
     sb3) sb_setup sb3 3 2 7730 ;;
     loop) loop_setup ;;
     nbd) sb_setup nbd 1 1 7740 nbd ;;
+    sb1b) SB=starblk-old; sb_setup sb1b 1 1 7750 ;;
+    sb2b) SB=starblk-old; sb_setup sb2b 2 2 7760 ;;
+    sb3b) SB=starblk-old; sb_setup sb3b 3 2 7770 ;;
     *) fail "unknown system $sys" ;;
     esac
     info device "$sys $DEV size=$(blockdev --getsize64 "$DEV") daemons=${DAEMONS:-none}"
