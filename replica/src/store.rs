@@ -377,7 +377,7 @@ impl Drop for Drained<'_> {
         if let Some(mut g) = self.g.take() {
             g.fences -= 1;
             drop(g);
-            self.store.cond.notify_all();
+            self.store.wake_all();
         }
     }
 }
@@ -395,9 +395,15 @@ pub trait AckSink: Send + Sync {
 pub struct Store {
     dir: PathBuf,
     inner: Mutex<Inner>,
-    /// Wakes the committer (new records), the checkpointer (a checkpoint
-    /// due), appenders (space freed) and drains.
+    /// Wakes appenders (space freed, a fence lifted) and drains (a commit
+    /// or checkpoint ended).
     cond: Condvar,
+    /// Wakes the committer: records pending. Its own, so that a commit
+    /// wakes neither the checkpointer nor appenders that have nothing to
+    /// do (`docs/performance.md`, "One wake-up per waiter").
+    commit_cond: Condvar,
+    /// Wakes the checkpointer: a checkpoint or writeback due.
+    checkpoint_cond: Condvar,
     sb: Mutex<(DiskFile, Superblock)>,
     data: DiskFile,
     log_file: DiskFile,
@@ -512,6 +518,8 @@ impl Store {
                 shutdown: false,
             }),
             cond: Condvar::new(),
+            commit_cond: Condvar::new(),
+            checkpoint_cond: Condvar::new(),
             durable_seq: AtomicU64::new(durable),
             epoch: AtomicU64::new(sb.epoch),
             sb: Mutex::new((sb_file, sb)),
@@ -719,13 +727,13 @@ impl Store {
                     let kick = !g.committing && !g.kicked && g.log.pending_used_bytes() >= COMMIT_KICK_BYTES;
                     if wake || kick {
                         g.kicked |= kick;
-                        self.cond.notify_all();
+                        self.commit_cond.notify_one();
                     }
                     return Ok(());
                 }
                 // The committer commits what is pending and checkpoints.
                 Err(log::LogFull) => {
-                    self.cond.notify_all();
+                    self.wake_all();
                     g.append_waiters += 1;
                     g = self.cond.wait(g).expect(crate::POISONED);
                     g.append_waiters -= 1;
@@ -862,7 +870,7 @@ impl Store {
         loop {
             if let Some(f) = self.failure() {
                 g.fences -= 1;
-                self.cond.notify_all();
+                self.wake_all();
                 return Err(StoreError::Failed(f));
             }
             if g.committing || g.checkpointing {
@@ -973,7 +981,7 @@ impl Store {
     /// Stops the committer after it drains pending records.
     pub fn shutdown(&self) {
         lock(&self.inner).shutdown = true;
-        self.cond.notify_all();
+        self.wake_all();
     }
 
     /// Session threads call this when their input runs dry. A small batch
@@ -990,7 +998,7 @@ impl Store {
             self.commit_locked(g);
         } else if !g.kicked {
             g.kicked = true;
-            self.cond.notify_all();
+            self.commit_cond.notify_one();
         }
     }
 
@@ -1024,13 +1032,23 @@ impl Store {
             g.writeback.add(&batch);
         }
         g.log.recycle(batch);
-        // Wake the committer only when there is work for it (records
-        // appended meanwhile, a checkpoint due, shutdown) or an appender
-        // waits: an inline commit at queue depth 1 otherwise costs a
-        // futex wake and a committer round trip per write for nothing.
-        let waiters = g.append_waiters + g.drain_waiters;
-        if waiters > 0 || g.shutdown || !g.log.is_idle() || self.needs_checkpoint(&g) || g.writeback.due() {
+        // Wake each thread only when there is work for it: the committer
+        // for records appended meanwhile, the checkpointer for a checkpoint
+        // or writeback due, appenders and drains when some wait. An inline
+        // commit at queue depth 1 otherwise costs a futex wake and a
+        // committer round trip per write for nothing.
+        if g.shutdown {
+            self.wake_all();
+            return;
+        }
+        if g.append_waiters + g.drain_waiters > 0 {
             self.cond.notify_all();
+        }
+        if !g.log.is_idle() {
+            self.commit_cond.notify_one();
+        }
+        if self.needs_checkpoint(&g) || g.writeback.due() {
+            self.checkpoint_cond.notify_one();
         }
     }
 
@@ -1049,7 +1067,7 @@ impl Store {
                 if g.shutdown && g.log.is_idle() && !g.committing {
                     return;
                 }
-                g = self.cond.wait(g).expect(crate::POISONED);
+                g = self.commit_cond.wait(g).expect(crate::POISONED);
             }
             self.commit_locked(g);
         }
@@ -1071,7 +1089,7 @@ impl Store {
                 if g.shutdown && g.log.is_idle() && !g.committing {
                     return;
                 }
-                g = self.cond.wait(g).expect(crate::POISONED);
+                g = self.checkpoint_cond.wait(g).expect(crate::POISONED);
             }
             if self.needs_checkpoint(&g) {
                 if let Err(e) = self.checkpoint(g) {
@@ -1385,8 +1403,17 @@ impl Store {
         tracing::error!(dir = %self.dir.display(), "replica store failed: {why}");
         *lock(&self.failure) = why;
         self.failed.store(true, Ordering::Release);
-        self.cond.notify_all();
+        self.wake_all();
         self.notify_applied();
+    }
+
+    /// Wakes every thread that waits on the append lock: for the rare
+    /// events that concern them all (failure, shutdown, a lifted fence,
+    /// a full log).
+    fn wake_all(&self) {
+        self.cond.notify_all();
+        self.commit_cond.notify_all();
+        self.checkpoint_cond.notify_all();
     }
 }
 
