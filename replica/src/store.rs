@@ -1067,6 +1067,8 @@ impl Store {
                 if g.shutdown && g.log.is_idle() && !g.committing {
                     return;
                 }
+                #[cfg(test)]
+                tests::committer_wait_pause(&self.dir);
                 g = self.commit_cond.wait(g).expect(crate::POISONED);
             }
             self.commit_locked(g);
@@ -1403,6 +1405,11 @@ impl Store {
         tracing::error!(dir = %self.dir.display(), "replica store failed: {why}");
         *lock(&self.failure) = why;
         self.failed.store(true, Ordering::Release);
+        // Every waiter checks `failed` under the append lock and keeps the
+        // lock until it sleeps: once we hold it, whoever saw the flag clear
+        // is asleep, and the wake-up below reaches it. Never called with
+        // the append lock held (both callers dropped it).
+        drop(lock(&self.inner));
         self.wake_all();
         self.notify_applied();
     }
@@ -2151,6 +2158,59 @@ mod tests {
             let _ = paused.send(());
             let _ = go.recv();
         }
+    }
+
+    /// When set for a store's directory, that store's committer reports
+    /// through the first channel when it has found nothing to do and is
+    /// about to sleep (holding the append lock), and waits for the second.
+    #[allow(clippy::type_complexity)]
+    static COMMITTER_WAIT_PAUSE: Mutex<Option<(PathBuf, mpsc::Sender<()>, mpsc::Receiver<()>)>> = Mutex::new(None);
+
+    pub(super) fn committer_wait_pause(dir: &Path) {
+        let taken = {
+            let mut g = lock(&COMMITTER_WAIT_PAUSE);
+            if g.as_ref().is_some_and(|(d, _, _)| d == dir) {
+                g.take()
+            } else {
+                None
+            }
+        };
+        if let Some((_, paused, go)) = taken {
+            let _ = paused.send(());
+            let _ = go.recv();
+        }
+    }
+
+    /// A store that fails while its committer is between its last look at
+    /// the failure flag and its sleep still stops the committer and the
+    /// checkpointer: the failure's wake-up waits until they sleep, instead
+    /// of going out before and reaching nobody.
+    #[test]
+    fn a_failure_wakes_a_committer_that_was_about_to_sleep() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), 1 << 20, LOG_MIN_BYTES).unwrap();
+        let (s, h) = open(dir.path());
+        let (paused_tx, paused_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel();
+        *lock(&COMMITTER_WAIT_PAUSE) = Some((s.dir.clone(), paused_tx, go_rx));
+        // The committer sleeps already: wake it so it looks again.
+        s.commit_cond.notify_all();
+        paused_rx.recv_timeout(Duration::from_secs(10)).expect("the committer never came back to its wait");
+        let s2 = s.clone();
+        let failer = std::thread::spawn(move || s2.fail("injected by the test".into()));
+        while !s.failed.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Give a wake-up that does not wait for the lock time to go out.
+        std::thread::sleep(Duration::from_millis(50));
+        go_tx.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !h.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(h.is_finished(), "the committer and checkpointer still run 5 s after the store failed");
+        failer.join().unwrap();
+        h.join().unwrap();
     }
 
     /// CopyDone claims a durable seq: once a newer host's epoch is on disk,
