@@ -596,14 +596,19 @@ impl<R: Read> FrameReader<R> {
         self.input.read_exact(&mut self.inner, &mut self.header, true)?;
         let header = decode_header(&self.header).map_err(ReadError::Frame)?;
         let len = header.length as usize;
-        self.payload.resize(len, 0);
-        self.input.read_exact(&mut self.inner, &mut self.payload, false)?;
+        // Grown, never shrunk: a large frame after small ones would
+        // otherwise zero-fill the difference again each time.
+        if self.payload.len() < len {
+            self.payload.resize(len, 0);
+        }
+        let payload = &mut self.payload[..len];
+        self.input.read_exact(&mut self.inner, payload, false)?;
         self.input.large = len >= DIRECT_READ_MIN_BYTES;
         self.data_crc = None;
         if header.kind == FrameType::Write && len >= WRITE_SUBHEADER_BYTES {
             // One pass over the data gives both the frame check and the
             // crc the log record reuses (`Log::append_known`).
-            let (sub, data) = self.payload.split_at(WRITE_SUBHEADER_BYTES);
+            let (sub, data) = payload.split_at(WRITE_SUBHEADER_BYTES);
             let data_crc = crc32c::crc32c(data);
             let actual = frame_crc_known(&self.header, &[sub, data], Some(data_crc));
             if actual != header.crc {
@@ -611,14 +616,14 @@ impl<R: Read> FrameReader<R> {
             }
             self.data_crc = Some(data_crc).filter(|_| !self.auth.as_ref().is_some_and(|k| k.encrypts()));
         } else {
-            verify_crc(&self.header, &header, &self.payload).map_err(ReadError::Frame)?;
+            verify_crc(&self.header, &header, payload).map_err(ReadError::Frame)?;
         }
         if let Some(key) = &mut self.auth {
             let (head, mac) = (&self.header[0..12], &self.header[16..32]);
-            key.open_in_place(head, mac, &mut self.payload)
+            key.open_in_place(head, mac, payload)
                 .map_err(|e| ReadError::Frame(FrameError::BadMac { kind: header.kind, seq: e.seq }))?;
         }
-        Ok((header, &self.payload, self.data_crc))
+        Ok((header, payload, self.data_crc))
     }
 }
 

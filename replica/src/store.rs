@@ -2154,7 +2154,13 @@ mod tests {
 
     pub(super) fn checkpoint_pause() {
         let taken = lock(&PAUSE).take();
-        if let Some((paused, go)) = taken {
+        rendezvous(taken);
+    }
+
+    /// Says "paused" through the first channel of an armed pause and
+    /// waits for "go" on the second.
+    fn rendezvous(armed: Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>) {
+        if let Some((paused, go)) = armed {
             let _ = paused.send(());
             let _ = go.recv();
         }
@@ -2175,10 +2181,7 @@ mod tests {
                 None
             }
         };
-        if let Some((_, paused, go)) = taken {
-            let _ = paused.send(());
-            let _ = go.recv();
-        }
+        rendezvous(taken.map(|(_, paused, go)| (paused, go)));
     }
 
     /// A store that fails while its committer is between its last look at
@@ -2238,10 +2241,7 @@ mod tests {
 
     pub(super) fn apply_pause() {
         let taken = lock(&APPLY_PAUSE).take();
-        if let Some((paused, go)) = taken {
-            let _ = paused.send(());
-            let _ = go.recv();
-        }
+        rendezvous(taken);
     }
 
     /// A batch is acked once it is in the log, before it is applied: a
