@@ -2150,7 +2150,11 @@ mod tests {
 
     /// When set, the next checkpoint reports through the first channel
     /// that it has taken its snapshot and waits for the second.
-    static PAUSE: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>> = Mutex::new(None);
+    static PAUSE: Mutex<Option<Pause>> = Mutex::new(None);
+
+    /// An armed pause: "paused" goes out on the sender, "go" comes in on
+    /// the receiver.
+    type Pause = (mpsc::Sender<()>, mpsc::Receiver<()>);
 
     pub(super) fn checkpoint_pause() {
         let taken = lock(&PAUSE).take();
@@ -2159,7 +2163,7 @@ mod tests {
 
     /// Says "paused" through the first channel of an armed pause and
     /// waits for "go" on the second.
-    fn rendezvous(armed: Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>) {
+    fn rendezvous(armed: Option<Pause>) {
         if let Some((paused, go)) = armed {
             let _ = paused.send(());
             let _ = go.recv();
@@ -2169,19 +2173,18 @@ mod tests {
     /// When set for a store's directory, that store's committer reports
     /// through the first channel when it has found nothing to do and is
     /// about to sleep (holding the append lock), and waits for the second.
-    #[allow(clippy::type_complexity)]
-    static COMMITTER_WAIT_PAUSE: Mutex<Option<(PathBuf, mpsc::Sender<()>, mpsc::Receiver<()>)>> = Mutex::new(None);
+    static COMMITTER_WAIT_PAUSE: Mutex<Option<(PathBuf, Pause)>> = Mutex::new(None);
 
     pub(super) fn committer_wait_pause(dir: &Path) {
         let taken = {
             let mut g = lock(&COMMITTER_WAIT_PAUSE);
-            if g.as_ref().is_some_and(|(d, _, _)| d == dir) {
+            if g.as_ref().is_some_and(|(d, _)| d == dir) {
                 g.take()
             } else {
                 None
             }
         };
-        rendezvous(taken.map(|(_, paused, go)| (paused, go)));
+        rendezvous(taken.map(|(_, pause)| pause));
     }
 
     /// A store that fails while its committer is between its last look at
@@ -2195,7 +2198,7 @@ mod tests {
         let (s, h) = open(dir.path());
         let (paused_tx, paused_rx) = mpsc::channel();
         let (go_tx, go_rx) = mpsc::channel();
-        *lock(&COMMITTER_WAIT_PAUSE) = Some((s.dir.clone(), paused_tx, go_rx));
+        *lock(&COMMITTER_WAIT_PAUSE) = Some((s.dir.clone(), (paused_tx, go_rx)));
         // The committer sleeps already: wake it so it looks again.
         s.commit_cond.notify_all();
         paused_rx.recv_timeout(Duration::from_secs(10)).expect("the committer never came back to its wait");
@@ -2237,7 +2240,7 @@ mod tests {
     /// When set, the next commit reports through the first channel that
     /// its batch is durable (and acked) and waits for the second before it
     /// applies the batch.
-    static APPLY_PAUSE: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>> = Mutex::new(None);
+    static APPLY_PAUSE: Mutex<Option<Pause>> = Mutex::new(None);
 
     pub(super) fn apply_pause() {
         let taken = lock(&APPLY_PAUSE).take();
