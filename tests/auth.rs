@@ -144,7 +144,7 @@ fn bad_keys_and_forged_frames_are_refused_counted_and_io_goes_on() {
             let mut f = sealed_stats(&mut s);
             let at = 16 + f.len() % 16;
             f[at] ^= 0x10;
-            proto::recompute_crc(&mut f);
+            proto::recompute_check(&mut f);
             (s, f)
         }),
     ];

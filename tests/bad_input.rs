@@ -63,11 +63,11 @@ fn every_bad_frame_is_rejected_and_counted_and_server_goes_on() {
     send_raw(&addr, &hello(uuid, epoch)[..10]);
     assert_eq!(rejected(&addr, "truncated"), 1);
 
-    // Bad crc: flip a payload bit.
+    // Bad frame check: flip a payload bit.
     let mut f = hello(uuid, epoch);
     f[40] ^= 1;
     send_raw(&addr, &f);
-    assert_eq!(rejected(&addr, "bad_crc"), 1);
+    assert_eq!(rejected(&addr, "bad_check"), 1);
 
     // Wrong length: the header claims more than the protocol allows.
     let mut f = hello(uuid, epoch);

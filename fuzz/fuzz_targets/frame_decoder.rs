@@ -5,9 +5,9 @@
 //! - **raw** (bit 0 clear): the rest of the input is the byte stream a
 //!   replica or HE reads off its socket.
 //! - **built** (bit 0 set): the rest is a program that builds frames with
-//!   correct checksums (so the fuzzer gets past the crc into the payload
+//!   correct checks (so the fuzzer gets past the frame check into the payload
 //!   decoders), some of them spoiled on purpose: bad magic, version, type,
-//!   a lying length, a wrong crc or a non-zero MAC field.
+//!   a lying length, a wrong check or a non-zero MAC field.
 //!
 //! The stream goes through a reader that hands out a few bytes per `read`
 //! and sometimes fails with `Interrupted`, like a socket. `next_frame` runs
@@ -24,6 +24,7 @@
 use std::io::{self, Read};
 
 use libfuzzer_sys::fuzz_target;
+use xxhash_rust::xxh3::xxh3_64;
 use starblk_replica::proto::{
     self, decode_header, decode_read_reply, decode_u64, decode_u64_pair, encode_read_reply_header, encode_u64,
     encode_u64_pair, write_frame, Adopt, Changes, ChangesReply, CopyReq, ErrorFrame, FrameError, FrameReader, FrameType,
@@ -68,12 +69,18 @@ struct Built {
     payload_len: usize,
 }
 
-/// crc32c over header bytes 0..12 and 16..32 and the payload, written out
-/// here from the documented format rather than taken from `proto`.
-fn frame_crc(h: &[u8; HEADER_BYTES], payload: &[u8]) -> u32 {
-    let c = crc32c::crc32c(&h[0..12]);
-    let c = crc32c::crc32c_append(c, &h[16..32]);
-    crc32c::crc32c_append(c, payload)
+/// The frame check, written out here from the documented format
+/// (`docs/protocol.md`, "Frame check") rather than taken from `proto`:
+/// the low 32 bits of XXH3-64 over header bytes 0..12 and 16..32, the
+/// payload's lead (a Write frame's sub-header, else nothing) and the
+/// little-endian XXH3-64 of the rest of the payload.
+fn frame_check(h: &[u8; HEADER_BYTES], payload: &[u8]) -> u32 {
+    let lead = if h[5] == FrameType::Write as u8 { WRITE_SUBHEADER_BYTES.min(payload.len()) } else { 0 };
+    let mut bytes = h[0..12].to_vec();
+    bytes.extend_from_slice(&h[16..32]);
+    bytes.extend_from_slice(&payload[..lead]);
+    bytes.extend_from_slice(&xxh3_64(&payload[lead..]).to_le_bytes());
+    xxh3_64(&bytes) as u32
 }
 
 /// Turns the program into a byte stream of frames.
@@ -106,24 +113,24 @@ fn build(input: &mut Input<'_>, stream: &mut Vec<u8>, frames: &mut Vec<Built>) {
                 honest = false;
             }
             3 => {
-                // A lying length: the crc covers it, so the frame must fail.
+                // A lying length: the check covers it, so the frame must fail.
                 let lie = (payload.len() as u32).wrapping_add(u32::from(input.u16()) | 1);
                 h[8..12].copy_from_slice(&lie.to_le_bytes());
                 honest = false;
             }
             4 => {
-                // A MAC field that is not zero is still covered by the crc.
+                // A MAC field that is not zero is still covered by the check.
                 let mac = input.bytes(16);
                 h[16..16 + mac.len()].copy_from_slice(mac);
             }
             _ => {}
         }
-        let mut crc = frame_crc(&h, &payload);
+        let mut check = frame_check(&h, &payload);
         if ctl & 0x10 != 0 {
-            crc ^= u32::from(input.u8()) | 1;
+            check ^= u32::from(input.u8()) | 1;
             honest = false;
         }
-        h[12..16].copy_from_slice(&crc.to_le_bytes());
+        h[12..16].copy_from_slice(&check.to_le_bytes());
         frames.push(Built { honest, kind, flags, payload_at: stream.len() + HEADER_BYTES, payload_len: payload.len() });
         stream.extend_from_slice(&h);
         stream.extend_from_slice(&payload);
@@ -274,28 +281,28 @@ fuzz_target!(|data: &[u8]| {
         // The reader buffers ahead: what it has handed out ends where the
         // stream is, less what it holds.
         let start = reader.get_ref().pos - reader.buffered_bytes();
-        let (header, payload, data_crc) = match reader.next_frame_crc() {
+        let (header, payload, data_sum) = match reader.next_frame_sum() {
             // Copied out: the borrow of the reader's buffer would block
             // looking at how far the reader got.
             Ok((h, p, c)) => (h, p.to_vec(), c),
             Err(e) => break e,
         };
         let payload = &payload[..];
-        // A Write frame's data crc (which the replica's log record reuses)
+        // A Write frame's data sum (which the replica's log record reuses)
         // is the plaintext data's, and only Write frames carry one; an
-        // encrypting session has none (its crc covered the ciphertext).
+        // encrypting session has none (its check covered the ciphertext).
         let encrypting = authed && mode & 4 != 0;
-        let expect_crc = header.kind == FrameType::Write && payload.len() >= WRITE_SUBHEADER_BYTES && !encrypting;
-        assert_eq!(data_crc.is_some(), expect_crc, "{:?} frame", header.kind);
-        if let Some(c) = data_crc {
-            assert_eq!(c, crc32c::crc32c(&payload[WRITE_SUBHEADER_BYTES..]));
+        let expect_sum = header.kind == FrameType::Write && payload.len() >= WRITE_SUBHEADER_BYTES && !encrypting;
+        assert_eq!(data_sum.is_some(), expect_sum, "{:?} frame", header.kind);
+        if let Some(c) = data_sum {
+            assert_eq!(c, xxh3_64(&payload[WRITE_SUBHEADER_BYTES..]));
         }
         let consumed = &stream[start..reader.get_ref().pos - reader.buffered_bytes()];
         assert_eq!(consumed.len(), HEADER_BYTES + payload.len());
         assert_eq!(header.length as usize, payload.len());
         assert!(header.length <= MAX_PAYLOAD_BYTES);
         assert_eq!(decode_header(consumed), Ok(header));
-        assert!(proto::verify_crc(consumed, &header, payload).is_ok());
+        assert!(proto::verify_check(consumed, &header, payload).is_ok());
         if !authed && consumed[16..HEADER_BYTES].iter().all(|b| *b == 0) {
             reencoded.clear();
             write_frame(&mut reencoded, header.kind, header.flags, &[payload]).expect("write to a Vec");

@@ -8,7 +8,6 @@ pub mod auth;
 pub mod changes;
 pub mod client;
 pub mod copy;
-pub mod crc;
 pub mod disk;
 pub mod history;
 pub mod log;
@@ -19,6 +18,7 @@ pub mod readview;
 pub mod replay;
 pub mod server;
 pub mod store;
+pub mod sum;
 pub mod superblock;
 
 /// The panic message for a poisoned lock. Fail fast: a thread that

@@ -1,8 +1,8 @@
 //! The replica log: a circular file of write records.
 //!
 //! Records are appended in seq order and made durable by one fdatasync per
-//! batch (group commit). A record is valid only if its magic and crc32c
-//! check and its seq is exactly the next one expected, so a scan stops at
+//! batch (group commit). A record is valid only if its magic and its check
+//! (`crate::sum`) match and its seq is exactly the next one expected, so a scan stops at
 //! the first stale or torn record. See `docs/on-disk-format.md`.
 
 use std::io;
@@ -60,9 +60,9 @@ pub enum RecordError {
     /// Length field larger than any valid write.
     #[error("record length {0} out of range")]
     BadLength(u32),
-    /// Checksum mismatch (torn or corrupt record).
-    #[error("record crc mismatch")]
-    BadCrc,
+    /// Check mismatch (torn or corrupt record).
+    #[error("record check mismatch")]
+    BadCheck,
 }
 
 /// A decoded header, or the wrap marker that sends the scan to offset 0.
@@ -70,7 +70,7 @@ pub enum RecordError {
 pub enum Decoded {
     /// A write record.
     Record(RecordHeader, u32),
-    /// Wrap marker carrying the seq expected next, and its crc.
+    /// Wrap marker carrying the seq expected next, and its check.
     Wrap(u64, u32),
 }
 
@@ -85,22 +85,13 @@ fn encode_header(kind: u8, len: u32, seq: u64, offset: u64, epoch: u64) -> [u8; 
     h
 }
 
-/// crc32c of a record header, skipping its crc field.
-fn header_crc(h: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(&h[0..12]), &h[16..REC_HEADER_BYTES])
+/// A record's check: its header bytes (skipping the check field), then
+/// the 64-bit sum of its data (`crate::sum`).
+fn record_check(h: &[u8], data_sum: u64) -> u32 {
+    crate::sum::check(&[&h[0..12], &h[16..REC_HEADER_BYTES]], data_sum)
 }
 
-fn record_crc(h: &[u8], data: &[u8]) -> u32 {
-    crc32c::crc32c_append(header_crc(h), data)
-}
-
-/// [`record_crc`] from the data's own crc32c (`crate::crc::combine`).
-fn record_crc_known(h: &[u8], data_crc: u32, data: &[u8]) -> u32 {
-    debug_assert_eq!(data_crc, crc32c::crc32c(data), "a known crc that does not match its data");
-    crate::crc::combine(header_crc(h), data_crc, data.len())
-}
-
-/// Decodes a record header; the caller then checks the crc with the data.
+/// Decodes a record header; the caller then checks the check field with the data.
 pub fn decode_header(b: &[u8]) -> Result<Decoded, RecordError> {
     if b.len() < REC_HEADER_BYTES {
         return Err(RecordError::Truncated);
@@ -110,9 +101,9 @@ pub fn decode_header(b: &[u8]) -> Result<Decoded, RecordError> {
     if u32_at(0) != REC_MAGIC {
         return Err(RecordError::BadMagic);
     }
-    let crc = u32_at(12);
+    let check = u32_at(12);
     if b[4] == KIND_WRAP {
-        return Ok(Decoded::Wrap(u64_at(16), crc));
+        return Ok(Decoded::Wrap(u64_at(16), check));
     }
     let op = WriteOp::from_u8(b[4]).ok_or(RecordError::BadKind(b[4]))?;
     let len = u32_at(8);
@@ -120,15 +111,15 @@ pub fn decode_header(b: &[u8]) -> Result<Decoded, RecordError> {
         return Err(RecordError::BadLength(len));
     }
     let hdr = RecordHeader { seq: u64_at(16), offset: u64_at(24), len, op, epoch: u64_at(32) };
-    Ok(Decoded::Record(hdr, crc))
+    Ok(Decoded::Record(hdr, check))
 }
 
-/// Checks a record's crc against its header bytes and data.
-pub fn verify(header_bytes: &[u8], crc: u32, data: &[u8]) -> Result<(), RecordError> {
-    if record_crc(header_bytes, data) == crc {
+/// Checks a record's check field against its header bytes and data.
+pub fn verify(header_bytes: &[u8], check: u32, data: &[u8]) -> Result<(), RecordError> {
+    if record_check(header_bytes, crate::sum::data_sum(data)) == check {
         Ok(())
     } else {
-        Err(RecordError::BadCrc)
+        Err(RecordError::BadCheck)
     }
 }
 
@@ -425,10 +416,10 @@ impl Log {
         self.append_known(h, data, None)
     }
 
-    /// [`Self::append`] with the data's crc32c already known (the session
-    /// computed it while checking the frame), so the record's crc costs no
-    /// second pass over the data.
-    pub fn append_known(&mut self, h: &RecordHeader, data: &[u8], data_crc: Option<u32>) -> Result<(), LogFull> {
+    /// [`Self::append`] with the data's sum already known (the session
+    /// computed it while checking the frame), so the record's check costs
+    /// no second pass over the data.
+    pub fn append_known(&mut self, h: &RecordHeader, data: &[u8], data_sum: Option<u64>) -> Result<(), LogFull> {
         debug_assert_eq!(data.len(), h.data_bytes());
         let need = (REC_HEADER_BYTES + data.len()) as u64;
         let waste = if self.head + need > self.size_bytes { self.size_bytes - self.head } else { 0 };
@@ -439,11 +430,15 @@ impl Log {
             self.wrap(h.seq, waste);
         }
         let mut hb = encode_header(h.op as u8, h.len, h.seq, h.offset, h.epoch);
-        let crc = match data_crc {
-            Some(c) => record_crc_known(&hb, c, data),
-            None => record_crc(&hb, data),
+        let sum = match data_sum {
+            Some(s) => {
+                debug_assert_eq!(s, crate::sum::data_sum(data), "a known sum that does not match its data");
+                s
+            }
+            None => crate::sum::data_sum(data),
         };
-        hb[12..16].copy_from_slice(&crc.to_le_bytes());
+        let check = record_check(&hb, sum);
+        hb[12..16].copy_from_slice(&check.to_le_bytes());
         self.current_segment();
         let segment = self.batch.segments.len() - 1;
         let seg = &mut self.batch.segments[segment];
@@ -489,8 +484,8 @@ impl Log {
     fn wrap(&mut self, next_seq: u64, waste: u64) {
         if waste >= REC_HEADER_BYTES as u64 {
             let mut hb = encode_header(KIND_WRAP, 0, next_seq, 0, 0);
-            let crc = record_crc(&hb, &[]);
-            hb[12..16].copy_from_slice(&crc.to_le_bytes());
+            let check = record_check(&hb, crate::sum::data_sum(&[]));
+            hb[12..16].copy_from_slice(&check.to_le_bytes());
             self.current_segment().buf.extend_from_slice(&hb);
         }
         self.used_bytes += waste;
@@ -561,7 +556,7 @@ where
             break;
         }
         match decode_header(&hb) {
-            Ok(Decoded::Wrap(seq, crc)) if seq == expect && pos != 0 && verify(&hb, crc, &[]).is_ok() => {
+            Ok(Decoded::Wrap(seq, check)) if seq == expect && pos != 0 && verify(&hb, check, &[]).is_ok() => {
                 used += size_bytes - pos;
                 pos = 0;
             }
@@ -570,14 +565,14 @@ where
             // Epochs never go down along the log: a record from an older
             // epoch after a newer one is a leftover of a torn batch that a
             // new HE's shorter history happened to line up with.
-            Ok(Decoded::Record(h, crc)) if h.seq == expect && expect < u64::MAX && h.epoch >= last_epoch => {
+            Ok(Decoded::Record(h, check)) if h.seq == expect && expect < u64::MAX && h.epoch >= last_epoch => {
                 last_epoch = h.epoch;
                 let end = pos + (REC_HEADER_BYTES + h.data_bytes()) as u64;
                 if end > size_bytes {
                     break;
                 }
                 data.resize(h.data_bytes(), 0);
-                if !read_or_eof(file, &mut data, pos + REC_HEADER_BYTES as u64)? || verify(&hb, crc, &data).is_err() {
+                if !read_or_eof(file, &mut data, pos + REC_HEADER_BYTES as u64)? || verify(&hb, check, &data).is_err() {
                     break;
                 }
                 f(&h, &data)?;
@@ -624,10 +619,10 @@ mod tests {
     }
 
     #[test]
-    fn a_record_with_a_known_data_crc_is_the_same_record() {
+    fn a_record_with_a_known_data_sum_is_the_same_record() {
         let data: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8).collect();
         let mut batches = Vec::new();
-        for known in [None, Some(crc32c::crc32c(&data))] {
+        for known in [None, Some(crate::sum::data_sum(&data))] {
             let mut log = Log::new(LOG_MIN_BYTES, 0, 0);
             log.append_known(&rec(1, 8192), &data, known).unwrap();
             let b = log.take();

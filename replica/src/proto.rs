@@ -9,7 +9,8 @@
 //!  5 type    u8   FrameType
 //!  6 flags   u16  per type (WriteOp for Write frames)
 //!  8 length  u32  payload bytes, <= MAX_PAYLOAD_BYTES
-//! 12 crc32c  u32  over bytes 0..12, 16..32 and the payload
+//! 12 check   u32  over bytes 0..12, 16..32 and the payload (`crate::sum`;
+//!                  `frame_check`)
 //! 16 mac     [u8; 16]  zero, or once a session authenticated, the
 //!                      frame's MAC or AEAD tag (`crate::auth`)
 //! ```
@@ -27,7 +28,7 @@ use crate::superblock::CopyKind;
 /// "SBLK" read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"SBLK");
 /// The only protocol version this build speaks.
-pub const PROTOCOL_VERSION: u8 = 6;
+pub const PROTOCOL_VERSION: u8 = 7;
 /// Size of the fixed frame header.
 pub const HEADER_BYTES: usize = 32;
 /// Largest payload accepted: one max-sized I/O plus its sub-header.
@@ -61,9 +62,9 @@ pub enum FrameError {
     /// The header's length field exceeds the protocol maximum.
     #[error("frame length {0} exceeds maximum {MAX_PAYLOAD_BYTES}")]
     TooLong(u32),
-    /// The checksum does not match the bytes.
-    #[error("crc mismatch: header says {expected:#010x}, computed {actual:#010x}")]
-    BadCrc { expected: u32, actual: u32 },
+    /// The frame check does not match the bytes.
+    #[error("frame check mismatch: header says {expected:#010x}, computed {actual:#010x}")]
+    BadCheck { expected: u32, actual: u32 },
     /// The payload is the wrong size or shape for its type.
     #[error("malformed {kind:?} payload: {reason}")]
     Malformed { kind: FrameType, reason: &'static str },
@@ -86,7 +87,7 @@ impl FrameError {
             FrameError::BadVersion(_) => "bad_version",
             FrameError::UnknownType(_) => "unknown_type",
             FrameError::TooLong(_) => "too_long",
-            FrameError::BadCrc { .. } => "bad_crc",
+            FrameError::BadCheck { .. } => "bad_check",
             FrameError::Malformed { .. } => "malformed",
             FrameError::BadMac { .. } => "bad_mac",
         }
@@ -319,11 +320,11 @@ pub struct Header {
     pub flags: u16,
     /// Payload length in bytes.
     pub length: u32,
-    /// crc32c from the header.
-    pub crc: u32,
+    /// The frame check from the header.
+    pub check: u32,
 }
 
-/// Builds header bytes for a frame whose payload has checksum state `payload_crc_input`.
+/// Header bytes of a frame, with its check and MAC fields still zero.
 fn header_bytes(kind: FrameType, flags: u16, length: u32) -> [u8; HEADER_BYTES] {
     let mut h = [0u8; HEADER_BYTES];
     h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
@@ -334,30 +335,52 @@ fn header_bytes(kind: FrameType, flags: u16, length: u32) -> [u8; HEADER_BYTES] 
     h
 }
 
-/// crc32c over the header (skipping the crc field) and the payload parts.
-fn frame_crc(h: &[u8; HEADER_BYTES], parts: &[&[u8]]) -> u32 {
-    frame_crc_known(h, parts, None)
+/// Payload bytes that the frame check hashes with the header: a Write
+/// frame's sub-header. The rest of any payload is its data part, which the
+/// check covers through its 64-bit sum (`crate::sum`).
+fn lead_bytes(h: &[u8; HEADER_BYTES], payload_bytes: usize) -> usize {
+    if h[5] == FrameType::Write as u8 {
+        WRITE_SUBHEADER_BYTES.min(payload_bytes)
+    } else {
+        0
+    }
 }
 
-/// As [`frame_crc`], but when `last_crc` is the crc32c of the last part
-/// (a Write's data, checksummed once when the host took the write), that
-/// part is folded in (`crate::crc::combine`) instead of being read again: a
-/// 4 KiB write sent to N replicas costs one pass over its data, not N.
-fn frame_crc_known(h: &[u8; HEADER_BYTES], parts: &[&[u8]], last_crc: Option<u32>) -> u32 {
-    let mut crc = crc32c::crc32c(&h[0..12]);
-    crc = crc32c::crc32c_append(crc, &h[16..32]);
-    let (body, last) = match (last_crc, parts.split_last()) {
-        (Some(c), Some((last, body))) => (body, Some((c, last))),
-        _ => (parts, None),
+/// The frame check over the header (skipping its check field) and the
+/// payload parts. With `data_sum`, the sum of the payload's data part (a
+/// Write's data, hashed once when the host took the write), the data is
+/// not read again: a write sent to N replicas costs one pass over it.
+fn frame_check(h: &[u8; HEADER_BYTES], parts: &[&[u8]], data_sum: Option<u64>) -> u32 {
+    // A bug, not input: every caller builds its frame from at most four.
+    assert!(parts.len() <= 4, "a frame of {} payload parts (at most four)", parts.len());
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut lead_left = lead_bytes(h, total);
+    let mut lead: [&[u8]; 6] = [&h[0..12], &h[16..32], &[], &[], &[], &[]];
+    let mut lead_n = 2;
+    let mut data: [&[u8]; 4] = [&[]; 4];
+    let mut data_n = 0;
+    for p in parts {
+        let cut = lead_left.min(p.len());
+        if cut > 0 {
+            lead[lead_n] = &p[..cut];
+            lead_n += 1;
+            lead_left -= cut;
+        }
+        data[data_n] = &p[cut..];
+        data_n += 1;
+    }
+    let sum = match data_sum {
+        Some(s) => {
+            debug_assert_eq!(
+                s,
+                crate::sum::data_sum_parts(&data[..data_n]),
+                "a known sum that does not match its data"
+            );
+            s
+        }
+        None => crate::sum::data_sum_parts(&data[..data_n]),
     };
-    for p in body {
-        crc = crc32c::crc32c_append(crc, p);
-    }
-    if let Some((c, last)) = last {
-        debug_assert_eq!(c, crc32c::crc32c(last), "a known crc that does not match its data");
-        crc = crate::crc::combine(crc, c, last.len());
-    }
-    crc
+    crate::sum::check(&lead[..lead_n], sum)
 }
 
 /// Decodes and validates a header. Does not read the payload.
@@ -378,32 +401,32 @@ pub fn decode_header(h: &[u8]) -> Result<Header, FrameError> {
     if length > MAX_PAYLOAD_BYTES {
         return Err(FrameError::TooLong(length));
     }
-    let crc = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes"));
-    Ok(Header { kind, flags, length, crc })
+    let check = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes"));
+    Ok(Header { kind, flags, length, check })
 }
 
-/// Checks a frame's crc against its header bytes and payload.
-pub fn verify_crc(hbytes: &[u8], header: &Header, payload: &[u8]) -> Result<(), FrameError> {
+/// Checks a frame's check field against its header bytes and payload.
+pub fn verify_check(hbytes: &[u8], header: &Header, payload: &[u8]) -> Result<(), FrameError> {
     let mut h = [0u8; HEADER_BYTES];
     h.copy_from_slice(&hbytes[..HEADER_BYTES]);
-    let actual = frame_crc(&h, &[payload]);
-    if actual != header.crc {
-        return Err(FrameError::BadCrc { expected: header.crc, actual });
+    let actual = frame_check(&h, &[payload], None);
+    if actual != header.check {
+        return Err(FrameError::BadCheck { expected: header.check, actual });
     }
     Ok(())
 }
 
-/// Recomputes the crc of a whole encoded frame (header and payload) in
+/// Recomputes the check of a whole encoded frame (header and payload) in
 /// place, for tools and tests that edit a frame's bytes and want the edit
-/// to reach the MAC check rather than fail the crc.
-pub fn recompute_crc(frame: &mut [u8]) {
+/// to reach the MAC check rather than fail the frame check.
+pub fn recompute_check(frame: &mut [u8]) {
     if frame.len() < HEADER_BYTES {
         return;
     }
     let (hb, payload) = frame.split_at_mut(HEADER_BYTES);
     let h: &mut [u8; HEADER_BYTES] = hb.try_into().expect("header bytes");
-    let crc = frame_crc(h, &[payload]);
-    h[12..16].copy_from_slice(&crc.to_le_bytes());
+    let check = frame_check(h, &[payload], None);
+    h[12..16].copy_from_slice(&check.to_le_bytes());
 }
 
 /// Writes a frame whose payload is the concatenation of `parts`, with one
@@ -412,19 +435,19 @@ pub fn write_frame<W: Write>(w: &mut W, kind: FrameType, flags: u16, parts: &[&[
     write_frame_known(w, kind, flags, parts, None)
 }
 
-/// [`write_frame`] with the crc32c of the last part already known
-/// (see [`frame_crc_known`]).
+/// [`write_frame`] with the sum of the payload's data part already known
+/// (see [`frame_check`]).
 pub fn write_frame_known<W: Write>(
     w: &mut W,
     kind: FrameType,
     flags: u16,
     parts: &[&[u8]],
-    last_crc: Option<u32>,
+    data_sum: Option<u64>,
 ) -> io::Result<()> {
     let len32 = payload_len(parts)?;
     let mut h = header_bytes(kind, flags, len32);
-    let crc = frame_crc_known(&h, parts, last_crc);
-    h[12..16].copy_from_slice(&crc.to_le_bytes());
+    let check = frame_check(&h, parts, data_sum);
+    h[12..16].copy_from_slice(&check.to_le_bytes());
     write_header_and_parts(w, &h, parts)
 }
 
@@ -466,17 +489,18 @@ impl Seal {
         self.write_frame_known(w, kind, flags, parts, None)
     }
 
-    /// [`Self::write_frame`] with the crc32c of the last part already
-    /// known, which saves a pass over it unless the session encrypts.
+    /// [`Self::write_frame`] with the sum of the payload's data part
+    /// already known, which saves a pass over it unless the session
+    /// encrypts.
     pub fn write_frame_known<W: Write>(
         &mut self,
         w: &mut W,
         kind: FrameType,
         flags: u16,
         parts: &[&[u8]],
-        last_crc: Option<u32>,
+        data_sum: Option<u64>,
     ) -> io::Result<()> {
-        let Some(key) = &mut self.key else { return write_frame_known(w, kind, flags, parts, last_crc) };
+        let Some(key) = &mut self.key else { return write_frame_known(w, kind, flags, parts, data_sum) };
         let len32 = payload_len(parts)?;
         let mut h = header_bytes(kind, flags, len32);
         if key.encrypts() {
@@ -486,14 +510,14 @@ impl Seal {
             }
             let tag = key.seal_in_place(&h[0..12], &mut self.scratch);
             h[16..32].copy_from_slice(&tag);
-            let crc = frame_crc(&h, &[&self.scratch]);
-            h[12..16].copy_from_slice(&crc.to_le_bytes());
+            let check = frame_check(&h, &[&self.scratch], None);
+            h[12..16].copy_from_slice(&check.to_le_bytes());
             return write_header_and_parts(w, &h, &[&self.scratch]);
         }
         let mac = key.seal_parts(&h[0..12], parts);
         h[16..32].copy_from_slice(&mac);
-        let crc = frame_crc_known(&h, parts, last_crc);
-        h[12..16].copy_from_slice(&crc.to_le_bytes());
+        let check = frame_check(&h, parts, data_sum);
+        h[12..16].copy_from_slice(&check.to_le_bytes());
         write_header_and_parts(w, &h, parts)
     }
 }
@@ -534,8 +558,8 @@ pub struct FrameReader<R> {
     /// The session's receive key once it authenticated: every frame
     /// after that must verify (and is decrypted) at its place in order.
     auth: Option<FrameKey>,
-    /// crc32c of the last Write frame's data, when it is the plaintext's.
-    data_crc: Option<u32>,
+    /// The sum of the last Write frame's data, when it is the plaintext's.
+    data_sum: Option<u64>,
 }
 
 /// Bytes a [`FrameReader`] buffers: many small frames per system call.
@@ -553,7 +577,7 @@ impl<R: Read> FrameReader<R> {
             header: [0; HEADER_BYTES],
             payload: Vec::new(),
             auth: None,
-            data_crc: None,
+            data_sum: None,
         }
     }
 
@@ -587,12 +611,13 @@ impl<R: Read> FrameReader<R> {
     /// Reads one whole frame. The payload borrow lasts until the next call.
     /// I/O errors other than clean EOF come back as `Err(Ok(io))`.
     pub fn next_frame(&mut self) -> Result<(Header, &[u8]), ReadError> {
-        self.next_frame_crc().map(|(h, p, _)| (h, p))
+        self.next_frame_sum().map(|(h, p, _)| (h, p))
     }
 
-    /// [`Self::next_frame`], plus the crc32c of a Write frame's data (its
-    /// payload after the sub-header) when it covers the plaintext.
-    pub fn next_frame_crc(&mut self) -> Result<(Header, &[u8], Option<u32>), ReadError> {
+    /// [`Self::next_frame`], plus the sum (`crate::sum`) of a Write
+    /// frame's data (its payload after the sub-header) when it is the
+    /// plaintext's.
+    pub fn next_frame_sum(&mut self) -> Result<(Header, &[u8], Option<u64>), ReadError> {
         self.input.read_exact(&mut self.inner, &mut self.header, true)?;
         let header = decode_header(&self.header).map_err(ReadError::Frame)?;
         let len = header.length as usize;
@@ -604,26 +629,22 @@ impl<R: Read> FrameReader<R> {
         let payload = &mut self.payload[..len];
         self.input.read_exact(&mut self.inner, payload, false)?;
         self.input.large = len >= DIRECT_READ_MIN_BYTES;
-        self.data_crc = None;
-        if header.kind == FrameType::Write && len >= WRITE_SUBHEADER_BYTES {
-            // One pass over the data gives both the frame check and the
-            // crc the log record reuses (`Log::append_known`).
-            let (sub, data) = payload.split_at(WRITE_SUBHEADER_BYTES);
-            let data_crc = crc32c::crc32c(data);
-            let actual = frame_crc_known(&self.header, &[sub, data], Some(data_crc));
-            if actual != header.crc {
-                return Err(ReadError::Frame(FrameError::BadCrc { expected: header.crc, actual }));
-            }
-            self.data_crc = Some(data_crc).filter(|_| !self.auth.as_ref().is_some_and(|k| k.encrypts()));
-        } else {
-            verify_crc(&self.header, &header, payload).map_err(ReadError::Frame)?;
+        // One pass over the data gives both the frame check and, for a
+        // Write, the sum its log record reuses (`Log::append_known`).
+        let lead = lead_bytes(&self.header, len);
+        let sum = crate::sum::data_sum(&payload[lead..]);
+        let actual = frame_check(&self.header, &[payload], Some(sum));
+        if actual != header.check {
+            return Err(ReadError::Frame(FrameError::BadCheck { expected: header.check, actual }));
         }
+        let plain = !self.auth.as_ref().is_some_and(|k| k.encrypts());
+        self.data_sum = Some(sum).filter(|_| header.kind == FrameType::Write && lead == WRITE_SUBHEADER_BYTES && plain);
         if let Some(key) = &mut self.auth {
             let (head, mac) = (&self.header[0..12], &self.header[16..32]);
             key.open_in_place(head, mac, payload)
                 .map_err(|e| ReadError::Frame(FrameError::BadMac { kind: header.kind, seq: e.seq }))?;
         }
-        Ok((header, payload, self.data_crc))
+        Ok((header, payload, self.data_sum))
     }
 }
 
@@ -1634,32 +1655,49 @@ mod tests {
         }
     }
 
-    /// The one-checksum path: a Write frame whose data crc was taken at
-    /// submit is byte-identical to one checksummed whole, the reader hands
-    /// back the data's crc, and a flipped data bit still fails the frame.
+    /// The one-checksum path: a Write frame whose data sum was taken at
+    /// submit is byte-identical to one checked whole or cut anywhere, the
+    /// reader hands back the data's sum, and a flipped bit in the header,
+    /// the sub-header or the data still fails the frame.
     #[test]
-    fn a_known_data_crc_gives_the_same_frame_and_is_handed_back() {
+    fn a_known_data_sum_gives_the_same_frame_and_is_handed_back() {
         let sub = [7u8; WRITE_SUBHEADER_BYTES];
         for len in [0usize, 1, 4096, 131072 + 3] {
             let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
             let plain = frame(FrameType::Write, &[&sub, &data]);
             let mut known = Vec::new();
-            let crc = crc32c::crc32c(&data);
-            write_frame_known(&mut known, FrameType::Write, 0, &[&sub, &data], Some(crc)).unwrap();
+            let sum = crate::sum::data_sum(&data);
+            write_frame_known(&mut known, FrameType::Write, 0, &[&sub, &data], Some(sum)).unwrap();
             assert_eq!(plain, known, "len {len}");
+            let whole = [&sub[..], &data[..]].concat();
+            for cut in [0, 5, WRITE_SUBHEADER_BYTES + len / 2] {
+                let (a, b) = whole.split_at(cut);
+                assert_eq!(frame(FrameType::Write, &[a, b]), plain, "len {len}, payload cut at {cut}");
+            }
             let mut r = FrameReader::new(&known[..]);
-            let (h, p, got) = r.next_frame_crc().unwrap();
-            assert_eq!((h.kind, p.len(), got), (FrameType::Write, WRITE_SUBHEADER_BYTES + len, Some(crc)));
+            let (h, p, got) = r.next_frame_sum().unwrap();
+            assert_eq!((h.kind, p.len(), got), (FrameType::Write, WRITE_SUBHEADER_BYTES + len, Some(sum)));
+            let mut flips = vec![6, HEADER_BYTES + 3];
             if len > 0 {
+                flips.push(HEADER_BYTES + WRITE_SUBHEADER_BYTES + len / 2);
+            }
+            for at in flips {
                 let mut bad = known.clone();
-                bad[HEADER_BYTES + WRITE_SUBHEADER_BYTES + len / 2] ^= 0x10;
+                bad[at] ^= 0x10;
                 let e = FrameReader::new(&bad[..]).next_frame().unwrap_err();
-                assert!(matches!(e, ReadError::Frame(FrameError::BadCrc { .. })), "{e}");
+                assert!(
+                    matches!(e, ReadError::Frame(FrameError::BadCheck { .. })),
+                    "len {len}, byte {at} flipped: {e}"
+                );
             }
         }
-        // Other frames carry no data crc.
+        // Other frames carry no data sum, and are checked whole.
         let hb = frame(FrameType::Heartbeat, &[&encode_u64(5)]);
-        assert_eq!(FrameReader::new(&hb[..]).next_frame_crc().unwrap().2, None);
+        assert_eq!(FrameReader::new(&hb[..]).next_frame_sum().unwrap().2, None);
+        let mut bad = hb.clone();
+        bad[HEADER_BYTES + 2] ^= 1;
+        let e = FrameReader::new(&bad[..]).next_frame().unwrap_err();
+        assert!(matches!(e, ReadError::Frame(FrameError::BadCheck { .. })), "{e}");
     }
 
     #[test]

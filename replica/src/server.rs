@@ -345,8 +345,8 @@ struct Session {
     /// What this replica authenticates to peers with when this session
     /// has it dial one (replay, copy): the session's key and encryption.
     creds: Option<Credentials>,
-    /// crc32c of the current Write frame's data, from the frame check.
-    data_crc: Option<u32>,
+    /// The sum of the current Write frame's data, from the frame check.
+    data_sum: Option<u64>,
 }
 
 /// A rejection: which counter, which error code, and whether to close.
@@ -460,7 +460,7 @@ impl Server {
             read_buf: Vec::new(),
             copy_cancel: None,
             creds: None,
-            data_crc: None,
+            data_sum: None,
         };
         let mut reader = FrameReader::new(input);
         if let Some(keys) = &self.keys {
@@ -475,9 +475,9 @@ impl Server {
             }
         }
         loop {
-            let res = match reader.next_frame_crc() {
-                Ok((h, payload, data_crc)) => {
-                    sess.data_crc = data_crc;
+            let res = match reader.next_frame_sum() {
+                Ok((h, payload, data_sum)) => {
+                    sess.data_sum = data_sum;
                     let r = self.handle(&mut sess, h.kind, payload);
                     // End of a burst: a single small write is committed
                     // here (one hand-off less at QD1), anything larger by
@@ -691,7 +691,7 @@ impl Server {
             s.is_ack_sink = true;
         }
         let rec = RecordHeader { seq: wh.seq, offset: wh.offset, len: wh.len, op: wh.op, epoch: wh.epoch };
-        self.store.append_deferred(epoch, &rec, data, s.data_crc.take()).map_err(|e| {
+        self.store.append_deferred(epoch, &rec, data, s.data_sum.take()).map_err(|e| {
             let (reason, code) = store_reason(&e);
             Reject { reason, code, seq: wh.seq, offset: wh.offset, message: e.to_string(), close: true }
         })

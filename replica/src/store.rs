@@ -669,15 +669,16 @@ impl Store {
 
     /// Like [`Store::append`], but leaves the commit to the caller, who
     /// promises to call [`Store::commit_pending`] when its burst ends.
-    /// `data_crc` is the data's crc32c when the caller already has it.
+    /// `data_sum` is the data's sum (`crate::sum`) when the caller already
+    /// has it.
     pub fn append_deferred(
         &self,
         session_epoch: u64,
         h: &RecordHeader,
         data: &[u8],
-        data_crc: Option<u32>,
+        data_sum: Option<u64>,
     ) -> Result<(), StoreError> {
-        self.append_inner(session_epoch, h, data, data_crc, false)
+        self.append_inner(session_epoch, h, data, data_sum, false)
     }
 
     fn append_inner(
@@ -685,7 +686,7 @@ impl Store {
         session_epoch: u64,
         h: &RecordHeader,
         data: &[u8],
-        data_crc: Option<u32>,
+        data_sum: Option<u64>,
         wake: bool,
     ) -> Result<(), StoreError> {
         self.check_range(h.offset, h.len as u64)?;
@@ -713,7 +714,7 @@ impl Store {
                     return Err(StoreError::Diverged { after, seq: h.seq, epoch: h.epoch });
                 }
             }
-            match g.log.append_known(h, data, data_crc) {
+            match g.log.append_known(h, data, data_sum) {
                 Ok(()) => {
                     g.last_seq = h.seq;
                     let free = g.log.size_bytes() - g.log.used_bytes();
@@ -770,7 +771,7 @@ impl Store {
         if from < first {
             // Older records may still be intact behind the tail. If the
             // head overwrites them during the scan, the scan stops at the
-            // first record whose crc or seq does not follow.
+            // first record whose check or seq does not follow.
             match history {
                 Some(h) if from >= h.first_seq && h.first_seq < first => (tail, first) = (h.offset, h.first_seq),
                 Some(h) if h.first_seq < first => return Err(StoreError::NotInLog { from, first: h.first_seq }),
@@ -2413,19 +2414,19 @@ mod tests {
         assert!(buf[..4096].iter().all(|b| *b == 1) && buf[4096..].iter().all(|b| *b == 2));
     }
 
-    /// Records whose crc came from the session's frame check (one pass over
-    /// the data, `Log::append_known`) must scan back at the next open like
-    /// any other: a wrong crc would end the log early there, and for a peer
-    /// replaying this log.
+    /// Records whose data sum came from the session's frame check (one
+    /// pass over the data, `Log::append_known`) must scan back at the next
+    /// open like any other: a wrong check would end the log early there,
+    /// and for a peer replaying this log.
     #[test]
-    fn records_with_a_known_crc_replay_at_reopen() {
+    fn records_with_a_known_sum_replay_at_reopen() {
         let dir = tempfile::tempdir().unwrap();
         init(dir.path(), 1 << 20, LOG_MIN_BYTES).unwrap();
         let (s, h) = open(dir.path());
         for seq in 1..=6u64 {
             let d = vec![seq as u8; 4096 * (seq as usize % 3 + 1)];
             let r = rec(seq, (seq % 4) * 16384, d.len() as u32);
-            s.append_deferred(1, &r, &d, Some(crc32c::crc32c(&d))).unwrap();
+            s.append_deferred(1, &r, &d, Some(crate::sum::data_sum(&d))).unwrap();
         }
         s.commit_pending();
         wait_durable(&s, 6);

@@ -15,17 +15,15 @@ use crate::proto::Uuid;
 /// Bytes per slot.
 pub const SLOT_BYTES: usize = 4096;
 const SB_MAGIC: u64 = u64::from_le_bytes(*b"SBLKSUPR");
-const SB_VERSION: u32 = 4;
-/// Older versions, still read (and rewritten as this one).
-const SB_VERSION_3: u32 = 3;
-const SB_VERSION_2: u32 = 2;
+/// Version 5: the slots are laid out as version 4's, but the log's
+/// records are checked with XXH3 (`crate::sum`), not crc32c.
+const SB_VERSION: u32 = 5;
+/// Versions 2 to 4 wrote crc32c log records, which a scan would take for
+/// torn ones: such a replica is refused, never opened with an empty log.
+const SB_VERSIONS_CRC32C: std::ops::RangeInclusive<u32> = 2..=4;
 /// Fixed fields before the history and members blobs.
 const FIXED_BYTES: usize = 368;
-/// Version 3 had no members version or epoch: 352 bytes.
-const FIXED_BYTES_V3: usize = 352;
-/// Version 2 had only the first 96 bytes of them.
-const FIXED_BYTES_V2: usize = 96;
-/// Where the members version and the epoch that made it live (version 4 on).
+/// Where the members version and the epoch that made it live.
 const MEMBERS_VERSION_AT: usize = 352;
 const MEMBERS_EPOCH_AT: usize = 360;
 /// Most segments a copy plan keeps.
@@ -159,7 +157,7 @@ pub struct CopyState {
 }
 
 /// Bytes 96..352 of a slot: region shift, then the copy state.
-const COPY_BYTES: usize = FIXED_BYTES_V3 - FIXED_BYTES_V2;
+const COPY_BYTES: usize = 256;
 
 impl CopyState {
     /// `b`: the 256 bytes at offset 96 of a slot (the region shift is in
@@ -282,16 +280,18 @@ impl Superblock {
         if u32_at(SLOT_BYTES - 4) != crc32c::crc32c(&b[..SLOT_BYTES - 4]) {
             return Err("bad crc");
         }
-        // Version 2 has no change map settings and no copy state: its
-        // history and members start right after the first 96 bytes.
-        // Version 3 has no members version (its set counts as version 0).
-        let copy_at = || CopyState::decode(&b[96..96 + COPY_BYTES]);
-        let (fixed, region_shift, copy, members_order) = match u32_at(8) {
-            SB_VERSION => (FIXED_BYTES, u32_at(96), copy_at()?, (u64_at(MEMBERS_EPOCH_AT), u64_at(MEMBERS_VERSION_AT))),
-            SB_VERSION_3 => (FIXED_BYTES_V3, u32_at(96), copy_at()?, (0, 0)),
-            SB_VERSION_2 => (FIXED_BYTES_V2, crate::changes::REGION_SHIFT_DEFAULT, None, (0, 0)),
+        match u32_at(8) {
+            SB_VERSION => {}
+            v if SB_VERSIONS_CRC32C.contains(&v) => {
+                return Err("written by an older starblk (superblock version 2 to 4, crc32c log records, \
+                            now XXH3): re-create this replica with `starblk replica init`");
+            }
             _ => return Err("unsupported version"),
-        };
+        }
+        let fixed = FIXED_BYTES;
+        let region_shift = u32_at(96);
+        let copy = CopyState::decode(&b[96..96 + COPY_BYTES])?;
+        let members_order = (u64_at(MEMBERS_EPOCH_AT), u64_at(MEMBERS_VERSION_AT));
         let members_len = u32_at(88) as usize;
         if members_len > SLOT_BYTES - fixed - HISTORY_MAX_BYTES - 4 {
             return Err("members length out of range");
@@ -466,7 +466,7 @@ mod tests {
     }
 
     #[test]
-    fn copy_state_round_trips_and_version_2_is_read() {
+    fn copy_state_round_trips_and_crc32c_era_versions_are_refused() {
         let mut sb = sample();
         sb.copy = Some(CopyState {
             kind: CopyKind::Rollback,
@@ -487,26 +487,15 @@ mod tests {
         let mut bad = sb.clone();
         bad.durable_seq = 13;
         assert_eq!(Superblock::decode(&bad.encode().unwrap()), Err("copy state does not match the log"));
-        // Version 2: history and members right after byte 96.
-        let v3 = Superblock { members_version: 0, members_epoch: 0, ..sample() };
-        let img = v3.encode().unwrap();
-        let mut v2 = [0u8; SLOT_BYTES];
-        v2[..FIXED_BYTES_V2].copy_from_slice(&img[..FIXED_BYTES_V2]);
-        v2[8..12].copy_from_slice(&SB_VERSION_2.to_le_bytes());
-        v2[FIXED_BYTES_V2..SLOT_BYTES - 4 - (FIXED_BYTES - FIXED_BYTES_V2)]
-            .copy_from_slice(&img[FIXED_BYTES..SLOT_BYTES - 4]);
-        let crc = crc32c::crc32c(&v2[..SLOT_BYTES - 4]);
-        v2[SLOT_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
-        assert_eq!(Superblock::decode(&v2), Ok(v3.clone()));
-        // Version 3: the 352 fixed bytes, no members version.
-        let mut img3 = [0u8; SLOT_BYTES];
-        img3[..FIXED_BYTES_V3].copy_from_slice(&img[..FIXED_BYTES_V3]);
-        img3[8..12].copy_from_slice(&SB_VERSION_3.to_le_bytes());
-        img3[FIXED_BYTES_V3..SLOT_BYTES - 4 - (FIXED_BYTES - FIXED_BYTES_V3)]
-            .copy_from_slice(&img[FIXED_BYTES..SLOT_BYTES - 4]);
-        let crc = crc32c::crc32c(&img3[..SLOT_BYTES - 4]);
-        img3[SLOT_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
-        assert_eq!(Superblock::decode(&img3), Ok(v3));
+        // Versions 2 to 4 have crc32c log records: refused, by name.
+        for v in SB_VERSIONS_CRC32C {
+            let mut old = img;
+            old[8..12].copy_from_slice(&v.to_le_bytes());
+            let crc = crc32c::crc32c(&old[..SLOT_BYTES - 4]);
+            old[SLOT_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
+            let e = Superblock::decode(&old).unwrap_err();
+            assert!(e.contains("re-create this replica"), "version {v}: {e}");
+        }
     }
 
     #[test]

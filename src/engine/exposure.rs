@@ -308,7 +308,7 @@ mod tests {
                     op: WriteOp::Data,
                     epoch: 1,
                     data: Arc::new(vec![0; len]),
-                    data_crc: crc32c::crc32c(&vec![0; len]),
+                    data_sum: starblk_replica::sum::data_sum(&vec![0; len]),
                     token: None,
                     cum_bytes: cum,
                     submitted: Instant::now(),

@@ -900,8 +900,8 @@ where
 trait Sink: Send {
     /// Sends one frame that is not a write.
     fn frame(&mut self, kind: FrameType, parts: &[&[u8]]) -> io::Result<()>;
-    /// Sends one Write frame: its sub-header, its data and the data's crc32c.
-    fn write(&mut self, h: &WriteHeader, data: &[u8], data_crc: u32) -> io::Result<()>;
+    /// Sends one Write frame: its sub-header, its data and the data's sum.
+    fn write(&mut self, h: &WriteHeader, data: &[u8], data_sum: u64) -> io::Result<()>;
     /// Pushes out anything buffered.
     fn flush(&mut self) -> io::Result<()>;
     /// The end of one batch of writes taken from the write queue.
@@ -920,8 +920,8 @@ impl Sink for TcpSink {
     fn frame(&mut self, kind: FrameType, parts: &[&[u8]]) -> io::Result<()> {
         self.seal.write_frame(&mut self.w, kind, 0, parts)
     }
-    fn write(&mut self, h: &WriteHeader, data: &[u8], data_crc: u32) -> io::Result<()> {
-        self.seal.write_frame_known(&mut self.w, FrameType::Write, 0, &[&h.encode(), data], Some(data_crc))
+    fn write(&mut self, h: &WriteHeader, data: &[u8], data_sum: u64) -> io::Result<()> {
+        self.seal.write_frame_known(&mut self.w, FrameType::Write, 0, &[&h.encode(), data], Some(data_sum))
     }
     fn flush(&mut self) -> io::Result<()> {
         Write::flush(&mut self.w)
@@ -1007,11 +1007,11 @@ impl Sink for NetSink {
         // Reads and heartbeats do not wait for the batch to end.
         self.send_pending()
     }
-    fn write(&mut self, h: &WriteHeader, data: &[u8], data_crc: u32) -> io::Result<()> {
+    fn write(&mut self, h: &WriteHeader, data: &[u8], data_sum: u64) -> io::Result<()> {
         let sub = h.encode();
         let parts: [&[u8]; 2] = [&sub, data];
         self.make_room(&parts)?;
-        self.seal.write_frame_known(&mut self.pending, FrameType::Write, 0, &parts, Some(data_crc))?;
+        self.seal.write_frame_known(&mut self.pending, FrameType::Write, 0, &parts, Some(data_sum))?;
         self.pending_seq = Some(h.seq);
         Ok(())
     }
@@ -1116,7 +1116,7 @@ impl TimeoutRead for MsgReader {
 /// For TCP, small frames coalesce in a 64 KiB buffer and larger frames go
 /// straight to the socket as one vectored write (no copy).
 fn sender_loop<S: Sink>(shared: &Shared, link: &Link, gen: u64, mut w: S) -> String {
-    let mut batch: Vec<(WriteHeader, Arc<Vec<u8>>, u32)> = Vec::with_capacity(SEND_BATCH_MAX);
+    let mut batch: Vec<(WriteHeader, Arc<Vec<u8>>, u64)> = Vec::with_capacity(SEND_BATCH_MAX);
     let mut last_hb = Instant::now() - HEARTBEAT_INTERVAL;
     // First the replica checks its log against this HE's history and
     // follows it (it refuses with Diverged otherwise); frames are handled
@@ -1156,8 +1156,8 @@ fn sender_loop<S: Sink>(shared: &Shared, link: &Link, gen: u64, mut w: S) -> Str
         if let Err(why) = take_batch(shared, link, gen, &mut batch) {
             return why;
         }
-        for (h, data, data_crc) in batch.drain(..) {
-            if let Err(e) = w.write(&h, &data, data_crc) {
+        for (h, data, data_sum) in batch.drain(..) {
+            if let Err(e) = w.write(&h, &data, data_sum) {
                 return format!("send failed at seq {}: {e}", h.seq);
             }
             link.counters.writes_sent.fetch_add(1, Ordering::Relaxed);
@@ -1202,7 +1202,7 @@ fn take_batch(
     shared: &Shared,
     link: &Link,
     gen: u64,
-    batch: &mut Vec<(WriteHeader, Arc<Vec<u8>>, u32)>,
+    batch: &mut Vec<(WriteHeader, Arc<Vec<u8>>, u64)>,
 ) -> Result<(), String> {
     let mut g = shared.lock();
     let first = g.queue.front().map(|e| e.seq).unwrap_or(g.next_seq);
@@ -1222,7 +1222,7 @@ fn take_batch(
     let to = next_seq.min(from + SEND_BATCH_MAX as u64);
     for e in g.queue.range((from - first) as usize..(to - first) as usize) {
         let wh = WriteHeader { seq: e.seq, offset: e.offset, len: e.len, op: e.op, epoch: e.epoch };
-        batch.push((wh, e.data.clone(), e.data_crc));
+        batch.push((wh, e.data.clone(), e.data_sum));
     }
     g.links[link.idx].next_send_seq = to;
     Ok(())

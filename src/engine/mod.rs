@@ -167,10 +167,10 @@ struct Entry {
     /// for history seeded from the leader's log.
     epoch: u64,
     data: Arc<Vec<u8>>,
-    /// crc32c of `data`, taken once when the write is queued: every
-    /// link's frame and every replica's log record reuse it (one pass
-    /// over the data however many replicas there are).
-    data_crc: u32,
+    /// The 64-bit sum of `data` (`starblk_replica::sum`), taken once when
+    /// the write is queued: every link's frame reuses it (one pass over
+    /// the data however many replicas there are).
+    data_sum: u64,
     /// Frontend token until the write completes.
     token: Option<u64>,
     /// [`Entry::bytes`] of every write up to this one since the HE started
@@ -503,7 +503,7 @@ impl Shared {
                 len: h.len,
                 op: h.op,
                 epoch: h.epoch,
-                data_crc: crc32c::crc32c(&data),
+                data_sum: starblk_replica::sum::data_sum(&data),
                 data: Arc::new(data),
                 token: None,
                 cum_bytes: 0,
@@ -553,7 +553,7 @@ impl Shared {
         let b = Arc::get_mut(&mut buf).expect("pooled buffers are unique");
         b.clear();
         b.extend_from_slice(data);
-        let data_crc = crc32c::crc32c(b);
+        let data_sum = starblk_replica::sum::data_sum(b);
         let mut g = self.lock();
         loop {
             if !g.accepting {
@@ -584,7 +584,7 @@ impl Shared {
             op,
             epoch,
             data: buf,
-            data_crc,
+            data_sum,
             token: Some(token),
             cum_bytes,
             submitted,
