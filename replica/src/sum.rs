@@ -9,12 +9,12 @@
 //!
 //! Why XXH3 and not crc32c: both find any random corruption with about
 //! the same odds (the check kept is 32 bits; the data sum under it is
-//! 64), and on this project's machines XXH3 ran 1.1–1.3× as fast as the
-//! crc32c crate's hardware path natively, and about 4× as fast in the
-//! QEMU/TCG guest of `scripts/bench-vm`, where the `crc32` instruction is
-//! emulated (`docs/performance.md`, "One XXH3 pass per write"). crc32c
-//! guarantees to find short bursts, which XXH3 does not; TCP's own
-//! checksum and the disk's ECC sit under both.
+//! 64). On this project's machines XXH3 ran on par with the crc32c
+//! crate's hardware path natively, and about 4× as fast in the QEMU/TCG
+//! guest of `scripts/bench-vm`, where the `crc32` instruction is emulated
+//! (`docs/performance.md`, "One XXH3 pass per write"). crc32c guarantees
+//! to find short bursts, which XXH3 does not; TCP's own checksum and the
+//! disk's ECC sit under both.
 
 use xxhash_rust::xxh3::{xxh3_64, Xxh3Default};
 
