@@ -369,17 +369,7 @@ fn frame_check(h: &[u8; HEADER_BYTES], parts: &[&[u8]], data_sum: Option<u64>) -
         data[data_n] = &p[cut..];
         data_n += 1;
     }
-    let sum = match data_sum {
-        Some(s) => {
-            debug_assert_eq!(
-                s,
-                crate::sum::data_sum_parts(&data[..data_n]),
-                "a known sum that does not match its data"
-            );
-            s
-        }
-        None => crate::sum::data_sum_parts(&data[..data_n]),
-    };
+    let sum = crate::sum::data_sum_known(data_sum, &data[..data_n]);
     crate::sum::check(&lead[..lead_n], sum)
 }
 

@@ -38,6 +38,18 @@ pub fn data_sum_parts(parts: &[&[u8]]) -> u64 {
     }
 }
 
+/// `known`, the caller's sum of `parts` (checked in debug builds), or
+/// else the sum taken here.
+pub fn data_sum_known(known: Option<u64>, parts: &[&[u8]]) -> u64 {
+    match known {
+        Some(s) => {
+            debug_assert_eq!(s, data_sum_parts(parts), "a known sum that does not match its data");
+            s
+        }
+        None => data_sum_parts(parts),
+    }
+}
+
 /// Most lead bytes [`check`] hashes from the stack: a frame header and a
 /// write sub-header, or a log record header.
 const LEAD_BYTES_MAX: usize = 120;
