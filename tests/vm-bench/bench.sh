@@ -205,6 +205,33 @@ daemon_ticks() {
     done
     echo "$t"
 }
+# thread_ticks: one line per thread of the system's daemons:
+# "pid/tid comm utime stime" (ticks).
+thread_ticks() {
+    for p in $DAEMONS; do
+        for t in /proc/$p/task/*; do
+            [ -r "$t/stat" ] || continue
+            c=$(cat "$t/comm" 2>/dev/null) || continue
+            sed 's/.*) //' "$t/stat" | awk -v id="$p/${t##*/}" -v c="$c" '{print id, c, $12, $13}'
+        done
+    done
+}
+
+# thread_report SYS JOB IOS BEFORE AFTER: THREADS lines, the daemons' CPU
+# per I/O by thread (user and system, in us), from two thread_ticks
+# snapshots; threads under 1 % of the daemons' time are left out. Shows
+# where the daemon CPU per I/O goes where perf cannot sample (TCG).
+thread_report() {
+    [ "$3" -gt 0 ] || return 0
+    awk -v s="$1" -v j="$2" -v n="$3" -v hz="$(getconf CLK_TCK 2>/dev/null || echo 100)" '
+        FNR == NR { u0[$1] = $3; s0[$1] = $4; next }
+        { du = $3 - u0[$1]; ds = $4 - s0[$1]; if (du + ds <= 0) next
+          id[++k] = $1; c[k] = $2; u[k] = du; sy[k] = ds; tot += du + ds }
+        END { for (i = 1; i <= k; i++) if ((u[i] + sy[i]) * 100 >= tot)
+                printf "THREADS %s %s %-12s %-14s user %7.0f us/IO  sys %7.0f us/IO\n", s, j, id[i], c[i],
+                    u[i] * 1e6 / hz / n, sy[i] * 1e6 / hz / n }' "$4" "$5"
+}
+
 # Busy and total ticks of the whole guest ("busy total").
 sys_ticks() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t}' /proc/stat; }
 
@@ -257,6 +284,7 @@ run_fio() {
     out=/tmp/fio-$sys-$job-$round.log
     log "run $round: $sys $job on $DEV (${RUNTIME}s)"
     b_d=$(daemon_ticks)
+    thread_ticks >/tmp/threads-before
     set -- $(sys_ticks)
     b_busy=$1 b_total=$2
     # shellcheck disable=SC2086
@@ -268,6 +296,9 @@ run_fio() {
     set -- $(sys_ticks)
     busy=$(($1 - b_busy)) total=$(($2 - b_total)) dt=$(($(daemon_ticks) - b_d))
     terse=$(grep '^3;' "$out" | tail -n1)
+    thread_ticks >/tmp/threads-after
+    ios=$(echo "$terse" | awk -F';' -v j="$job" '{ n = (j ~ /^r/) ? $6 : $47; print int(n / ((j ~ /128k/) ? 128 : 4)) }')
+    thread_report "$sys" "$job" "${ios:-0}" /tmp/threads-before /tmp/threads-after
     if [ -z "$terse" ]; then
         cat "$out"
         echo "BENCH_RUN $sys $job $round 0 $frc noterse 0 0 0 $busy $total $dt"
@@ -300,6 +331,7 @@ fs_job_begin() {
 # fs_job_clock: takes the start time and CPU ticks of a job (t0, b_*).
 fs_job_clock() {
     b_d=$(daemon_ticks)
+    thread_ticks >/tmp/threads-before
     set -- $(sys_ticks)
     b_busy=$1 b_total=$2
     t0=$(cut -d' ' -f1 /proc/uptime)
