@@ -36,6 +36,20 @@ pub trait FileIo {
         self.write_all_at(buf, offset)?;
         self.sync_data()
     }
+    /// Writes `parts` one after the other from `offset`, as one write.
+    fn write_parts_at(&self, parts: &[&[u8]], offset: u64) -> io::Result<()> {
+        match parts {
+            [one] => self.write_all_at(one, offset),
+            _ => self.write_all_at(&joined(parts), offset),
+        }
+    }
+    /// [`Self::write_parts_at`], then durable as `sync_data` makes it.
+    fn write_parts_at_durable(&self, parts: &[&[u8]], offset: u64) -> io::Result<()> {
+        match parts {
+            [one] => self.write_all_at_durable(one, offset),
+            _ => self.write_all_at_durable(&joined(parts), offset),
+        }
+    }
 }
 
 impl FileIo for File {
@@ -51,6 +65,12 @@ impl FileIo for File {
     fn write_all_at_durable(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         write_all_at_dsync(self, buf, offset)
     }
+    fn write_parts_at(&self, parts: &[&[u8]], offset: u64) -> io::Result<()> {
+        write_parts(self, parts, offset, false)
+    }
+    fn write_parts_at_durable(&self, parts: &[&[u8]], offset: u64) -> io::Result<()> {
+        write_parts(self, parts, offset, true)
+    }
 }
 
 /// `pwritev2` with `RWF_DSYNC`: the kernel makes the written range durable
@@ -60,20 +80,44 @@ impl FileIo for File {
 /// sleep fewer. A kernel that refuses the flag gets a write and an
 /// fdatasync. Partial writes continue where they stopped; each part is
 /// durable when its call returns.
-pub fn write_all_at_dsync(file: &File, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
-    while !buf.is_empty() {
-        let iov = libc::iovec { iov_base: buf.as_ptr() as *mut libc::c_void, iov_len: buf.len() };
+pub fn write_all_at_dsync(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+    write_parts(file, &[buf], offset, true)
+}
+
+/// Most slices one `pwritev2` takes (the kernel's `UIO_MAXIOV`).
+const IOV_MAX: usize = 1024;
+
+/// Writes `parts` one after the other from `offset` with `pwritev2`
+/// (`RWF_DSYNC` when `dsync`, see [`write_all_at_dsync`]), going on after
+/// partial writes, at most [`IOV_MAX`] slices per call.
+fn write_parts(file: &File, parts: &[&[u8]], mut offset: u64, dsync: bool) -> io::Result<()> {
+    // Next byte to write: part `i`, byte `skip` of it.
+    let (mut i, mut skip) = (0, 0);
+    while i < parts.len() {
+        if parts[i].len() == skip {
+            (i, skip) = (i + 1, 0);
+            continue;
+        }
+        let iov: Vec<libc::iovec> = std::iter::once(&parts[i][skip..])
+            .chain(parts[i + 1..].iter().copied())
+            .take(IOV_MAX)
+            .map(|p| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() })
+            .collect();
         let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: `iov` describes `buf`, which outlives the call and which
-        // the kernel only reads; the descriptor is `file`'s, open for the
-        // whole call.
-        let n = unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, off, libc::RWF_DSYNC) };
+        let flags = if dsync { libc::RWF_DSYNC } else { 0 };
+        // SAFETY: every iovec describes (part of) a slice of `parts`, which
+        // outlive the call and which the kernel only reads; `iov` holds
+        // `iov.len()` (at most IOV_MAX) of them; the descriptor is `file`'s,
+        // open for the whole call.
+        let n = unsafe { libc::pwritev2(file.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int, off, flags) };
         if n < 0 {
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
                 Some(libc::EINTR) => continue,
-                Some(libc::EOPNOTSUPP | libc::ENOSYS) => {
-                    FileExt::write_all_at(file, buf, offset)?;
+                Some(libc::EOPNOTSUPP | libc::ENOSYS) if dsync => {
+                    let rest: Vec<&[u8]> =
+                        std::iter::once(&parts[i][skip..]).chain(parts[i + 1..].iter().copied()).collect();
+                    write_parts(file, &rest, offset, false)?;
                     return file.sync_data();
                 }
                 _ => return Err(e),
@@ -82,11 +126,25 @@ pub fn write_all_at_dsync(file: &File, mut buf: &[u8], mut offset: u64) -> io::R
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        let n = n as usize;
-        buf = &buf[n..];
+        let mut n = n as usize;
         offset += n as u64;
+        while n > 0 {
+            let left = parts[i].len() - skip;
+            if n < left {
+                skip += n;
+                break;
+            }
+            n -= left;
+            (i, skip) = (i + 1, 0);
+        }
     }
     Ok(())
+}
+
+/// `parts` in one buffer: how a file that cannot write vectors (or whose
+/// faults count one write per call) writes them.
+fn joined(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
 }
 
 /// Which of the store's files a fault hits.
@@ -532,6 +590,29 @@ impl FileIo for DiskFile {
         }
         write_all_at_dsync(&self.file, buf, offset)
     }
+
+    fn write_parts_at(&self, parts: &[&[u8]], offset: u64) -> io::Result<()> {
+        if self.faults.is_armed() {
+            // One fault-counted write, torn at a byte of the whole. (One
+            // part is written from where it is: a direct write's buffer
+            // must stay aligned.)
+            return match parts {
+                [one] => self.write_all_at(one, offset),
+                _ => self.write_all_at(&joined(parts), offset),
+            };
+        }
+        write_parts(&self.file, parts, offset, false)
+    }
+
+    fn write_parts_at_durable(&self, parts: &[&[u8]], offset: u64) -> io::Result<()> {
+        if self.faults.is_armed() {
+            return match parts {
+                [one] => self.write_all_at_durable(one, offset),
+                _ => self.write_all_at_durable(&joined(parts), offset),
+            };
+        }
+        write_parts(&self.file, parts, offset, true)
+    }
 }
 
 impl AsRawFd for DiskFile {
@@ -543,6 +624,23 @@ impl AsRawFd for DiskFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// More slices than one `pwritev2` takes, empty ones among them, with
+    /// and without `RWF_DSYNC`: the file holds their concatenation.
+    #[test]
+    fn parts_are_written_one_after_the_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(dir.path().join("f")).unwrap();
+        let bytes: Vec<Vec<u8>> = (0..2500u32).map(|i| vec![(i % 251) as u8; (i % 7) as usize]).collect();
+        let parts: Vec<&[u8]> = bytes.iter().map(|b| b.as_slice()).collect();
+        let want = parts.concat();
+        for (dsync, offset) in [(false, 0u64), (true, 5000)] {
+            write_parts(&f, &parts, offset, dsync).unwrap();
+            let mut got = vec![0; want.len()];
+            FileIo::read_exact_at(&f, &mut got, offset).unwrap();
+            assert!(got == want, "dsync {dsync}");
+        }
+    }
 
     #[test]
     fn specs_parse_and_print_back() {

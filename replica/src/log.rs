@@ -18,6 +18,9 @@ pub const REC_HEADER_BYTES: usize = 40;
 pub const LOG_MIN_BYTES: u64 =
     (4 * (MAX_IO_BYTES as u64 + REC_HEADER_BYTES as u64)).next_multiple_of(LOG_BLOCK_BYTES as u64);
 const KIND_WRAP: u8 = 0xff;
+/// Receive buffers a log keeps for reuse (`Log::append_owned`): enough
+/// for a batch of large writes at the queue depths the host runs.
+const SPARE_PAYLOADS_MAX: usize = 32;
 
 /// One record's fixed header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,19 +235,55 @@ pub struct Segment {
     /// (none when the log is written through the page cache): a direct
     /// write rewrites the whole block, and rewrites them unchanged.
     lead: usize,
-    /// The lead, then the encoded records.
+    /// The lead, then the encoded records, except the data of spliced ones.
     buf: AlignedBuf,
+    /// Data kept in the buffers it was received into, each to be written
+    /// at its place in `buf`, in order (only through the page cache:
+    /// `Log::append_owned`).
+    spliced: Vec<Spliced>,
+}
+
+/// A record's data in a buffer of its own: `buf[start..end]` goes to the
+/// file between `buf` bytes `..at` and `at..` of its segment.
+#[derive(Debug)]
+struct Spliced {
+    at: usize,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Spliced {
+    fn data(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
 }
 
 impl Segment {
-    /// The encoded records, as they go to the file at `offset`.
-    pub fn records(&self) -> &[u8] {
-        &self.buf.as_slice()[self.lead..]
+    /// The encoded records, as they go to the file at `offset`: slices to
+    /// write one after the other (one, unless data was spliced in).
+    pub fn parts(&self) -> Vec<&[u8]> {
+        let b = self.buf.as_slice();
+        let mut parts = Vec::with_capacity(1 + 2 * self.spliced.len());
+        let mut from = self.lead;
+        for s in &self.spliced {
+            parts.push(&b[from..s.at]);
+            parts.push(s.data());
+            from = s.at;
+        }
+        parts.push(&b[from..]);
+        parts.retain(|p| !p.is_empty());
+        parts
+    }
+
+    /// Bytes of records (what goes to the file at `offset`).
+    fn records_bytes(&self) -> usize {
+        self.buf.len - self.lead + self.spliced.iter().map(|s| s.end - s.start).sum::<usize>()
     }
 
     /// File offset just past the last record.
     fn end(&self) -> u64 {
-        self.offset + (self.buf.len - self.lead) as u64
+        self.offset + self.records_bytes() as u64
     }
 }
 
@@ -255,8 +294,11 @@ pub struct Pending {
     pub header: RecordHeader,
     /// Index into the batch's segments.
     pub segment: usize,
-    /// Byte position of the data inside that segment's buffer.
+    /// Byte position of the data inside that segment's buffer; for
+    /// spliced data, its index in the segment's spliced buffers.
     pub data_pos: usize,
+    /// Whether the data was spliced in (`Log::append_owned`).
+    pub spliced: bool,
 }
 
 /// Records taken from the log for one group commit.
@@ -277,7 +319,11 @@ pub struct Batch {
 impl Batch {
     /// The data of one pending record.
     pub fn data(&self, p: &Pending) -> &[u8] {
-        &self.segments[p.segment].buf.as_slice()[p.data_pos..p.data_pos + p.header.data_bytes()]
+        let s = &self.segments[p.segment];
+        if p.spliced {
+            return s.spliced[p.data_pos].data();
+        }
+        &s.buf.as_slice()[p.data_pos..p.data_pos + p.header.data_bytes()]
     }
 
     /// Whether the batch goes to disk in whole blocks, for a file opened
@@ -295,22 +341,23 @@ impl Batch {
     /// (`docs/performance.md`, "One system call per group commit").
     pub fn write_durable<F: FileIo + ?Sized>(&self, file: &F) -> io::Result<()> {
         if let [s] = &self.segments[..] {
-            let (bytes, offset) = self.extent(s);
-            return file.write_all_at_durable(bytes, offset);
+            let (parts, offset) = self.extent(s);
+            return file.write_parts_at_durable(&parts, offset);
         }
         for s in &self.segments {
-            let (bytes, offset) = self.extent(s);
-            file.write_all_at(bytes, offset)?;
+            let (parts, offset) = self.extent(s);
+            file.write_parts_at(&parts, offset)?;
         }
         file.sync_data()
     }
 
     /// What of a segment goes to disk, and where.
-    fn extent<'a>(&self, s: &'a Segment) -> (&'a [u8], u64) {
+    fn extent<'a>(&self, s: &'a Segment) -> (Vec<&'a [u8]>, u64) {
         if self.direct {
-            (s.buf.blocks(), s.offset - s.lead as u64)
+            debug_assert!(s.spliced.is_empty(), "direct batches are written from one aligned buffer");
+            (vec![s.buf.blocks()], s.offset - s.lead as u64)
         } else {
-            (s.records(), s.offset)
+            (s.parts(), s.offset)
         }
     }
 }
@@ -326,6 +373,10 @@ pub struct Log {
     batch: Batch,
     /// Emptied segment buffers, reused so steady state does not allocate.
     spare: Vec<AlignedBuf>,
+    /// Receive buffers of committed spliced data, handed back to sessions
+    /// in exchange for the next ones (`append_owned`), so steady state
+    /// neither allocates nor zero-fills them.
+    spare_payloads: Vec<Vec<u8>>,
     /// With direct I/O: the block that holds `head`, as it is on disk once
     /// every taken batch is written. A segment that starts inside it
     /// copies its first bytes as its lead.
@@ -341,7 +392,15 @@ impl Log {
     /// through the page cache.
     pub fn new(size_bytes: u64, head: u64, used_bytes: u64) -> Log {
         debug_assert!(head < size_bytes && used_bytes <= size_bytes);
-        Log { size_bytes, head, used_bytes, batch: Batch::default(), spare: Vec::new(), head_block: None }
+        Log {
+            size_bytes,
+            head,
+            used_bytes,
+            batch: Batch::default(),
+            spare: Vec::new(),
+            spare_payloads: Vec::new(),
+            head_block: None,
+        }
     }
 
     /// [`Log::new`] for a log file opened with `O_DIRECT`: batches are
@@ -390,7 +449,7 @@ impl Log {
 
     /// Bytes of records pending in the current batch.
     pub fn pending_bytes(&self) -> usize {
-        self.batch.segments.iter().map(|s| s.records().len()).sum()
+        self.batch.segments.iter().map(|s| s.records_bytes()).sum()
     }
 
     /// Log bytes (records and wrap waste) the pending batch occupies.
@@ -421,7 +480,44 @@ impl Log {
     /// no second pass over the data.
     pub fn append_known(&mut self, h: &RecordHeader, data: &[u8], data_sum: Option<u64>) -> Result<(), LogFull> {
         debug_assert_eq!(data.len(), h.data_bytes());
-        let need = (REC_HEADER_BYTES + data.len()) as u64;
+        let segment = self.append_header(h, crate::sum::data_sum_known(data_sum, &[data]))?;
+        let seg = &mut self.batch.segments[segment];
+        let data_pos = seg.buf.len;
+        seg.buf.extend_from_slice(data);
+        self.batch.records.push(Pending { header: *h, segment, data_pos, spliced: false });
+        Ok(())
+    }
+
+    /// [`Self::append_known`] for data that stays in the buffer it was
+    /// received into, `buf[start..]`, instead of being copied into the
+    /// batch: the batch takes `*buf` and leaves a spare receive buffer (or
+    /// an empty one) in its place. Only through the page cache, where the
+    /// batch is written with one vectored write (`Batch::write_durable`);
+    /// a direct batch must be one aligned buffer.
+    pub fn append_owned(
+        &mut self,
+        h: &RecordHeader,
+        buf: &mut Vec<u8>,
+        start: usize,
+        data_sum: Option<u64>,
+    ) -> Result<(), LogFull> {
+        assert!(!self.is_direct(), "spliced data in a direct log (seq {})", h.seq);
+        let end = start + h.data_bytes();
+        let segment = self.append_header(h, crate::sum::data_sum_known(data_sum, &[&buf[start..end]]))?;
+        let owned = std::mem::replace(buf, self.spare_payloads.pop().unwrap_or_default());
+        let seg = &mut self.batch.segments[segment];
+        seg.spliced.push(Spliced { at: seg.buf.len, buf: owned, start, end });
+        let data_pos = seg.spliced.len() - 1;
+        self.batch.records.push(Pending { header: *h, segment, data_pos, spliced: true });
+        Ok(())
+    }
+
+    /// Reserves room for a record (wrapping first if it does not fit before
+    /// the end of the file), appends its header to the current segment and
+    /// moves the head past the record; the caller appends its data next.
+    /// Returns the segment's index.
+    fn append_header(&mut self, h: &RecordHeader, data_sum: u64) -> Result<usize, LogFull> {
+        let need = (REC_HEADER_BYTES + h.data_bytes()) as u64;
         let waste = if self.head + need > self.size_bytes { self.size_bytes - self.head } else { 0 };
         if self.used_bytes + waste + need + self.slack_bytes() > self.size_bytes {
             return Err(LogFull);
@@ -430,16 +526,9 @@ impl Log {
             self.wrap(h.seq, waste);
         }
         let mut hb = encode_header(h.op as u8, h.len, h.seq, h.offset, h.epoch);
-        let sum = crate::sum::data_sum_known(data_sum, &[data]);
-        let check = record_check(&hb, sum);
+        let check = record_check(&hb, data_sum);
         hb[12..16].copy_from_slice(&check.to_le_bytes());
-        self.current_segment();
-        let segment = self.batch.segments.len() - 1;
-        let seg = &mut self.batch.segments[segment];
-        seg.buf.extend_from_slice(&hb);
-        let data_pos = seg.buf.len;
-        seg.buf.extend_from_slice(data);
-        self.batch.records.push(Pending { header: *h, segment, data_pos });
+        self.current_segment().buf.extend_from_slice(&hb);
         self.head += need;
         // A record that ends exactly at the end of the file wraps for free.
         if self.head == self.size_bytes {
@@ -448,7 +537,7 @@ impl Log {
         debug_assert!(self.head < self.size_bytes);
         self.used_bytes += need;
         self.batch.used_bytes += need;
-        Ok(())
+        Ok(self.batch.segments.len() - 1)
     }
 
     /// The segment that continues at `head`, opening one if needed.
@@ -469,7 +558,7 @@ impl Log {
                 }
                 None => 0,
             };
-            self.batch.segments.push(Segment { offset: head, lead, buf });
+            self.batch.segments.push(Segment { offset: head, lead, buf, spliced: Vec::new() });
         }
         self.batch.segments.last_mut().expect("segment just ensured")
     }
@@ -510,6 +599,11 @@ impl Log {
         for s in b.segments.drain(..) {
             if self.spare.len() < 4 {
                 self.spare.push(s.buf);
+            }
+            for p in s.spliced {
+                if self.spare_payloads.len() < SPARE_PAYLOADS_MAX {
+                    self.spare_payloads.push(p.buf);
+                }
             }
         }
         b.records.clear();
@@ -620,7 +714,7 @@ mod tests {
             let mut log = Log::new(LOG_MIN_BYTES, 0, 0);
             log.append_known(&rec(1, 8192), &data, known).unwrap();
             let b = log.take();
-            batches.push(b.segments.iter().map(|s| s.records().to_vec()).collect::<Vec<_>>());
+            batches.push(b.segments.iter().map(|s| s.parts().concat()).collect::<Vec<_>>());
         }
         assert_eq!(batches[0], batches[1]);
     }
@@ -736,6 +830,76 @@ mod tests {
             }
         }
         assert!(seq > 1000 && fulls > 100, "{seq} records, {fulls} times full: the test did not wrap the log often");
+    }
+
+    /// The same records, once copied into the batch and once spliced in
+    /// from their receive buffers (large ones, every other one small and
+    /// copied), batch after batch across wraps and checkpoints: both
+    /// files must hold the same bytes, every record's data must read back
+    /// from its batch, and a scan must find every record. The receive
+    /// buffers the batches take come back as spares once recycled.
+    #[test]
+    fn spliced_data_writes_the_same_log_as_copied_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = LOG_MIN_BYTES;
+        let (fa, fb) = (log_file(&dir, size), {
+            let f = std::fs::File::create_new(dir.path().join("spliced")).unwrap();
+            f.set_len(size).unwrap();
+            f
+        });
+        let (mut copied, mut spliced) = (Log::new(size, 0, 0), Log::new(size, 0, 0));
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let (mut seq, mut tail, mut recv) = (1u64, 0u64, Vec::new());
+        for round in 0..40 {
+            let first = seq;
+            for i in 0..1 + next() % 6 {
+                let len = if i % 2 == 0 { 4096 * (1 + next() % 64) as u32 } else { 4096 };
+                let h = rec(seq, len);
+                let data: Vec<u8> = (0..len).map(|j| (seq as u32 * 31 + j) as u8).collect();
+                if copied.append(&h, &data).is_err() {
+                    break;
+                }
+                // The data behind a 32-byte lead, in a buffer longer than
+                // the frame (receive buffers only grow).
+                recv.clear();
+                recv.extend_from_slice(&[0xee; 32]);
+                recv.extend_from_slice(&data);
+                recv.extend_from_slice(&[0xdd; 100]);
+                if len >= 16384 {
+                    spliced.append_owned(&h, &mut recv, 32, None).unwrap();
+                } else {
+                    spliced.append_known(&h, &recv[32..32 + len as usize], None).unwrap();
+                }
+                seq += 1;
+            }
+            let (a, b) = (copied.take(), spliced.take());
+            assert_eq!(a.records.len(), b.records.len());
+            for (pa, pb) in a.records.iter().zip(&b.records) {
+                assert_eq!(a.data(pa), b.data(pb), "seq {}", pa.header.seq);
+            }
+            a.write_durable(&fa).unwrap();
+            b.write_durable(&fb).unwrap();
+            let (ra, rb) = (records(&fa, size, tail, first), records(&fb, size, tail, first));
+            assert_eq!(ra, rb, "round {round}");
+            assert_eq!(ra.0.len() as u64, seq - first);
+            // Checkpoint: everything applied, the tail moves to the head.
+            tail = a.end_offset;
+            for (log, batch) in [(&mut copied, a), (&mut spliced, b)] {
+                log.release(batch.used_bytes);
+                log.recycle(batch);
+            }
+        }
+        let (mut da, mut db) = (vec![0; size as usize], vec![0; size as usize]);
+        FileIo::read_exact_at(&fa, &mut da, 0).unwrap();
+        FileIo::read_exact_at(&fb, &mut db, 0).unwrap();
+        assert!(da == db, "the two logs differ");
+        assert!(!spliced.spare_payloads.is_empty(), "committed receive buffers are kept as spares");
     }
 
     #[test]

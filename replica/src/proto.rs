@@ -638,6 +638,16 @@ impl<R: Read> FrameReader<R> {
     }
 }
 
+impl<R> FrameReader<R> {
+    /// The buffer the last frame's payload was read into: its first
+    /// `length` bytes are that payload (it may be longer). A caller may
+    /// take it over (`Store::append_received`) and put another buffer in
+    /// its place; the next frame is read into whatever is there.
+    pub fn payload_buf(&mut self) -> &mut Vec<u8> {
+        &mut self.payload
+    }
+}
+
 /// A [`FrameReader`]'s receive buffer: bytes `pos..filled` are received
 /// and not yet handed out.
 struct InputBuf {

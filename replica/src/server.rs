@@ -478,7 +478,8 @@ impl Server {
             let res = match reader.next_frame_sum() {
                 Ok((h, payload, data_sum)) => {
                     sess.data_sum = data_sum;
-                    let r = self.handle(&mut sess, h.kind, payload);
+                    let len = payload.len();
+                    let r = self.handle(&mut sess, h.kind, reader.payload_buf(), len);
                     // End of a burst: a single small write is committed
                     // here (one hand-off less at QD1), anything larger by
                     // the committer while this thread goes on receiving.
@@ -518,7 +519,10 @@ impl Server {
         sess.writer.out.close();
     }
 
-    fn handle(&self, s: &mut Session, kind: FrameType, p: &[u8]) -> Result<(), Reject> {
+    /// Handles one frame whose payload is `buf[..len]`. A Write may keep
+    /// `buf` (`Store::append_received`).
+    fn handle(&self, s: &mut Session, kind: FrameType, buf: &mut Vec<u8>, len: usize) -> Result<(), Reject> {
+        let p = &buf[..len];
         let malformed = |e: FrameError| reject("malformed", ErrorCode::Malformed, e.to_string(), true);
         if kind == FrameType::Stats {
             let json = self.stats_json();
@@ -559,7 +563,7 @@ impl Server {
             return Err(reject("stale_epoch", ErrorCode::StaleEpoch, msg, true));
         }
         match kind {
-            FrameType::Write => self.write(s, epoch, p),
+            FrameType::Write => self.write(s, epoch, buf, len),
             FrameType::Read => self.read(s, ReadReq::decode(p).map_err(malformed)?),
             FrameType::Heartbeat => {
                 let nonce = proto::decode_u64(kind, p).map_err(malformed)?;
@@ -669,9 +673,10 @@ impl Server {
         }
     }
 
-    fn write(&self, s: &mut Session, epoch: u64, p: &[u8]) -> Result<(), Reject> {
-        let (wh, data) =
-            WriteHeader::decode(p).map_err(|e| reject("malformed", ErrorCode::Malformed, e.to_string(), true))?;
+    fn write(&self, s: &mut Session, epoch: u64, buf: &mut Vec<u8>, len: usize) -> Result<(), Reject> {
+        let (wh, data) = WriteHeader::decode(&buf[..len])
+            .map_err(|e| reject("malformed", ErrorCode::Malformed, e.to_string(), true))?;
+        let start = len - data.len();
         if s.probe {
             return Err(reject("probe_write", ErrorCode::BadState, "write on a probe session".into(), true));
         }
@@ -691,7 +696,7 @@ impl Server {
             s.is_ack_sink = true;
         }
         let rec = RecordHeader { seq: wh.seq, offset: wh.offset, len: wh.len, op: wh.op, epoch: wh.epoch };
-        self.store.append_deferred(epoch, &rec, data, s.data_sum.take()).map_err(|e| {
+        self.store.append_received(epoch, &rec, buf, start, s.data_sum.take()).map_err(|e| {
             let (reason, code) = store_reason(&e);
             Reject { reason, code, seq: wh.seq, offset: wh.offset, message: e.to_string(), close: true }
         })

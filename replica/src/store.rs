@@ -75,6 +75,13 @@ const WRITEBACK_READY_MAX: usize = 64;
 /// random small writes keep reaching the disk in the checkpoint's one
 /// sync rather than one device write each.
 const DIRECT_APPLY_MIN_BYTES: u64 = 64 * 1024;
+/// Data of at least this many bytes stays in the buffer it was received
+/// into when the log goes through the page cache: the batch is written
+/// with one vectored write instead of a copy of every byte
+/// (`docs/performance.md`, "Large writes stay in their receive buffers").
+/// Smaller data is copied: a copy of a few KiB costs less than the
+/// buffer exchange and the extra slices.
+const SPLICE_MIN_BYTES: usize = 16 * 1024;
 /// Contiguous direct records of one batch go out as one write of at most
 /// this many bytes (the aligned buffer's bound).
 const DIRECT_APPLY_RUN_MAX_BYTES: u64 = 4 << 20;
@@ -664,7 +671,7 @@ impl Store {
     /// retransmission); one its history holds differently is refused.
     /// Blocks only while the log is full and a checkpoint frees space.
     pub fn append(&self, session_epoch: u64, h: &RecordHeader, data: &[u8]) -> Result<(), StoreError> {
-        self.append_inner(session_epoch, h, data, None, true)
+        self.append_inner(session_epoch, h, Data::Slice(data), None, true)
     }
 
     /// Like [`Store::append`], but leaves the commit to the caller, who
@@ -678,14 +685,30 @@ impl Store {
         data: &[u8],
         data_sum: Option<u64>,
     ) -> Result<(), StoreError> {
-        self.append_inner(session_epoch, h, data, data_sum, false)
+        self.append_inner(session_epoch, h, Data::Slice(data), data_sum, false)
+    }
+
+    /// [`Store::append_deferred`] for data a session received into `buf`,
+    /// at `buf[start..]`: the store may keep the buffer for the log batch
+    /// instead of copying the data out of it (`Log::append_owned`), and
+    /// then puts a spare receive buffer, or an empty one, in its place.
+    pub fn append_received(
+        &self,
+        session_epoch: u64,
+        h: &RecordHeader,
+        buf: &mut Vec<u8>,
+        start: usize,
+        data_sum: Option<u64>,
+    ) -> Result<(), StoreError> {
+        assert!(start + h.data_bytes() <= buf.len(), "seq {}: data past the receive buffer", h.seq);
+        self.append_inner(session_epoch, h, Data::Received(buf, start), data_sum, false)
     }
 
     fn append_inner(
         &self,
         session_epoch: u64,
         h: &RecordHeader,
-        data: &[u8],
+        mut data: Data<'_>,
         data_sum: Option<u64>,
         wake: bool,
     ) -> Result<(), StoreError> {
@@ -714,7 +737,7 @@ impl Store {
                     return Err(StoreError::Diverged { after, seq: h.seq, epoch: h.epoch });
                 }
             }
-            match g.log.append_known(h, data, data_sum) {
+            match data.append_to(&mut g.log, h, data_sum) {
                 Ok(()) => {
                     g.last_seq = h.seq;
                     let free = g.log.size_bytes() - g.log.used_bytes();
@@ -2073,6 +2096,29 @@ fn open_view(dir: &Path) -> Option<ViewWriter> {
     }
 }
 
+/// A write's data on its way into the log.
+enum Data<'a> {
+    /// Copied into the batch.
+    Slice(&'a [u8]),
+    /// In a session's receive buffer, from the byte given: large data
+    /// stays there when the log goes through the page cache
+    /// (`SPLICE_MIN_BYTES`), anything else is copied.
+    Received(&'a mut Vec<u8>, usize),
+}
+
+impl Data<'_> {
+    fn append_to(&mut self, log: &mut log::Log, h: &RecordHeader, data_sum: Option<u64>) -> Result<(), log::LogFull> {
+        let len = h.data_bytes();
+        match self {
+            Data::Slice(d) => log.append_known(h, d, data_sum),
+            Data::Received(buf, start) if log.is_direct() || len < SPLICE_MIN_BYTES => {
+                log.append_known(h, &buf[*start..*start + len], data_sum)
+            }
+            Data::Received(buf, start) => log.append_owned(h, buf, *start, data_sum),
+        }
+    }
+}
+
 /// `e`, naming the records whose apply failed: seqs, offset and length.
 fn with_records(e: io::Error, recs: &[log::Pending]) -> io::Error {
     let (Some(first), Some(last)) = (recs.first(), recs.last()) else { return e };
@@ -2338,7 +2384,12 @@ mod tests {
         let records = writes
             .iter()
             .enumerate()
-            .map(|(i, &(offset, len))| log::Pending { header: rec(i as u64 + 1, offset, len), segment: 0, data_pos: 0 })
+            .map(|(i, &(offset, len))| log::Pending {
+                header: rec(i as u64 + 1, offset, len),
+                segment: 0,
+                data_pos: 0,
+                spliced: false,
+            })
             .collect();
         let mut b = Batch::default();
         b.records = records;
