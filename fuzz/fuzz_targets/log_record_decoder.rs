@@ -85,7 +85,7 @@ fn header(data: &[u8]) {
         log.append(&h, body).expect("an empty log takes any valid record");
         let batch = log.take();
         assert_eq!(batch.segments.len(), 1);
-        assert_eq!(batch.segments[0].records(), &data[..REC_HEADER_BYTES + n]);
+        assert_eq!(batch.segments[0].parts().concat(), &data[..REC_HEADER_BYTES + n]);
     }
 }
 
@@ -163,7 +163,7 @@ fn built_scan(data: &[u8]) {
     let batch = log.take();
     let file = fresh_log();
     for s in &batch.segments {
-        file.write_all_at(s.records(), s.offset).expect("write segment");
+        file.write_all_at(&s.parts().concat(), s.offset).expect("write segment");
     }
     for &(at, x) in &spoils {
         let mut b = [0u8];
