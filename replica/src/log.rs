@@ -694,6 +694,16 @@ mod tests {
         RecordHeader { seq, offset: seq * 4096, len, op: WriteOp::Data, epoch: 1 }
     }
 
+    /// A small deterministic random stream for the tests.
+    fn xorshift(mut x: u64) -> impl FnMut() -> u64 {
+        move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        }
+    }
+
     fn log_file(dir: &tempfile::TempDir, size: u64) -> File {
         let f = std::fs::OpenOptions::new()
             .read(true)
@@ -774,13 +784,7 @@ mod tests {
         );
         fb.0.set_len(size).unwrap();
         let (mut a, mut b) = (Log::new(size, 0, 0), Log::direct(size, 0, 0, &fb).unwrap());
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         // Batches not yet checkpointed: (log bytes, end offset, last seq).
         let mut fulls = 0;
         let (mut held, mut tail, mut first, mut seq) = (VecDeque::new(), 0u64, 1u64, 1u64);
@@ -848,13 +852,7 @@ mod tests {
             f
         });
         let (mut copied, mut spliced) = (Log::new(size, 0, 0), Log::new(size, 0, 0));
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         let (mut seq, mut tail, mut recv) = (1u64, 0u64, Vec::new());
         for round in 0..40 {
             let first = seq;
