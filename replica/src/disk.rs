@@ -38,17 +38,11 @@ pub trait FileIo {
     }
     /// Writes `parts` one after the other from `offset`, as one write.
     fn write_parts_at(&self, parts: &[&[u8]], offset: u64) -> io::Result<()> {
-        match parts {
-            [one] => self.write_all_at(one, offset),
-            _ => self.write_all_at(&joined(parts), offset),
-        }
+        as_one_buffer(parts, |b| self.write_all_at(b, offset))
     }
     /// [`Self::write_parts_at`], then durable as `sync_data` makes it.
     fn write_parts_at_durable(&self, parts: &[&[u8]], offset: u64) -> io::Result<()> {
-        match parts {
-            [one] => self.write_all_at_durable(one, offset),
-            _ => self.write_all_at_durable(&joined(parts), offset),
-        }
+        as_one_buffer(parts, |b| self.write_all_at_durable(b, offset))
     }
 }
 
@@ -98,8 +92,8 @@ fn write_parts(file: &File, parts: &[&[u8]], mut offset: u64, dsync: bool) -> io
             (i, skip) = (i + 1, 0);
             continue;
         }
-        let iov: Vec<libc::iovec> = std::iter::once(&parts[i][skip..])
-            .chain(parts[i + 1..].iter().copied())
+        let rest = || std::iter::once(&parts[i][skip..]).chain(parts[i + 1..].iter().copied());
+        let iov: Vec<libc::iovec> = rest()
             .take(IOV_MAX)
             .map(|p| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() })
             .collect();
@@ -115,9 +109,7 @@ fn write_parts(file: &File, parts: &[&[u8]], mut offset: u64, dsync: bool) -> io
             match e.raw_os_error() {
                 Some(libc::EINTR) => continue,
                 Some(libc::EOPNOTSUPP | libc::ENOSYS) if dsync => {
-                    let rest: Vec<&[u8]> =
-                        std::iter::once(&parts[i][skip..]).chain(parts[i + 1..].iter().copied()).collect();
-                    write_parts(file, &rest, offset, false)?;
+                    write_parts(file, &rest().collect::<Vec<_>>(), offset, false)?;
                     return file.sync_data();
                 }
                 _ => return Err(e),
@@ -141,10 +133,14 @@ fn write_parts(file: &File, parts: &[&[u8]], mut offset: u64, dsync: bool) -> io
     Ok(())
 }
 
-/// `parts` in one buffer: how a file that cannot write vectors (or whose
-/// faults count one write per call) writes them.
-fn joined(parts: &[&[u8]]) -> Vec<u8> {
-    parts.concat()
+/// Calls `write` with `parts` in one buffer: how a file that cannot write
+/// vectors (or whose faults count one write per call) writes them. One
+/// part is passed as it is: a direct write's buffer must stay aligned.
+fn as_one_buffer(parts: &[&[u8]], write: impl FnOnce(&[u8]) -> io::Result<()>) -> io::Result<()> {
+    match parts {
+        [one] => write(one),
+        _ => write(&parts.concat()),
+    }
 }
 
 /// Which of the store's files a fault hits.
@@ -593,23 +589,15 @@ impl FileIo for DiskFile {
 
     fn write_parts_at(&self, parts: &[&[u8]], offset: u64) -> io::Result<()> {
         if self.faults.is_armed() {
-            // One fault-counted write, torn at a byte of the whole. (One
-            // part is written from where it is: a direct write's buffer
-            // must stay aligned.)
-            return match parts {
-                [one] => self.write_all_at(one, offset),
-                _ => self.write_all_at(&joined(parts), offset),
-            };
+            // One fault-counted write, torn at a byte of the whole.
+            return as_one_buffer(parts, |b| self.write_all_at(b, offset));
         }
         write_parts(&self.file, parts, offset, false)
     }
 
     fn write_parts_at_durable(&self, parts: &[&[u8]], offset: u64) -> io::Result<()> {
         if self.faults.is_armed() {
-            return match parts {
-                [one] => self.write_all_at_durable(one, offset),
-                _ => self.write_all_at_durable(&joined(parts), offset),
-            };
+            return as_one_buffer(parts, |b| self.write_all_at_durable(b, offset));
         }
         write_parts(&self.file, parts, offset, true)
     }
