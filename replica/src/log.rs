@@ -294,11 +294,18 @@ pub struct Pending {
     pub header: RecordHeader,
     /// Index into the batch's segments.
     pub segment: usize,
-    /// Byte position of the data inside that segment's buffer; for
-    /// spliced data, its index in the segment's spliced buffers.
-    pub data_pos: usize,
-    /// Whether the data was spliced in (`Log::append_owned`).
-    pub spliced: bool,
+    /// Where its data is in that segment.
+    pub data: DataAt,
+}
+
+/// Where a pending record's data sits inside its segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataAt {
+    /// Copied into the segment's buffer, from this byte.
+    Copied(usize),
+    /// Spliced in (`Log::append_owned`): this index in the segment's
+    /// spliced buffers.
+    Spliced(usize),
 }
 
 /// Records taken from the log for one group commit.
@@ -320,10 +327,10 @@ impl Batch {
     /// The data of one pending record.
     pub fn data(&self, p: &Pending) -> &[u8] {
         let s = &self.segments[p.segment];
-        if p.spliced {
-            return s.spliced[p.data_pos].data();
+        match p.data {
+            DataAt::Copied(pos) => &s.buf.as_slice()[pos..pos + p.header.data_bytes()],
+            DataAt::Spliced(i) => s.spliced[i].data(),
         }
-        &s.buf.as_slice()[p.data_pos..p.data_pos + p.header.data_bytes()]
     }
 
     /// Whether the batch goes to disk in whole blocks, for a file opened
@@ -482,9 +489,9 @@ impl Log {
         debug_assert_eq!(data.len(), h.data_bytes());
         let segment = self.append_header(h, crate::sum::data_sum_known(data_sum, &[data]))?;
         let seg = &mut self.batch.segments[segment];
-        let data_pos = seg.buf.len;
+        let at = DataAt::Copied(seg.buf.len);
         seg.buf.extend_from_slice(data);
-        self.batch.records.push(Pending { header: *h, segment, data_pos, spliced: false });
+        self.batch.records.push(Pending { header: *h, segment, data: at });
         Ok(())
     }
 
@@ -507,8 +514,8 @@ impl Log {
         let owned = std::mem::replace(buf, self.spare_payloads.pop().unwrap_or_default());
         let seg = &mut self.batch.segments[segment];
         seg.spliced.push(Spliced { at: seg.buf.len, buf: owned, start, end });
-        let data_pos = seg.spliced.len() - 1;
-        self.batch.records.push(Pending { header: *h, segment, data_pos, spliced: true });
+        let at = DataAt::Spliced(seg.spliced.len() - 1);
+        self.batch.records.push(Pending { header: *h, segment, data: at });
         Ok(())
     }
 

@@ -2387,8 +2387,7 @@ mod tests {
             .map(|(i, &(offset, len))| log::Pending {
                 header: rec(i as u64 + 1, offset, len),
                 segment: 0,
-                data_pos: 0,
-                spliced: false,
+                data: log::DataAt::Copied(0),
             })
             .collect();
         let mut b = Batch::default();
