@@ -133,3 +133,50 @@ fn plan_reproduces_table1_and_eq2_headline() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A second `replica serve` on a directory another one serves is refused
+/// with a message naming the directory, and the first goes on serving.
+#[test]
+fn second_serve_of_one_directory_is_refused() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::Stdio;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("r");
+    let init = Command::new(BIN)
+        .args(["replica", "init", "--size", "16MiB", "--log-size", "16MiB", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let serve = || {
+        let mut c = Command::new(BIN);
+        c.args(["replica", "serve", "--listen", "127.0.0.1:0", "--dir"]).arg(&dir);
+        c
+    };
+    let mut first = serve().stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(first.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.starts_with("listening"), "first serve printed {line:?}");
+    // Without the lock the second one would serve too (and never exit).
+    let mut second = serve().stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = second.try_wait().unwrap() {
+            break Some(st);
+        }
+        if std::time::Instant::now() >= deadline {
+            second.kill().unwrap();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    second.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let still_serving = first.try_wait().unwrap().is_none();
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let status = status.unwrap_or_else(|| panic!("the second serve of {} was still running after 20 s", dir.display()));
+    assert!(!status.success(), "the second serve exited with success: {err}");
+    assert!(err.contains(&dir.display().to_string()) && err.contains("in use"), "{err}");
+    assert!(still_serving, "the first serve exited when the second was refused");
+}

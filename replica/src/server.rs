@@ -35,6 +35,9 @@ pub const NETSYNC_SILENCE_TIMEOUT: Duration = Duration::from_secs(10);
 /// once per interval.
 const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_millis(100));
 const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// How long `ServerHandle::stop` waits for the threads it stopped to let
+/// go of the store (and so of the directory lock).
+const STOP_RELEASE_MAX: Duration = Duration::from_secs(5);
 
 /// Counters of rejected input, by reason.
 #[derive(Default)]
@@ -116,6 +119,7 @@ pub struct ServerHandle {
     /// The bound address (useful with port 0).
     pub addr: SocketAddr,
     accept: Option<JoinHandle<()>>,
+    accept_udp: Option<JoinHandle<()>>,
     committer: Option<JoinHandle<()>>,
 }
 
@@ -135,6 +139,30 @@ impl ServerHandle {
         self.server.store.shutdown();
         if let Some(h) = self.committer.take() {
             let _ = h.join();
+        }
+        if let Some(h) = self.accept_udp.take() {
+            let _ = h.join();
+        }
+        self.wait_released();
+    }
+
+    /// Waits (at most [`STOP_RELEASE_MAX`]) until no thread but this
+    /// handle holds the server or its store: the sessions just cut, and a
+    /// replay or copy that noticed the store stop. The store's directory
+    /// lock goes with its last reference, so a server started again on the
+    /// same directory in this process finds it free.
+    fn wait_released(&self) {
+        let deadline = Instant::now() + STOP_RELEASE_MAX;
+        let held = || Arc::strong_count(&self.server) > 1 || Arc::strong_count(&self.server.store) > 1;
+        while held() {
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    dir = %self.server.store.dir().display(),
+                    "threads still hold the replica store after stop; its directory stays locked until they end"
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
         }
     }
 
@@ -197,12 +225,12 @@ pub fn spawn_with(dir: &Path, listen: &str, opts: &ServeOptions) -> Result<Serve
         })));
     }
     let s3 = server.clone();
-    std::thread::Builder::new()
+    let accept_udp = std::thread::Builder::new()
         .name("accept-udp".into())
         .spawn(move || s3.accept_netsync(udp))
         .map_err(|e| ServeError::Bind(listen.to_string(), e))?;
     tracing::info!(%addr, dir = %dir.display(), durable_seq = server.store.durable_seq(), "replica serving");
-    Ok(ServerHandle { server, addr, accept: Some(accept), committer: Some(committer) })
+    Ok(ServerHandle { server, addr, accept: Some(accept), accept_udp: Some(accept_udp), committer: Some(committer) })
 }
 
 /// Why the server could not start.

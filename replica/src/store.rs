@@ -135,9 +135,31 @@ pub enum StoreError {
     /// A recovery copy request that does not fit the replica's state.
     #[error("copy: {0}")]
     Copy(String),
+    /// Another store (another `replica serve`, or a host serving this
+    /// replica) has the directory open. Two would corrupt it: each replays
+    /// and applies the log on its own.
+    #[error("{} is in use: another process (or another open in this one) serves this replica directory; only one may", dir.display())]
+    Busy { dir: PathBuf },
     /// Waited too long for a seq to be applied (or the wait was cancelled).
     #[error("seq {seq} not applied within {waited:?} (applied through {applied})")]
     Timeout { seq: u64, applied: u64, waited: Duration },
+}
+
+/// Takes the replica directory for this store: an exclusive `flock` on
+/// its superblock file, held as long as the store keeps that file open
+/// (its lifetime), and released by the kernel if the process dies.
+fn lock_dir(sb_file: &File, dir: &Path, path: &Path) -> Result<(), StoreError> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock only reads the descriptor number, which `sb_file`
+    // keeps open for the duration of the call.
+    let rc = unsafe { libc::flock(sb_file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(());
+    }
+    match io::Error::last_os_error() {
+        e if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Err(StoreError::Busy { dir: dir.to_path_buf() }),
+        e => Err(io_err("lock", path)(e)),
+    }
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
@@ -482,6 +504,7 @@ impl Store {
             Ok::<_, StoreError>(DiskFile::new(f, kind, faults.clone()))
         };
         let sb_file = open(&p.superblock, FileKind::Superblock)?;
+        lock_dir(sb_file.file(), dir, &p.superblock)?;
         let sb =
             Superblock::read(&sb_file).map_err(|source| StoreError::Superblock { dir: dir.to_path_buf(), source })?;
         let data = open(&p.data, FileKind::Data)?;
@@ -2178,6 +2201,35 @@ mod tests {
         }
         let (_s, _h) = open(&dir);
         assert_eq!(mode(&dir.join(crate::readview::READVIEW_FILE)), 0o600);
+    }
+
+    /// A replica directory is served by one store at a time: a second open
+    /// would replay the log over data the first has applied since (older
+    /// records over newer data). It is refused, by name, and the first
+    /// store goes on; once the first is closed the directory opens again.
+    #[test]
+    fn a_second_open_of_the_same_directory_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("r");
+        init(&dir, 4 << 20, LOG_MIN_BYTES).unwrap();
+        let (s, h) = open(&dir);
+        s.append(1, &rec(1, 0, 4096), &[7u8; 4096]).unwrap();
+        wait_durable(&s, 1);
+        match Store::open(&dir) {
+            Err(e @ StoreError::Busy { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains(&dir.display().to_string()), "{msg}");
+            }
+            Err(e) => panic!("second open failed for another reason: {e}"),
+            Ok(_) => panic!("a second open of {} was allowed while the first serves", dir.display()),
+        }
+        // The first store is untouched by the refused open.
+        s.append(1, &rec(2, 4096, 4096), &[8u8; 4096]).unwrap();
+        wait_durable(&s, 2);
+        close(s, h);
+        let (s, h) = open(&dir);
+        assert_eq!(s.durable_seq(), 2);
+        close(s, h);
     }
 
     /// The log is written out at init, not sparse (see `write_zeros`).
