@@ -31,7 +31,7 @@
 # Exit 0 when every selected system ran or skipped with a reason, 1 otherwise.
 . /tests/lib.sh
 
-RUNTIME=6 ROUNDS=1 SIZE_MB=256 QUEUES=1 DEPTH=128 SQLITE_ROWS=400 PERF=0
+RUNTIME=6 ROUNDS=1 SIZE_MB=256 QUEUES=1 DEPTH=128 SQLITE_ROWS=400 PERF=0 SYSCALLS=0
 SYSTEMS="drbd sb2 sb3 sb1 loop nbd"
 JOBS="w4k-qd32 w4k-qd1 w128k-qd16 r4k-qd32 sqlite postmark"
 # Written by scripts/bench-vm.
@@ -206,15 +206,42 @@ daemon_ticks() {
     echo "$t"
 }
 # thread_ticks: one line per thread of the system's daemons:
-# "pid/tid comm utime stime" (ticks).
+# "pid/tid comm utime stime switches" (ticks; context switches, voluntary
+# and not, from the thread's status: each voluntary one is a sleep that a
+# wake-up ended).
 thread_ticks() {
     for p in $DAEMONS; do
         for t in /proc/$p/task/*; do
             [ -r "$t/stat" ] || continue
             c=$(cat "$t/comm" 2>/dev/null) || continue
-            sed 's/.*) //' "$t/stat" | awk -v id="$p/${t##*/}" -v c="$c" '{print id, c, $12, $13}'
+            cs=$(awk '/ctxt_switches/ {n += $2} END {print n + 0}' "$t/status" 2>/dev/null)
+            sed 's/.*) //' "$t/stat" | awk -v id="$p/${t##*/}" -v c="$c" -v cs="${cs:-0}" '{print id, c, $12, $13, cs}'
         done
     done
+}
+
+# syscalls_start SYS JOB: with SYSCALLS=1, counts the system calls of
+# every daemon thread while the job runs (perf stat on the syscall
+# tracepoint: counted, not sampled, so it is exact under TCG too).
+syscalls_start() {
+    SC_PID="" SC_FILE=/tmp/syscalls-$1-$2
+    rm -f "$SC_FILE"
+    [ "$SYSCALLS" = 1 ] && [ -n "$DAEMONS" ] || return 0
+    command -v perf >/dev/null || { log "SYSCALLS: perf is not in this VM"; return 0; }
+    echo -1 >/proc/sys/kernel/perf_event_paranoid 2>/dev/null
+    perf stat --per-thread -x, -e raw_syscalls:sys_enter -p "$(echo $DAEMONS | tr ' ' ,)" -o "$SC_FILE" \
+        >/tmp/perf-stat.log 2>&1 &
+    SC_PID=$!
+    # perf attaches to every thread before counting; give it a moment.
+    usleep 300000
+}
+
+# syscalls_stop: ends the count syscalls_start began.
+syscalls_stop() {
+    [ -n "${SC_PID:-}" ] || return 0
+    kill -INT "$SC_PID" 2>/dev/null
+    wait "$SC_PID" 2>/dev/null
+    [ -s "$SC_FILE" ] || sed 's/^/SYSCALLS (no count): /' /tmp/perf-stat.log
 }
 
 # thread_report SYS JOB IOS BEFORE AFTER: THREADS lines, the daemons' CPU
@@ -223,13 +250,20 @@ thread_ticks() {
 # where the daemon CPU per I/O goes where perf cannot sample (TCG).
 thread_report() {
     [ "$3" -gt 0 ] || return 0
+    sc=${SC_FILE:-/dev/null}
+    [ -s "$sc" ] || sc=/dev/null
     awk -v s="$1" -v j="$2" -v n="$3" -v hz="$(getconf CLK_TCK 2>/dev/null || echo 100)" '
-        FNR == NR { u0[$1] = $3; s0[$1] = $4; next }
+        # perf stat --per-thread -x, lines: "comm-tid,count,,event,...".
+        FILENAME == ARGV[1] { if ($0 ~ /^#/ || $0 == "") next
+            split($0, f, ","); t = f[1]; sub(/.*-/, "", t); if (f[2] ~ /^[0-9]+$/) nsc[t] = f[2]; next }
+        FILENAME == ARGV[2] { u0[$1] = $3; s0[$1] = $4; c0[$1] = $5; next }
         { du = $3 - u0[$1]; ds = $4 - s0[$1]; if (du + ds <= 0) next
-          id[++k] = $1; c[k] = $2; u[k] = du; sy[k] = ds; tot += du + ds }
-        END { for (i = 1; i <= k; i++) if ((u[i] + sy[i]) * 100 >= tot)
-                printf "THREADS %s %s %-12s %-14s user %7.0f us/IO  sys %7.0f us/IO\n", s, j, id[i], c[i],
-                    u[i] * 1e6 / hz / n, sy[i] * 1e6 / hz / n }' "$4" "$5"
+          id[++k] = $1; c[k] = $2; u[k] = du; sy[k] = ds; cs[k] = $5 - c0[$1]; tot += du + ds }
+        END { for (i = 1; i <= k; i++) if ((u[i] + sy[i]) * 100 >= tot) {
+                tid = id[i]; sub(/.*\//, "", tid)
+                sc = (tid in nsc) ? sprintf("  syscalls %5.2f/IO", nsc[tid] / n) : ""
+                printf "THREADS %s %s %-12s %-14s user %7.0f us/IO  sys %7.0f us/IO  switches %5.2f/IO%s\n", s, j, id[i], c[i],
+                    u[i] * 1e6 / hz / n, sy[i] * 1e6 / hz / n, cs[i] / n, sc } }' "$sc" "$4" "$5"
 }
 
 # Busy and total ticks of the whole guest ("busy total").
@@ -289,9 +323,11 @@ run_fio() {
     b_busy=$1 b_total=$2
     # shellcheck disable=SC2086
     perf_start "$sys" "$job"
+    syscalls_start "$sys" "$job"
     fio --name=bench --filename="$DEV" --ioengine=io_uring --direct=1 $args --numjobs=1 \
         --runtime="$RUNTIME" --time_based --size="$size" --output-format=normal,terse >"$out" 2>&1
     frc=$?
+    syscalls_stop
     perf_report "$sys" "$job"
     set -- $(sys_ticks)
     busy=$(($1 - b_busy)) total=$(($2 - b_total)) dt=$(($(daemon_ticks) - b_d))
