@@ -1,5 +1,6 @@
 //! What the building blocks of a write's path cost on this machine: a
-//! null system call, a thread wake-up round trip (park/unpark), and one
+//! null system call, a thread wake-up round trip (park/unpark), a small
+//! message's round trip to a thread and to another process, and one
 //! 4 KiB or 128 KiB message over loopback TCP against a Unix socket pair,
 //! as a round trip (message, then a 64-byte reply) and streamed. Under
 //! QEMU/TCG these differ from a real host by far more than the CPU speed
@@ -93,6 +94,55 @@ fn wake_round_trip(n: u64) -> f64 {
     us
 }
 
+/// µs per round trip of 64-byte messages over a Unix socket pair, the
+/// echo end a thread of this process or (`fork`) another process. Under
+/// TCG a switch between processes also switches address spaces, which
+/// empties the emulator's TLB; a switch between threads does not.
+fn small_round_trip(n: usize, across_processes: bool) -> f64 {
+    let (mut a, mut b) = UnixStream::pair().expect("socketpair");
+    let echo = move |s: &mut UnixStream| {
+        let mut m = [0u8; 64];
+        for _ in 0..n {
+            s.read_exact(&mut m).expect("read");
+            s.write_all(&m).expect("write");
+        }
+    };
+    let mut child = None;
+    let mut thread = None;
+    if across_processes {
+        // SAFETY: the child only runs `echo` on its socket and exits with
+        // _exit, touching no lock another thread of the parent could hold.
+        match unsafe { libc::fork() } {
+            0 => {
+                drop(a);
+                echo(&mut b);
+                // SAFETY: ends the child without running the parent's atexit handlers.
+                unsafe { libc::_exit(0) }
+            }
+            pid if pid > 0 => child = Some(pid),
+            _ => panic!("fork failed: {}", std::io::Error::last_os_error()),
+        }
+        drop(b);
+    } else {
+        thread = Some(std::thread::spawn(move || echo(&mut b)));
+    }
+    let mut m = [0u8; 64];
+    let t = Instant::now();
+    for _ in 0..n {
+        a.write_all(&m).expect("write");
+        a.read_exact(&mut m).expect("read");
+    }
+    let us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    if let Some(pid) = child {
+        // SAFETY: waits for the child forked above; a null status pointer is allowed.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+    }
+    if let Some(t) = thread {
+        t.join().expect("echo thread");
+    }
+    us
+}
+
 fn main() {
     let scale: usize = match std::env::args().nth(1) {
         None => 10,
@@ -109,6 +159,11 @@ fn main() {
     }
     println!("null system call (getppid): {:.2} us", t.elapsed().as_secs_f64() * 1e6 / n as f64);
     println!("thread wake-up round trip (park/unpark): {:.1} us", wake_round_trip(200 * scale as u64));
+    println!(
+        "64-byte round trip over a Unix socket: to a thread {:.1} us, to another process {:.1} us",
+        small_round_trip(200 * scale, false),
+        small_round_trip(200 * scale, true)
+    );
     for (size, n, stream) in [
         (4096, 200 * scale, false),
         (4096, 1000 * scale, true),
