@@ -1,6 +1,6 @@
-//! Fuzzes `Superblock::decode` with 4096-byte slot images (version 4, and
-//! versions 2 and 3, which are still read), and the change map header decoder
-//! (`changes::Header::decode`) with the same bytes.
+//! Fuzzes `Superblock::decode` with 4096-byte slot images (version 5, the
+//! one this build writes, and versions 2 to 4, which it must refuse), and the
+//! change map header decoder (`changes::Header::decode`) with the same bytes.
 //!
 //! The first input byte picks fix-ups so the fuzzer gets past the cheap
 //! checks into the range checks and the members JSON; the rest of the input
@@ -8,19 +8,21 @@
 //!
 //! - bit 3 makes the geometry plausible (block size a power of two in
 //!   range, size a multiple of it, log at least `LOG_MIN_BYTES`, tail inside
-//!   the log, checkpoint <= durable), each from the fields' own bytes;
-//!   For versions 3 and 4 also the region shift (12..=16) and, from byte 100, a
+//!   the log, checkpoint <= durable, a history of 0..=8 steps in order),
+//!   each from the fields' own bytes;
+//!   also the region shift (12..=16) and, from byte 100, a
 //!   copy state with a known kind, 1..=8 segments in order and the cursor
 //!   and live seq in range, or none;
 //! - bit 4 replaces the members text with a JSON member list built from the
 //!   image bytes, sometimes without the optional `network_sync` field;
-//! - bit 0 writes the right magic and version (version 2 if bit 5 is set,
-//!   else version 3 if bit 6 is set);
+//! - bit 0 writes the right magic and version: version 5, or an older one
+//!   (2, 3 or 4, from byte 8) if bit 5 is set;
 //! - bit 1 sets the members length to the text where the members start
 //!   (up to a NUL);
 //! - bit 2 recomputes the crc (applied last).
 //!
-//! Asserts: no panic; an accepted image re-encodes (unless its members
+//! Asserts: no panic; versions 2 to 4 are refused (their logs carry crc32c
+//! records); an accepted image re-encodes (unless its members
 //! grow past the slot when written canonically, see below), and the re-encoding
 //! decodes to the same value with the same fixed fields; an accepted image
 //! whose members JSON is already in canonical form re-encodes to exactly the
@@ -33,23 +35,17 @@ use starblk_replica::changes;
 use starblk_replica::log::LOG_MIN_BYTES;
 use starblk_replica::superblock::{Member, Superblock, SuperblockError, SLOT_BYTES};
 
-/// Where the history starts: byte 368 in version 4, 352 in version 3, 96
-/// in version 2; the
-/// members follow 1024 bytes later.
-fn fixed_bytes(img: &[u8]) -> usize {
-    match u32::from_le_bytes(img[8..12].try_into().expect("4")) {
-        2 => 96,
-        3 => 352,
-        _ => 368,
-    }
-}
+/// The version this build writes; the only one it accepts.
+const VERSION: u32 = 5;
 
-fn members_at(img: &[u8]) -> usize {
-    fixed_bytes(img) + 1024
-}
+/// Where the history starts (version 5); the members follow 1024 bytes
+/// later.
+const FIXED_BYTES: usize = 368;
+const MEMBERS_AT: usize = FIXED_BYTES + 1024;
+const MEMBERS_MAX: usize = SLOT_BYTES - 4 - MEMBERS_AT;
 
-fn members_max(img: &[u8]) -> usize {
-    SLOT_BYTES - 4 - members_at(img)
+fn version(img: &[u8]) -> u32 {
+    u32::from_le_bytes(img[8..12].try_into().expect("4"))
 }
 
 fn u64_at(img: &[u8], o: usize) -> u64 {
@@ -70,6 +66,7 @@ fn plausible_geometry(img: &mut [u8; SLOT_BYTES]) {
     put_u64(img, 56, log);
     let tail = u64_at(img, 72) % log;
     put_u64(img, 72, tail);
+    plausible_history(img);
     let shift = 12 + u32::from(img[96]) % 5;
     img[96..100].copy_from_slice(&shift.to_le_bytes());
     let (cp, durable) = (u64_at(img, 64), u64_at(img, 80));
@@ -98,9 +95,25 @@ fn plausible_geometry(img: &mut [u8; SLOT_BYTES]) {
     }
 }
 
+/// Bends the history into 0..=8 steps with rising epochs and branch seqs
+/// that never fall, from the steps' own bytes (64 steps fit; 8 reach every
+/// check).
+fn plausible_history(img: &mut [u8; SLOT_BYTES]) {
+    let n = usize::from(img[92]) % 9;
+    img[92..96].copy_from_slice(&((n * 16) as u32).to_le_bytes());
+    let (mut epoch, mut branch) = (0u64, 0u64);
+    for i in 0..n {
+        let o = FIXED_BYTES + i * 16;
+        epoch += 1 + u64_at(img, o) % 1000;
+        branch += u64_at(img, o + 8) % 1000;
+        put_u64(img, o, epoch);
+        put_u64(img, o + 8, branch);
+    }
+}
+
 /// Writes a JSON member list made from the image's own bytes at byte 96.
 fn structured_members(img: &mut [u8; SLOT_BYTES]) {
-    let at = members_at(img);
+    let at = MEMBERS_AT;
     let seed: Vec<u8> = img[at..at + 256].to_vec();
     let count = usize::from(seed[0] % 5);
     let text = |at: usize| -> String {
@@ -121,7 +134,7 @@ fn structured_members(img: &mut [u8; SLOT_BYTES]) {
         // Older writers may leave out the defaulted field.
         json = String::from_utf8(json).expect("utf8").replace(",\"network_sync\":false", "").into_bytes();
     }
-    if json.len() <= members_max(img) {
+    if json.len() <= MEMBERS_MAX {
         img[at..SLOT_BYTES - 4].fill(0);
         img[at..at + json.len()].copy_from_slice(&json);
         img[88..92].copy_from_slice(&(json.len() as u32).to_le_bytes());
@@ -144,16 +157,10 @@ fuzz_target!(|data: &[u8]| {
     }
     if mode & 1 != 0 {
         img[0..8].copy_from_slice(b"SBLKSUPR");
-        let version: u32 = if mode & 32 != 0 {
-            2
-        } else if mode & 64 != 0 {
-            3
-        } else {
-            4
-        };
-        img[8..12].copy_from_slice(&version.to_le_bytes());
+        let v = if mode & 32 != 0 { 2 + u32::from(img[8]) % 3 } else { VERSION };
+        img[8..12].copy_from_slice(&v.to_le_bytes());
     }
-    if mode & 8 != 0 && fixed_bytes(&img) >= 352 {
+    if mode & 8 != 0 {
         plausible_geometry(&mut img);
     }
     if mode & 16 != 0 {
@@ -161,9 +168,8 @@ fuzz_target!(|data: &[u8]| {
     }
     if mode & 2 != 0 {
         // Up to the first NUL: the fuzzer writes text, the fix-up sizes it.
-        let at = members_at(&img);
-        let text = &img[at..SLOT_BYTES - 4];
-        let len = text.iter().position(|b| *b == 0).unwrap_or(text.len()).min(members_max(&img));
+        let text = &img[MEMBERS_AT..SLOT_BYTES - 4];
+        let len = text.iter().position(|b| *b == 0).unwrap_or(text.len()).min(MEMBERS_MAX);
         img[88..92].copy_from_slice(&(len as u32).to_le_bytes());
     }
     if mode & 4 != 0 {
@@ -173,7 +179,14 @@ fuzz_target!(|data: &[u8]| {
     // Inputs of the wrong size are rejected, not misread.
     assert!(Superblock::decode(&img[..SLOT_BYTES - 1]).is_err());
 
-    let Ok(sb) = Superblock::decode(&img) else {
+    let decoded = Superblock::decode(&img);
+    if (2..VERSION).contains(&version(&img)) {
+        // Older logs carry crc32c records, which this build's scan would
+        // take for torn ones: refused, never opened with an empty log.
+        assert!(decoded.is_err(), "a version {} superblock was accepted", version(&img));
+        return;
+    }
+    let Ok(sb) = decoded else {
         return;
     };
     let members_len = u32::from_le_bytes(img[88..92].try_into().expect("4")) as usize;
@@ -187,21 +200,16 @@ fuzz_target!(|data: &[u8]| {
         Err(e) => panic!("an accepted superblock must be writable again: {e}"),
     };
     assert_eq!(Superblock::decode(&again).as_ref(), Ok(&sb));
-    if fixed_bytes(&img) < 368 {
-        // Versions 2 and 3 are written back as version 4 (one-way).
-        assert_eq!(again[12..88], img[12..88]);
-        return;
-    }
     // Magic, version and every fixed field up to the members length.
     assert_eq!(again[..88], img[..88]);
     let canonical = serde_json::to_vec(&sb.members).expect("members serialise");
     // Bytes the decoder does not look at: padding and unused segments.
     let segs = 136 + 24 * usize::from(img[101]).min(8);
     let copy_padding = img[102..104] == [0; 2] && img[segs..352].iter().all(|b| *b == 0);
-    let at = members_at(&img);
-    let padding_zero = img[92..96] == [0; 4]
-        && copy_padding
-        && img[368..at].iter().all(|b| *b == 0)
+    let at = MEMBERS_AT;
+    let history_len = u32::from_le_bytes(img[92..96].try_into().expect("4")) as usize;
+    let padding_zero = copy_padding
+        && img[FIXED_BYTES + history_len..at].iter().all(|b| *b == 0)
         && img[at + members_len..SLOT_BYTES - 4].iter().all(|b| *b == 0);
     if canonical == img[at..at + members_len] && padding_zero {
         assert_eq!(again, img, "a canonical image must re-encode byte for byte");
