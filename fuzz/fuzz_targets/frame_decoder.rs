@@ -24,14 +24,14 @@
 use std::io::{self, Read};
 
 use libfuzzer_sys::fuzz_target;
-use xxhash_rust::xxh3::xxh3_64;
 use starblk_replica::proto::{
     self, decode_header, decode_read_reply, decode_u64, decode_u64_pair, encode_read_reply_header, encode_u64,
-    encode_u64_pair, write_frame, Adopt, Changes, ChangesReply, CopyReq, ErrorFrame, FrameError, FrameReader, FrameType,
-    HeartbeatReply, Hello, HelloOk, ReadError, ReadReq, RegionHeader, RegionRead, Replay, Stamp, WriteHeader,
-    CHANGES_MAX, REGION_HEADER_BYTES, REPLAY_ADDR_MAX_BYTES, WriteOp, HEADER_BYTES, MAGIC, MAX_IO_BYTES,
-    MAX_PAYLOAD_BYTES, PROTOCOL_VERSION, WRITE_SUBHEADER_BYTES,
+    encode_u64_pair, write_frame, Adopt, Changes, ChangesReply, CopyReq, ErrorFrame, FrameError, FrameReader,
+    FrameType, HeartbeatReply, Hello, HelloOk, ReadError, ReadReq, RegionHeader, RegionRead, Replay, Stamp,
+    WriteHeader, WriteOp, CHANGES_MAX, HEADER_BYTES, MAGIC, MAX_IO_BYTES, MAX_PAYLOAD_BYTES, PROTOCOL_VERSION,
+    REGION_HEADER_BYTES, REPLAY_ADDR_MAX_BYTES, WRITE_SUBHEADER_BYTES,
 };
+use xxhash_rust::xxh3::xxh3_64;
 
 /// A socket stand-in: at most `chunk` bytes per read, and every
 /// `interrupt_every`-th call fails with `Interrupted` (0 = never).
@@ -225,7 +225,8 @@ fn check_payload(p: &[u8]) {
         assert_eq!(r.encode(), p);
         assert!(r.from >= 1 && r.from <= r.to && !r.addr.is_empty() && r.addr.len() <= REPLAY_ADDR_MAX_BYTES);
     }
-    for kind in [FrameType::Ack, FrameType::Heartbeat, FrameType::SetEpoch, FrameType::ReplayDone, FrameType::CopyDone] {
+    for kind in [FrameType::Ack, FrameType::Heartbeat, FrameType::SetEpoch, FrameType::ReplayDone, FrameType::CopyDone]
+    {
         if let Ok(v) = decode_u64(kind, p) {
             assert_eq!(&encode_u64(v)[..], p);
         }
