@@ -32,20 +32,24 @@
 
 use libfuzzer_sys::fuzz_target;
 use starblk_replica::changes;
+use starblk_replica::history::{HISTORY_STEPS_MAX, STEP_BYTES};
 use starblk_replica::log::LOG_MIN_BYTES;
-use starblk_replica::superblock::{Member, Superblock, SuperblockError, SLOT_BYTES};
+use starblk_replica::superblock::{Member, Superblock, SuperblockError, MEMBERS_MAX_BYTES, SLOT_BYTES};
 
 /// The version this build writes; the only one it accepts.
 const VERSION: u32 = 5;
 
-/// Where the history starts (version 5); the members follow 1024 bytes
-/// later.
+/// Where the history starts (version 5); the members follow the room
+/// kept for the longest history.
 const FIXED_BYTES: usize = 368;
-const MEMBERS_AT: usize = FIXED_BYTES + 1024;
-const MEMBERS_MAX: usize = SLOT_BYTES - 4 - MEMBERS_AT;
+const MEMBERS_AT: usize = FIXED_BYTES + HISTORY_STEPS_MAX * STEP_BYTES;
 
 fn version(img: &[u8]) -> u32 {
-    u32::from_le_bytes(img[8..12].try_into().expect("4"))
+    u32_at(img, 8)
+}
+
+fn u32_at(img: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes(img[o..o + 4].try_into().expect("4"))
 }
 
 fn u64_at(img: &[u8], o: usize) -> u64 {
@@ -100,10 +104,10 @@ fn plausible_geometry(img: &mut [u8; SLOT_BYTES]) {
 /// check).
 fn plausible_history(img: &mut [u8; SLOT_BYTES]) {
     let n = usize::from(img[92]) % 9;
-    img[92..96].copy_from_slice(&((n * 16) as u32).to_le_bytes());
+    img[92..96].copy_from_slice(&((n * STEP_BYTES) as u32).to_le_bytes());
     let (mut epoch, mut branch) = (0u64, 0u64);
     for i in 0..n {
-        let o = FIXED_BYTES + i * 16;
+        let o = FIXED_BYTES + i * STEP_BYTES;
         epoch += 1 + u64_at(img, o) % 1000;
         branch += u64_at(img, o + 8) % 1000;
         put_u64(img, o, epoch);
@@ -134,7 +138,7 @@ fn structured_members(img: &mut [u8; SLOT_BYTES]) {
         // Older writers may leave out the defaulted field.
         json = String::from_utf8(json).expect("utf8").replace(",\"network_sync\":false", "").into_bytes();
     }
-    if json.len() <= MEMBERS_MAX {
+    if json.len() <= MEMBERS_MAX_BYTES {
         img[at..SLOT_BYTES - 4].fill(0);
         img[at..at + json.len()].copy_from_slice(&json);
         img[88..92].copy_from_slice(&(json.len() as u32).to_le_bytes());
@@ -169,7 +173,7 @@ fuzz_target!(|data: &[u8]| {
     if mode & 2 != 0 {
         // Up to the first NUL: the fuzzer writes text, the fix-up sizes it.
         let text = &img[MEMBERS_AT..SLOT_BYTES - 4];
-        let len = text.iter().position(|b| *b == 0).unwrap_or(text.len()).min(MEMBERS_MAX);
+        let len = text.iter().position(|b| *b == 0).unwrap_or(text.len()).min(MEMBERS_MAX_BYTES);
         img[88..92].copy_from_slice(&(len as u32).to_le_bytes());
     }
     if mode & 4 != 0 {
@@ -189,7 +193,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(sb) = decoded else {
         return;
     };
-    let members_len = u32::from_le_bytes(img[88..92].try_into().expect("4")) as usize;
+    let members_len = u32_at(&img, 88) as usize;
     let again = match sb.encode() {
         Ok(again) => again,
         // The one known way to fail: members text written without the
@@ -207,7 +211,7 @@ fuzz_target!(|data: &[u8]| {
     let segs = 136 + 24 * usize::from(img[101]).min(8);
     let copy_padding = img[102..104] == [0; 2] && img[segs..352].iter().all(|b| *b == 0);
     let at = MEMBERS_AT;
-    let history_len = u32::from_le_bytes(img[92..96].try_into().expect("4")) as usize;
+    let history_len = u32_at(&img, 92) as usize;
     let padding_zero = copy_padding
         && img[FIXED_BYTES + history_len..at].iter().all(|b| *b == 0)
         && img[at + members_len..SLOT_BYTES - 4].iter().all(|b| *b == 0);
